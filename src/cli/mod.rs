@@ -1,0 +1,92 @@
+//! The command line: clap definitions and handlers. No filesystem logic lives here.
+
+pub mod mount;
+pub mod options;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::Result;
+
+const MOUNT_HELP: &str = "\
+Mount OPTIONS (comma-separated; -o may be repeated):
+  lowerdir=TOP:...:BOTTOM  read-only layers, top first (kernel overlayfs order); \\: escapes a colon
+  upperdir=DIR             writable layer (all changes land here); needs workdir
+  workdir=DIR              scratch dir on the same filesystem as upperdir (emptied at mount)
+  fsync=0 | volatile       don't fsync copy-ups (faster; a crash may lose recent copy-ups)
+  userxattr                write markers as user.overlay.* (default when not root)
+  ro                       read-only even with an upperdir
+  allow_other, default_permissions, dev, nodev, suid, nosuid, noexec, noatime, sync, dirsync
+                           (as root, allow_other, default_permissions, dev and suid are on)
+Accepted for compatibility and ignored (fuse-overlayfs, mount(8), kernel overlayfs):
+  rw atime relatime strictatime nodiratime async exec defaults context= fscontext= defcontext=
+  rootcontext= xino= index= metacopy= redirect_dir= nfs_export= uuid= acl noacl ...
+
+Examples:
+  layerfs mount -o lowerdir=/img/l2:/img/l1,upperdir=/c/up,workdir=/c/work /c/rootfs
+  layerfs -o lowerdir=/img/l1 /mnt/ro            # read-only; the form container tools use
+  layerfs umount /c/rootfs";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "layerfs",
+    version,
+    about = "A copy-on-write union filesystem for container images (FUSE, kernel overlayfs format)",
+    after_help = "Without a subcommand, `layerfs -o OPTIONS MOUNTPOINT` mounts (as fuse-overlayfs is called).\nRUST_LOG=debug shows each filesystem operation (with -f or -d)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Mount layers as one tree; returns once the mount is live (the daemon detaches).
+    #[command(after_help = MOUNT_HELP)]
+    Mount(MountArgs),
+    /// Unmount a layerfs mount (the daemon then exits).
+    #[command(alias = "unmount")]
+    Umount {
+        mountpoint: PathBuf,
+        /// Detach now even if busy; cleaned up when no longer in use.
+        #[arg(short, long)]
+        lazy: bool,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct MountArgs {
+    /// Mount options (see below); may be repeated.
+    #[arg(short = 'o', value_name = "OPTIONS", required = true)]
+    pub options: Vec<String>,
+    /// Stay in the foreground.
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+    /// Foreground with debug logging of every operation.
+    #[arg(short = 'd', long)]
+    pub debug: bool,
+    /// Write the daemon's log here (a detached daemon logs nowhere otherwise).
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    pub mountpoint: PathBuf,
+}
+
+/// `layerfs -o ... MOUNTPOINT` (a "mount program" call) means `layerfs mount -o ...`.
+pub fn normalize_args(mut args: Vec<OsString>) -> Vec<OsString> {
+    if let Some(first) = args.get(1).and_then(|a| a.to_str()) {
+        let is_global = matches!(first, "-h" | "--help" | "-V" | "--version");
+        if first.starts_with('-') && !is_global {
+            args.insert(1, "mount".into());
+        }
+    }
+    args
+}
+
+pub fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Mount(a) => mount::mount(a),
+        Cmd::Umount { mountpoint, lazy } => mount::umount(&mountpoint, lazy).map(|()| 0),
+    }
+}

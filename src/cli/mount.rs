@@ -1,0 +1,123 @@
+//! `layerfs mount` / `umount`: validate, start the daemon, wait until the mount is live.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::MountArgs;
+use crate::error::{Context, Error, Result};
+use crate::fuse::session;
+use crate::sys;
+
+/// Set in the daemon child: the fd of the pipe to report readiness on.
+const READY_FD_ENV: &str = "LAYERFS_READY_FD";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn mount(a: MountArgs) -> Result<i32> {
+    let spec = super::options::mount_spec(&a.options, &a.mountpoint)?;
+    if !Path::new("/dev/fuse").exists() {
+        return Err(Error::msg(
+            "/dev/fuse is missing: FUSE is not available here",
+        ));
+    }
+    if a.foreground || a.debug {
+        let ready = std::env::var(READY_FD_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .and_then(sys::adopt_fd);
+        session::serve(spec, ready)?;
+        return Ok(0);
+    }
+    spawn_daemon(&a)
+}
+
+/// Re-run ourselves in the foreground, detached, and wait for its "ok" (or its error).
+fn spawn_daemon(a: &MountArgs) -> Result<i32> {
+    let (r, w): (OwnedFd, OwnedFd) = sys::ready_pipe().ctx("creating a pipe")?;
+    let exe = std::env::current_exe().ctx("finding the layerfs binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount").arg("-f");
+    for o in &a.options {
+        cmd.arg("-o").arg(o);
+    }
+    cmd.arg(&a.mountpoint)
+        .env(READY_FD_ENV, w.as_raw_fd().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    match &a.log_file {
+        Some(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ctx(format!("log file {}", p.display()))?;
+            cmd.stderr(f);
+        }
+        None => {
+            cmd.stderr(Stdio::null());
+        }
+    }
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().ctx("starting the layerfs daemon")?;
+    drop(w);
+    let mut msg = String::new();
+    let mut f = std::fs::File::from(r);
+    let start = Instant::now();
+    // The pipe closes when the daemon reports or dies; a hung mount is bounded by the timeout.
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = f.read_to_string(&mut s);
+        s
+    });
+    while !reader.is_finished() {
+        if start.elapsed() > READY_TIMEOUT {
+            let _ = child.kill();
+            return Err(Error::msg("the daemon did not finish mounting within 60 s"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    msg.push_str(&reader.join().unwrap_or_default());
+    match msg.trim() {
+        "ok" => Ok(0),
+        "" => {
+            let status = child.wait().ok();
+            Err(Error::msg(format!(
+                "the layerfs daemon exited before the mount was ready ({})",
+                status.map_or("unknown status".into(), |s| s.to_string())
+            )))
+        }
+        err => {
+            let _ = child.wait();
+            Err(Error::msg(err.to_string()))
+        }
+    }
+}
+
+pub fn umount(mp: &Path, lazy: bool) -> Result<()> {
+    if !sys::is_mountpoint(mp) {
+        return Err(Error::msg(format!("{} is not a mountpoint", mp.display())));
+    }
+    match sys::umount(mp, lazy) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            // Unprivileged: fusermount3 is the setuid helper for this.
+            let st = Command::new("fusermount3")
+                .arg("-u")
+                .args(if lazy { vec!["-z"] } else { vec![] })
+                .arg(mp)
+                .status()
+                .ctx("running fusermount3")?;
+            if st.success() {
+                Ok(())
+            } else {
+                Err(Error::msg(format!(
+                    "fusermount3 -u {} failed",
+                    mp.display()
+                )))
+            }
+        }
+        Err(e) => Err(Error::from(e).context(format!("unmounting {}", mp.display()))),
+    }
+}

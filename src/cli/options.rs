@@ -1,0 +1,318 @@
+//! `-o` mount options: parsed and checked into a `MountSpec`, with one-line errors.
+//!
+//! Syntax follows kernel overlayfs and fuse-overlayfs: comma-separated, `\,` escapes a comma;
+//! in `lowerdir`, layers are colon-separated, top first, and `\:` escapes a colon.
+
+use std::path::{Path, PathBuf};
+
+use fuser::MountOption;
+
+use crate::error::{Error, Result};
+use crate::fuse::session::MountSpec;
+use crate::sys;
+use crate::union::Config;
+use crate::union::format::MarkerNs;
+
+/// Options accepted for compatibility and ignored: they either describe kernel overlayfs
+/// features layerfs always has or never needs, or SELinux labels FUSE can't apply.
+pub const IGNORED: &[&str] = &[
+    "rw",
+    "atime",
+    "relatime",
+    "strictatime",
+    "nodiratime",
+    "diratime",
+    "async",
+    "exec",
+    "auto",
+    "noauto",
+    "nouser",
+    "user",
+    "defaults",
+    "_netdev",
+    "nofail",
+    "lazytime",
+    "nolazytime",
+    "silent",
+    "loud",
+    "noacl",
+    "acl",
+    "context",
+    "fscontext",
+    "defcontext",
+    "rootcontext",
+    "xino",
+    "index",
+    "metacopy",
+    "nfs_export",
+    "redirect_dir",
+    "uuid",
+    "fast_ino",
+    "threaded",
+    "posix_acl",
+    "verity",
+    "override_creds",
+    "noxattrs",
+    "plugins",
+    "squash_to_root",
+];
+
+/// Split on `sep`, honouring `\sep` (and `\\`) escapes.
+pub fn split_escaped(s: &str, sep: char) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some(n) if n == sep || n == '\\' => cur.push(n),
+                Some(n) => {
+                    cur.push('\\');
+                    cur.push(n);
+                }
+                None => cur.push('\\'),
+            }
+        } else if c == sep {
+            out.push(std::mem::take(&mut cur));
+        } else {
+            cur.push(c);
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// Split a `-o` string into options, keeping `\:` escapes for lowerdir's own split.
+fn split_options(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some(',') => cur.push(','),
+                Some(n) => {
+                    cur.push('\\');
+                    cur.push(n);
+                }
+                None => cur.push('\\'),
+            }
+        } else if c == ',' {
+            out.push(std::mem::take(&mut cur));
+        } else {
+            cur.push(c);
+        }
+    }
+    out.push(cur);
+    out.retain(|o| !o.is_empty());
+    out
+}
+
+#[derive(Default, Debug)]
+struct Raw {
+    lower: Option<String>,
+    upper: Option<String>,
+    work: Option<String>,
+    fsync: bool,
+    userxattr: bool,
+    allow_other: Option<bool>,
+    default_permissions: Option<bool>,
+    kernel: Vec<MountOption>,
+    ro: bool,
+}
+
+fn parse_raw(opts: &[String]) -> Result<Raw> {
+    let mut r = Raw {
+        fsync: true,
+        ..Raw::default()
+    };
+    for o in opts.iter().flat_map(|s| split_options(s)) {
+        let (k, v) = match o.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (o.clone(), None),
+        };
+        let need = |v: Option<String>| {
+            v.filter(|s| !s.is_empty())
+                .ok_or_else(|| Error::msg(format!("mount option '{k}' needs a value ({k}=...)")))
+        };
+        match k.as_str() {
+            "lowerdir" => r.lower = Some(need(v)?),
+            "upperdir" => r.upper = Some(need(v)?),
+            "workdir" => r.work = Some(need(v)?),
+            "fsync" => {
+                r.fsync = match v.as_deref() {
+                    Some("1") | None => true,
+                    Some("0") => false,
+                    Some(x) => {
+                        return Err(Error::msg(format!(
+                            "fsync={x}: expected fsync=0 or fsync=1"
+                        )));
+                    }
+                }
+            }
+            "volatile" => r.fsync = false,
+            "userxattr" => r.userxattr = true,
+            "allow_other" => r.allow_other = Some(true),
+            "allow_root" => r.allow_other = Some(true),
+            "default_permissions" => r.default_permissions = Some(true),
+            "ro" => r.ro = true,
+            "dev" => r.kernel.push(MountOption::Dev),
+            "nodev" => r.kernel.push(MountOption::NoDev),
+            "suid" => r.kernel.push(MountOption::Suid),
+            "nosuid" => r.kernel.push(MountOption::NoSuid),
+            "noexec" => r.kernel.push(MountOption::NoExec),
+            "noatime" => r.kernel.push(MountOption::NoAtime),
+            "sync" => r.kernel.push(MountOption::Sync),
+            "dirsync" => r.kernel.push(MountOption::DirSync),
+            _ if IGNORED.contains(&k.as_str()) => log::debug!("ignoring mount option {o}"),
+            _ => {
+                return Err(Error::msg(format!(
+                    "unknown mount option '{o}' (see `layerfs mount --help` for the accepted list)"
+                )));
+            }
+        }
+    }
+    Ok(r)
+}
+
+fn existing_dir(what: &str, p: &str) -> Result<PathBuf> {
+    let path = Path::new(p);
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => {
+            std::fs::canonicalize(path).map_err(|e| Error::from(e).context(format!("{what} {p}")))
+        }
+        Ok(_) => Err(Error::msg(format!("{what} {p} is not a directory"))),
+        Err(e) => Err(Error::from(e).context(format!("{what} {p}"))),
+    }
+}
+
+/// Build the mount spec from `-o` strings and the mountpoint, checking everything that can be
+/// checked before mounting.
+pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
+    let r = parse_raw(opts)?;
+    let lower = r
+        .lower
+        .ok_or_else(|| Error::msg("no lowerdir given: use -o lowerdir=TOP:...:BOTTOM"))?;
+    let lowers: Vec<PathBuf> = split_escaped(&lower, ':')
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .map(|p| existing_dir("lowerdir", &p))
+        .collect::<Result<_>>()?;
+    if lowers.is_empty() {
+        return Err(Error::msg(
+            "lowerdir is empty: give at least one lower layer",
+        ));
+    }
+    let mp = existing_dir("mountpoint", &mountpoint.to_string_lossy())?;
+    let (upper, work) = match (r.upper, r.work, r.ro) {
+        (Some(_), _, true) | (None, None, _) => (None, None),
+        (Some(u), Some(w), false) => (
+            Some(existing_dir("upperdir", &u)?),
+            Some(existing_dir("workdir", &w)?),
+        ),
+        (Some(_), None, false) => {
+            return Err(Error::msg("upperdir needs a workdir too (-o workdir=DIR)"));
+        }
+        (None, Some(_), _) => return Err(Error::msg("workdir given without an upperdir")),
+    };
+    // A layer inside the mount would make the daemon call into itself (and hang).
+    let mut layers: Vec<(&str, &PathBuf)> = lowers.iter().map(|l| ("lowerdir", l)).collect();
+    if let Some(u) = &upper {
+        layers.push(("upperdir", u));
+    }
+    if let Some(w) = &work {
+        layers.push(("workdir", w));
+    }
+    for (what, p) in &layers {
+        if p.starts_with(&mp) {
+            return Err(Error::msg(format!(
+                "{what} {} is inside the mountpoint {}",
+                p.display(),
+                mp.display()
+            )));
+        }
+    }
+    for (what, p) in [("upperdir", &upper), ("workdir", &work)] {
+        let Some(p) = p else { continue };
+        if let Some(l) = lowers.iter().find(|l| p.starts_with(l) || l.starts_with(p)) {
+            return Err(Error::msg(format!(
+                "{what} {} overlaps lowerdir {} (layers must not contain each other)",
+                p.display(),
+                l.display()
+            )));
+        }
+    }
+    if let (Some(u), Some(w)) = (&upper, &work)
+        && (u.starts_with(w) || w.starts_with(u))
+    {
+        return Err(Error::msg(format!(
+            "upperdir {} and workdir {} must not contain each other",
+            u.display(),
+            w.display()
+        )));
+    }
+    let root = sys::geteuid() == 0;
+    let mut kernel = r.kernel;
+    if root {
+        // What a container rootfs needs, unless the caller said otherwise.
+        if !kernel.contains(&MountOption::NoDev) {
+            kernel.push(MountOption::Dev);
+        }
+        if !kernel.contains(&MountOption::NoSuid) {
+            kernel.push(MountOption::Suid);
+        }
+    }
+    Ok(MountSpec {
+        mountpoint: mp,
+        union: Config {
+            upper,
+            work,
+            lowers,
+            fsync: r.fsync,
+            marker_ns: if r.userxattr || !root {
+                MarkerNs::User
+            } else {
+                MarkerNs::Trusted
+            },
+        },
+        allow_other: r.allow_other.unwrap_or(root),
+        default_permissions: r.default_permissions.unwrap_or(true),
+        kernel_opts: kernel,
+        threads: std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .max(2),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colon_and_comma_escapes() {
+        assert_eq!(split_escaped(r"a\:b:c", ':'), vec!["a:b", "c"]);
+        assert_eq!(
+            split_options(r"lowerdir=a\,b:c,ro"),
+            vec![r"lowerdir=a,b:c", "ro"]
+        );
+        assert_eq!(split_options(r"lowerdir=a\:b"), vec![r"lowerdir=a\:b"]);
+    }
+
+    #[test]
+    fn unknown_option_is_refused() {
+        let e = parse_raw(&["lowerdir=/x,bogus".into()]).unwrap_err();
+        assert!(
+            e.to_string().contains("unknown mount option 'bogus'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn compat_options_are_accepted() {
+        let r =
+            parse_raw(&["lowerdir=/x,noatime,rw,context=\"system_u:object_r:x\",volatile".into()])
+                .unwrap();
+        assert!(!r.fsync);
+        assert!(r.kernel.contains(&MountOption::NoAtime));
+    }
+}

@@ -1,0 +1,21 @@
+use clap::Parser;
+
+use layerfs::cli::{Cli, normalize_args, run};
+
+fn main() {
+    let cli = Cli::parse_from(normalize_args(std::env::args_os().collect()));
+    let default = match &cli.cmd {
+        layerfs::cli::Cmd::Mount(a) if a.debug => "debug",
+        _ => "warn",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_timestamp_millis()
+        .init();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("layerfs: {e}");
+            std::process::exit(1);
+        }
+    }
+}

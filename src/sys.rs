@@ -1,0 +1,726 @@
+//! The only module with `unsafe`: thin, safe wrappers over the raw libc calls layerfs needs.
+//!
+//! Every call that takes a name resolves it relative to a directory fd and never follows a
+//! symlink in the last component; names are single components (the callers check). Nothing here
+//! builds an absolute path except `/proc/self/fd/N[/name]`, which names an object we already hold.
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+pub type Stat = libc::stat;
+
+fn cstr(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn check_ssize(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// `/proc/self/fd/N` (or `/proc/self/fd/N/name`): a path to an object we already hold an fd for.
+fn proc_path(fd: BorrowedFd<'_>, name: Option<&OsStr>) -> io::Result<CString> {
+    let mut p = format!("/proc/self/fd/{}", fd.as_raw_fd()).into_bytes();
+    if let Some(n) = name {
+        p.push(b'/');
+        p.extend_from_slice(n.as_bytes());
+    }
+    CString::new(p).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// openat(dir, name, flags | O_NOFOLLOW | O_CLOEXEC, mode).
+pub fn openat(dir: BorrowedFd<'_>, name: &OsStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let c = cstr(name)?;
+    // SAFETY: c is a valid NUL-terminated string; the returned fd is owned by us.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    };
+    check(fd)?;
+    // SAFETY: fd is a fresh, valid descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Open a directory by absolute path (used once per layer at mount time).
+pub fn open_dir_path(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let c = cstr(path.as_os_str())?;
+    // SAFETY: valid C string; fd owned on success.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    check(fd)?;
+    // SAFETY: fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reopen an fd we hold (typically O_PATH) with new flags, through /proc.
+pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
+    let p = proc_path(fd, None)?;
+    // SAFETY: valid C string; fd owned on success.
+    let nfd = unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC) };
+    check(nfd)?;
+    // SAFETY: fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(nfd) })
+}
+
+/// fstatat(dir, name, AT_SYMLINK_NOFOLLOW).
+pub fn statat(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Stat> {
+    let c = cstr(name)?;
+    // SAFETY: zeroed stat is a valid value to be overwritten.
+    let mut st: Stat = unsafe { std::mem::zeroed() };
+    // SAFETY: pointers valid for the call.
+    check(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(st)
+}
+
+/// fstat of the object an fd (possibly O_PATH) refers to.
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    // SAFETY: zeroed stat is valid.
+    let mut st: Stat = unsafe { std::mem::zeroed() };
+    // SAFETY: empty path with AT_EMPTY_PATH addresses the fd itself.
+    check(unsafe {
+        libc::fstatat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            &mut st,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(st)
+}
+
+pub fn fstatfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs> {
+    // SAFETY: zeroed statfs is valid.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    check(unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) })?;
+    Ok(st)
+}
+
+pub fn readlinkat(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OsString> {
+    let c = cstr(name)?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: buf is valid for buf.len() bytes.
+        let n = check_ssize(unsafe {
+            libc::readlinkat(
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        })?;
+        if n < buf.len() {
+            buf.truncate(n);
+            return Ok(OsString::from_vec(buf));
+        }
+        let l = buf.len() * 2;
+        buf.resize(l, 0);
+    }
+}
+
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
+    let c = cstr(name)?;
+    // SAFETY: valid C string.
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode) }).map(drop)
+}
+
+pub fn mknodat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> io::Result<()> {
+    let c = cstr(name)?;
+    // SAFETY: valid C string.
+    check(unsafe { libc::mknodat(dir.as_raw_fd(), c.as_ptr(), mode, rdev) }).map(drop)
+}
+
+pub fn symlinkat(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let t = cstr(target)?;
+    let c = cstr(name)?;
+    // SAFETY: valid C strings.
+    check(unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), c.as_ptr()) }).map(drop)
+}
+
+pub fn linkat(
+    olddir: BorrowedFd<'_>,
+    oldname: &OsStr,
+    newdir: BorrowedFd<'_>,
+    newname: &OsStr,
+) -> io::Result<()> {
+    let o = cstr(oldname)?;
+    let n = cstr(newname)?;
+    // SAFETY: valid C strings; flags 0 never follows symlinks.
+    check(unsafe {
+        libc::linkat(
+            olddir.as_raw_fd(),
+            o.as_ptr(),
+            newdir.as_raw_fd(),
+            n.as_ptr(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> io::Result<()> {
+    let c = cstr(name)?;
+    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: valid C string.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) }).map(drop)
+}
+
+pub const RENAME_NOREPLACE: u32 = libc::RENAME_NOREPLACE;
+pub const RENAME_EXCHANGE: u32 = libc::RENAME_EXCHANGE;
+pub const RENAME_WHITEOUT: u32 = libc::RENAME_WHITEOUT;
+
+pub fn renameat2(
+    olddir: BorrowedFd<'_>,
+    oldname: &OsStr,
+    newdir: BorrowedFd<'_>,
+    newname: &OsStr,
+    flags: u32,
+) -> io::Result<()> {
+    let o = cstr(oldname)?;
+    let n = cstr(newname)?;
+    // SAFETY: valid C strings.
+    check(unsafe {
+        libc::renameat2(
+            olddir.as_raw_fd(),
+            o.as_ptr(),
+            newdir.as_raw_fd(),
+            n.as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+/// chmod of `name` in `dir` (never a symlink: callers only chmod non-symlinks).
+pub fn chmodat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
+    let c = cstr(name)?;
+    // SAFETY: valid C string.
+    check(unsafe { libc::fchmodat(dir.as_raw_fd(), c.as_ptr(), mode, 0) }).map(drop)
+}
+
+/// lchown of `name` in `dir`; `u32::MAX` leaves an id unchanged.
+pub fn chownat(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32) -> io::Result<()> {
+    let c = cstr(name)?;
+    // SAFETY: valid C string.
+    check(unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// A timestamp to set: `None` leaves it (UTIME_OMIT), `Some(None)` is now, else the value.
+pub type TimeSpec = Option<Option<(i64, i64)>>;
+
+fn to_timespec(t: TimeSpec) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(None) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(Some((s, ns))) => libc::timespec {
+            tv_sec: s,
+            tv_nsec: ns,
+        },
+    }
+}
+
+pub fn utimensat(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    atime: TimeSpec,
+    mtime: TimeSpec,
+) -> io::Result<()> {
+    let c = cstr(name)?;
+    let ts = [to_timespec(atime), to_timespec(mtime)];
+    // SAFETY: valid C string and a two-element timespec array.
+    check(unsafe {
+        libc::utimensat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// utimensat on an fd itself (any kind of fd, including O_PATH).
+pub fn futimens(fd: BorrowedFd<'_>, atime: TimeSpec, mtime: TimeSpec) -> io::Result<()> {
+    let ts = [to_timespec(atime), to_timespec(mtime)];
+    // SAFETY: empty path with AT_EMPTY_PATH addresses the fd itself.
+    check(unsafe {
+        libc::utimensat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            ts.as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) }).map(drop)
+}
+
+pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe {
+        if datasync {
+            libc::fdatasync(fd.as_raw_fd())
+        } else {
+            libc::fsync(fd.as_raw_fd())
+        }
+    })
+    .map(drop)
+}
+
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    })
+    .map(drop)
+}
+
+pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> io::Result<i64> {
+    // SAFETY: plain syscall on a valid fd.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    // SAFETY: buf is valid for its length.
+    check_ssize(unsafe {
+        libc::pread(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            offset as libc::off_t,
+        )
+    })
+}
+
+pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
+    // SAFETY: buf is valid for its length.
+    check_ssize(unsafe {
+        libc::pwrite(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            offset as libc::off_t,
+        )
+    })
+}
+
+/// FICLONE: share all extents of `src` with `dst` (reflink). Fails on filesystems without it.
+pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: FICLONE takes the source fd as its integer argument.
+    check(unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) }).map(drop)
+}
+
+pub fn copy_file_range(
+    src: BorrowedFd<'_>,
+    src_off: u64,
+    dst: BorrowedFd<'_>,
+    dst_off: u64,
+    len: usize,
+) -> io::Result<usize> {
+    let mut so = src_off as libc::loff_t;
+    let mut d_o = dst_off as libc::loff_t;
+    // SAFETY: offsets are valid pointers for the duration of the call.
+    check_ssize(unsafe {
+        libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d_o, len, 0)
+    })
+}
+
+/// One raw directory entry.
+pub struct RawDirent {
+    pub ino: u64,
+    pub d_type: u8,
+    pub name: OsString,
+}
+
+/// Read all entries of a directory (given a fd opened for reading), skipping `.` and `..`.
+pub fn read_dir_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<RawDirent>> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: buf is valid for its length; getdents64 writes at most that many bytes.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                fd.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Ok(out);
+        }
+        let mut off = 0usize;
+        while off < n as usize {
+            // linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, name...
+            let ino = u64::from_ne_bytes(buf[off..off + 8].try_into().expect("8 bytes"));
+            let reclen = u16::from_ne_bytes(buf[off + 16..off + 18].try_into().expect("2 bytes"));
+            let d_type = buf[off + 18];
+            let name_start = off + 19;
+            let name_end = off + reclen as usize;
+            let raw = &buf[name_start..name_end];
+            let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+            let name = &raw[..len];
+            if name != b"." && name != b".." {
+                out.push(RawDirent {
+                    ino,
+                    d_type,
+                    name: OsString::from_vec(name.to_vec()),
+                });
+            }
+            off += reclen as usize;
+        }
+    }
+}
+
+/// Where an xattr call applies: an object's own fd (dirs, the layer roots), or a name in a dir.
+#[derive(Clone, Copy)]
+pub enum XTarget<'a> {
+    Fd(BorrowedFd<'a>),
+    At(BorrowedFd<'a>, &'a OsStr),
+}
+
+impl XTarget<'_> {
+    /// The /proc path and whether the final component must not be followed.
+    fn path(&self) -> io::Result<(CString, bool)> {
+        match *self {
+            // Following the magic link lands on the object itself, never beyond it.
+            XTarget::Fd(fd) => Ok((proc_path(fd, None)?, false)),
+            XTarget::At(dir, name) => Ok((proc_path(dir, Some(name))?, true)),
+        }
+    }
+}
+
+fn xattr_buf_call(mut f: impl FnMut(*mut u8, usize) -> libc::ssize_t) -> io::Result<Vec<u8>> {
+    let mut cap = 256usize;
+    loop {
+        let mut buf = vec![0u8; cap];
+        let r = f(buf.as_mut_ptr(), buf.len());
+        if r >= 0 {
+            buf.truncate(r as usize);
+            return Ok(buf);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ERANGE) && cap < 1 << 20 {
+            // Ask for the size, then retry with room to spare.
+            let need = f(std::ptr::null_mut(), 0);
+            cap = if need > 0 {
+                need as usize + 64
+            } else {
+                cap * 4
+            };
+            continue;
+        }
+        return Err(e);
+    }
+}
+
+/// getxattr; Ok(None) when the attribute does not exist (or xattrs are unsupported).
+pub fn getxattr(t: XTarget<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>> {
+    let (p, nofollow) = t.path()?;
+    let r = xattr_buf_call(|ptr, len| {
+        // SAFETY: ptr/len describe a valid buffer or are null/0 for a size query.
+        unsafe {
+            if nofollow {
+                libc::lgetxattr(p.as_ptr(), name.as_ptr(), ptr.cast(), len)
+            } else {
+                libc::getxattr(p.as_ptr(), name.as_ptr(), ptr.cast(), len)
+            }
+        }
+    });
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA) | Some(libc::ENOTSUP)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// getxattr that reports ENODATA as an error (for passing through to callers).
+pub fn getxattr_raw(t: XTarget<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+    let (p, nofollow) = t.path()?;
+    xattr_buf_call(|ptr, len| {
+        // SAFETY: as above.
+        unsafe {
+            if nofollow {
+                libc::lgetxattr(p.as_ptr(), name.as_ptr(), ptr.cast(), len)
+            } else {
+                libc::getxattr(p.as_ptr(), name.as_ptr(), ptr.cast(), len)
+            }
+        }
+    })
+}
+
+/// listxattr: the names, without their NUL terminators.
+pub fn listxattr(t: XTarget<'_>) -> io::Result<Vec<Vec<u8>>> {
+    let (p, nofollow) = t.path()?;
+    let r = xattr_buf_call(|ptr, len| {
+        // SAFETY: ptr/len describe a valid buffer or null/0.
+        unsafe {
+            if nofollow {
+                libc::llistxattr(p.as_ptr(), ptr.cast(), len)
+            } else {
+                libc::listxattr(p.as_ptr(), ptr.cast(), len)
+            }
+        }
+    });
+    let buf = match r {
+        Ok(b) => b,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    Ok(buf
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.to_vec())
+        .collect())
+}
+
+pub fn setxattr(t: XTarget<'_>, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
+    let (p, nofollow) = t.path()?;
+    // SAFETY: valid C strings and value buffer.
+    check(unsafe {
+        if nofollow {
+            libc::lsetxattr(
+                p.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags,
+            )
+        } else {
+            libc::setxattr(
+                p.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags,
+            )
+        }
+    })
+    .map(drop)
+}
+
+pub fn removexattr(t: XTarget<'_>, name: &CStr) -> io::Result<()> {
+    let (p, nofollow) = t.path()?;
+    // SAFETY: valid C strings.
+    check(unsafe {
+        if nofollow {
+            libc::lremovexattr(p.as_ptr(), name.as_ptr())
+        } else {
+            libc::removexattr(p.as_ptr(), name.as_ptr())
+        }
+    })
+    .map(drop)
+}
+
+/// Lazily detach a mount (MNT_DETACH) or plainly unmount it.
+pub fn umount(path: &std::path::Path, lazy: bool) -> io::Result<()> {
+    let c = cstr(path.as_os_str())?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: valid C string.
+    check(unsafe { libc::umount2(c.as_ptr(), flags) }).map(drop)
+}
+
+/// Raise the soft open-file limit to the hard limit; returns the new soft limit.
+pub fn raise_nofile_limit() -> u64 {
+    // SAFETY: zeroed rlimit is valid; getrlimit/setrlimit take valid pointers.
+    unsafe {
+        let mut rl: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return 1024;
+        }
+        rl.rlim_cur = rl.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        rl.rlim_cur
+    }
+}
+
+pub fn geteuid() -> u32 {
+    // SAFETY: always succeeds.
+    unsafe { libc::geteuid() }
+}
+
+pub fn umask_current() -> u32 {
+    // SAFETY: umask has no failure mode; set it back immediately.
+    unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m
+    }
+}
+
+/// Block SIGTERM/SIGINT/SIGHUP in this thread (and threads it spawns later), then wait for one
+/// in a dedicated thread and run `f`. Lets the daemon unmount cleanly on a signal.
+pub fn on_termination_signal(f: impl FnOnce(i32) + Send + 'static) -> io::Result<()> {
+    // SAFETY: sigset manipulation on a local set; pthread_sigmask affects only this thread.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        set
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: set is a valid, initialised signal set.
+            let r = unsafe { libc::sigwait(&set, &mut sig) };
+            if r == 0 {
+                f(sig);
+            }
+        })?;
+    Ok(())
+}
+
+/// Start a new session (detach from the controlling terminal); for the daemon child.
+pub fn setsid() {
+    // SAFETY: setsid has no memory-safety preconditions.
+    unsafe {
+        libc::setsid();
+    }
+}
+
+/// The raw fd of something, for logging only.
+pub fn raw(fd: &impl AsFd) -> RawFd {
+    fd.as_fd().as_raw_fd()
+}
+
+pub fn errno_name(e: i32) -> String {
+    io::Error::from_raw_os_error(e).to_string()
+}
+
+/// Mode bits of a whiteout: a character device with device number 0/0.
+pub fn is_whiteout_stat(st: &Stat) -> bool {
+    (st.st_mode & libc::S_IFMT) == libc::S_IFCHR && st.st_rdev == 0
+}
+
+/// chmod of the object an fd refers to (O_PATH allowed; never a symlink).
+pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    let p = proc_path(fd, None)?;
+    // SAFETY: valid C string; following the magic link lands on the object itself.
+    check(unsafe { libc::chmod(p.as_ptr(), mode) }).map(drop)
+}
+
+/// chown of the object an fd refers to, never following a symlink.
+pub fn chown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: empty path with AT_EMPTY_PATH addresses the fd itself.
+    check(unsafe {
+        libc::fchownat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            uid,
+            gid,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// Set the process umask (the daemon uses 0: the kernel already applied the caller's).
+pub fn set_umask(mask: u32) -> u32 {
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(mask) }
+}
+
+/// A pipe whose write end survives exec (for the daemon's readiness report) and whose read end
+/// does not.
+pub fn ready_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: fds has room for two descriptors.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), 0) })?;
+    // SAFETY: both are fresh descriptors we own.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: plain fcntl on a valid fd.
+    check(unsafe { libc::fcntl(r.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    Ok((r, w))
+}
+
+/// Take ownership of an inherited fd number (the readiness pipe), making it close-on-exec.
+pub fn adopt_fd(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: F_GETFD only queries; it tells whether the number is an open descriptor.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: plain fcntl on a valid fd.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: the number is open and handed to us by our parent for exactly this use.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Is `path` the root of a mount (its device differs from its parent's, or it is `/`)?
+pub fn is_mountpoint(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(me), Ok(parent)) = (
+        std::fs::symlink_metadata(path),
+        std::fs::metadata(path.join("..")),
+    ) else {
+        return false;
+    };
+    me.dev() != parent.dev() || me.ino() == parent.ino()
+}

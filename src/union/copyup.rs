@@ -1,0 +1,296 @@
+//! Copy-up: bring a lower object into the upper layer, atomically and with its metadata.
+//!
+//! The copy is built in the work directory (data, owner, mode, times, xattrs, fsync), then
+//! renamed into place; a crash leaves either the lower view or the complete copy. Parents are
+//! copied up first and their times restored afterwards, as the kernel does.
+
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use super::Union;
+use super::format;
+use super::node::{Kind, Node, ROOT_ID};
+use super::real::Real;
+use crate::error::{Result, err};
+use crate::sys::{self, Stat, XTarget};
+
+/// How much of a file a copy-up brings along.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Data {
+    /// All data (a write, chmod, link... of a lower file).
+    All,
+    /// None: the file is about to be truncated to zero (O_TRUNC open, truncate(0)).
+    Empty,
+}
+
+impl Union {
+    fn require_upper(&self) -> Result<()> {
+        if !self.writable() {
+            return Err(err(libc::EROFS));
+        }
+        Ok(())
+    }
+
+    /// Make sure `node` exists in the upper layer (copying its parents first).
+    pub(crate) fn copy_up(&self, node: &Arc<Node>, data: Data) -> Result<()> {
+        self.require_upper()?;
+        if node.top_layer() == 0 {
+            return Ok(());
+        }
+        // Ancestors first, root down, so every copy has an upper parent to land in.
+        let mut chain = Vec::new();
+        let mut cur = node.state().parent;
+        while cur != ROOT_ID {
+            let n = self.node(cur)?;
+            if n.top_layer() == 0 {
+                break;
+            }
+            cur = n.state().parent;
+            chain.push(n);
+        }
+        for anc in chain.iter().rev() {
+            self.copy_up_one(anc, Data::All)?;
+        }
+        self.copy_up_one(node, data)
+    }
+
+    fn copy_up_one(&self, node: &Arc<Node>, data: Data) -> Result<()> {
+        let _g = node.copy_lock.lock().expect("copy lock");
+        let st = node.state();
+        if st.layers[0] == 0 {
+            return Ok(()); // another opener won the race
+        }
+        if st.unlinked {
+            return Err(err(libc::ENOENT));
+        }
+        let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
+        let src = self.real_in(node, st.layers[0])?;
+        let sst = src.stat()?;
+        let parent = self.node(st.parent)?;
+        let upper_parent = self.dir_fd(&parent, 0)?;
+        let parent_times = sys::fstat(upper_parent.as_fd())?;
+        let wfd = work.fd.clone();
+        let tmp = work.temp_name();
+
+        let built = self.build_copy(wfd.as_fd(), &tmp, &src, &sst, node.kind, data);
+        if let Err(e) = built {
+            let _ = super::workdir::remove_tree(wfd.as_fd(), &tmp, 0);
+            return Err(e);
+        }
+        if let Err(e) = sys::renameat2(
+            wfd.as_fd(),
+            &tmp,
+            upper_parent.as_fd(),
+            &st.name,
+            sys::RENAME_NOREPLACE,
+        ) {
+            let _ = super::workdir::remove_tree(wfd.as_fd(), &tmp, 0);
+            return Err(e.into());
+        }
+        if self.cfg.fsync {
+            let _ = sys::fsync(
+                sys::reopen(upper_parent.as_fd(), libc::O_RDONLY)?.as_fd(),
+                false,
+            );
+        }
+        restore_times(upper_parent.as_fd(), &parent_times);
+
+        let aliases = {
+            let mut s = node.state.write().expect("node state lock");
+            if node.is_dir() {
+                s.layers.insert(0, 0);
+            } else {
+                s.layers = vec![0];
+            }
+            s.aliases.clone()
+        };
+        // Other names of a lower hard link stay one file: link them up beside the copy.
+        for (ap, an) in aliases {
+            self.link_up_at(&parent, &st.name, ap, &an)?;
+        }
+        log::debug!("copied up {:?} (node {}, {:?})", st.name, node.id, data);
+        Ok(())
+    }
+
+    /// Build the copy of `src` as `tmp` in the work directory.
+    fn build_copy(
+        &self,
+        wfd: BorrowedFd<'_>,
+        tmp: &OsStr,
+        src: &Real,
+        sst: &Stat,
+        kind: Kind,
+        data: Data,
+    ) -> Result<()> {
+        let perm = sst.st_mode & 0o7777;
+        let file: Option<OwnedFd> = match kind {
+            Kind::File => {
+                let dst =
+                    sys::openat(wfd, tmp, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o600)?;
+                if data == Data::All && sst.st_size > 0 {
+                    let sfd = src.open(libc::O_RDONLY, false)?;
+                    copy_data(sfd.as_fd(), dst.as_fd(), sst.st_size as u64)?;
+                }
+                Some(dst)
+            }
+            Kind::Dir => {
+                sys::mkdirat(wfd, tmp, 0o700)?;
+                None
+            }
+            Kind::Symlink => {
+                sys::symlinkat(&src.readlink()?, wfd, tmp)?;
+                None
+            }
+            Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev => {
+                sys::mknodat(wfd, tmp, sst.st_mode, sst.st_rdev)?;
+                None
+            }
+        };
+        copy_xattrs(src.xtarget(), XTarget::At(wfd, tmp))?;
+        sys::chownat(wfd, tmp, sst.st_uid, sst.st_gid)?;
+        if kind != Kind::Symlink {
+            // After chown, which clears set-id bits.
+            sys::chmodat(wfd, tmp, perm)?;
+        }
+        sys::utimensat(
+            wfd,
+            tmp,
+            Some(Some((sst.st_atime, sst.st_atime_nsec))),
+            Some(Some((sst.st_mtime, sst.st_mtime_nsec))),
+        )?;
+        if let (Some(f), true) = (file, self.cfg.fsync) {
+            sys::fsync(f.as_fd(), false)?;
+        }
+        Ok(())
+    }
+}
+
+impl Union {
+    /// Link a further name of copied-up `node` into the upper layer.
+    pub(crate) fn link_up_alias(&self, node: &Arc<Node>, parent: u64, name: &OsStr) -> Result<()> {
+        let st = node.state();
+        let p = self.node(st.parent)?;
+        self.link_up_at(&p, &st.name, parent, name)
+    }
+
+    /// Hard-link upper `src_parent/src_name` as `parent/name` (copying `parent` up first).
+    fn link_up_at(
+        &self,
+        src_parent: &Node,
+        src_name: &OsStr,
+        parent: u64,
+        name: &OsStr,
+    ) -> Result<()> {
+        let ap = self.node(parent)?;
+        self.copy_up(&ap, Data::All)?;
+        let sdir = self.dir_fd(src_parent, 0)?;
+        let adir = self.dir_fd(&ap, 0)?;
+        let times = sys::fstat(adir.as_fd())?;
+        match sys::linkat(sdir.as_fd(), src_name, adir.as_fd(), name) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        restore_times(adir.as_fd(), &times);
+        Ok(())
+    }
+}
+
+/// Put back a directory's atime/mtime after we changed its entries for a copy-up.
+pub(crate) fn restore_times(dir: BorrowedFd<'_>, st: &Stat) {
+    let _ = sys::futimens(
+        dir,
+        Some(Some((st.st_atime, st.st_atime_nsec))),
+        Some(Some((st.st_mtime, st.st_mtime_nsec))),
+    );
+}
+
+/// Copy every xattr except the union's own markers (POSIX ACLs and capabilities included).
+pub(crate) fn copy_xattrs(src: XTarget<'_>, dst: XTarget<'_>) -> Result<()> {
+    for name in sys::listxattr(src)? {
+        if format::is_private_xattr(&name) {
+            continue;
+        }
+        let c = CString::new(name).map_err(|_| err(libc::EINVAL))?;
+        let Some(v) = sys::getxattr(src, &c)? else {
+            continue;
+        };
+        if let Err(e) = sys::setxattr(dst, &c, &v, 0) {
+            // The upper may not support a namespace the lower had (e.g. on tmpfs).
+            if e.raw_os_error() == Some(libc::ENOTSUP) {
+                log::warn!("copy-up: xattr {:?} not supported by the upper layer", c);
+                continue;
+            }
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
+/// Copy `size` bytes: reflink if the filesystem can, else copy_file_range over the data
+/// extents only (holes stay holes), else plain reads and writes.
+pub(crate) fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> Result<()> {
+    if sys::ficlone(dst, src).is_ok() {
+        return Ok(());
+    }
+    let mut off = 0u64;
+    while off < size {
+        let data = match sys::lseek(src, off as i64, libc::SEEK_DATA) {
+            Ok(d) => d as u64,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break, // only a hole remains
+            Err(_) => off, // no SEEK_DATA support: copy everything
+        };
+        let end = match sys::lseek(src, data as i64, libc::SEEK_HOLE) {
+            Ok(h) => (h as u64).min(size),
+            Err(_) => size,
+        };
+        copy_range(src, dst, data, end)?;
+        if end <= off {
+            break; // no progress: a filesystem with odd SEEK_* answers
+        }
+        off = end;
+    }
+    sys::ftruncate(dst, size)?;
+    Ok(())
+}
+
+fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, mut off: u64, end: u64) -> Result<()> {
+    let mut use_cfr = true;
+    let mut buf = Vec::new();
+    while off < end {
+        let len = ((end - off) as usize).min(64 << 20);
+        if use_cfr {
+            match sys::copy_file_range(src, off, dst, off, len) {
+                Ok(0) => return Ok(()), // source shorter than it said
+                Ok(n) => {
+                    off += n as u64;
+                    continue;
+                }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                    ) =>
+                {
+                    use_cfr = false;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if buf.is_empty() {
+            buf = vec![0u8; 1 << 20];
+        }
+        let want = len.min(buf.len());
+        let n = sys::pread(src, &mut buf[..want], off)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut w = 0;
+        while w < n {
+            w += sys::pwrite(dst, &buf[w..n], off + w as u64)?;
+        }
+        off += n as u64;
+    }
+    Ok(())
+}

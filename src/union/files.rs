@@ -1,0 +1,182 @@
+//! Open files and directories: open (copying up for writes), read, write, sync, and the
+//! offsets of a merged directory listing.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, RwLock};
+
+use super::copyup::Data;
+use super::handle::{DirHandle, Handle, Open};
+use super::readdir::DirEntry;
+use super::write::{Caller, NewObj};
+use super::{Entry, Union};
+use crate::error::{Result, err};
+use crate::sys;
+
+/// Flags that only matter to the open itself, never to the real file.
+const OPEN_ONLY: i32 = libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY;
+
+fn wants_write(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+}
+
+impl Union {
+    pub fn open(&self, id: u64, flags: i32) -> Result<u64> {
+        let node = self.node(id)?;
+        if node.is_dir() {
+            return Err(err(libc::EISDIR));
+        }
+        if wants_write(flags) {
+            if !self.writable() {
+                return Err(err(libc::EROFS));
+            }
+            let data = if flags & libc::O_TRUNC != 0 {
+                Data::Empty
+            } else {
+                Data::All
+            };
+            self.copy_up(&node, data)?;
+        }
+        let layer = node.top_layer();
+        let fd = self.real(&node)?.open(flags & !OPEN_ONLY, false)?;
+        Ok(self.add_handle(node, fd, layer, flags))
+    }
+
+    fn add_handle(
+        &self,
+        node: Arc<super::node::Node>,
+        fd: OwnedFd,
+        layer: usize,
+        flags: i32,
+    ) -> u64 {
+        self.handles.insert(Open::File(Arc::new(Handle {
+            node,
+            fd: RwLock::new((Arc::new(fd), layer)),
+            flags,
+        })))
+    }
+
+    /// create(2) with O_CREAT: a new upper file, opened.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        c: Caller,
+    ) -> Result<(Entry, u64)> {
+        if !self.writable() {
+            return Err(err(libc::EROFS));
+        }
+        let (entry, fd) = self.create_obj(parent, name, NewObj::File { mode, flags }, c)?;
+        let fd = fd.ok_or_else(|| err(libc::EIO))?;
+        let node = self.node(entry.id)?;
+        Ok((entry, self.add_handle(node, fd, 0, flags)))
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        self.handles.file(fh).ok_or_else(|| err(libc::EBADF))
+    }
+
+    /// The fd to read from: a read-only handle opened on a lower file follows a later copy-up
+    /// of the same node, so readers see what writers wrote (as the kernel does since 4.19).
+    fn read_fd(&self, h: &Handle) -> Result<Arc<OwnedFd>> {
+        let (fd, layer) = h.fd.read().expect("handle fd lock").clone();
+        if layer == 0 || !self.writable() || h.node.top_layer() != 0 {
+            return Ok(fd);
+        }
+        let mut w = h.fd.write().expect("handle fd lock");
+        if w.1 != 0 {
+            let nfd = self
+                .real(&h.node)?
+                .open(h.flags & !(OPEN_ONLY | libc::O_TRUNC), false)?;
+            *w = (Arc::new(nfd), 0);
+        }
+        Ok(w.0.clone())
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.handle(fh)?;
+        let fd = self.read_fd(&h)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            let n = sys::pread(fd.as_fd(), &mut buf[got..], offset + got as u64)?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
+        let h = self.handle(fh)?;
+        if h.layer() != 0 {
+            return Err(err(libc::EBADF)); // opened read-only
+        }
+        Ok(sys::pwrite(h.fd().as_fd(), data, offset)?)
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.remove(fh);
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        let h = self.handle(fh)?;
+        Ok(sys::fsync(h.fd().as_fd(), datasync)?)
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        let h = self.handle(fh)?;
+        if h.layer() != 0 {
+            return Err(err(libc::EBADF));
+        }
+        Ok(sys::fallocate(h.fd().as_fd(), mode, offset, len)?)
+    }
+
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let h = self.handle(fh)?;
+        let fd = self.read_fd(&h)?;
+        Ok(sys::lseek(fd.as_fd(), offset, whence)?)
+    }
+
+    pub fn opendir(&self, id: u64) -> Result<u64> {
+        let node = self.dir_node(id)?;
+        Ok(self.handles.insert(Open::Dir(Arc::new(DirHandle {
+            node,
+            entries: Mutex::new(None),
+        }))))
+    }
+
+    /// Entries from `offset` on (offset n = the n-th entry; the listing is re-read at 0, so a
+    /// rewinddir sees changes and repeated reads of one pass are stable).
+    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
+        let h = self.handles.dir(fh).ok_or_else(|| err(libc::EBADF))?;
+        let mut e = h.entries.lock().expect("dir handle lock");
+        if offset == 0 || e.is_none() {
+            *e = Some(Arc::new(self.list_dir(h.node.id)?));
+        }
+        Ok(e.as_ref().expect("filled above").clone())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.handles.remove(fh);
+    }
+
+    pub fn fsyncdir(&self, id: u64, datasync: bool) -> Result<()> {
+        let node = self.dir_node(id)?;
+        if node.top_layer() != 0 || !self.writable() {
+            return Ok(());
+        }
+        let fd = self.dir_fd(&node, 0)?;
+        let rfd = sys::openat(
+            fd.as_fd(),
+            OsStr::new("."),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        Ok(sys::fsync(rfd.as_fd(), datasync)?)
+    }
+}

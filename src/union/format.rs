@@ -1,0 +1,138 @@
+//! On-disk markers: whiteouts, opaque directories and redirects, in every format read in the wild
+//! (kernel/fuse-overlayfs char-dev whiteouts, OCI `.wh.` files, the overlay xattrs) and the one
+//! format layerfs writes (the kernel's).
+
+use std::ffi::{CStr, OsStr, OsString};
+use std::os::fd::BorrowedFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+use crate::sys::{self, XTarget};
+
+/// Prefix of OCI whiteout files; names with it are markers, never user content.
+pub const WH_PREFIX: &[u8] = b".wh.";
+/// OCI opaque-directory marker.
+pub const WH_OPAQUE: &[u8] = b".wh..wh..opq";
+
+const OPAQUE_XATTRS: [&CStr; 3] = [
+    c"trusted.overlay.opaque",
+    c"user.overlay.opaque",
+    c"user.fuseoverlayfs.opaque",
+];
+const REDIRECT_XATTRS: [&CStr; 2] = [c"trusted.overlay.redirect", c"user.overlay.redirect"];
+
+/// The xattr namespace layerfs writes its own markers in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MarkerNs {
+    /// `trusted.overlay.*` (privileged; what the kernel writes by default).
+    Trusted,
+    /// `user.overlay.*` (the kernel's `userxattr` format, for unprivileged mounts).
+    User,
+}
+
+impl MarkerNs {
+    pub fn opaque(self) -> &'static CStr {
+        match self {
+            MarkerNs::Trusted => c"trusted.overlay.opaque",
+            MarkerNs::User => c"user.overlay.opaque",
+        }
+    }
+    pub fn redirect(self) -> &'static CStr {
+        match self {
+            MarkerNs::Trusted => c"trusted.overlay.redirect",
+            MarkerNs::User => c"user.overlay.redirect",
+        }
+    }
+}
+
+/// True for names that are markers in some format and so never visible in the union.
+pub fn is_marker_name(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(WH_PREFIX)
+}
+
+/// The OCI whiteout name for `name`: `.wh.NAME`.
+pub fn oci_whiteout_name(name: &OsStr) -> OsString {
+    let mut v = WH_PREFIX.to_vec();
+    v.extend_from_slice(name.as_bytes());
+    OsString::from_vec(v)
+}
+
+/// For an OCI whiteout `.wh.NAME` (not the opaque marker), the NAME it hides.
+pub fn oci_whited_out(name: &OsStr) -> Option<&OsStr> {
+    let b = name.as_bytes();
+    if b == WH_OPAQUE || !b.starts_with(WH_PREFIX) {
+        return None;
+    }
+    Some(OsStr::from_bytes(&b[WH_PREFIX.len()..]))
+}
+
+/// Xattrs that belong to the union's own bookkeeping and are never shown through the mount.
+pub fn is_private_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"trusted.overlay.")
+        || name.starts_with(b"user.overlay.")
+        || name.starts_with(b"user.fuseoverlayfs.")
+}
+
+/// What a real directory says about the merge below it.
+#[derive(Default, Debug)]
+pub struct DirMarkers {
+    pub opaque: bool,
+    /// Raw redirect value: absolute (`/a/b`) from the layer root, or a name relative to the
+    /// parent's lower path.
+    pub redirect: Option<Vec<u8>>,
+}
+
+/// Read the opaque and redirect markers of a real directory (`dir` is its own fd).
+pub fn dir_markers(dir: BorrowedFd<'_>) -> DirMarkers {
+    let mut m = DirMarkers::default();
+    // One listxattr tells which markers exist; most directories carry none.
+    let names = sys::listxattr(XTarget::Fd(dir)).unwrap_or_default();
+    for n in &names {
+        if !is_private_xattr(n) {
+            continue;
+        }
+        if OPAQUE_XATTRS.iter().any(|x| x.to_bytes() == n.as_slice()) {
+            let x = OPAQUE_XATTRS
+                .iter()
+                .find(|x| x.to_bytes() == n.as_slice())
+                .expect("matched above");
+            if let Ok(Some(v)) = sys::getxattr(XTarget::Fd(dir), x) {
+                // "y" is opaque; "x" (kernel 6.7+) only flags xwhiteouts inside, not opacity.
+                if v.as_slice() == b"y" {
+                    m.opaque = true;
+                }
+            }
+        }
+        if let Some(x) = REDIRECT_XATTRS
+            .iter()
+            .find(|x| x.to_bytes() == n.as_slice())
+            && let Ok(Some(v)) = sys::getxattr(XTarget::Fd(dir), x)
+            && !v.is_empty()
+        {
+            m.redirect = Some(v);
+        }
+    }
+    if !m.opaque && sys::statat(dir, OsStr::from_bytes(WH_OPAQUE)).is_ok() {
+        m.opaque = true;
+    }
+    m
+}
+
+/// Is `name` in `dir` deleted by an OCI whiteout file next to it?
+pub fn has_oci_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> bool {
+    sys::statat(dir, &oci_whiteout_name(name)).is_ok()
+}
+
+/// Split a redirect path into components, refusing `..` and empty parts.
+pub fn redirect_components(v: &[u8]) -> Option<Vec<OsString>> {
+    let mut out = Vec::new();
+    for c in v.split(|&b| b == b'/') {
+        if c.is_empty() || c == b"." {
+            continue;
+        }
+        if c == b".." {
+            return None;
+        }
+        out.push(OsString::from_vec(c.to_vec()));
+    }
+    Some(out)
+}

@@ -1,0 +1,89 @@
+//! The layer stack: one directory fd per layer, opened once at mount; index 0 is the upper
+//! layer when there is one, then the lower layers top first (kernel overlayfs order).
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Context, Error, Result};
+use crate::sys;
+
+pub struct Layer {
+    pub path: PathBuf,
+    pub root: Arc<OwnedFd>,
+    pub dev: u64,
+    /// Small index of this layer's filesystem among the stack's distinct filesystems.
+    pub fs_index: u64,
+}
+
+pub struct LayerStack {
+    pub layers: Vec<Layer>,
+    pub has_upper: bool,
+    /// More than one filesystem under the stack: st_ino gets the fs index in its high bits.
+    pub multi_fs: bool,
+}
+
+impl LayerStack {
+    /// Open `upper` (if any) and the `lowers` (top first). Each must be a directory.
+    pub fn open(upper: Option<&Path>, lowers: &[PathBuf]) -> Result<LayerStack> {
+        if lowers.is_empty() {
+            return Err(Error::msg(
+                "lowerdir is empty: give at least one lower layer",
+            ));
+        }
+        let mut paths: Vec<&Path> = Vec::new();
+        if let Some(u) = upper {
+            paths.push(u);
+        }
+        paths.extend(lowers.iter().map(|p| p.as_path()));
+        let mut devs: HashMap<u64, u64> = HashMap::new();
+        let mut layers = Vec::with_capacity(paths.len());
+        for p in paths {
+            let root = sys::open_dir_path(p).ctx(format!("layer {}", p.display()))?;
+            let st = sys::fstat(root.as_fd()).ctx(format!("layer {}", p.display()))?;
+            let n = devs.len() as u64;
+            let fs_index = *devs.entry(st.st_dev).or_insert(n);
+            layers.push(Layer {
+                path: p.to_path_buf(),
+                root: Arc::new(root),
+                dev: st.st_dev,
+                fs_index,
+            });
+        }
+        Ok(LayerStack {
+            multi_fs: devs.len() > 1,
+            layers,
+            has_upper: upper.is_some(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+
+    /// Index of the topmost lower layer.
+    pub fn first_lower(&self) -> usize {
+        usize::from(self.has_upper)
+    }
+
+    pub fn is_upper(&self, layer: usize) -> bool {
+        self.has_upper && layer == 0
+    }
+
+    /// The st_ino layerfs reports for a real inode in `layer`: the real number when the whole
+    /// stack is on one filesystem (as the kernel does), else made unique with the fs index.
+    pub fn union_ino(&self, layer: usize, real_ino: u64) -> u64 {
+        let ino = if self.multi_fs {
+            (self.layers[layer].fs_index << 56) ^ real_ino
+        } else {
+            real_ino
+        };
+        // Node ids are these numbers, and FUSE reserves 1 for the root.
+        if ino <= 1 { ino | 1 << 63 } else { ino }
+    }
+}

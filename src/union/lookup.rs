@@ -1,0 +1,285 @@
+//! Name lookup across the layers: top-down, first non-directory wins, directories merge until
+//! an opaque marker, a whiteout or a non-directory; redirects continue the merge elsewhere.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use super::format;
+use super::node::{Inserted, Kind, Node, NodeState, ROOT_ID};
+use super::{Entry, Union, check_name};
+use crate::error::{Result, err};
+use crate::sys::{self, Stat};
+
+/// What a lookup found for one name.
+pub(crate) struct Found {
+    pub kind: Kind,
+    pub layers: Vec<usize>,
+    pub top: Stat,
+    pub lower_path: Option<Arc<Vec<OsString>>>,
+    pub redirect_layer: usize,
+    /// For a directory: the union inode number of its topmost lower copy (its st_ino, so
+    /// copy-up doesn't change it).
+    pub lower_ino: Option<u64>,
+    /// Directory fds opened on the way, to seed the fd cache.
+    pub fds: Vec<(usize, Arc<OwnedFd>)>,
+}
+
+enum Step {
+    Continue,
+    Stop,
+}
+
+impl Union {
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Entry> {
+        check_name(name)?;
+        if format::is_marker_name(name) {
+            return Err(err(libc::ENOENT));
+        }
+        let p = self.dir_node(parent)?;
+        let _g = p.dir_lock.read().expect("dir lock");
+        if let Some(n) = self.nodes.lookup_existing(parent, name) {
+            let attr = self.attr_of(&n);
+            if attr.is_err() {
+                self.nodes.forget(n.id, 1);
+            }
+            return Ok(Entry {
+                id: n.id,
+                attr: attr?,
+            });
+        }
+        let found = self.resolve(&p, name)?.ok_or_else(|| err(libc::ENOENT))?;
+        let node = self.node_from(parent, name, found)?;
+        let attr = self.attr_of(&node)?;
+        Ok(Entry { id: node.id, attr })
+    }
+
+    /// The node id (= st_ino) of a resolved object.
+    pub(crate) fn node_id(&self, f: &Found) -> u64 {
+        match (f.kind, f.lower_ino) {
+            (Kind::Dir, Some(ino)) => ino,
+            _ => self.layers.union_ino(f.layers[0], f.top.st_ino),
+        }
+    }
+
+    /// A node for a resolved name, not registered anywhere.
+    pub(crate) fn node_of(&self, parent: u64, name: &OsStr, f: Found) -> Node {
+        let id = self.node_id(&f);
+        let mut state = NodeState::new(parent, name, f.layers);
+        state.lower_path = f.lower_path;
+        state.redirect_layer = f.redirect_layer;
+        if f.kind == Kind::Dir {
+            self.fds.drop_node(id);
+            for (l, fd) in f.fds {
+                self.fds.put(id, l, fd);
+            }
+        }
+        Node::new(id, f.kind, id, state)
+    }
+
+    /// Register a resolved name as a node (or as one more name of a known node).
+    pub(crate) fn node_from(&self, parent: u64, name: &OsStr, f: Found) -> Result<Arc<Node>> {
+        let found_layer = f.layers[0];
+        let ins = self.nodes.insert(self.node_of(parent, name, f));
+        let node = ins.node().clone();
+        if let Inserted::Alias(_) = ins {
+            // Another name of a hard link that was copied up: link this name up too, so the
+            // union and the upper layer agree that both names are one file.
+            if node.top_layer() == 0 && found_layer != 0 {
+                self.link_up_alias(&node, parent, name)?;
+            }
+        }
+        Ok(node)
+    }
+
+    /// Resolve `name` in directory `p` against the layers, without touching the node table.
+    pub(crate) fn resolve(&self, p: &Node, name: &OsStr) -> Result<Option<Found>> {
+        let pstate = p.state();
+        let mut found: Option<Found> = None;
+        for &l in &pstate.layers {
+            let pfd = self.dir_fd(p, l)?;
+            let st = match sys::statat(pfd.as_fd(), name) {
+                Ok(st) => st,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    if format::has_oci_whiteout(pfd.as_fd(), name) {
+                        break;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match self.step(&mut found, l, &pfd, name, st, Some((p, &pstate)))? {
+                Step::Continue => {}
+                Step::Stop => break,
+            }
+        }
+        Ok(found)
+    }
+
+    /// Merge one real entry found in layer `l` into `found`.
+    fn step(
+        &self,
+        found: &mut Option<Found>,
+        l: usize,
+        pfd: &Arc<OwnedFd>,
+        name: &OsStr,
+        st: Stat,
+        parent: Option<(&Node, &NodeState)>,
+    ) -> Result<Step> {
+        if sys::is_whiteout_stat(&st) {
+            return Ok(Step::Stop);
+        }
+        let kind = Kind::from_mode(st.st_mode);
+        if kind != Kind::Dir {
+            if found.is_none() {
+                *found = Some(Found {
+                    kind,
+                    layers: vec![l],
+                    top: st,
+                    lower_path: None,
+                    redirect_layer: 0,
+                    lower_ino: None,
+                    fds: Vec::new(),
+                });
+            }
+            // A non-directory hides everything below, whether it is on top or under a dir.
+            return Ok(Step::Stop);
+        }
+        let dfd = Arc::new(sys::openat(
+            pfd.as_fd(),
+            name,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )?);
+        let markers = format::dir_markers(dfd.as_fd());
+        let f = found.get_or_insert_with(|| Found {
+            kind: Kind::Dir,
+            layers: Vec::new(),
+            top: st,
+            lower_path: None,
+            redirect_layer: 0,
+            lower_ino: None,
+            fds: Vec::new(),
+        });
+        if f.lower_ino.is_none() && !self.layers.is_upper(l) {
+            f.lower_ino = Some(self.layers.union_ino(l, st.st_ino));
+        }
+        f.layers.push(l);
+        f.fds.push((l, dfd));
+        if markers.opaque {
+            return Ok(Step::Stop);
+        }
+        if let Some(r) = markers.redirect {
+            let base = match parent {
+                Some((p, ps)) => self.lower_path_of(p, ps)?,
+                None => f
+                    .lower_path
+                    .as_ref()
+                    .map(|p| p[..p.len().saturating_sub(1)].to_vec())
+                    .unwrap_or_default(),
+            };
+            let Some(path) = redirect_target(&base, &r) else {
+                log::warn!(
+                    "ignoring malformed redirect {:?}",
+                    String::from_utf8_lossy(&r)
+                );
+                return Ok(Step::Stop);
+            };
+            f.lower_path = Some(Arc::new(path.clone()));
+            f.redirect_layer = l;
+            self.merge_redirected(found, l, &path)?;
+            return Ok(Step::Stop);
+        }
+        Ok(Step::Continue)
+    }
+
+    /// Continue a directory's merge below layer `from` at `path` (a redirect), layer by layer.
+    fn merge_redirected(
+        &self,
+        found: &mut Option<Found>,
+        from: usize,
+        path: &[OsString],
+    ) -> Result<()> {
+        let Some((last, dirs)) = path.split_last() else {
+            return Ok(());
+        };
+        'layers: for l in from + 1..self.layers.len() {
+            let mut fd = self.layers.layers[l].root.clone();
+            for c in dirs {
+                match sys::statat(fd.as_fd(), c) {
+                    Ok(st) if Kind::from_mode(st.st_mode) == Kind::Dir => {
+                        fd = Arc::new(sys::openat(
+                            fd.as_fd(),
+                            c,
+                            libc::O_PATH | libc::O_DIRECTORY,
+                            0,
+                        )?);
+                    }
+                    Ok(_) => return Ok(()),
+                    Err(_) => continue 'layers,
+                }
+            }
+            let st = match sys::statat(fd.as_fd(), last) {
+                Ok(st) => st,
+                Err(_) => {
+                    if format::has_oci_whiteout(fd.as_fd(), last) {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            let before = found.as_ref().map(|f| f.redirect_layer);
+            match self.step(found, l, &fd, last, st, None)? {
+                Step::Continue => {}
+                Step::Stop => return Ok(()),
+            }
+            // A nested redirect inside step() already merged the rest.
+            if found.as_ref().map(|f| f.redirect_layer) != before {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// The path of directory `p` in the lower layers: its redirect target, else its union path.
+    pub(crate) fn lower_path_of(&self, p: &Node, ps: &NodeState) -> Result<Vec<OsString>> {
+        if let Some(lp) = &ps.lower_path {
+            return Ok(lp.as_ref().clone());
+        }
+        self.union_path(p.id, ps)
+    }
+
+    /// Components of a node's path in the union, from the root.
+    pub(crate) fn union_path(&self, id: u64, st: &NodeState) -> Result<Vec<OsString>> {
+        let mut out = Vec::new();
+        if id == ROOT_ID {
+            return Ok(out);
+        }
+        out.push(st.name.clone());
+        let mut cur = st.parent;
+        while cur != ROOT_ID {
+            let n = self.node(cur)?;
+            let s = n.state.read().expect("node state lock");
+            out.push(s.name.clone());
+            cur = s.parent;
+        }
+        out.reverse();
+        Ok(out)
+    }
+}
+
+/// Where a redirect points: absolute from the layer root, or a sibling name under `base`'s
+/// parent directory (`base` being the parent's lower path).
+fn redirect_target(base: &[OsString], raw: &[u8]) -> Option<Vec<OsString>> {
+    let comps = format::redirect_components(raw)?;
+    if comps.is_empty() {
+        return None;
+    }
+    if raw.first() == Some(&b'/') {
+        Some(comps)
+    } else {
+        let mut p = base.to_vec();
+        p.extend(comps);
+        Some(p)
+    }
+}

@@ -1,0 +1,271 @@
+//! The union engine, free of FUSE: a layer stack seen as one tree. The FUSE adapter (and the
+//! tests) call these methods with node ids and names and get stats, entries and errnos back.
+
+pub mod copyup;
+pub mod fdcache;
+pub mod files;
+pub mod format;
+pub mod handle;
+pub mod layer;
+pub mod lookup;
+pub mod node;
+pub mod readdir;
+pub mod real;
+pub mod workdir;
+pub mod write;
+
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::error::{Error, Result, err};
+use crate::sys::{self, Stat};
+use fdcache::FdCache;
+use format::MarkerNs;
+use handle::HandleTable;
+use layer::LayerStack;
+use node::{Kind, Node, NodeState, NodeTable, ROOT_ID};
+use real::Real;
+use workdir::WorkDir;
+
+pub use handle::Handle;
+pub use readdir::DirEntry;
+
+/// How the union behaves, from mount options.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub upper: Option<PathBuf>,
+    pub work: Option<PathBuf>,
+    pub lowers: Vec<PathBuf>,
+    /// fsync copied-up files and their directory before they become visible.
+    pub fsync: bool,
+    /// Namespace of the markers layerfs writes.
+    pub marker_ns: MarkerNs,
+}
+
+/// A node returned to the kernel: its id and attributes.
+pub struct Entry {
+    pub id: u64,
+    pub attr: Stat,
+}
+
+pub struct Union {
+    pub layers: LayerStack,
+    pub(crate) nodes: NodeTable,
+    pub(crate) fds: FdCache,
+    pub(crate) handles: HandleTable,
+    pub(crate) work: Option<WorkDir>,
+    pub cfg: Config,
+}
+
+/// Refuse names the kernel would never send, and names too long for any layer.
+pub(crate) fn check_name(name: &OsStr) -> Result<()> {
+    let b = name.as_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') || b.contains(&0) {
+        return Err(err(libc::EINVAL));
+    }
+    if b.len() > 255 {
+        return Err(err(libc::ENAMETOOLONG));
+    }
+    Ok(())
+}
+
+impl Union {
+    /// Open the layers, clean the workdir and build the root node.
+    pub fn new(cfg: Config) -> Result<Union> {
+        let layers = LayerStack::open(cfg.upper.as_deref(), &cfg.lowers)?;
+        let work = match (&cfg.upper, &cfg.work) {
+            (Some(_), Some(w)) => Some(WorkDir::open(w, &layers.layers[0])?),
+            (Some(_), None) => return Err(Error::msg("upperdir needs a workdir too")),
+            (None, Some(_)) => return Err(Error::msg("workdir given without an upperdir")),
+            (None, None) => None,
+        };
+        let limit = sys::raise_nofile_limit() as usize;
+        let u = Union {
+            fds: FdCache::new((limit / 2).max(256)),
+            nodes: NodeTable::new(),
+            handles: HandleTable::new(),
+            layers,
+            work,
+            cfg,
+        };
+        u.build_root()?;
+        Ok(u)
+    }
+
+    fn build_root(&self) -> Result<()> {
+        let mut merged = Vec::new();
+        for (i, l) in self.layers.layers.iter().enumerate() {
+            merged.push(i);
+            if format::dir_markers(l.root.as_fd()).opaque {
+                break;
+            }
+        }
+        let top = sys::fstat(self.layers.layers[merged[0]].root.as_fd())?;
+        let st_ino = self.layers.union_ino(merged[0], top.st_ino);
+        let state = NodeState::new(ROOT_ID, OsStr::new(""), merged);
+        self.nodes
+            .insert_root(Node::new(ROOT_ID, Kind::Dir, st_ino, state));
+        Ok(())
+    }
+
+    pub fn writable(&self) -> bool {
+        self.layers.has_upper
+    }
+
+    pub(crate) fn node(&self, id: u64) -> Result<Arc<Node>> {
+        self.nodes.get(id).ok_or_else(|| err(libc::ESTALE))
+    }
+
+    pub(crate) fn dir_node(&self, id: u64) -> Result<Arc<Node>> {
+        let n = self.node(id)?;
+        if !n.is_dir() {
+            return Err(err(libc::ENOTDIR));
+        }
+        Ok(n)
+    }
+
+    /// The fd of directory `node` in `layer`, from the cache or rebuilt from its parent's (or,
+    /// for a redirected directory's lower layers, from the layer root along its lower path).
+    pub(crate) fn dir_fd(&self, node: &Node, layer: usize) -> Result<Arc<OwnedFd>> {
+        if node.id == ROOT_ID {
+            return Ok(self.layers.layers[layer].root.clone());
+        }
+        if let Some(fd) = self.fds.get(node.id, layer) {
+            return Ok(fd);
+        }
+        // Walk up (iteratively: trees can be thousands deep) to the nearest known fd.
+        let mut chain: Vec<(u64, OsString)> = Vec::new();
+        let mut cur = node.id;
+        let mut base: Arc<OwnedFd>;
+        loop {
+            if cur == ROOT_ID {
+                base = self.layers.layers[layer].root.clone();
+                break;
+            }
+            if let Some(fd) = self.fds.get(cur, layer) {
+                base = fd;
+                break;
+            }
+            let n = self.node(cur)?;
+            let st = n.state.read().expect("node state lock");
+            if let (Some(path), false) = (&st.lower_path, layer <= st.redirect_layer) {
+                base = self.walk_path(layer, path)?;
+                self.fds.put(cur, layer, base.clone());
+                break;
+            }
+            chain.push((cur, st.name.clone()));
+            cur = st.parent;
+        }
+        for (id, name) in chain.into_iter().rev() {
+            let fd = sys::openat(base.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            base = Arc::new(fd);
+            self.fds.put(id, layer, base.clone());
+        }
+        Ok(base)
+    }
+
+    /// Open `path` (components from the root) in `layer`, directory by directory.
+    pub(crate) fn walk_path(&self, layer: usize, path: &[OsString]) -> Result<Arc<OwnedFd>> {
+        let mut fd = self.layers.layers[layer].root.clone();
+        for c in path {
+            fd = Arc::new(sys::openat(
+                fd.as_fd(),
+                c,
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+            )?);
+        }
+        Ok(fd)
+    }
+
+    /// The real object behind `node` in `layer`.
+    pub(crate) fn real_in(&self, node: &Node, layer: usize) -> Result<Real> {
+        if node.is_dir() {
+            return Ok(Real::Fd(self.dir_fd(node, layer)?));
+        }
+        let st = node.state();
+        if let Some(fd) = st.detached {
+            return Ok(Real::Fd(fd));
+        }
+        let parent = self.node(st.parent)?;
+        Ok(Real::At(self.dir_fd(&parent, layer)?, st.name))
+    }
+
+    /// The topmost real object behind `node`.
+    pub(crate) fn real(&self, node: &Node) -> Result<Real> {
+        self.real_in(node, node.top_layer())
+    }
+
+    /// Attributes as the union shows them.
+    pub(crate) fn attr_of(&self, node: &Node) -> Result<Stat> {
+        let mut st = self.real(node)?.stat()?;
+        st.st_ino = node.st_ino();
+        // As kernel overlayfs: a merged directory reports nlink 1 (`find` accepts it).
+        if node.is_dir() && node.state.read().expect("node state lock").layers.len() > 1 {
+            st.st_nlink = 1;
+        }
+        Ok(st)
+    }
+
+    pub fn getattr(&self, id: u64) -> Result<Stat> {
+        let node = self.node(id)?;
+        self.attr_of(&node)
+    }
+
+    pub fn forget(&self, id: u64, n: u64) {
+        if self.nodes.forget(id, n) {
+            self.fds.drop_node(id);
+        }
+    }
+
+    pub fn readlink(&self, id: u64) -> Result<OsString> {
+        let node = self.node(id)?;
+        if node.kind != Kind::Symlink {
+            return Err(err(libc::EINVAL));
+        }
+        self.real(&node)?.readlink()
+    }
+
+    pub fn statfs(&self) -> Result<libc::statfs> {
+        let top = &self.layers.layers[0];
+        let mut st = sys::fstatfs(top.root.as_fd())?;
+        st.f_namelen = 255;
+        Ok(st)
+    }
+
+    pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
+        if format::is_private_xattr(name.as_bytes()) {
+            return Err(err(libc::EOPNOTSUPP));
+        }
+        let node = self.node(id)?;
+        let c = CString::new(name.as_bytes()).map_err(|_| err(libc::EINVAL))?;
+        self.real(&node)?.getxattr(&c)
+    }
+
+    pub fn listxattr(&self, id: u64) -> Result<Vec<u8>> {
+        let node = self.node(id)?;
+        let mut out = Vec::new();
+        for n in self.real(&node)?.listxattr()? {
+            if !format::is_private_xattr(&n) {
+                out.extend_from_slice(&n);
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn access(&self, id: u64, mask: i32) -> Result<()> {
+        let _ = self.node(id)?;
+        if mask & libc::W_OK != 0 && !self.writable() {
+            return Err(err(libc::EROFS));
+        }
+        Ok(())
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+}

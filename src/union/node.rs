@@ -1,0 +1,372 @@
+//! The inode table: FUSE node ids to union nodes, with lookup counts, and the (parent, name)
+//! index that makes repeated lookups of one name return one node.
+//!
+//! Lock order: a directory's `dir_lock` (two at once: lower node id first) -> `copy_lock`s from
+//! the root down -> index shard -> table shard -> `state` (held briefly, never across the others).
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::hash::{Hash, Hasher};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+pub const ROOT_ID: u64 = 1;
+const SHARDS: usize = 32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+impl Kind {
+    pub fn from_mode(mode: u32) -> Kind {
+        match mode & libc::S_IFMT {
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            _ => Kind::File,
+        }
+    }
+}
+
+/// Where a node lives now. Mutated only under the parent's `dir_lock` (rename, unlink) or the
+/// node's `copy_lock` (copy-up).
+#[derive(Clone, Debug)]
+pub struct NodeState {
+    pub parent: u64,
+    pub name: OsString,
+    /// Layers holding this object, top first. A non-directory has exactly one; a directory has
+    /// every layer merged into it (down to an opaque or non-directory entry).
+    pub layers: Vec<usize>,
+    /// For a renamed (redirected) directory: its path, from the root, in the layers below
+    /// `redirect_layer` (the layer whose copy carries the redirect).
+    pub lower_path: Option<Arc<Vec<OsString>>>,
+    pub redirect_layer: usize,
+    /// Removed from the union while still referenced (open or not yet forgotten).
+    pub unlinked: bool,
+    /// For an unlinked non-directory: an O_PATH fd that keeps reaching the object.
+    pub detached: Option<Arc<OwnedFd>>,
+    /// Other names of a hard-linked non-directory (same real inode, so the same node).
+    pub aliases: Vec<(u64, OsString)>,
+}
+
+impl NodeState {
+    pub fn new(parent: u64, name: &OsStr, layers: Vec<usize>) -> NodeState {
+        NodeState {
+            parent,
+            name: name.to_os_string(),
+            layers,
+            lower_path: None,
+            redirect_layer: 0,
+            unlinked: false,
+            detached: None,
+            aliases: Vec::new(),
+        }
+    }
+
+    /// Every (parent, name) this node is known under.
+    pub fn names(&self) -> impl Iterator<Item = (u64, &OsStr)> {
+        std::iter::once((self.parent, self.name.as_os_str()))
+            .chain(self.aliases.iter().map(|(p, n)| (*p, n.as_os_str())))
+    }
+
+    /// Drop one name; the next alias becomes the primary. True when no name is left.
+    pub fn remove_name(&mut self, parent: u64, name: &OsStr) -> bool {
+        if self.parent == parent && self.name == name {
+            if self.aliases.is_empty() {
+                return true;
+            }
+            let (p, n) = self.aliases.remove(0);
+            self.parent = p;
+            self.name = n;
+        } else {
+            self.aliases.retain(|(p, n)| !(*p == parent && n == name));
+        }
+        false
+    }
+
+    /// Rename one of the node's names.
+    pub fn move_name(&mut self, parent: u64, name: &OsStr, np: u64, nn: &OsStr) {
+        if self.parent == parent && self.name == name {
+            self.parent = np;
+            self.name = nn.to_os_string();
+        } else if let Some(a) = self
+            .aliases
+            .iter_mut()
+            .find(|(p, n)| *p == parent && n == name)
+        {
+            *a = (np, nn.to_os_string());
+        }
+    }
+}
+
+pub struct Node {
+    pub id: u64,
+    pub kind: Kind,
+    /// The st_ino reported: the node id itself, except for the root (whose id FUSE fixes at 1).
+    st_ino: u64,
+    lookups: AtomicU64,
+    pub state: RwLock<NodeState>,
+    /// Serialises changes to this directory's entries; lookups and readdir take it shared.
+    pub dir_lock: RwLock<()>,
+    /// Serialises copy-up of this node so concurrent first writes copy it up once.
+    pub copy_lock: Mutex<()>,
+}
+
+impl Node {
+    pub fn new(id: u64, kind: Kind, st_ino: u64, state: NodeState) -> Node {
+        Node {
+            id,
+            kind,
+            st_ino,
+            lookups: AtomicU64::new(0),
+            state: RwLock::new(state),
+            dir_lock: RwLock::new(()),
+            copy_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn st_ino(&self) -> u64 {
+        self.st_ino
+    }
+
+    pub fn state(&self) -> NodeState {
+        self.state.read().expect("node state lock").clone()
+    }
+
+    pub fn top_layer(&self) -> usize {
+        self.state.read().expect("node state lock").layers[0]
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.kind == Kind::Dir
+    }
+}
+
+type Table = RwLock<HashMap<u64, Arc<Node>>>;
+type Index = Mutex<HashMap<(u64, OsString), u64>>;
+
+pub struct NodeTable {
+    table: Vec<Table>,
+    index: Vec<Index>,
+}
+
+/// What `NodeTable::insert` did.
+pub enum Inserted {
+    /// (parent, name) already named this node.
+    Existing(Arc<Node>),
+    New(Arc<Node>),
+    /// A further name of a live hard-linked node.
+    Alias(Arc<Node>),
+    /// An id that belonged to a removed object now names this one.
+    Revived(Arc<Node>),
+}
+
+impl Inserted {
+    pub fn node(&self) -> &Arc<Node> {
+        match self {
+            Inserted::Existing(n)
+            | Inserted::New(n)
+            | Inserted::Alias(n)
+            | Inserted::Revived(n) => n,
+        }
+    }
+}
+
+fn index_shard(parent: u64, name: &OsStr) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parent.hash(&mut h);
+    name.hash(&mut h);
+    (h.finish() as usize) % SHARDS
+}
+
+impl Default for NodeTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NodeTable {
+    pub fn new() -> NodeTable {
+        NodeTable {
+            table: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            index: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, id: u64) -> &Table {
+        &self.table[(id as usize) % SHARDS]
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<Node>> {
+        self.shard(id).read().expect("table lock").get(&id).cloned()
+    }
+
+    pub fn insert_root(&self, node: Node) {
+        node.lookups.store(1, Ordering::Relaxed);
+        self.shard(node.id)
+            .write()
+            .expect("table lock")
+            .insert(node.id, Arc::new(node));
+    }
+
+    /// The node already known for (parent, name), with its lookup count raised by one.
+    pub fn lookup_existing(&self, parent: u64, name: &OsStr) -> Option<Arc<Node>> {
+        let idx = self.index[index_shard(parent, name)]
+            .lock()
+            .expect("index lock");
+        let id = *idx.get(&(parent, name.to_os_string()))?;
+        self.pin(id)
+    }
+
+    /// Raise the lookup count of a live node (under its table shard lock, so forget can't race).
+    fn pin(&self, id: u64) -> Option<Arc<Node>> {
+        let t = self.shard(id).write().expect("table lock");
+        let n = t.get(&id)?;
+        n.lookups.fetch_add(1, Ordering::Relaxed);
+        Some(n.clone())
+    }
+
+    /// Register `node` under its (parent, name) with one more lookup. Node ids are inode
+    /// numbers, so the id may be known already: another name of a hard link (the name becomes
+    /// an alias), or a number reused after an unlink (the node is revived in place).
+    pub fn insert(&self, node: Node) -> Inserted {
+        let (parent, name) = {
+            let s = node.state.read().expect("node state lock");
+            (s.parent, s.name.clone())
+        };
+        let mut idx = self.index[index_shard(parent, &name)]
+            .lock()
+            .expect("index lock");
+        if let Some(&id) = idx.get(&(parent, name.clone()))
+            && id == node.id
+            && let Some(n) = self.pin(id)
+        {
+            return Inserted::Existing(n);
+        }
+        let id = node.id;
+        let mut stale: Vec<(u64, OsString)> = Vec::new();
+        let mut t = self.shard(id).write().expect("table lock");
+        let result = match t.get(&id) {
+            Some(old) if old.kind == node.kind => {
+                old.lookups.fetch_add(1, Ordering::Relaxed);
+                let mut os = old.state.write().expect("node state lock");
+                let new_state = node.state.into_inner().expect("node state lock");
+                if os.unlinked || old.is_dir() {
+                    stale = os.names().map(|(p, n)| (p, n.to_os_string())).collect();
+                    *os = new_state;
+                    drop(os);
+                    Inserted::Revived(old.clone())
+                } else {
+                    if !os.names().any(|(p, n)| p == parent && n == name) {
+                        os.aliases.push((parent, name.clone()));
+                    }
+                    drop(os);
+                    Inserted::Alias(old.clone())
+                }
+            }
+            Some(old) => {
+                // Same number, other type: a reused inode; the kernel drops the old one.
+                stale = old
+                    .state()
+                    .names()
+                    .map(|(p, n)| (p, n.to_os_string()))
+                    .collect();
+                let lookups = old.lookups.load(Ordering::Relaxed);
+                node.lookups.store(lookups + 1, Ordering::Relaxed);
+                let arc = Arc::new(node);
+                t.insert(id, arc.clone());
+                Inserted::Revived(arc)
+            }
+            None => {
+                node.lookups.store(1, Ordering::Relaxed);
+                let arc = Arc::new(node);
+                t.insert(id, arc.clone());
+                Inserted::New(arc)
+            }
+        };
+        drop(t);
+        idx.insert((parent.to_owned(), name.clone()), id);
+        drop(idx);
+        for (p, n) in stale {
+            if (p, n.as_os_str()) != (parent, name.as_os_str()) {
+                self.unindex_if(p, &n, id);
+            }
+        }
+        result
+    }
+
+    /// Drop `n` lookups; the node leaves the table at zero.
+    pub fn forget(&self, id: u64, n: u64) -> bool {
+        if id == ROOT_ID {
+            return false;
+        }
+        let removed = {
+            let mut t = self.shard(id).write().expect("table lock");
+            let Some(node) = t.get(&id) else { return false };
+            // The shard's write lock orders this against `pin`.
+            let left = node.lookups.load(Ordering::Relaxed).saturating_sub(n);
+            node.lookups.store(left, Ordering::Relaxed);
+            if left == 0 { t.remove(&id) } else { None }
+        };
+        match removed {
+            Some(node) => {
+                let s = node.state();
+                for (p, name) in s.names() {
+                    self.unindex_if(p, name, id);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Remove the (parent, name) entry if it still names `id`.
+    pub fn unindex_if(&self, parent: u64, name: &OsStr, id: u64) {
+        let mut idx = self.index[index_shard(parent, name)]
+            .lock()
+            .expect("index lock");
+        let key = (parent, name.to_os_string());
+        if idx.get(&key) == Some(&id) {
+            idx.remove(&key);
+        }
+    }
+
+    /// The node id registered for (parent, name), without pinning it.
+    pub fn peek(&self, parent: u64, name: &OsStr) -> Option<u64> {
+        let idx = self.index[index_shard(parent, name)]
+            .lock()
+            .expect("index lock");
+        idx.get(&(parent, name.to_os_string())).copied()
+    }
+
+    /// Move an index entry (rename): (parent, name) -> (new_parent, new_name).
+    pub fn reindex(&self, id: u64, parent: u64, name: &OsStr, new_parent: u64, new_name: &OsStr) {
+        self.unindex_if(parent, name, id);
+        let mut idx = self.index[index_shard(new_parent, new_name)]
+            .lock()
+            .expect("index lock");
+        idx.insert((new_parent, new_name.to_os_string()), id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.table
+            .iter()
+            .map(|t| t.read().expect("table lock").len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,128 @@
+//! Merged directory listings: every merged layer read once, top first; first occurrence of a
+//! name wins; whiteouts (char 0/0, OCI `.wh.NAME`) hide names below; markers are never listed.
+
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::AsFd;
+
+use super::Union;
+use super::format;
+use super::node::{Kind, Node, ROOT_ID};
+use crate::error::Result;
+use crate::sys;
+
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub name: OsString,
+    pub ino: u64,
+    pub kind: Kind,
+}
+
+fn kind_from_dtype(t: u8) -> Option<Kind> {
+    Some(match t {
+        libc::DT_DIR => Kind::Dir,
+        libc::DT_REG => Kind::File,
+        libc::DT_LNK => Kind::Symlink,
+        libc::DT_FIFO => Kind::Fifo,
+        libc::DT_SOCK => Kind::Socket,
+        libc::DT_BLK => Kind::BlockDev,
+        // DT_CHR may be a whiteout; DT_UNKNOWN needs a stat.
+        _ => return None,
+    })
+}
+
+impl Union {
+    /// The merged listing of a directory, `.` and `..` first.
+    pub fn list_dir(&self, id: u64) -> Result<Vec<DirEntry>> {
+        let node = self.dir_node(id)?;
+        let _g = node.dir_lock.read().expect("dir lock");
+        let st = node.state();
+        let parent_ino = if id == ROOT_ID {
+            node.st_ino()
+        } else {
+            self.nodes
+                .get(st.parent)
+                .map_or(node.st_ino(), |p| p.st_ino())
+        };
+        let mut out = vec![
+            DirEntry {
+                name: ".".into(),
+                ino: node.st_ino(),
+                kind: Kind::Dir,
+            },
+            DirEntry {
+                name: "..".into(),
+                ino: parent_ino,
+                kind: Kind::Dir,
+            },
+        ];
+        let mut seen: HashSet<OsString> = HashSet::new();
+        for &l in &st.layers {
+            self.list_layer_into(&node, l, &mut seen, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn list_layer_into(
+        &self,
+        node: &Node,
+        l: usize,
+        seen: &mut HashSet<OsString>,
+        out: &mut Vec<DirEntry>,
+    ) -> Result<()> {
+        let dfd = self.dir_fd(node, l)?;
+        let rfd = sys::openat(
+            dfd.as_fd(),
+            OsStr::new("."),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        let raw = sys::read_dir_fd(rfd.as_fd())?;
+        // OCI whiteouts hide names in the layers below this one only.
+        let mut hide_below = Vec::new();
+        for e in raw {
+            if format::is_marker_name(&e.name) {
+                if let Some(hidden) = format::oci_whited_out(&e.name) {
+                    hide_below.push(hidden.to_os_string());
+                }
+                continue;
+            }
+            if seen.contains(&e.name) {
+                continue;
+            }
+            let kind = match kind_from_dtype(e.d_type) {
+                Some(k) => k,
+                None => {
+                    let st = match sys::statat(dfd.as_fd(), &e.name) {
+                        Ok(st) => st,
+                        Err(_) => continue, // raced away
+                    };
+                    if sys::is_whiteout_stat(&st) {
+                        seen.insert(e.name);
+                        continue;
+                    }
+                    Kind::from_mode(st.st_mode)
+                }
+            };
+            let ino = match self.nodes.peek(node.id, &e.name) {
+                Some(id) => id,
+                // An upper directory's st_ino is its lower copy's: resolve it as lookup would.
+                None if kind == Kind::Dir && self.layers.is_upper(l) => {
+                    match self.resolve(node, &e.name)? {
+                        Some(f) => self.node_id(&f),
+                        None => continue,
+                    }
+                }
+                None => self.layers.union_ino(l, e.ino),
+            };
+            seen.insert(e.name.clone());
+            out.push(DirEntry {
+                name: e.name,
+                ino,
+                kind,
+            });
+        }
+        seen.extend(hide_below);
+        Ok(())
+    }
+}

@@ -1,0 +1,92 @@
+//! The work directory (`workdir/work`, as the kernel names it): where copy-ups and replacements
+//! are built before an atomic rename makes them visible. Emptied at every mount, so leftovers of
+//! a crash can never leak into, or block, a later copy-up.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::layer::Layer;
+use crate::error::{Context, Error, Result, err};
+use crate::sys;
+
+pub struct WorkDir {
+    pub fd: Arc<OwnedFd>,
+    counter: AtomicU64,
+}
+
+impl WorkDir {
+    pub fn open(path: &Path, upper: &Layer) -> Result<WorkDir> {
+        let base = sys::open_dir_path(path).ctx(format!("workdir {}", path.display()))?;
+        let st = sys::fstat(base.as_fd())?;
+        if st.st_dev != upper.dev {
+            return Err(Error::msg(format!(
+                "workdir {} and upperdir {} are on different filesystems (they must share one)",
+                path.display(),
+                upper.path.display()
+            )));
+        }
+        match sys::mkdirat(base.as_fd(), OsStr::new("work"), 0) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(Error::from(e).context(format!("workdir {}", path.display()))),
+        }
+        let fd = sys::openat(
+            base.as_fd(),
+            OsStr::new("work"),
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .ctx(format!("{}/work", path.display()))?;
+        let w = WorkDir {
+            fd: Arc::new(fd),
+            counter: AtomicU64::new(0),
+        };
+        w.clean().ctx(format!("cleaning {}/work", path.display()))?;
+        Ok(w)
+    }
+
+    /// Remove everything a previous run left in the work directory.
+    pub fn clean(&self) -> Result<()> {
+        let rfd = sys::openat(
+            self.fd.as_fd(),
+            OsStr::new("."),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        for e in sys::read_dir_fd(rfd.as_fd())? {
+            remove_tree(self.fd.as_fd(), &e.name, 0)?;
+        }
+        Ok(())
+    }
+
+    /// A fresh name for a temporary object; callers create it exclusively.
+    pub fn temp_name(&self) -> OsString {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        OsString::from(format!("#{:x}-{:x}", std::process::id(), n))
+    }
+}
+
+/// Remove `name` in `dir` and everything below it, by fd (no path length limit).
+pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr, depth: usize) -> Result<()> {
+    let st = match sys::statat(dir, name) {
+        Ok(st) => st,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        return Ok(sys::unlinkat(dir, name, false)?);
+    }
+    if depth > 100_000 {
+        return Err(err(libc::ELOOP));
+    }
+    // A directory of mode 0 (as the kernel leaves them) still opens for root; make sure.
+    let _ = sys::chmodat(dir, name, 0o700);
+    let sub = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    for e in sys::read_dir_fd(sub.as_fd())? {
+        remove_tree(sub.as_fd(), &e.name, depth + 1)?;
+    }
+    Ok(sys::unlinkat(dir, name, true)?)
+}

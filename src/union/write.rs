@@ -1,0 +1,665 @@
+//! Changes to the union: every one lands in the upper layer, in the kernel's on-disk format
+//! (char 0/0 whiteouts, `overlay.opaque`, `overlay.redirect`); lower layers are never touched.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use super::copyup::Data;
+use super::format;
+use super::node::{Kind, Node, NodeState};
+use super::real::Real;
+use super::workdir::remove_tree;
+use super::{Entry, Union, check_name};
+use crate::error::{Result, err};
+use crate::sys::{self, Stat, TimeSpec, XTarget};
+
+/// Who asks: new objects are owned by the caller, as through the kernel's overlayfs.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What to create.
+pub enum NewObj<'a> {
+    File { mode: u32, flags: i32 },
+    Dir { mode: u32 },
+    Node { mode: u32, rdev: u64 },
+    Symlink { target: &'a OsStr },
+}
+
+/// setattr's arguments, engine-side.
+#[derive(Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: TimeSpec,
+    pub mtime: TimeSpec,
+    pub fh: Option<u64>,
+}
+
+/// A name a user may create: markers are refused so a user file can never act as a whiteout.
+fn check_new_name(name: &OsStr) -> Result<()> {
+    check_name(name)?;
+    if format::is_marker_name(name) {
+        return Err(err(libc::EINVAL));
+    }
+    Ok(())
+}
+
+impl Union {
+    /// The node for `name` in `p` (known, or resolved now), or None. Caller holds p.dir_lock.
+    fn child(&self, p: &Node, name: &OsStr) -> Result<Option<Arc<Node>>> {
+        if let Some(n) = self
+            .nodes
+            .peek(p.id, name)
+            .and_then(|id| self.nodes.get(id))
+        {
+            return Ok(Some(n));
+        }
+        Ok(self
+            .resolve(p, name)?
+            .map(|f| Arc::new(self.node_of(p.id, name, f))))
+    }
+
+    /// Does `name` exist (as something other than a whiteout) in a lower layer of `p`?
+    pub(crate) fn exists_below(&self, p: &Node, name: &OsStr) -> Result<bool> {
+        let layers = p.state().layers;
+        for &l in layers.iter().filter(|&&l| !self.layers.is_upper(l)) {
+            let pfd = self.dir_fd(p, l)?;
+            match sys::statat(pfd.as_fd(), name) {
+                Ok(st) => return Ok(!sys::is_whiteout_stat(&st)),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    if format::has_oci_whiteout(pfd.as_fd(), name) {
+                        return Ok(false);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(false)
+    }
+
+    fn is_empty_dir(&self, n: &Node) -> Result<bool> {
+        let st = n.state();
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for &l in &st.layers {
+            self.list_layer_into(n, l, &mut seen, &mut out)?;
+            if !out.is_empty() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Owner of a new object in upper dir `pst`: the caller, with the group of a set-gid parent.
+    fn new_owner(pst: &Stat, c: Caller) -> (u32, u32) {
+        if pst.st_mode & libc::S_ISGID != 0 {
+            (c.uid, pst.st_gid)
+        } else {
+            (c.uid, c.gid)
+        }
+    }
+
+    fn make_obj(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        obj: &NewObj<'_>,
+        setgid_parent: bool,
+    ) -> Result<Option<OwnedFd>> {
+        match *obj {
+            NewObj::File { mode, flags } => {
+                let acc = flags & libc::O_ACCMODE;
+                let f = flags & (libc::O_APPEND | libc::O_DIRECT | libc::O_SYNC | libc::O_DSYNC);
+                Ok(Some(sys::openat(
+                    dir,
+                    name,
+                    libc::O_CREAT | libc::O_EXCL | acc | f,
+                    mode & 0o7777,
+                )?))
+            }
+            NewObj::Dir { mode } => {
+                let extra = if setgid_parent { libc::S_ISGID } else { 0 };
+                sys::mkdirat(dir, name, (mode & 0o7777) | extra)?;
+                Ok(None)
+            }
+            NewObj::Node { mode, rdev } => {
+                sys::mknodat(dir, name, mode, rdev)?;
+                Ok(None)
+            }
+            NewObj::Symlink { target } => {
+                sys::symlinkat(target, dir, name)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Create `name` in directory `parent`. Returns the new entry and, for files, the open fd.
+    pub fn create_obj(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        obj: NewObj<'_>,
+        c: Caller,
+    ) -> Result<(Entry, Option<OwnedFd>)> {
+        check_new_name(name)?;
+        let p = self.dir_node(parent)?;
+        self.copy_up(&p, Data::All)?;
+        let _g = p.dir_lock.write().expect("dir lock");
+        if self.child(&p, name)?.is_some() {
+            return Err(err(libc::EEXIST));
+        }
+        let upper = self.dir_fd(&p, 0)?;
+        let pst = sys::fstat(upper.as_fd())?;
+        let (uid, gid) = Self::new_owner(&pst, c);
+        let setgid = pst.st_mode & libc::S_ISGID != 0;
+        let over_whiteout = match sys::statat(upper.as_fd(), name) {
+            Ok(st) if sys::is_whiteout_stat(&st) => true,
+            Ok(_) => return Err(err(libc::EEXIST)),
+            Err(_) => false,
+        };
+        let is_dir = matches!(obj, NewObj::Dir { .. });
+        let fd = if over_whiteout {
+            // Build aside, then replace the whiteout in one rename: never a moment where the
+            // deleted lower object shows through.
+            let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
+            let tmp = work.temp_name();
+            let wfd = work.fd.clone();
+            let built = (|| -> Result<Option<OwnedFd>> {
+                let fd = self.make_obj(wfd.as_fd(), &tmp, &obj, setgid)?;
+                self.finish_owner(wfd.as_fd(), &tmp, &obj, uid, gid)?;
+                if is_dir {
+                    // A directory replacing a deleted one must not merge with what was deleted.
+                    sys::setxattr(
+                        XTarget::At(wfd.as_fd(), &tmp),
+                        self.cfg.marker_ns.opaque(),
+                        b"y",
+                        0,
+                    )?;
+                    sys::renameat2(wfd.as_fd(), &tmp, upper.as_fd(), name, sys::RENAME_EXCHANGE)?;
+                    sys::unlinkat(wfd.as_fd(), &tmp, false)?;
+                } else {
+                    sys::renameat2(wfd.as_fd(), &tmp, upper.as_fd(), name, 0)?;
+                }
+                Ok(fd)
+            })();
+            if built.is_err() {
+                let _ = remove_tree(wfd.as_fd(), &tmp, 0);
+            }
+            built?
+        } else {
+            let fd = self.make_obj(upper.as_fd(), name, &obj, setgid)?;
+            if let Err(e) = self.finish_owner(upper.as_fd(), name, &obj, uid, gid) {
+                let _ = sys::unlinkat(upper.as_fd(), name, is_dir);
+                return Err(e);
+            }
+            fd
+        };
+        let st = sys::statat(upper.as_fd(), name)?;
+        let node = self.new_upper_node(parent, name, &st);
+        let attr = self.attr_of(&node)?;
+        Ok((Entry { id: node.id, attr }, fd))
+    }
+
+    fn finish_owner(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        obj: &NewObj<'_>,
+        uid: u32,
+        gid: u32,
+    ) -> Result<()> {
+        sys::chownat(dir, name, uid, gid)?;
+        // chown clears set-id bits; put back what was asked for.
+        let mode = match *obj {
+            NewObj::File { mode, .. } | NewObj::Node { mode, .. } => mode & 0o7777,
+            NewObj::Dir { .. } | NewObj::Symlink { .. } => 0,
+        };
+        if mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+            sys::chmodat(dir, name, mode)?;
+        }
+        Ok(())
+    }
+
+    fn new_upper_node(&self, parent: u64, name: &OsStr, st: &Stat) -> Arc<Node> {
+        let id = self.layers.union_ino(0, st.st_ino);
+        let kind = Kind::from_mode(st.st_mode);
+        if kind == Kind::Dir {
+            self.fds.drop_node(id);
+        }
+        let node = Node::new(id, kind, id, NodeState::new(parent, name, vec![0]));
+        self.nodes.insert(node).node().clone()
+    }
+
+    /// A hard link: copy the source up, then link it in the upper layer.
+    pub fn link(&self, id: u64, newparent: u64, newname: &OsStr) -> Result<Entry> {
+        check_new_name(newname)?;
+        let src = self.node(id)?;
+        if src.is_dir() {
+            return Err(err(libc::EPERM));
+        }
+        let np = self.dir_node(newparent)?;
+        self.copy_up(&np, Data::All)?;
+        self.copy_up(&src, Data::All)?;
+        let _g = np.dir_lock.write().expect("dir lock");
+        if self.child(&np, newname)?.is_some() {
+            return Err(err(libc::EEXIST));
+        }
+        let s = src.state();
+        let sp = self.node(s.parent)?;
+        let sdir = self.dir_fd(&sp, 0)?;
+        let upper = self.dir_fd(&np, 0)?;
+        match sys::statat(upper.as_fd(), newname) {
+            Ok(st) if sys::is_whiteout_stat(&st) => {
+                let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
+                let tmp = work.temp_name();
+                sys::linkat(sdir.as_fd(), &s.name, work.fd.as_fd(), &tmp)?;
+                if let Err(e) = sys::renameat2(work.fd.as_fd(), &tmp, upper.as_fd(), newname, 0) {
+                    let _ = sys::unlinkat(work.fd.as_fd(), &tmp, false);
+                    return Err(e.into());
+                }
+            }
+            Ok(_) => return Err(err(libc::EEXIST)),
+            Err(_) => sys::linkat(sdir.as_fd(), &s.name, upper.as_fd(), newname)?,
+        }
+        // The new name is one more name of the same node (same inode, same st_ino).
+        let alias = Node::new(
+            src.id,
+            src.kind,
+            src.id,
+            NodeState::new(newparent, newname, vec![0]),
+        );
+        let node = self.nodes.insert(alias).node().clone();
+        let attr = self.attr_of(&node)?;
+        Ok(Entry { id: node.id, attr })
+    }
+
+    /// Put a whiteout at `name` in upper dir `upper`, replacing whatever the upper has there.
+    fn whiteout(&self, upper: BorrowedFd<'_>, name: &OsStr, replace: bool) -> Result<()> {
+        if !replace {
+            return Ok(sys::mknodat(upper, name, libc::S_IFCHR, 0)?);
+        }
+        let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
+        let tmp = work.temp_name();
+        sys::mknodat(work.fd.as_fd(), &tmp, libc::S_IFCHR, 0)?;
+        if let Err(e) = sys::renameat2(work.fd.as_fd(), &tmp, upper, name, 0) {
+            let _ = sys::unlinkat(work.fd.as_fd(), &tmp, false);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// An O_PATH fd that keeps reaching a non-directory after its name goes away.
+    fn keep_fd(&self, n: &Node) -> Option<Arc<OwnedFd>> {
+        if n.is_dir() {
+            return None;
+        }
+        match self.real(n).ok()? {
+            Real::At(dir, name) => sys::openat(dir.as_fd(), &name, libc::O_PATH, 0)
+                .ok()
+                .map(Arc::new),
+            Real::Fd(fd) => Some(fd),
+        }
+    }
+
+    /// `parent/name` left the union. A node with no name left is marked unlinked and keeps
+    /// working (through `keep`) for whoever still holds it.
+    fn detach(&self, n: &Node, parent: u64, name: &OsStr, keep: Option<Arc<OwnedFd>>) {
+        {
+            let mut s = n.state.write().expect("node state lock");
+            if s.remove_name(parent, name) {
+                s.unlinked = true;
+                if keep.is_some() {
+                    s.detached = keep;
+                }
+            }
+        }
+        self.nodes.unindex_if(parent, name, n.id);
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        check_name(name)?;
+        if !self.writable() {
+            return Err(err(libc::EROFS));
+        }
+        let p = self.dir_node(parent)?;
+        self.copy_up(&p, Data::All)?;
+        let _g = p.dir_lock.write().expect("dir lock");
+        let n = self.child(&p, name)?.ok_or_else(|| err(libc::ENOENT))?;
+        if n.is_dir() {
+            return Err(err(libc::EISDIR));
+        }
+        let upper = self.dir_fd(&p, 0)?;
+        let in_upper = n.top_layer() == 0;
+        let below = self.exists_below(&p, name)?;
+        let keep = self.keep_fd(&n);
+        match (in_upper, below) {
+            (true, false) => sys::unlinkat(upper.as_fd(), name, false)?,
+            (true, true) => self.whiteout(upper.as_fd(), name, true)?,
+            (false, _) => self.whiteout(upper.as_fd(), name, false)?,
+        }
+        self.detach(&n, p.id, name, keep);
+        Ok(())
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        check_name(name)?;
+        if !self.writable() {
+            return Err(err(libc::EROFS));
+        }
+        let p = self.dir_node(parent)?;
+        self.copy_up(&p, Data::All)?;
+        let _g = p.dir_lock.write().expect("dir lock");
+        let n = self.child(&p, name)?.ok_or_else(|| err(libc::ENOENT))?;
+        if !n.is_dir() {
+            return Err(err(libc::ENOTDIR));
+        }
+        let _cg = n.dir_lock.write().expect("dir lock");
+        if !self.is_empty_dir(&n)? {
+            return Err(err(libc::ENOTEMPTY));
+        }
+        let upper = self.dir_fd(&p, 0)?;
+        let below = self.exists_below(&p, name)?;
+        if n.top_layer() == 0 {
+            let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
+            let direct = if below {
+                Err(err(libc::ENOTEMPTY))
+            } else {
+                sys::unlinkat(upper.as_fd(), name, true).map_err(Into::into)
+            };
+            if direct.is_err() {
+                // The upper dir holds whiteouts (or must leave one): move it aside atomically,
+                // leaving a whiteout if a lower layer has the name, then clear it.
+                let tmp = work.temp_name();
+                let flags = if below { sys::RENAME_WHITEOUT } else { 0 };
+                sys::renameat2(upper.as_fd(), name, work.fd.as_fd(), &tmp, flags)?;
+                remove_tree(work.fd.as_fd(), &tmp, 0)?;
+            }
+        } else {
+            self.whiteout(upper.as_fd(), name, false)?;
+        }
+        self.detach(&n, p.id, name, None);
+        self.fds.drop_node(n.id);
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
+        check_name(name)?;
+        check_new_name(newname)?;
+        let exchange = flags & sys::RENAME_EXCHANGE != 0;
+        let noreplace = flags & sys::RENAME_NOREPLACE != 0;
+        if flags & !(sys::RENAME_EXCHANGE | sys::RENAME_NOREPLACE) != 0 || (exchange && noreplace) {
+            return Err(err(libc::EINVAL));
+        }
+        if !self.writable() {
+            return Err(err(libc::EROFS));
+        }
+        let p = self.dir_node(parent)?;
+        let np = self.dir_node(newparent)?;
+        self.copy_up(&p, Data::All)?;
+        self.copy_up(&np, Data::All)?;
+        // Two directory locks: lower id first.
+        let (first, second) = if p.id <= np.id { (&p, &np) } else { (&np, &p) };
+        let _g1 = first.dir_lock.write().expect("dir lock");
+        let _g2 = if p.id != np.id {
+            Some(second.dir_lock.write().expect("dir lock"))
+        } else {
+            None
+        };
+
+        let src = self.child(&p, name)?.ok_or_else(|| err(libc::ENOENT))?;
+        let dst = self.child(&np, newname)?;
+        if p.id == np.id && name == newname {
+            return if noreplace {
+                Err(err(libc::EEXIST))
+            } else {
+                Ok(())
+            };
+        }
+        if noreplace && dst.is_some() {
+            return Err(err(libc::EEXIST));
+        }
+        if exchange && dst.is_none() {
+            return Err(err(libc::ENOENT));
+        }
+        if let (Some(d), false) = (&dst, exchange) {
+            if src.is_dir() && !d.is_dir() {
+                return Err(err(libc::ENOTDIR));
+            }
+            if !src.is_dir() && d.is_dir() {
+                return Err(err(libc::EISDIR));
+            }
+            if d.is_dir() && !self.is_empty_dir(d)? {
+                return Err(err(libc::ENOTEMPTY));
+            }
+        }
+        self.copy_up(&src, Data::All)?;
+        if let (Some(d), true) = (&dst, exchange) {
+            self.copy_up(d, Data::All)?;
+        }
+        let up = self.dir_fd(&p, 0)?;
+        let unp = self.dir_fd(&np, 0)?;
+        let src_below = self.exists_below(&p, name)?;
+        let dst_below = self.exists_below(&np, newname)?;
+
+        // Markers first (harmless where the directory is now), then one rename moves it.
+        let src_redirect = self.prepare_dir_move(&src, &p, name, p.id == np.id, dst_below)?;
+        let dst_redirect = match (&dst, exchange) {
+            (Some(d), true) => self.prepare_dir_move(d, &np, newname, p.id == np.id, src_below)?,
+            _ => None,
+        };
+
+        let dst_keep = match (&dst, exchange) {
+            (Some(d), false) => self.keep_fd(d),
+            _ => None,
+        };
+        if exchange {
+            sys::renameat2(up.as_fd(), name, unp.as_fd(), newname, sys::RENAME_EXCHANGE)?;
+        } else {
+            if let Some(d) = &dst
+                && d.is_dir()
+                && d.top_layer() == 0
+            {
+                // Only whiteouts can be left in it (it is empty in the union): clear them so
+                // the rename can replace it.
+                let dfd = self.dir_fd(d, 0)?;
+                let r = sys::openat(
+                    dfd.as_fd(),
+                    OsStr::new("."),
+                    libc::O_RDONLY | libc::O_DIRECTORY,
+                    0,
+                )?;
+                for e in sys::read_dir_fd(r.as_fd())? {
+                    remove_tree(dfd.as_fd(), &e.name, 0)?;
+                }
+            }
+            let upper_dst = sys::statat(unp.as_fd(), newname).ok();
+            let over_wh = upper_dst.as_ref().is_some_and(sys::is_whiteout_stat);
+            if src.is_dir() && over_wh {
+                // A directory cannot replace the whiteout (a non-dir) by rename: swap them, and
+                // the whiteout lands where the source was.
+                sys::renameat2(up.as_fd(), name, unp.as_fd(), newname, sys::RENAME_EXCHANGE)?;
+                if !src_below {
+                    sys::unlinkat(up.as_fd(), name, false)?;
+                }
+            } else {
+                let wflag = if src_below { sys::RENAME_WHITEOUT } else { 0 };
+                let nflag = if noreplace { sys::RENAME_NOREPLACE } else { 0 };
+                sys::renameat2(up.as_fd(), name, unp.as_fd(), newname, wflag | nflag)?;
+            }
+        }
+
+        // Bring the node table in line with the disk.
+        if let Some(d) = &dst {
+            if exchange {
+                self.move_node(d, (newparent, newname), (parent, name), dst_redirect);
+            } else {
+                self.detach(d, newparent, newname, dst_keep);
+                if d.is_dir() {
+                    self.fds.drop_node(d.id);
+                }
+            }
+        }
+        self.move_node(&src, (parent, name), (newparent, newname), src_redirect);
+        Ok(())
+    }
+
+    /// Before moving directory `n` (named `name` in `p`): write its redirect (it has lower
+    /// layers) or opaque marker (it is upper-only and lands where a lower entry exists).
+    fn prepare_dir_move(
+        &self,
+        n: &Node,
+        p: &Node,
+        name: &OsStr,
+        samedir: bool,
+        lands_over_lower: bool,
+    ) -> Result<Option<Arc<Vec<OsString>>>> {
+        if !n.is_dir() {
+            return Ok(None);
+        }
+        let st = n.state();
+        let dfd = self.dir_fd(n, 0)?;
+        let has_lowers = st.layers.len() > 1;
+        if !has_lowers {
+            if lands_over_lower {
+                sys::setxattr(
+                    XTarget::Fd(dfd.as_fd()),
+                    self.cfg.marker_ns.opaque(),
+                    b"y",
+                    0,
+                )?;
+            }
+            return Ok(None);
+        }
+        let lower_path = match &st.lower_path {
+            Some(lp) => lp.as_ref().clone(),
+            None => {
+                let mut v = self.lower_path_of(p, &p.state())?;
+                v.push(name.to_os_string());
+                v
+            }
+        };
+        let value: Vec<u8> = if samedir && st.lower_path.is_none() {
+            name.as_bytes().to_vec()
+        } else {
+            let mut v = Vec::new();
+            for c in &lower_path {
+                v.push(b'/');
+                v.extend_from_slice(c.as_bytes());
+            }
+            v
+        };
+        sys::setxattr(
+            XTarget::Fd(dfd.as_fd()),
+            self.cfg.marker_ns.redirect(),
+            &value,
+            0,
+        )?;
+        Ok(Some(Arc::new(lower_path)))
+    }
+
+    fn move_node(
+        &self,
+        n: &Node,
+        from: (u64, &OsStr),
+        to: (u64, &OsStr),
+        redirect: Option<Arc<Vec<OsString>>>,
+    ) {
+        {
+            let mut s = n.state.write().expect("node state lock");
+            s.move_name(from.0, from.1, to.0, to.1);
+            if let Some(r) = redirect {
+                s.lower_path = Some(r);
+                s.redirect_layer = 0;
+            }
+        }
+        self.nodes.reindex(n.id, from.0, from.1, to.0, to.1);
+    }
+
+    pub fn setattr(&self, id: u64, a: SetAttr) -> Result<Stat> {
+        let n = self.node(id)?;
+        if !self.writable() {
+            return Err(err(libc::EROFS));
+        }
+        let data = if a.size == Some(0) {
+            Data::Empty
+        } else {
+            Data::All
+        };
+        self.copy_up(&n, data)?;
+        let real = self.real(&n)?;
+        if let Some(size) = a.size {
+            if n.is_dir() {
+                return Err(err(libc::EISDIR));
+            }
+            match a.fh.and_then(|fh| self.handles.file(fh)) {
+                Some(h) if h.layer() == 0 => sys::ftruncate(h.fd().as_fd(), size)?,
+                _ => sys::ftruncate(real.open(libc::O_WRONLY, false)?.as_fd(), size)?,
+            }
+        }
+        if a.uid.is_some() || a.gid.is_some() {
+            let (u, g) = (a.uid.unwrap_or(u32::MAX), a.gid.unwrap_or(u32::MAX));
+            match &real {
+                Real::At(d, name) => sys::chownat(d.as_fd(), name, u, g)?,
+                Real::Fd(fd) => sys::chown_fd(fd.as_fd(), u, g)?,
+            }
+        }
+        if let Some(mode) = a.mode {
+            if n.kind == Kind::Symlink {
+                return Err(err(libc::EOPNOTSUPP));
+            }
+            match &real {
+                Real::At(d, name) => sys::chmodat(d.as_fd(), name, mode & 0o7777)?,
+                Real::Fd(fd) => sys::chmod_fd(fd.as_fd(), mode & 0o7777)?,
+            }
+        }
+        if a.atime.is_some() || a.mtime.is_some() {
+            match &real {
+                Real::At(d, name) => sys::utimensat(d.as_fd(), name, a.atime, a.mtime)?,
+                Real::Fd(fd) => sys::futimens(fd.as_fd(), a.atime, a.mtime)?,
+            }
+        }
+        self.attr_of(&n)
+    }
+
+    pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        if format::is_private_xattr(name.as_bytes()) {
+            return Err(err(libc::EOPNOTSUPP));
+        }
+        if !self.writable() {
+            return Err(err(libc::EROFS));
+        }
+        let n = self.node(id)?;
+        let c = CString::new(name.as_bytes()).map_err(|_| err(libc::EINVAL))?;
+        self.copy_up(&n, Data::All)?;
+        Ok(sys::setxattr(self.real(&n)?.xtarget(), &c, value, flags)?)
+    }
+
+    pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
+        if format::is_private_xattr(name.as_bytes()) {
+            return Err(err(libc::EOPNOTSUPP));
+        }
+        if !self.writable() {
+            return Err(err(libc::EROFS));
+        }
+        let n = self.node(id)?;
+        let c = CString::new(name.as_bytes()).map_err(|_| err(libc::EINVAL))?;
+        // Removing an attribute that is not there copies nothing up (as the kernel).
+        self.real(&n)?.getxattr(&c)?;
+        self.copy_up(&n, Data::All)?;
+        Ok(sys::removexattr(self.real(&n)?.xtarget(), &c)?)
+    }
+}
