@@ -1,0 +1,6 @@
+//! Integration tests: everything here mounts for real (FUSE and kernel overlayfs) and skips with
+//! a printed reason where that is impossible.
+
+mod support;
+
+mod read_side;

@@ -1,0 +1,362 @@
+//! The read side through real mounts, with kernel overlayfs as the oracle.
+
+use std::ffi::OsStr;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{DirEntryExt, MetadataExt, symlink};
+use std::path::PathBuf;
+
+use layerfs::sys;
+
+use crate::require_fuse;
+use crate::support::*;
+
+/// Three lower layers exercising every kernel-readable feature of the read side.
+fn build_stack(s: &Scratch) -> Vec<PathBuf> {
+    let l1 = s.mkdir("l1"); // top
+    let l2 = s.mkdir("l2");
+    let l3 = s.mkdir("l3"); // bottom
+    // Shadowing: the top copy wins.
+    write(l3.join("shadow"), b"bottom");
+    write(l2.join("shadow"), b"middle");
+    write(l1.join("shadow"), b"top");
+    // A directory merged across three layers.
+    write(l3.join("m/from3"), b"3");
+    write(l2.join("m/from2"), b"2");
+    write(l1.join("m/from1"), b"1");
+    write(l3.join("m/deep/x"), b"deep");
+    chmod(l1.join("m"), 0o750);
+    // Whiteout (kernel format) hides a lower file and a lower dir.
+    write(l3.join("gone"), b"hidden");
+    whiteout(l2.join("gone"));
+    write(l3.join("gonedir/f"), b"hidden");
+    whiteout(l1.join("gonedir"));
+    // Opaque dir (trusted xattr) stops the merge.
+    write(l3.join("opq/old"), b"old");
+    write(l2.join("opq/new"), b"new");
+    set_xattr(l2.join("opq"), "trusted.overlay.opaque", b"y");
+    // A file replaces a lower dir; a dir replaces a lower file.
+    write(l3.join("was_dir/f"), b"x");
+    write(l2.join("was_dir"), b"now a file");
+    write(l3.join("was_file"), b"file");
+    write(l2.join("was_file/inner"), b"now a dir");
+    // Symlinks: relative, absolute, dangling, pointing out of the layer, a loop.
+    symlink("shadow", l1.join("rel")).unwrap();
+    symlink("/etc/hostname", l1.join("abs")).unwrap();
+    symlink("nowhere/at/all", l2.join("dangling")).unwrap();
+    symlink("../../../../../../etc", l2.join("escape")).unwrap();
+    symlink("loop2", l3.join("loop1")).unwrap();
+    symlink("loop1", l3.join("loop2")).unwrap();
+    // Hard links inside one layer.
+    write(l3.join("h/one"), b"linked");
+    std::fs::hard_link(l3.join("h/one"), l3.join("h/two")).unwrap();
+    // FIFO and odd names.
+    mkfifo(l2.join("fifo"));
+    write(l3.join(os(&[b'n'; 255])), b"long name");
+    write(l3.join("with space"), b"s");
+    write(l3.join("new\nline"), b"nl");
+    write(l3.join(os(b"bad\xffutf8")), b"raw");
+    // user xattrs are visible; overlay's own are not.
+    write(l2.join("xa"), b"x");
+    set_xattr(l2.join("xa"), "user.color", b"blue");
+    vec![l1, l2, l3]
+}
+
+#[test]
+fn read_side_matches_kernel_overlayfs() {
+    require_fuse!();
+    let s = Scratch::new();
+    let lowers = build_stack(&s);
+    let k = Kernel::mount(&format!("lowerdir={}", lowerdir(&lowers)), &s.path("kmnt"));
+    let l = Layerfs::mount(&format!("lowerdir={}", lowerdir(&lowers)), &s.path("lmnt"));
+    let kt = snapshot(&k.mnt);
+    let lt = snapshot(&l.mnt);
+    assert!(
+        kt.contains_key(b"m/deep/x".as_slice()),
+        "fixture sanity: {:?}",
+        names(&kt)
+    );
+    assert_same_tree("layerfs vs kernel", &kt, &lt);
+    // Spot checks of what the comparison covers.
+    assert_eq!(std::fs::read(l.mnt.join("shadow")).unwrap(), b"top");
+    assert!(!l.mnt.join("gone").exists());
+    assert!(!lt.contains_key(b"opq/old".as_slice()));
+    assert_eq!(lt[b"h/one".as_slice()].nlink, 2);
+}
+
+#[test]
+fn stat_of_directories_matches_kernel() {
+    require_fuse!();
+    let s = Scratch::new();
+    let lowers = build_stack(&s);
+    let k = Kernel::mount(&format!("lowerdir={}", lowerdir(&lowers)), &s.path("kmnt"));
+    let l = Layerfs::mount(&format!("lowerdir={}", lowerdir(&lowers)), &s.path("lmnt"));
+    for d in ["", "m", "m/deep", "opq", "h", "was_file"] {
+        let km = std::fs::metadata(k.mnt.join(d)).unwrap();
+        let lm = std::fs::metadata(l.mnt.join(d)).unwrap();
+        assert_eq!(
+            (
+                km.mode(),
+                km.uid(),
+                km.gid(),
+                km.nlink(),
+                km.mtime(),
+                km.mtime_nsec()
+            ),
+            (
+                lm.mode(),
+                lm.uid(),
+                lm.gid(),
+                lm.nlink(),
+                lm.mtime(),
+                lm.mtime_nsec()
+            ),
+            "stat of dir {d:?}"
+        );
+    }
+}
+
+#[test]
+fn oci_whiteouts_and_every_opaque_format_are_read() {
+    require_fuse!();
+    let s = Scratch::new();
+    let top = s.mkdir("top");
+    let bot = s.mkdir("bot");
+    for d in ["oci", "tr", "us", "fo"] {
+        write(bot.join(d).join("old"), b"old");
+        write(top.join(d).join("new"), b"new");
+    }
+    write(top.join("oci/.wh..wh..opq"), b"");
+    set_xattr(top.join("tr"), "trusted.overlay.opaque", b"y");
+    set_xattr(top.join("us"), "user.overlay.opaque", b"y");
+    set_xattr(top.join("fo"), "user.fuseoverlayfs.opaque", b"y");
+    write(bot.join("deleted"), b"x");
+    write(top.join(".wh.deleted"), b"");
+    write(bot.join("kept"), b"k");
+    // A whiteout in a layer hides only the layers below it.
+    write(top.join("same"), b"same layer");
+    write(top.join(".wh.same"), b"");
+    let l = Layerfs::mount(
+        &format!("lowerdir={}", lowerdir(&[top, bot])),
+        &s.path("mnt"),
+    );
+    let got = names(&snapshot(&l.mnt));
+    let want = [
+        "fo", "fo/new", "kept", "oci", "oci/new", "same", "tr", "tr/new", "us", "us/new",
+    ];
+    assert_eq!(got, want);
+    // Markers never show, not even by name.
+    assert!(std::fs::symlink_metadata(l.mnt.join(".wh.deleted")).is_err());
+    assert!(std::fs::symlink_metadata(l.mnt.join("oci/.wh..wh..opq")).is_err());
+    let xs = xattr_names(&l.mnt.join("us"));
+    assert!(!xs.iter().any(|x| x.starts_with("user.overlay")), "{xs:?}");
+}
+
+fn xattr_names(p: &std::path::Path) -> Vec<String> {
+    let dir = sys::open_dir_path(p.parent().unwrap()).unwrap();
+    sys::listxattr(sys::XTarget::At(dir.as_fd(), p.file_name().unwrap()))
+        .unwrap()
+        .into_iter()
+        .map(|n| String::from_utf8_lossy(&n).into_owned())
+        .collect()
+}
+
+#[test]
+fn symlinks_never_lead_the_daemon_out_of_its_layers() {
+    require_fuse!();
+    let s = Scratch::new();
+    let outside = s.mkdir("outside");
+    write(outside.join("secret"), b"secret");
+    let top = s.mkdir("top");
+    let bot = s.mkdir("bot");
+    // In the bottom layer "d" is a symlink to a directory outside every layer; the top layer has
+    // a real directory "d". The merge must stop at the symlink, never list "secret".
+    symlink(&outside, bot.join("d")).unwrap();
+    write(top.join("d/mine"), b"m");
+    // Relative escape: a symlink named like a directory a lower layer merges through.
+    symlink("../../outside", bot.join("rel")).unwrap();
+    std::fs::create_dir(top.join("rel")).unwrap();
+    let l = Layerfs::mount(
+        &format!("lowerdir={}", lowerdir(&[top, bot])),
+        &s.path("mnt"),
+    );
+    let t = names(&snapshot(&l.mnt));
+    assert_eq!(t, ["d", "d/mine", "rel"]);
+    assert!(!l.mnt.join("d/secret").exists());
+}
+
+#[test]
+fn inode_numbers_are_stable_unique_and_match_readdir() {
+    require_fuse!();
+    let s = Scratch::new();
+    let lowers = build_stack(&s);
+    let opts = format!("lowerdir={}", lowerdir(&lowers));
+    let inos = |root: &std::path::Path| {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(root.join("h"))
+            .unwrap()
+            .chain(std::fs::read_dir(root.join("m")).unwrap())
+        {
+            let e = e.unwrap();
+            let st = std::fs::symlink_metadata(e.path()).unwrap();
+            assert_eq!(e.ino(), st.ino(), "d_ino vs st_ino of {:?}", e.path());
+            v.push((e.file_name(), st.ino()));
+        }
+        v.sort();
+        v
+    };
+    let first = {
+        let l = Layerfs::mount(&opts, &s.path("mnt"));
+        inos(&l.mnt)
+    };
+    let l = Layerfs::mount(&opts, &s.path("mnt"));
+    assert_eq!(first, inos(&l.mnt), "st_ino changed across remount");
+    let one = std::fs::metadata(l.mnt.join("h/one")).unwrap();
+    let two = std::fs::metadata(l.mnt.join("h/two")).unwrap();
+    assert_eq!(one.ino(), two.ino(), "hard links share st_ino");
+    assert_eq!(one.nlink(), 2);
+    let mut all: Vec<u64> = first.iter().map(|x| x.1).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        first.len() - 1,
+        "only the hard link pair shares a number"
+    );
+}
+
+#[test]
+fn big_directory_split_over_two_layers() {
+    require_fuse!();
+    let s = Scratch::new();
+    let top = s.mkdir("top/big");
+    let bot = s.mkdir("bot/big");
+    for i in 0..10_000 {
+        let d = if i % 2 == 0 { &top } else { &bot };
+        std::fs::File::create(d.join(format!("f{i:05}"))).unwrap();
+    }
+    // A few names in both layers, listed once.
+    for i in 0..100 {
+        std::fs::File::create(bot.join(format!("f{:05}", i * 2))).unwrap();
+    }
+    let lowers = vec![s.path("top"), s.path("bot")];
+    let k = Kernel::mount(&format!("lowerdir={}", lowerdir(&lowers)), &s.path("kmnt"));
+    let l = Layerfs::mount(&format!("lowerdir={}", lowerdir(&lowers)), &s.path("lmnt"));
+    let list = |p: &std::path::Path| {
+        let mut v: Vec<_> = std::fs::read_dir(p.join("big"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let lv = list(&l.mnt);
+    assert_eq!(lv.len(), 10_000);
+    assert_eq!(lv, list(&k.mnt));
+    // Stable across repeated reads.
+    assert_eq!(lv, list(&l.mnt));
+}
+
+/// Make `depth` nested dirs named `name` under `root` by fd, returning the deepest dir's fd.
+fn make_deep(root: &std::path::Path, name: &str, depth: usize) -> std::os::fd::OwnedFd {
+    let mut fd = sys::open_dir_path(root).unwrap();
+    for _ in 0..depth {
+        let _ = sys::mkdirat(fd.as_fd(), OsStr::new(name), 0o755);
+        fd = sys::openat(
+            fd.as_fd(),
+            OsStr::new(name),
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .unwrap();
+    }
+    fd
+}
+
+#[test]
+fn paths_longer_than_path_max_work() {
+    require_fuse!();
+    let s = Scratch::new();
+    let top = s.mkdir("top");
+    let bot = s.mkdir("bot");
+    let name = "d".repeat(100);
+    // 60 levels of 101 bytes: a 6 KiB path, merged across both layers at the bottom.
+    let deep_top = make_deep(&top, &name, 60);
+    let deep_bot = make_deep(&bot, &name, 60);
+    make_file_at(&deep_top, "from_top");
+    make_file_at(&deep_bot, "from_bot");
+    let l = Layerfs::mount(
+        &format!("lowerdir={}", lowerdir(&[top.clone(), bot.clone()])),
+        &s.path("lmnt"),
+    );
+    let k = Kernel::mount(
+        &format!("lowerdir={}", lowerdir(&[top, bot])),
+        &s.path("kmnt"),
+    );
+    let lt = snapshot(&l.mnt);
+    let kt = snapshot(&k.mnt);
+    let longest = lt.keys().map(|k| k.len()).max().unwrap();
+    assert!(longest > 6000, "path length {longest}");
+    assert_same_tree("deep tree", &kt, &lt);
+}
+
+fn make_file_at(dir: &std::os::fd::OwnedFd, name: &str) {
+    sys::openat(
+        dir.as_fd(),
+        OsStr::new(name),
+        libc::O_CREAT | libc::O_WRONLY,
+        0o644,
+    )
+    .unwrap();
+}
+
+#[test]
+fn name_length_limits_match_the_kernel() {
+    require_fuse!();
+    let s = Scratch::new();
+    let top = s.mkdir("top");
+    write(top.join("f"), b"");
+    let l = Layerfs::mount(&format!("lowerdir={}", lowerdir(&[top])), &s.path("mnt"));
+    let long = "x".repeat(256);
+    let e = std::fs::symlink_metadata(l.mnt.join(&long)).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
+    let ok = "y".repeat(255);
+    let e = std::fs::symlink_metadata(l.mnt.join(&ok)).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+}
+
+#[test]
+fn read_only_mount_refuses_writes_with_erofs() {
+    require_fuse!();
+    let s = Scratch::new();
+    let top = s.mkdir("top");
+    write(top.join("f"), b"data");
+    let l = Layerfs::mount(
+        &format!("lowerdir={}", lowerdir(&[top.clone()])),
+        &s.path("mnt"),
+    );
+    let e = std::fs::OpenOptions::new()
+        .append(true)
+        .open(l.mnt.join("f"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    let e = std::fs::create_dir(l.mnt.join("new")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    assert_eq!(std::fs::read(top.join("f")).unwrap(), b"data");
+}
+
+#[test]
+fn readdir_of_a_dir_with_fifos_never_blocks() {
+    require_fuse!();
+    let s = Scratch::new();
+    let top = s.mkdir("top");
+    for i in 0..20 {
+        mkfifo(top.join(format!("fifo{i}")));
+    }
+    let l = Layerfs::mount(&format!("lowerdir={}", lowerdir(&[top])), &s.path("mnt"));
+    // ls -l stats every FIFO; a daemon that opened them would hang here (the timeout fails it).
+    let (ok, out, err) = run_timeout(std::process::Command::new("ls").arg("-l").arg(&l.mnt), 20);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().filter(|l| l.starts_with('p')).count(), 20);
+    let st = std::fs::symlink_metadata(l.mnt.join("fifo3")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&st.file_type()));
+}

@@ -1,0 +1,383 @@
+//! Test support: skip reasons, real mounts that always unmount on drop, layer builders, and
+//! an fd-based snapshot of a mounted tree (works for paths far beyond PATH_MAX).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use layerfs::sys;
+use sha2::{Digest, Sha256};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_layerfs");
+
+/// Why mount tests can't run here, if they can't.
+pub fn skip_reason() -> Option<String> {
+    static R: OnceLock<Option<String>> = OnceLock::new();
+    R.get_or_init(|| {
+        if sys::geteuid() != 0 {
+            return Some("needs root (mounts FUSE and kernel overlayfs)".into());
+        }
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .is_err()
+        {
+            return Some("/dev/fuse is missing or unusable".into());
+        }
+        None
+    })
+    .clone()
+}
+
+/// Skip (with a printed reason) where FUSE/root is missing.
+#[macro_export]
+macro_rules! require_fuse {
+    () => {
+        if let Some(r) = $crate::support::skip_reason() {
+            eprintln!("SKIPPED {}: {}", module_path!(), r);
+            return;
+        }
+    };
+}
+
+/// Run a command with a deadline; returns (status ok, stdout, stderr).
+pub fn run_timeout(cmd: &mut Command, secs: u64) -> (bool, String, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            let mut out = String::new();
+            let mut err = String::new();
+            child.stdout.take().unwrap().read_to_string(&mut out).ok();
+            child.stderr.take().unwrap().read_to_string(&mut err).ok();
+            return (st.success(), out, err);
+        }
+        if start.elapsed() > Duration::from_secs(secs) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (false, String::new(), format!("timed out after {secs}s"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn unmount(p: &Path) {
+    for _ in 0..50 {
+        if !sys::is_mountpoint(p) {
+            return;
+        }
+        if sys::umount(p, false).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = sys::umount(p, true);
+}
+
+/// A layerfs mount, unmounted on drop.
+pub struct Layerfs {
+    pub mnt: PathBuf,
+}
+
+impl Layerfs {
+    pub fn mount(opts: &str, mnt: &Path) -> Layerfs {
+        Self::try_mount(opts, mnt).unwrap_or_else(|e| panic!("layerfs mount failed: {e}"))
+    }
+
+    pub fn try_mount(opts: &str, mnt: &Path) -> Result<Layerfs, String> {
+        std::fs::create_dir_all(mnt).unwrap();
+        let log = std::env::var("LAYERFS_TEST_LOG").ok();
+        let mut c = Command::new(BIN);
+        c.arg("mount").arg("-o").arg(opts).arg(mnt);
+        if let Some(l) = &log {
+            c.arg("--log-file").arg(l);
+        }
+        let (ok, _out, err) = run_timeout(&mut c, 30);
+        if ok {
+            Ok(Layerfs {
+                mnt: mnt.to_path_buf(),
+            })
+        } else {
+            Err(err.trim().to_string())
+        }
+    }
+
+    pub fn unmount(self) {}
+}
+
+impl Drop for Layerfs {
+    fn drop(&mut self) {
+        unmount(&self.mnt);
+    }
+}
+
+/// A kernel overlayfs mount (the oracle), unmounted on drop.
+pub struct Kernel {
+    pub mnt: PathBuf,
+}
+
+impl Kernel {
+    pub fn mount(opts: &str, mnt: &Path) -> Kernel {
+        std::fs::create_dir_all(mnt).unwrap();
+        let (ok, _o, err) = run_timeout(
+            Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o", opts])
+                .arg(mnt),
+            30,
+        );
+        assert!(ok, "kernel overlay mount failed ({opts}): {err}");
+        Kernel {
+            mnt: mnt.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        unmount(&self.mnt);
+    }
+}
+
+/// A scratch area with a layers/ dir and helpers to fill layers.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch {
+            dir: tempfile::Builder::new()
+                .prefix("layerfs-it")
+                .tempdir_in("/tmp")
+                .unwrap(),
+        }
+    }
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    /// Make dirs and return the path.
+    pub fn mkdir(&self, rel: &str) -> PathBuf {
+        let p = self.path(rel);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+}
+
+pub fn write(p: impl AsRef<Path>, content: &[u8]) {
+    let p = p.as_ref();
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(p, content).unwrap();
+}
+
+pub fn chmod(p: impl AsRef<Path>, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A kernel-format whiteout (char device 0/0).
+pub fn whiteout(p: impl AsRef<Path>) {
+    let p = p.as_ref();
+    let dir = sys::open_dir_path(p.parent().unwrap()).unwrap();
+    sys::mknodat(dir.as_fd(), p.file_name().unwrap(), libc::S_IFCHR, 0).unwrap();
+}
+
+pub fn mkfifo(p: impl AsRef<Path>) {
+    let p = p.as_ref();
+    let dir = sys::open_dir_path(p.parent().unwrap()).unwrap();
+    sys::mknodat(
+        dir.as_fd(),
+        p.file_name().unwrap(),
+        libc::S_IFIFO | 0o644,
+        0,
+    )
+    .unwrap();
+}
+
+pub fn set_xattr(p: impl AsRef<Path>, name: &str, value: &[u8]) {
+    let c = CString::new(p.as_ref().as_os_str().as_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    // Test helper over a plain path: lsetxattr through the sys wrapper's /proc path is not
+    // needed here, the path is short.
+    let dir = sys::open_dir_path(p.as_ref().parent().unwrap()).unwrap();
+    sys::setxattr(
+        sys::XTarget::At(dir.as_fd(), p.as_ref().file_name().unwrap()),
+        &n,
+        value,
+        0,
+    )
+    .unwrap_or_else(|e| panic!("setxattr {name} on {c:?}: {e}"));
+}
+
+pub fn get_xattr(p: impl AsRef<Path>, name: &str) -> Option<Vec<u8>> {
+    let dir = sys::open_dir_path(p.as_ref().parent().unwrap()).unwrap();
+    let n = CString::new(name).unwrap();
+    sys::getxattr(
+        sys::XTarget::At(dir.as_fd(), p.as_ref().file_name().unwrap()),
+        &n,
+    )
+    .unwrap()
+}
+
+/// What a tree comparison looks at for one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Info {
+    pub kind: char,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: Option<i64>,
+    pub nlink: u64,
+    pub target: Option<OsString>,
+    pub hash: Option<String>,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+pub type Tree = BTreeMap<Vec<u8>, Info>;
+
+fn kind_char(mode: u32) -> char {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => 'd',
+        libc::S_IFREG => 'f',
+        libc::S_IFLNK => 'l',
+        libc::S_IFIFO => 'p',
+        libc::S_IFSOCK => 's',
+        libc::S_IFCHR => 'c',
+        libc::S_IFBLK => 'b',
+        _ => '?',
+    }
+}
+
+/// Walk a mounted tree by fds (no PATH_MAX limit) and record every entry.
+pub fn snapshot(root: &Path) -> Tree {
+    let mut out = Tree::new();
+    let rootfd = sys::open_dir_path(root).unwrap();
+    let mut stack: Vec<(std::sync::Arc<OwnedFd>, Vec<u8>)> =
+        vec![(std::sync::Arc::new(rootfd), Vec::new())];
+    while let Some((dfd, prefix)) = stack.pop() {
+        let rfd = sys::openat(
+            dfd.as_fd(),
+            OsStr::new("."),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )
+        .unwrap_or_else(|e| panic!("open dir {:?}: {e}", String::from_utf8_lossy(&prefix)));
+        for e in sys::read_dir_fd(rfd.as_fd()).unwrap() {
+            let mut path = prefix.clone();
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(e.name.as_bytes());
+            let st = sys::statat(dfd.as_fd(), &e.name).unwrap();
+            let kind = kind_char(st.st_mode);
+            let mut info = Info {
+                kind,
+                mode: st.st_mode & 0o7777,
+                uid: st.st_uid,
+                gid: st.st_gid,
+                size: None,
+                nlink: st.st_nlink as u64,
+                target: None,
+                hash: None,
+                xattrs: BTreeMap::new(),
+            };
+            match kind {
+                'f' => {
+                    info.size = Some(st.st_size);
+                    let fd = sys::openat(dfd.as_fd(), &e.name, libc::O_RDONLY, 0).unwrap();
+                    let mut f = std::fs::File::from(fd);
+                    let mut h = Sha256::new();
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        let n = f.read(&mut buf).unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        h.update(&buf[..n]);
+                    }
+                    info.hash = Some(h.finalize().iter().map(|b| format!("{b:02x}")).collect());
+                }
+                'l' => {
+                    info.target = Some(sys::readlinkat(dfd.as_fd(), &e.name).unwrap());
+                    info.size = Some(st.st_size);
+                }
+                _ => {}
+            }
+            if kind != 'l' {
+                let t = sys::XTarget::At(dfd.as_fd(), &e.name);
+                for n in sys::listxattr(t).unwrap_or_default() {
+                    if n.starts_with(b"user.") {
+                        let c = CString::new(n.clone()).unwrap();
+                        if let Ok(Some(v)) = sys::getxattr(t, &c) {
+                            info.xattrs.insert(n, v);
+                        }
+                    }
+                }
+            }
+            if kind == 'd' {
+                let sub =
+                    sys::openat(dfd.as_fd(), &e.name, libc::O_PATH | libc::O_DIRECTORY, 0).unwrap();
+                stack.push((std::sync::Arc::new(sub), path.clone()));
+            }
+            out.insert(path, info);
+        }
+    }
+    out
+}
+
+/// Assert two trees are equal, listing the differences readably.
+pub fn assert_same_tree(what: &str, expected: &Tree, actual: &Tree) {
+    let mut diffs = Vec::new();
+    for (k, v) in expected {
+        match actual.get(k) {
+            None => diffs.push(format!("missing: {}", String::from_utf8_lossy(k))),
+            Some(a) if a != v => diffs.push(format!(
+                "differs: {}\n   expected {v:?}\n   actual   {a:?}",
+                String::from_utf8_lossy(k)
+            )),
+            _ => {}
+        }
+    }
+    for k in actual.keys() {
+        if !expected.contains_key(k) {
+            diffs.push(format!("extra: {}", String::from_utf8_lossy(k)));
+        }
+    }
+    if !diffs.is_empty() {
+        diffs.truncate(40);
+        panic!("{what}: trees differ:\n{}", diffs.join("\n"));
+    }
+}
+
+pub fn names(tree: &Tree) -> Vec<String> {
+    tree.keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect()
+}
+
+pub fn os(s: &[u8]) -> OsString {
+    OsString::from_vec(s.to_vec())
+}
+
+/// lowerdir= value for a list of paths, colons escaped.
+pub fn lowerdir(ls: &[PathBuf]) -> String {
+    ls.iter()
+        .map(|p| p.to_string_lossy().replace(':', "\\:"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
