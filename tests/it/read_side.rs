@@ -331,7 +331,7 @@ fn read_only_mount_refuses_writes_with_erofs() {
     let top = s.mkdir("top");
     write(top.join("f"), b"data");
     let l = Layerfs::mount(
-        &format!("lowerdir={}", lowerdir(&[top.clone()])),
+        &format!("lowerdir={}", lowerdir(std::slice::from_ref(&top))),
         &s.path("mnt"),
     );
     let e = std::fs::OpenOptions::new()
