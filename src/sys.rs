@@ -724,3 +724,21 @@ pub fn is_mountpoint(path: &std::path::Path) -> bool {
     };
     me.dev() != parent.dev() || me.ino() == parent.ino()
 }
+
+/// Has the FUSE connection on this /dev/fuse fd ended (the kernel reports POLLERR)?
+pub fn fuse_disconnected(fd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r == 1 && p.revents & libc::POLLERR != 0
+}
+
+/// Leave now, without running destructors (see fuse::session::exit_after_unmount).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and touches no Rust state.
+    unsafe { libc::_exit(code) }
+}

@@ -118,6 +118,10 @@ impl Filesystem for Adapter {
         Ok(())
     }
 
+    fn destroy(&mut self) {
+        super::session::exit_after_unmount();
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         debug!("lookup {} {:?}", parent.0, name);
         reply_entry(reply, self.fs.lookup(parent.0, name));

@@ -2,8 +2,9 @@
 //! unmounted (by `umount`, `fusermount3 -u`, or SIGTERM/SIGINT/SIGHUP to the daemon).
 
 use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use fuser::{MountOption, SessionACL};
 use log::info;
@@ -25,6 +26,23 @@ pub struct MountSpec {
     pub threads: usize,
 }
 
+/// This mount's FUSE fd and mountpoint, for the exit path.
+static EXIT_GUARD: OnceLock<(OwnedFd, PathBuf)> = OnceLock::new();
+
+/// Called when the session ends (from `destroy`). fuser 0.18's drop guard would unmount the
+/// mountpoint *path* even after someone else unmounted us — taking down a new mount made there
+/// meanwhile (its connection check reads POLLERR the wrong way round). So exit here, before that
+/// guard runs, unmounting only if our own connection is still alive.
+pub fn exit_after_unmount() -> ! {
+    if let Some((fd, mp)) = EXIT_GUARD.get() {
+        if !sys::fuse_disconnected(fd.as_fd()) {
+            let _ = sys::umount(mp, true);
+        }
+        info!("unmounted {}; exiting", mp.display());
+    }
+    sys::exit_now(0)
+}
+
 fn report(ready: &mut Option<OwnedFd>, msg: &str) {
     if let Some(fd) = ready.take() {
         let mut f = std::fs::File::from(fd);
@@ -35,13 +53,28 @@ fn report(ready: &mut Option<OwnedFd>, msg: &str) {
 /// Mount and serve; `ready` (the parent's pipe) gets "ok" once the mount is live, or the error.
 pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
     let r = start(&spec);
-    let mut session = match r {
-        Ok(s) => s,
+    let (mut session, invalidations) = match r {
+        Ok((s, rx)) => (s, Some(rx)),
         Err(e) => {
             report(&mut ready, &format!("{e}\n"));
             return Err(e);
         }
     };
+    let notifier = session.notifier();
+    let rx = invalidations.expect("set by start");
+    // Invalidations go out from their own thread: a request handler never waits on the kernel.
+    std::thread::Builder::new()
+        .name("invalidate".into())
+        .spawn(move || {
+            for id in rx {
+                let _ = notifier.inval_inode(fuser::INodeNo(id), -1, 0);
+            }
+        })?;
+    let devfd = session
+        .as_fd()
+        .try_clone_to_owned()
+        .ctx("duplicating the FUSE fd")?;
+    let _ = EXIT_GUARD.set((devfd, spec.mountpoint.clone()));
     let mut unmounter = session.unmount_callable();
     let mp = spec.mountpoint.clone();
     sys::on_termination_signal(move |sig| {
@@ -66,10 +99,14 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
     Ok(())
 }
 
-fn start(spec: &MountSpec) -> Result<fuser::Session<Adapter>> {
+type Started = (fuser::Session<Adapter>, std::sync::mpsc::Receiver<u64>);
+
+fn start(spec: &MountSpec) -> Result<Started> {
     // The kernel already applied the caller's umask to modes it sends.
     sys::set_umask(0);
     let fs = Union::new(spec.union.clone())?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    fs.set_invalidator(tx);
     let mut opts = vec![
         MountOption::FSName("layerfs".into()),
         MountOption::Subtype("layerfs".into()),
@@ -90,6 +127,7 @@ fn start(spec: &MountSpec) -> Result<fuser::Session<Adapter>> {
     };
     config.n_threads = Some(spec.threads.max(1));
     config.clone_fd = true;
-    fuser::Session::new(Adapter { fs }, &spec.mountpoint, &config)
-        .ctx(format!("mounting on {}", spec.mountpoint.display()))
+    let session = fuser::Session::new(Adapter { fs }, &spec.mountpoint, &config)
+        .ctx(format!("mounting on {}", spec.mountpoint.display()))?;
+    Ok((session, rx))
 }

@@ -109,6 +109,8 @@ impl Union {
         for (ap, an) in aliases {
             self.link_up_at(&parent, &st.name, ap, &an)?;
         }
+        // nlink (a dir becomes merged), ctime and a broken hard link's count change.
+        self.attrs_changed(node.id);
         log::debug!("copied up {:?} (node {}, {:?})", st.name, node.id, data);
         Ok(())
     }

@@ -18,7 +18,8 @@ use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result, err};
 use crate::sys::{self, Stat};
@@ -58,6 +59,9 @@ pub struct Union {
     pub(crate) handles: HandleTable,
     pub(crate) work: Option<WorkDir>,
     pub cfg: Config,
+    /// Where to send ids of nodes whose attributes changed behind the kernel's back (copy-up
+    /// of a parent): the FUSE side turns them into attribute invalidations.
+    invalidate: OnceLock<Sender<u64>>,
 }
 
 /// Refuse names the kernel would never send, and names too long for any layer.
@@ -90,6 +94,7 @@ impl Union {
             layers,
             work,
             cfg,
+            invalidate: OnceLock::new(),
         };
         u.build_root()?;
         Ok(u)
@@ -109,6 +114,17 @@ impl Union {
         self.nodes
             .insert_root(Node::new(ROOT_ID, Kind::Dir, st_ino, state));
         Ok(())
+    }
+
+    /// Ask to be told (by node id) when cached attributes of a node go stale.
+    pub fn set_invalidator(&self, tx: Sender<u64>) {
+        let _ = self.invalidate.set(tx);
+    }
+
+    pub(crate) fn attrs_changed(&self, id: u64) {
+        if let Some(tx) = self.invalidate.get() {
+            let _ = tx.send(id);
+        }
     }
 
     pub fn writable(&self) -> bool {

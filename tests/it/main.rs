@@ -1,6 +1,8 @@
 //! Integration tests: everything here mounts for real (FUSE and kernel overlayfs) and skips with
 //! a printed reason where that is impossible.
 
+mod pair;
 mod support;
 
 mod read_side;
+mod write_path;

@@ -1,0 +1,139 @@
+//! Kernel overlayfs and layerfs over the same lower layers, each with its own upper/work: run the
+//! same operations on both, compare results, errnos and whole trees, then check persistence
+//! and on-disk interop both ways.
+
+#![allow(dead_code)]
+
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+
+use crate::support::*;
+
+pub struct Pair {
+    pub s: Scratch,
+    pub lowers: Vec<PathBuf>,
+    pub k: Option<Kernel>,
+    pub l: Option<Layerfs>,
+}
+
+/// An operation's outcome, comparable across the two mounts: a value or an errno.
+pub type Outcome<T> = Result<T, i32>;
+
+pub fn outcome<T>(r: std::io::Result<T>) -> Outcome<T> {
+    r.map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+impl Pair {
+    pub fn new(build: impl FnOnce(&Scratch) -> Vec<PathBuf>) -> Pair {
+        let s = Scratch::new();
+        let lowers = build(&s);
+        for d in ["ku", "kw", "lu", "lw"] {
+            s.mkdir(d);
+        }
+        let mut p = Pair {
+            s,
+            lowers,
+            k: None,
+            l: None,
+        };
+        p.k = Some(Kernel::mount(
+            &p.kernel_opts(&p.s.path("ku"), &p.s.path("kw")),
+            &p.s.path("kmnt"),
+        ));
+        p.l = Some(Layerfs::mount(
+            &p.layerfs_opts(&p.s.path("lu"), &p.s.path("lw")),
+            &p.s.path("lmnt"),
+        ));
+        p
+    }
+
+    pub fn kernel_opts(&self, upper: &Path, work: &Path) -> String {
+        format!(
+            "lowerdir={},upperdir={},workdir={},redirect_dir=on",
+            lowerdir(&self.lowers),
+            upper.display(),
+            work.display()
+        )
+    }
+
+    pub fn layerfs_opts(&self, upper: &Path, work: &Path) -> String {
+        format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lowerdir(&self.lowers),
+            upper.display(),
+            work.display()
+        )
+    }
+
+    pub fn kmnt(&self) -> &Path {
+        &self.k.as_ref().expect("kernel mounted").mnt
+    }
+
+    pub fn lmnt(&self) -> &Path {
+        &self.l.as_ref().expect("layerfs mounted").mnt
+    }
+
+    /// Run `f` on both mounts (kernel first); the outcomes must be equal.
+    pub fn both<T: PartialEq + Debug>(&self, what: &str, f: impl Fn(&Path) -> T) -> T {
+        let k = f(self.kmnt());
+        let l = f(self.lmnt());
+        assert_eq!(k, l, "{what}: kernel (left) and layerfs (right) disagree");
+        l
+    }
+
+    /// `both`, for steps whose outcome is only compared.
+    pub fn same<T: PartialEq + Debug>(&self, what: &str, f: impl Fn(&Path) -> T) {
+        self.both(what, f);
+    }
+
+    /// The two visible trees must be identical.
+    pub fn check(&self, what: &str) {
+        assert_same_tree(what, &snapshot(self.kmnt()), &snapshot(self.lmnt()));
+    }
+
+    pub fn remount_layerfs(&mut self) {
+        self.l = None;
+        self.l = Some(Layerfs::mount(
+            &self.layerfs_opts(&self.s.path("lu"), &self.s.path("lw")),
+            &self.s.path("lmnt"),
+        ));
+    }
+
+    /// Persistence and on-disk compatibility: layerfs remounted, the kernel on layerfs's upper,
+    /// and layerfs on the kernel's upper all show the kernel's tree.
+    pub fn check_interop(&mut self) {
+        let expected = snapshot(self.kmnt());
+        self.remount_layerfs();
+        assert_same_tree("layerfs after remount", &expected, &snapshot(self.lmnt()));
+        self.l = None;
+        self.k = None;
+        let kw2 = self.s.mkdir("kw2");
+        let lw2 = self.s.mkdir("lw2");
+        {
+            let k_on_ours = Kernel::mount(
+                &self.kernel_opts(&self.s.path("lu"), &kw2),
+                &self.s.path("x1"),
+            );
+            assert_same_tree(
+                "kernel on layerfs's upper",
+                &expected,
+                &snapshot(&k_on_ours.mnt),
+            );
+        }
+        {
+            let ours_on_k = Layerfs::mount(
+                &self.layerfs_opts(&self.s.path("ku"), &lw2),
+                &self.s.path("x2"),
+            );
+            assert_same_tree(
+                "layerfs on the kernel's upper",
+                &expected,
+                &snapshot(&ours_on_k.mnt),
+            );
+        }
+    }
+
+    pub fn upper(&self) -> PathBuf {
+        self.s.path("lu")
+    }
+}

@@ -1,0 +1,484 @@
+//! The write path through real mounts, step by step against kernel overlayfs, then persistence
+//! and on-disk interop both ways.
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use layerfs::sys;
+
+use crate::pair::{Pair, outcome};
+use crate::require_fuse;
+use crate::support::*;
+
+fn stack(s: &Scratch) -> Vec<PathBuf> {
+    let l1 = s.mkdir("l1");
+    let l2 = s.mkdir("l2");
+    write(l2.join("a"), b"lower a\n");
+    write(l2.join("big"), &vec![7u8; 3 << 20]);
+    write(l2.join("meta"), b"meta");
+    chmod(l2.join("meta"), 0o640);
+    std::os::unix::fs::lchown(l2.join("meta"), Some(1234), Some(5678)).unwrap();
+    set_xattr(l2.join("meta"), "user.tag", b"v1");
+    write(l2.join("d/sub/deep/f"), b"deep");
+    write(l1.join("d/top"), b"top");
+    write(l2.join("d/bottom"), b"bottom");
+    write(l2.join("rmme/x/y"), b"y");
+    write(l2.join("rmme/z"), b"z");
+    write(l1.join("rmme/w"), b"w");
+    symlink("a", l2.join("link")).unwrap();
+    mkfifo(l2.join("fifo"));
+    write(l2.join("h1"), b"hard");
+    fs::hard_link(l2.join("h1"), l2.join("h2")).unwrap();
+    write(l2.join("mv/src/inner"), b"inner");
+    write(l1.join("mv/src/inner2"), b"inner2");
+    write(l2.join("mv/target"), b"target");
+    vec![l1, l2]
+}
+
+fn tree_of(p: &Path) -> Tree {
+    snapshot(p)
+}
+
+fn append(p: &Path, data: &[u8]) -> std::io::Result<()> {
+    OpenOptions::new().append(true).open(p)?.write_all(data)
+}
+
+#[test]
+fn copy_up_on_every_kind_of_change_matches_kernel() {
+    require_fuse!();
+    let p = Pair::new(stack);
+    let lowers_before: Vec<Tree> = p.lowers.iter().map(|l| tree_of(l)).collect();
+
+    p.same("append", |m| outcome(append(&m.join("a"), b"more\n")));
+    p.check("after append");
+    p.same("chmod", |m| {
+        outcome(fs::set_permissions(
+            m.join("meta"),
+            fs::Permissions::from_mode(0o600),
+        ))
+    });
+    p.same("chown", |m| {
+        outcome(std::os::unix::fs::chown(
+            m.join("d/bottom"),
+            Some(42),
+            Some(43),
+        ))
+    });
+    p.same("setxattr", |m| {
+        set_xattr(m.join("d/top"), "user.new", b"x");
+        0
+    });
+    p.same("truncate down", |m| {
+        outcome(
+            OpenOptions::new()
+                .write(true)
+                .open(m.join("big"))
+                .and_then(|f| f.set_len(1000)),
+        )
+    });
+    p.same("O_TRUNC", |m| {
+        outcome(
+            OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(m.join("d/sub/deep/f"))
+                .map(|_| ()),
+        )
+    });
+    p.same("symlink chown", |m| {
+        outcome(std::os::unix::fs::lchown(m.join("link"), Some(7), Some(7)))
+    });
+    p.same("chmod fifo", |m| {
+        outcome(fs::set_permissions(
+            m.join("fifo"),
+            fs::Permissions::from_mode(0o600),
+        ))
+    });
+    p.check("after metadata changes");
+    // The copies keep what the kernel keeps: owner, mode, xattrs, times of untouched files.
+    let m = fs::symlink_metadata(p.upper().join("meta")).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1234, 5678, 0o600));
+    assert_eq!(
+        get_xattr(p.upper().join("meta"), "user.tag").as_deref(),
+        Some(&b"v1"[..])
+    );
+    let fifo = fs::symlink_metadata(p.upper().join("fifo")).unwrap();
+    assert!(
+        std::os::unix::fs::FileTypeExt::is_fifo(&fifo.file_type()),
+        "chmod of a FIFO copies up a FIFO"
+    );
+    // The lower layers were never touched.
+    for (l, before) in p.lowers.iter().zip(&lowers_before) {
+        assert_same_tree("lower layer", before, &tree_of(l));
+    }
+    let mut p = p;
+    p.check_interop();
+}
+
+#[test]
+fn copy_up_keeps_parent_times_and_metadata() {
+    require_fuse!();
+    let p = Pair::new(stack);
+    let lower_deep = p.lowers[1].join("d/sub/deep");
+    let before: Vec<i64> = ["d", "d/sub", "d/sub/deep"]
+        .iter()
+        .map(|d| fs::metadata(p.lowers[1].join(d)).unwrap().mtime())
+        .collect();
+    p.same("append deep", |m| {
+        outcome(append(&m.join("d/sub/deep/f"), b"!"))
+    });
+    for (i, d) in ["d/sub", "d/sub/deep"].iter().enumerate() {
+        let upper = fs::metadata(p.upper().join(d)).unwrap();
+        assert_eq!(
+            upper.mtime(),
+            before[i + 1],
+            "copied-up parent {d} keeps its mtime"
+        );
+        let k = fs::metadata(p.kmnt().join(d)).unwrap();
+        let l = fs::metadata(p.lmnt().join(d)).unwrap();
+        assert_eq!(
+            (k.mtime(), k.mode()),
+            (l.mtime(), l.mode()),
+            "{d} through both mounts"
+        );
+    }
+    assert!(lower_deep.exists());
+    p.check("after deep copy-up");
+}
+
+#[test]
+fn deletions_write_whiteouts_and_recreated_dirs_are_opaque() {
+    require_fuse!();
+    let mut p = Pair::new(stack);
+    p.same("unlink lower", |m| outcome(fs::remove_file(m.join("a"))));
+    p.same("rmdir non-empty", |m| {
+        outcome(fs::remove_dir(m.join("rmme")))
+    });
+    p.same("rm -rf lower dir", |m| {
+        outcome(fs::remove_dir_all(m.join("rmme")))
+    });
+    p.same("unlink gone", |m| outcome(fs::remove_file(m.join("a"))));
+    p.same("rmdir file", |m| outcome(fs::remove_dir(m.join("big"))));
+    p.same("unlink dir", |m| outcome(fs::remove_file(m.join("d"))));
+    p.check("after deletes");
+    let wh = fs::symlink_metadata(p.upper().join("a")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&wh.file_type()) && wh.rdev() == 0);
+    // Known fuse-overlayfs bug: rm -rf of a lower dir at the root, mkdir again, remount.
+    p.same("mkdir over whiteout", |m| {
+        outcome(fs::create_dir(m.join("rmme")))
+    });
+    p.same("file in it", |m| {
+        outcome(fs::write(m.join("rmme/fresh"), b"f"))
+    });
+    p.same("rm -rf deep", |m| {
+        outcome(fs::remove_dir_all(m.join("d/sub")))
+    });
+    p.same("mkdir deep", |m| outcome(fs::create_dir(m.join("d/sub"))));
+    p.check("after recreate");
+    assert_eq!(
+        get_xattr(p.upper().join("rmme"), "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert_eq!(
+        get_xattr(p.upper().join("d/sub"), "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    p.check_interop();
+}
+
+#[test]
+fn whiteout_names_cannot_be_created() {
+    require_fuse!();
+    let mut p = Pair::new(stack);
+    // The kernel allows such a name; layerfs refuses it so a user file can never delete a lower
+    // file after remount (a deliberate difference, docs/SEMANTICS.md).
+    let e = fs::write(p.lmnt().join(".wh.a"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+    let e = fs::create_dir(p.lmnt().join(".wh..wh..opq")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+    p.remount_layerfs();
+    assert_eq!(fs::read(p.lmnt().join("a")).unwrap(), b"lower a\n");
+}
+
+fn rename2(m: &Path, from: &str, to: &str, flags: u32) -> Result<(), i32> {
+    let d = sys::open_dir_path(m).unwrap();
+    let (fp, fname) = split(from);
+    let (tp, tname) = split(to);
+    let fd = sys::openat(
+        d.as_fd(),
+        std::ffi::OsStr::new(fp),
+        libc::O_PATH | libc::O_DIRECTORY,
+        0,
+    );
+    let fd = if fp == "." {
+        sys::open_dir_path(m).unwrap()
+    } else {
+        fd.unwrap()
+    };
+    let td = if tp == "." {
+        sys::open_dir_path(m).unwrap()
+    } else {
+        sys::open_dir_path(&m.join(tp)).unwrap()
+    };
+    sys::renameat2(
+        fd.as_fd(),
+        fname.as_ref(),
+        td.as_fd(),
+        tname.as_ref(),
+        flags,
+    )
+    .map_err(|e| e.raw_os_error().unwrap())
+}
+
+fn split(p: &str) -> (&str, &str) {
+    match p.rsplit_once('/') {
+        Some((d, n)) => (d, n),
+        None => (".", p),
+    }
+}
+
+#[test]
+fn renames_of_files_and_directories_match_kernel() {
+    require_fuse!();
+    let mut p = Pair::new(stack);
+    p.same("file to new name", |m| {
+        outcome(fs::rename(m.join("a"), m.join("a2")))
+    });
+    p.same("file over existing", |m| {
+        outcome(fs::rename(m.join("meta"), m.join("a2")))
+    });
+    p.same("file into subdir", |m| {
+        outcome(fs::rename(m.join("a2"), m.join("d/sub/a3")))
+    });
+    p.check("after file renames");
+    p.same("lower dir rename (redirect)", |m| {
+        outcome(fs::rename(m.join("mv/src"), m.join("mv/moved")))
+    });
+    p.same("list moved", |m| {
+        let mut v: Vec<_> = fs::read_dir(m.join("mv/moved"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    });
+    p.same("dir across dirs", |m| {
+        outcome(fs::rename(m.join("mv/moved"), m.join("d/sub/deep/m2")))
+    });
+    p.same("dir over non-empty", |m| {
+        outcome(fs::rename(m.join("d"), m.join("rmme")))
+    });
+    p.same("dir over file", |m| {
+        outcome(fs::rename(m.join("rmme"), m.join("big")))
+    });
+    p.same("file over dir", |m| {
+        outcome(fs::rename(m.join("big"), m.join("rmme")))
+    });
+    p.same("noreplace", |m| {
+        rename2(m, "big", "link", libc::RENAME_NOREPLACE)
+    });
+    p.same("exchange", |m| {
+        rename2(m, "big", "link", libc::RENAME_EXCHANGE)
+    });
+    p.same("exchange missing", |m| {
+        rename2(m, "big", "nope", libc::RENAME_EXCHANGE)
+    });
+    p.same("mkdir then rename over emptied lower dir", |m| {
+        fs::remove_dir_all(m.join("rmme")).unwrap();
+        fs::create_dir(m.join("rmme")).unwrap();
+        fs::create_dir(m.join("fresh")).unwrap();
+        fs::write(m.join("fresh/x"), b"x").unwrap();
+        outcome(fs::rename(m.join("fresh"), m.join("rmme")))
+    });
+    p.same("rename a merged dir over a whiteout", |m| {
+        fs::remove_file(m.join("a")).ok();
+        fs::remove_dir_all(m.join("mv")).unwrap();
+        outcome(fs::rename(m.join("d"), m.join("mv")))
+    });
+    p.check("after dir renames");
+    p.check_interop();
+}
+
+#[test]
+fn links_symlinks_and_special_files() {
+    require_fuse!();
+    let mut p = Pair::new(stack);
+    p.same("hard link to lower", |m| {
+        outcome(fs::hard_link(m.join("a"), m.join("a.link")))
+    });
+    p.same("append through link", |m| {
+        outcome(append(&m.join("a.link"), b"via link\n"))
+    });
+    p.same("read other name", |m| fs::read(m.join("a")).unwrap());
+    p.same("nlink", |m| fs::metadata(m.join("a")).unwrap().nlink());
+    p.same("symlink", |m| {
+        outcome(symlink("../somewhere", m.join("d/newlink")))
+    });
+    p.same("fifo", |m| {
+        let d = sys::open_dir_path(m).unwrap();
+        outcome(sys::mknodat(
+            d.as_fd(),
+            "newfifo".as_ref(),
+            libc::S_IFIFO | 0o600,
+            0,
+        ))
+    });
+    p.same("create exclusive existing", |m| {
+        outcome(
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(m.join("a"))
+                .map(|_| ()),
+        )
+    });
+    p.same("mkdir existing", |m| outcome(fs::create_dir(m.join("d"))));
+    p.check("after links");
+    p.check_interop();
+}
+
+#[test]
+fn readers_see_a_later_copy_up_and_unlinked_files_stay_usable() {
+    require_fuse!();
+    let p = Pair::new(stack);
+    p.same("reader follows copy-up", |m| {
+        let mut r = fs::File::open(m.join("a")).unwrap();
+        append(&m.join("a"), b"appended\n").unwrap();
+        let mut s = String::new();
+        r.read_to_string(&mut s).unwrap();
+        s
+    });
+    p.same("unlinked open file", |m| {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.join("meta"))
+            .unwrap();
+        fs::remove_file(m.join("meta")).unwrap();
+        f.write_all(b"still here").unwrap();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        let mut s = String::new();
+        f.read_to_string(&mut s).unwrap();
+        (s, f.metadata().unwrap().nlink(), m.join("meta").exists())
+    });
+    p.check("after");
+}
+
+#[test]
+fn sparse_files_stay_sparse_and_o_trunc_copies_nothing() {
+    require_fuse!();
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    let f = fs::File::create(low.join("sparse")).unwrap();
+    f.set_len(1 << 30).unwrap();
+    drop(f);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(low.join("sparse"))
+        .unwrap();
+    f.seek(SeekFrom::Start(512 << 20)).unwrap();
+    f.write_all(b"middle").unwrap();
+    drop(f);
+    let (up, work) = (s.mkdir("up"), s.mkdir("work"));
+    let l = Layerfs::mount(
+        &format!(
+            "lowerdir={},upperdir={},workdir={}",
+            low.display(),
+            up.display(),
+            work.display()
+        ),
+        &s.path("mnt"),
+    );
+    append(&l.mnt.join("sparse"), b"end").unwrap();
+    let m = fs::metadata(up.join("sparse")).unwrap();
+    assert_eq!(m.len(), (1 << 30) + 3);
+    assert!(
+        m.blocks() * 512 < 16 << 20,
+        "upper copy is sparse ({} blocks)",
+        m.blocks()
+    );
+    let mut r = fs::File::open(l.mnt.join("sparse")).unwrap();
+    r.seek(SeekFrom::Start(512 << 20)).unwrap();
+    let mut buf = [0u8; 6];
+    r.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"middle");
+    drop(r);
+    fs::write(low.join("t"), vec![1u8; 1 << 20]).unwrap();
+    let f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(l.mnt.join("t"))
+        .unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 0);
+    assert_eq!(
+        fs::metadata(up.join("t")).unwrap().blocks(),
+        0,
+        "O_TRUNC copy-up wrote no data"
+    );
+}
+
+#[test]
+fn concurrent_first_writes_copy_up_once() {
+    require_fuse!();
+    let p = Pair::new(stack);
+    let m = p.lmnt().to_path_buf();
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let m = m.clone();
+            std::thread::spawn(move || append(&m.join("a"), format!("t{i}\n").as_bytes()).unwrap())
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let s = fs::read_to_string(m.join("a")).unwrap();
+    assert!(s.starts_with("lower a\n"), "{s}");
+    assert_eq!(s.lines().count(), 9, "{s}");
+    let leftovers: Vec<_> = fs::read_dir(p.s.path("lw/work")).unwrap().collect();
+    assert!(leftovers.is_empty(), "work dir left {leftovers:?}");
+}
+
+#[test]
+fn workdir_leftovers_never_break_copy_up() {
+    require_fuse!();
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    write(low.join("f"), b"lower");
+    let (up, work) = (s.mkdir("up"), s.mkdir("work"));
+    // What a crash (ours or another tool's) can leave: files, dirs, dirs of mode 0.
+    write(work.join("work/#1-0"), b"stale bytes");
+    write(work.join("work/#1-1/x/y"), b"stale");
+    write(work.join("work/#0-0"), b"");
+    chmod(work.join("work/#1-1"), 0);
+    let l = Layerfs::mount(
+        &format!(
+            "lowerdir={},upperdir={},workdir={}",
+            low.display(),
+            up.display(),
+            work.display()
+        ),
+        &s.path("mnt"),
+    );
+    assert_eq!(
+        fs::read_dir(work.join("work")).unwrap().count(),
+        0,
+        "leftovers removed at mount"
+    );
+    append(&l.mnt.join("f"), b"+").unwrap();
+    assert_eq!(fs::read(l.mnt.join("f")).unwrap(), b"lower+");
+}
+
+#[test]
+fn lower_hard_link_append_survives_remount() {
+    require_fuse!();
+    let mut p = Pair::new(stack);
+    append(&p.lmnt().join("h1"), b" more").unwrap();
+    let seen_h2 = fs::read(p.lmnt().join("h2")).unwrap();
+    p.remount_layerfs();
+    assert_eq!(fs::read(p.lmnt().join("h1")).unwrap(), b"hard more");
+    // Within a mount both names are one file (as the kernel with index=on).
+    assert_eq!(seen_h2, b"hard more");
+}
