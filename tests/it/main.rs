@@ -4,5 +4,7 @@
 mod pair;
 mod support;
 
+mod cli;
+mod crash;
 mod read_side;
 mod write_path;

@@ -381,3 +381,37 @@ pub fn lowerdir(ls: &[PathBuf]) -> String {
         .collect::<Vec<_>>()
         .join(":")
 }
+
+/// The pid of the layerfs daemon serving `mnt` (found through /proc).
+pub fn daemon_pid(mnt: &Path) -> Option<i32> {
+    let want = mnt.as_os_str().as_bytes();
+    for e in std::fs::read_dir("/proc").ok()? {
+        let e = e.ok()?;
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args.first().is_some_and(|a| a.ends_with(b"layerfs"))
+            && args.iter().any(|a| *a == b"-f")
+            && args.contains(&want)
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// Wait (bounded) until `cond` holds.
+pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Mount the bundled two-layer sample image with a writable layer on top, and watch copy-up,
+# whiteouts and the untouched lower layers. Needs root (FUSE) and fuse3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v fusermount3 >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 >/dev/null
+fi
+cargo build --release -q
+bin=$PWD/target/release/layerfs
+work=$(mktemp -d /tmp/layerfs-demo.XXXXXX)
+cp -a examples/sample "$work/layers"
+mkdir -p "$work/upper" "$work/work" "$work/rootfs"
+cleanup() { "$bin" umount "$work/rootfs" 2>/dev/null || true; }
+trap cleanup EXIT
+say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
+
+say layerfs mount -o lowerdir=app:base,upperdir=upper,workdir=work rootfs
+"$bin" mount -o "lowerdir=$work/layers/app:$work/layers/base,upperdir=$work/upper,workdir=$work/work" "$work/rootfs"
+cd "$work"
+say 'find rootfs -type f   # the union: app wins, /etc/motd is whited out by app/etc/.wh.motd'
+find rootfs -type f | sort
+say 'cat rootfs/app/config'; cat rootfs/app/config
+say 'find upper            # the writable layer starts empty'; find upper
+say 'echo "local change" >> rootfs/etc/os-release   # first write: copy-up'
+echo "local change" >> rootfs/etc/os-release
+say 'rm rootfs/var/cache/blob                       # delete a lower file: whiteout'
+rm rootfs/var/cache/blob
+say 'mkdir rootfs/data && echo new > rootfs/data/file'
+mkdir rootfs/data && echo new > rootfs/data/file
+say 'find upper -printf "%M %p\n"   # copied-up file, char 0/0 whiteout, new dir'
+find upper -printf '%M %p\n' | sort -k2
+say 'cat upper/etc/os-release'; cat upper/etc/os-release
+say 'cat layers/base/etc/os-release   # the lower layer is untouched'; cat layers/base/etc/os-release
+say 'ls layers/base/var/cache'; ls layers/base/var/cache
+say "layerfs umount rootfs"
+"$bin" umount rootfs
+trap - EXIT
+echo
+echo "Left in $work (upper/ can be mounted again, or by the kernel: mount -t overlay)."

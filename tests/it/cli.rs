@@ -1,0 +1,179 @@
+//! The command line as users and container tools call it: errors are one clear line, the
+//! mount-program form works, and every way of unmounting ends the daemon.
+
+use std::process::Command;
+
+use crate::require_fuse;
+use crate::support::*;
+
+/// Run layerfs with args; returns (success, stderr).
+fn layerfs(args: &[&str]) -> (bool, String) {
+    let (ok, _out, err) = run_timeout(Command::new(BIN).args(args), 30);
+    (ok, err)
+}
+
+fn assert_one_line_error(args: &[&str], needle: &str) {
+    let (ok, err) = layerfs(args);
+    assert!(!ok, "{args:?} should fail");
+    let err = err.trim();
+    assert_eq!(err.lines().count(), 1, "one line, got: {err}");
+    assert!(err.starts_with("layerfs: "), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+#[test]
+fn bad_input_gets_a_one_line_error() {
+    require_fuse!();
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    let mnt = s.mkdir("mnt");
+    write(s.path("file"), b"x");
+    let up = s.mkdir("up");
+    let work = s.mkdir("work");
+    let m = mnt.to_str().unwrap();
+    let l = low.to_str().unwrap();
+    assert_one_line_error(
+        &["mount", "-o", "lowerdir=/nonexistent/x", m],
+        "/nonexistent/x",
+    );
+    assert_one_line_error(
+        &[
+            "mount",
+            "-o",
+            &format!("lowerdir={}", s.path("file").display()),
+            m,
+        ],
+        "not a directory",
+    );
+    assert_one_line_error(&["mount", "-o", "lowerdir=", m], "needs a value");
+    assert_one_line_error(&["mount", "-o", "lowerdir=:", m], "lowerdir is empty");
+    assert_one_line_error(
+        &["mount", "-o", &format!("lowerdir={l}"), "/nonexistent/mnt"],
+        "mountpoint /nonexistent/mnt",
+    );
+    assert_one_line_error(
+        &["mount", "-o", &format!("lowerdir={l},bogus=1"), m],
+        "unknown mount option 'bogus=1'",
+    );
+    assert_one_line_error(
+        &[
+            "mount",
+            "-o",
+            &format!("lowerdir={l},upperdir={}", up.display()),
+            m,
+        ],
+        "needs a workdir",
+    );
+    let inside = s.mkdir("mnt/up");
+    assert_one_line_error(
+        &[
+            "mount",
+            "-o",
+            &format!(
+                "lowerdir={l},upperdir={},workdir={}",
+                inside.display(),
+                work.display()
+            ),
+            m,
+        ],
+        "inside the mountpoint",
+    );
+    let in_lower = s.mkdir("low/up");
+    assert_one_line_error(
+        &[
+            "mount",
+            "-o",
+            &format!(
+                "lowerdir={l},upperdir={},workdir={}",
+                in_lower.display(),
+                work.display()
+            ),
+            m,
+        ],
+        "overlaps lowerdir",
+    );
+    if std::path::Path::new("/dev/shm").is_dir() {
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let same_fs = std::fs::metadata("/dev/shm").map(|a| {
+            use std::os::unix::fs::MetadataExt;
+            a.dev() == std::fs::metadata(&work).unwrap().dev()
+        });
+        if same_fs.ok() == Some(false) {
+            assert_one_line_error(
+                &[
+                    "mount",
+                    "-o",
+                    &format!(
+                        "lowerdir={l},upperdir={},workdir={}",
+                        shm.path().display(),
+                        work.display()
+                    ),
+                    m,
+                ],
+                "different filesystems",
+            );
+        }
+    }
+    assert!(!sys_is_mounted(&mnt), "nothing left mounted");
+}
+
+fn sys_is_mounted(p: &std::path::Path) -> bool {
+    layerfs::sys::is_mountpoint(p)
+}
+
+#[test]
+fn mount_program_form_and_every_way_to_unmount() {
+    require_fuse!();
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    write(low.join("f"), b"hello");
+    let mnt = s.mkdir("mnt");
+    let opts = format!("lowerdir={},noatime,rw", low.display());
+    // `layerfs -o ... MOUNTPOINT`: how containers-storage calls a mount program.
+    let (ok, err) = layerfs(&["-o", &opts, mnt.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"hello");
+    let pid = daemon_pid(&mnt).expect("daemon running");
+    let (ok, err) = layerfs(&["umount", mnt.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        wait_until(10, || !std::path::Path::new(&format!("/proc/{pid}"))
+            .exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))),
+        "daemon exits after umount"
+    );
+
+    // fusermount3 -u
+    let _m = Layerfs::mount(&opts, &mnt);
+    let (ok, _o, err) = run_timeout(Command::new("fusermount3").arg("-u").arg(&mnt), 20);
+    assert!(ok, "{err}");
+    assert!(!sys_is_mounted(&mnt));
+
+    // SIGTERM to the daemon unmounts.
+    let _m = Layerfs::mount(&opts, &mnt);
+    let pid = daemon_pid(&mnt).expect("daemon running");
+    // SAFETY-free: kill(1) the process.
+    run_timeout(Command::new("kill").args(["-TERM", &pid.to_string()]), 10);
+    assert!(wait_until(10, || !sys_is_mounted(&mnt)), "SIGTERM unmounts");
+}
+
+#[test]
+fn help_teaches_the_options() {
+    let (ok, out, _) = run_timeout(Command::new(BIN).args(["mount", "--help"]), 10);
+    assert!(ok);
+    for w in [
+        "lowerdir=",
+        "upperdir=",
+        "workdir=",
+        "volatile",
+        "context=",
+        "Examples",
+    ] {
+        assert!(out.contains(w), "mount --help mentions {w}");
+    }
+}
