@@ -149,10 +149,10 @@ impl Union {
                 None
             }
         };
-        copy_xattrs(src.xtarget(), XTarget::At(wfd, tmp))?;
+        // chown first: it clears set-id bits and security.capability.
         sys::chownat(wfd, tmp, sst.st_uid, sst.st_gid)?;
+        copy_xattrs(src.xtarget(), XTarget::At(wfd, tmp))?;
         if kind != Kind::Symlink {
-            // After chown, which clears set-id bits.
             sys::chmodat(wfd, tmp, perm)?;
         }
         sys::utimensat(

@@ -65,11 +65,49 @@ pub fn oci_whited_out(name: &OsStr) -> Option<&OsStr> {
     Some(OsStr::from_bytes(&b[WH_PREFIX.len()..]))
 }
 
-/// Xattrs that belong to the union's own bookkeeping and are never shown through the mount.
+const OVERLAY_PREFIXES: [&[u8]; 2] = [b"trusted.overlay.", b"user.overlay."];
+
+/// Xattrs that belong to the union's own bookkeeping and are never shown through the mount
+/// (their escaped forms, `*.overlay.overlay.*`, are user data).
 pub fn is_private_xattr(name: &[u8]) -> bool {
-    name.starts_with(b"trusted.overlay.")
-        || name.starts_with(b"user.overlay.")
-        || name.starts_with(b"user.fuseoverlayfs.")
+    if name.starts_with(b"user.fuseoverlayfs.") {
+        return true;
+    }
+    OVERLAY_PREFIXES
+        .iter()
+        .any(|p| name.starts_with(p) && !name[p.len()..].starts_with(b"overlay."))
+}
+
+/// The on-disk name of an xattr set through the union. As kernel overlayfs (6.7+) does for
+/// nesting, `PREFIX.overlay.X` is stored escaped as `PREFIX.overlay.overlay.X`. None: refused.
+pub fn escape_xattr(name: &[u8]) -> Option<Vec<u8>> {
+    if name.starts_with(b"user.fuseoverlayfs.") {
+        return None;
+    }
+    for p in OVERLAY_PREFIXES {
+        if let Some(rest) = name.strip_prefix(p) {
+            let mut v = p.to_vec();
+            v.extend_from_slice(b"overlay.");
+            v.extend_from_slice(rest);
+            return Some(v);
+        }
+    }
+    Some(name.to_vec())
+}
+
+/// The union name of an on-disk xattr; None for the union's own markers (never listed).
+pub fn unescape_xattr(disk: &[u8]) -> Option<Vec<u8>> {
+    if is_private_xattr(disk) {
+        return None;
+    }
+    for p in OVERLAY_PREFIXES {
+        if let Some(rest) = disk.strip_prefix(p) {
+            let mut v = p.to_vec();
+            v.extend_from_slice(&rest[b"overlay.".len()..]);
+            return Some(v);
+        }
+    }
+    Some(disk.to_vec())
 }
 
 /// What a real directory says about the merge below it.

@@ -64,6 +64,12 @@ pub struct Union {
     invalidate: OnceLock<Sender<u64>>,
 }
 
+/// The on-disk name of an xattr named through the union (escaped; EOPNOTSUPP if refused).
+pub(crate) fn disk_xattr_name(name: &OsStr) -> Result<CString> {
+    let disk = format::escape_xattr(name.as_bytes()).ok_or_else(|| err(libc::EOPNOTSUPP))?;
+    CString::new(disk).map_err(|_| err(libc::EINVAL))
+}
+
 /// Refuse names the kernel would never send, and names too long for any layer.
 pub(crate) fn check_name(name: &OsStr) -> Result<()> {
     let b = name.as_bytes();
@@ -253,11 +259,8 @@ impl Union {
     }
 
     pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
-        if format::is_private_xattr(name.as_bytes()) {
-            return Err(err(libc::EOPNOTSUPP));
-        }
         let node = self.node(id)?;
-        let c = CString::new(name.as_bytes()).map_err(|_| err(libc::EINVAL))?;
+        let c = disk_xattr_name(name)?;
         self.real(&node)?.getxattr(&c)
     }
 
@@ -265,8 +268,8 @@ impl Union {
         let node = self.node(id)?;
         let mut out = Vec::new();
         for n in self.real(&node)?.listxattr()? {
-            if !format::is_private_xattr(&n) {
-                out.extend_from_slice(&n);
+            if let Some(shown) = format::unescape_xattr(&n) {
+                out.extend_from_slice(&shown);
                 out.push(0);
             }
         }

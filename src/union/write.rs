@@ -1,7 +1,7 @@
 //! Changes to the union: every one lands in the upper layer, in the kernel's on-disk format
 //! (char 0/0 whiteouts, `overlay.opaque`, `overlay.redirect`); lower layers are never touched.
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use super::format;
 use super::node::{Kind, Node, NodeState};
 use super::real::Real;
 use super::workdir::remove_tree;
-use super::{Entry, Union, check_name};
+use super::{Entry, Union, check_name, disk_xattr_name};
 use crate::error::{Result, err};
 use crate::sys::{self, Stat, TimeSpec, XTarget};
 
@@ -636,27 +636,21 @@ impl Union {
     }
 
     pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-        if format::is_private_xattr(name.as_bytes()) {
-            return Err(err(libc::EOPNOTSUPP));
-        }
+        let c = disk_xattr_name(name)?;
         if !self.writable() {
             return Err(err(libc::EROFS));
         }
         let n = self.node(id)?;
-        let c = CString::new(name.as_bytes()).map_err(|_| err(libc::EINVAL))?;
         self.copy_up(&n, Data::All)?;
         Ok(sys::setxattr(self.real(&n)?.xtarget(), &c, value, flags)?)
     }
 
     pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
-        if format::is_private_xattr(name.as_bytes()) {
-            return Err(err(libc::EOPNOTSUPP));
-        }
+        let c = disk_xattr_name(name)?;
         if !self.writable() {
             return Err(err(libc::EROFS));
         }
         let n = self.node(id)?;
-        let c = CString::new(name.as_bytes()).map_err(|_| err(libc::EINVAL))?;
         // Removing an attribute that is not there copies nothing up (as the kernel).
         self.real(&n)?.getxattr(&c)?;
         self.copy_up(&n, Data::All)?;

@@ -482,3 +482,84 @@ fn lower_hard_link_append_survives_remount() {
     // Within a mount both names are one file (as the kernel with index=on).
     assert_eq!(seen_h2, b"hard more");
 }
+
+/// A v2 file capability granting cap_net_raw (bit 13), effective.
+const CAP_NET_RAW: [u8; 20] = [
+    1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+];
+
+#[test]
+fn capabilities_acl_xattrs_fallocate_and_seek_data() {
+    require_fuse!();
+    let p = Pair::new(|s| {
+        let v = stack(s);
+        set_xattr(v[1].join("a"), "security.capability", &CAP_NET_RAW);
+        set_xattr(v[1].join("a"), "trusted.mine", b"t");
+        v
+    });
+    p.same("chmod copies the capability up", |m| {
+        fs::set_permissions(m.join("a"), fs::Permissions::from_mode(0o755)).unwrap();
+        (
+            get_xattr(m.join("a"), "security.capability"),
+            get_xattr(m.join("a"), "trusted.mine"),
+        )
+    });
+    assert_eq!(
+        get_xattr(p.upper().join("a"), "security.capability").as_deref(),
+        Some(&CAP_NET_RAW[..])
+    );
+    p.same("set trusted xattr", |m| {
+        set_xattr(m.join("meta"), "trusted.x", b"1");
+        get_xattr(m.join("meta"), "trusted.x")
+    });
+    p.same("removexattr missing", |m| {
+        let d = sys::open_dir_path(m).unwrap();
+        outcome(sys::removexattr(
+            sys::XTarget::At(d.as_fd(), "d".as_ref()),
+            c"user.none",
+        ))
+    });
+    p.same(
+        "overlay's own xattr names are stored escaped (nesting)",
+        |m| {
+            let d = sys::open_dir_path(m).unwrap();
+            let set = outcome(sys::setxattr(
+                sys::XTarget::At(d.as_fd(), "d".as_ref()),
+                c"trusted.overlay.opaque",
+                b"y",
+                0,
+            ));
+            (set, get_xattr(m.join("d"), "trusted.overlay.opaque"))
+        },
+    );
+    assert_eq!(
+        get_xattr(p.upper().join("d"), "trusted.overlay.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert_eq!(
+        get_xattr(p.upper().join("d"), "trusted.overlay.opaque"),
+        None,
+        "not a real marker"
+    );
+    p.same("fallocate and SEEK_DATA/SEEK_HOLE", |m| {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.join("big"))
+            .unwrap();
+        let keep = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        sys::fallocate(f.as_fd(), keep, 1 << 20, 1 << 20).unwrap();
+        sys::fallocate(f.as_fd(), 0, 4 << 20, 1 << 20).unwrap();
+        let data = sys::lseek(f.as_fd(), 1 << 20, libc::SEEK_DATA).unwrap();
+        let hole = sys::lseek(f.as_fd(), 0, libc::SEEK_HOLE).unwrap();
+        (data, hole, f.metadata().unwrap().len())
+    });
+    p.same("fsync and fdatasync", |m| {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(m.join("d/top"))
+            .unwrap();
+        (outcome(f.sync_all()), outcome(f.sync_data()))
+    });
+    p.check("after");
+}
