@@ -6,6 +6,8 @@ fn main() {
     let cli = Cli::parse_from(normalize_args(std::env::args_os().collect()));
     let default = match &cli.cmd {
         layerfs::cli::Cmd::Mount(a) if a.debug => "debug",
+        // A log file was asked for: say what the mount is doing (data path, mounts, exits).
+        layerfs::cli::Cmd::Mount(a) if a.log_file.is_some() => "info",
         _ => "warn",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))

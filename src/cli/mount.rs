@@ -39,6 +39,9 @@ fn spawn_daemon(a: &MountArgs) -> Result<i32> {
     let exe = std::env::current_exe().ctx("finding the layerfs binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("mount").arg("-f");
+    if let Some(p) = &a.log_file {
+        cmd.arg("--log-file").arg(p);
+    }
     for o in &a.options {
         cmd.arg("-o").arg(o);
     }

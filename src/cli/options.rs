@@ -119,6 +119,7 @@ struct Raw {
     default_permissions: Option<bool>,
     kernel: Vec<MountOption>,
     ro: bool,
+    passthrough: Option<bool>,
 }
 
 fn parse_raw(opts: &[String]) -> Result<Raw> {
@@ -151,6 +152,17 @@ fn parse_raw(opts: &[String]) -> Result<Raw> {
                 }
             }
             "volatile" => r.fsync = false,
+            "passthrough" => {
+                r.passthrough = match v.as_deref() {
+                    Some("1") | Some("on") | None => Some(true),
+                    Some("0") | Some("off") => Some(false),
+                    Some(x) => {
+                        return Err(Error::msg(format!(
+                            "passthrough={x}: expected passthrough=0 or 1"
+                        )));
+                    }
+                }
+            }
             "userxattr" => r.userxattr = true,
             "allow_other" => r.allow_other = Some(true),
             "allow_root" => r.allow_other = Some(true),
@@ -281,6 +293,8 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
         threads: std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .max(2),
+        // Opt-in: see `passthrough=` in `layerfs mount --help` for its one difference.
+        passthrough: r.passthrough.unwrap_or(false) && root,
     })
 }
 

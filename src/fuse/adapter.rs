@@ -1,16 +1,18 @@
 //! `fuser::Filesystem` over the union engine: each method converts arguments, calls the engine,
 //! and replies or maps the one error. No union logic lives here.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use log::debug;
 
@@ -20,11 +22,135 @@ use crate::union::node::Kind;
 use crate::union::write::{Caller, NewObj, SetAttr};
 use crate::union::{Entry, Union};
 
-/// Lower layers never change and the upper changes only through us, so the kernel may cache.
-const TTL: Duration = Duration::from_secs(1);
+/// Lower layers never change and the upper changes only through us (side effects on other
+/// nodes are invalidated explicitly), so the kernel may cache entries, attrs and misses long.
+const TTL: Duration = Duration::from_secs(60);
 
 pub struct Adapter {
     pub fs: Union,
+    /// Asked for at mount; on only if the kernel agreed at init.
+    pub want_passthrough: bool,
+    passthrough: bool,
+    backing: Mutex<Backing>,
+}
+
+/// Passthrough bookkeeping. The kernel allows one backing file per inode at a time and no mix
+/// of passthrough and cached opens of an inode, so backings are shared per node: an upper file's
+/// is opened read-write (serves every later open), a lower file's read-only (serves readers).
+#[derive(Default)]
+struct Backing {
+    /// node -> (backing, serves writes, open handles using it)
+    by_node: HashMap<u64, (Arc<BackingId>, bool, usize)>,
+    /// handle -> node, for release
+    by_handle: HashMap<u64, u64>,
+    /// nodes with cached (non-passthrough) opens, and how many
+    cached: HashMap<u64, usize>,
+}
+
+impl Adapter {
+    pub fn new(fs: Union, want_passthrough: bool) -> Adapter {
+        Adapter {
+            fs,
+            want_passthrough,
+            passthrough: false,
+            backing: Mutex::new(Backing::default()),
+        }
+    }
+
+    /// Decide how handle `fh` of node `ino` is served. Some(backing) for passthrough; None for
+    /// the cached path (the node has cached opens, or its backing can't serve this open).
+    fn choose(
+        &self,
+        ino: u64,
+        fh: u64,
+        writes: bool,
+        open_backing: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        if !self.passthrough {
+            return None;
+        }
+        let mut b = self.backing.lock().expect("backing lock");
+        let has_cached = b.cached.contains_key(&ino);
+        let shared = match b.by_node.get_mut(&ino) {
+            Some((id, rw, n)) if *rw || !writes => {
+                *n += 1;
+                Some(id.clone())
+            }
+            Some(_) => None,
+            None if has_cached => None,
+            None => {
+                let (fd, in_upper) = self.fs.backing_fd(fh)?;
+                match open_backing(&std::fs::File::from(fd)) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        b.by_node.insert(ino, (id.clone(), in_upper, 1));
+                        Some(id)
+                    }
+                    Err(e) => {
+                        log::warn!("passthrough refused for node {ino}: {e}");
+                        None
+                    }
+                }
+            }
+        };
+        match &shared {
+            Some(_) => b.by_handle.insert(fh, ino),
+            None => {
+                *b.cached.entry(ino).or_default() += 1;
+                b.by_handle.insert(fh, ino | CACHED)
+            }
+        };
+        shared
+    }
+
+    fn released(&self, fh: u64) {
+        let mut b = self.backing.lock().expect("backing lock");
+        let Some(v) = b.by_handle.remove(&fh) else {
+            return;
+        };
+        let (ino, map) = if v & CACHED != 0 {
+            (v & !CACHED, true)
+        } else {
+            (v, false)
+        };
+        if map {
+            if let Some(n) = b.cached.get_mut(&ino) {
+                *n -= 1;
+                if *n == 0 {
+                    b.cached.remove(&ino);
+                }
+            }
+        } else if let Some(e) = b.by_node.get_mut(&ino) {
+            e.2 -= 1;
+            if e.2 == 0 {
+                b.by_node.remove(&ino);
+            }
+        }
+    }
+}
+
+/// Marks a handle served by the cached path in `Backing::by_handle`.
+const CACHED: u64 = 1 << 63;
+
+/// A negative entry: "no such name", cached by the kernel for TTL.
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
 }
 
 fn errno(e: &Error) -> Errno {
@@ -111,10 +237,31 @@ fn caller(req: &Request) -> Caller {
 
 impl Filesystem for Adapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        // O_TRUNC arrives with the open, so a truncating open copies up no data.
-        let want = InitFlags::FUSE_ATOMIC_O_TRUNC | InitFlags::FUSE_PARALLEL_DIROPS;
+        // O_TRUNC arrives with the open, so a truncating open copies up no data; readdirplus
+        // saves a lookup round trip per entry for `ls -l`, `find`, `du`.
+        let want = InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO;
         let have = config.capabilities();
         let _ = config.add_capabilities(want & have);
+        if self.want_passthrough {
+            // Backing files live on plain filesystems: one level of stacking is enough.
+            if have.contains(InitFlags::FUSE_PASSTHROUGH)
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok()
+            {
+                self.passthrough = true;
+            }
+        }
+        log::info!(
+            "data path: {}",
+            if self.passthrough {
+                "FUSE passthrough"
+            } else {
+                "FUSE reads/writes with page cache (keep_cache)"
+            }
+        );
         Ok(())
     }
 
@@ -124,7 +271,13 @@ impl Filesystem for Adapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         debug!("lookup {} {:?}", parent.0, name);
-        reply_entry(reply, self.fs.lookup(parent.0, name));
+        match self.fs.lookup(parent.0, name) {
+            // Misses are cached too: a $PATH search or a failed stat costs one request.
+            Err(e) if e.errno() == libc::ENOENT => {
+                reply.entry(&TTL, &negative_attr(), Generation(0))
+            }
+            r => reply_entry(reply, r),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -299,7 +452,15 @@ impl Filesystem for Adapter {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         debug!("open {} {:#x}", ino.0, flags.0);
         match self.fs.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => {
+                let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+                if let Some(id) = self.choose(ino.0, fh, writes, |f| reply.open_backing(f)) {
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                } else {
+                    // Data never changes behind the kernel's back: keep the page cache.
+                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                }
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -360,6 +521,7 @@ impl Filesystem for Adapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.released(fh.0);
         self.fs.release(fh.0);
         reply.ok();
     }
@@ -406,6 +568,61 @@ impl Filesystem for Adapter {
             }
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        debug!("readdirplus fh={} off={offset}", fh.0);
+        let entries = match self.fs.readdir(fh.0, offset) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let dir_attr = match self.fs.getattr(ino.0) {
+            Ok(st) => attr(&st),
+            Err(e) => return reply.error(errno(&e)),
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let off = (i + 1) as u64;
+            let b = e.name.as_encoded_bytes();
+            if b == b"." || b == b".." {
+                // The kernel neither links nor counts these.
+                let mut a = dir_attr;
+                a.ino = INodeNo(e.ino);
+                if reply.add(
+                    INodeNo(e.ino),
+                    off,
+                    &e.name,
+                    &Duration::ZERO,
+                    &a,
+                    Generation(0),
+                ) {
+                    break;
+                }
+                continue;
+            }
+            // Each entry returned counts as a lookup of it.
+            let Ok(ent) = self.fs.lookup(ino.0, &e.name) else {
+                continue;
+            };
+            if reply.add(
+                INodeNo(ent.id),
+                off,
+                &e.name,
+                &ttl_for(&ent.attr),
+                &attr(&ent.attr),
+                Generation(0),
+            ) {
+                self.fs.forget(ent.id, 1); // did not fit: not handed to the kernel
+                break;
+            }
+        }
+        reply.ok();
     }
 
     fn releasedir(
@@ -504,13 +721,27 @@ impl Filesystem for Adapter {
     ) {
         debug!("create {} {:?} {mode:o} {flags:#x}", parent.0, name);
         match self.fs.create(parent.0, name, mode, flags, caller(req)) {
-            Ok((e, fh)) => reply.created(
-                &ttl_for(&e.attr),
-                &attr(&e.attr),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            Ok((e, fh)) => {
+                let (ttl, a) = (ttl_for(&e.attr), attr(&e.attr));
+                if let Some(id) = self.choose(e.id, fh, true, |f| reply.open_backing(f)) {
+                    reply.created_passthrough(
+                        &ttl,
+                        &a,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                        &id,
+                    );
+                } else {
+                    reply.created(
+                        &ttl,
+                        &a,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_KEEP_CACHE,
+                    );
+                }
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }

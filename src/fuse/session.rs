@@ -24,6 +24,8 @@ pub struct MountSpec {
     /// Extra kernel mount flags (nodev, nosuid, noexec, noatime...).
     pub kernel_opts: Vec<MountOption>,
     pub threads: usize,
+    /// Use FUSE passthrough for file data when the kernel allows it.
+    pub passthrough: bool,
 }
 
 /// This mount's FUSE fd and mountpoint, for the exit path.
@@ -127,7 +129,11 @@ fn start(spec: &MountSpec) -> Result<Started> {
     };
     config.n_threads = Some(spec.threads.max(1));
     config.clone_fd = true;
-    let session = fuser::Session::new(Adapter { fs }, &spec.mountpoint, &config)
-        .ctx(format!("mounting on {}", spec.mountpoint.display()))?;
+    let session = fuser::Session::new(
+        Adapter::new(fs, spec.passthrough),
+        &spec.mountpoint,
+        &config,
+    )
+    .ctx(format!("mounting on {}", spec.mountpoint.display()))?;
     Ok((session, rx))
 }

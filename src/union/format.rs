@@ -174,3 +174,31 @@ pub fn redirect_components(v: &[u8]) -> Option<Vec<OsString>> {
     }
     Some(out)
 }
+
+/// The kernel's `overlay.nlink` xattr on an upper hard link written with `index=on`: the link
+/// count relative to the upper (`U+N`/`U-N`) or lower (`L+N`) count, excluding the index's own
+/// link. Returns the count to report, given the upper file's real nlink.
+pub fn adjusted_nlink(target: XTarget<'_>, real: u64) -> u64 {
+    for x in [c"trusted.overlay.nlink", c"user.overlay.nlink"] {
+        let Ok(Some(v)) = sys::getxattr(target, x) else {
+            continue;
+        };
+        let Some((&base, rest)) = v.split_first() else {
+            continue;
+        };
+        let Some(diff) = std::str::from_utf8(rest)
+            .ok()
+            .and_then(|d| d.parse::<i64>().ok())
+        else {
+            continue;
+        };
+        // "L" is relative to the lower origin's count, which this upper no longer reaches;
+        // the index holds one link either way.
+        let n = match base {
+            b'U' => real as i64 + diff,
+            _ => real as i64 - 1,
+        };
+        return n.max(1) as u64;
+    }
+    real
+}

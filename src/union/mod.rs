@@ -223,7 +223,11 @@ impl Union {
 
     /// Attributes as the union shows them.
     pub(crate) fn attr_of(&self, node: &Node) -> Result<Stat> {
-        let mut st = self.real(node)?.stat()?;
+        let real = self.real(node)?;
+        let mut st = real.stat()?;
+        if !node.is_dir() && st.st_nlink > 1 && self.layers.is_upper(node.top_layer()) {
+            st.st_nlink = format::adjusted_nlink(real.xtarget(), st.st_nlink);
+        }
         st.st_ino = node.st_ino();
         // As kernel overlayfs: a merged directory reports nlink 1 (`find` accepts it).
         if node.is_dir() && node.state.read().expect("node state lock").layers.len() > 1 {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use crate::require_fuse;
 use crate::support::*;
 
-const FILES: usize = 6;
-const SIZE: usize = 24 << 20;
+const FILES: usize = 4;
+const SIZE: usize = 8 << 20;
 
 fn content(i: usize) -> Vec<u8> {
     (0..SIZE)
@@ -47,7 +47,13 @@ fn kill_9_during_copy_ups_and_deletes_leaves_a_consistent_upper() {
         work.display()
     );
     let mnt = s.path("mnt");
-    for round in 0..3u64 {
+    // Dozens of cycles in CI; scripts/soak runs hundreds (LAYERFS_CRASH_ROUNDS).
+    let rounds: u64 = std::env::var("LAYERFS_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    let mut rng = 0x5eed_u64;
+    for round in 0..rounds {
         let m = Layerfs::mount(&opts, &mnt);
         // Writers: append to every big file (each append copies 24 MiB up first), delete lower
         // files one by one, recording each delete that returned success.
@@ -65,7 +71,7 @@ fn kill_9_during_copy_ups_and_deletes_leaves_a_consistent_upper() {
                     .open(mp.join(format!("big{i}")))
                     .and_then(|mut f| f.write_all(b"tail"));
                 for j in 0..60 {
-                    let n = format!("{:03}", (round as usize * FILES * 60 + i * 60 + j) % 400);
+                    let n = format!("{:03}", (round as usize * 97 + i * 60 + j) % 400);
                     if fs::remove_file(mp.join("del").join(&n)).is_ok() {
                         writeln!(done, "{n}").unwrap();
                     }
@@ -73,7 +79,11 @@ fn kill_9_during_copy_ups_and_deletes_leaves_a_consistent_upper() {
                 }
             }
         });
-        std::thread::sleep(Duration::from_millis(40 + round * 70));
+        // Kill at a pseudo-random moment: mid copy-up, mid delete storm, or after the work.
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(5 + (rng >> 33) % 250));
         kill_daemon(&mnt);
         worker.join().unwrap();
         drop(m);
@@ -91,7 +101,7 @@ fn kill_9_during_copy_ups_and_deletes_leaves_a_consistent_upper() {
             let tails = &got[want.len().min(got.len())..];
             assert!(
                 got.starts_with(&want)
-                    && tails.len() <= 4 * (round as usize + 1)
+                    && tails.len() <= 4 * 2 * (round as usize + 1)
                     && tails.chunks(4).all(|c| c == b"tail"),
                 "round {round}: big{i} is partial ({} bytes)",
                 got.len()

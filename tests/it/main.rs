@@ -6,5 +6,7 @@ mod support;
 
 mod cli;
 mod crash;
+mod differential;
+mod full_disk;
 mod read_side;
 mod write_path;

@@ -563,3 +563,46 @@ fn capabilities_acl_xattrs_fallocate_and_seek_data() {
     });
     p.check("after");
 }
+
+#[test]
+fn passthrough_mode_serves_reads_writes_and_shared_opens() {
+    require_fuse!();
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    write(low.join("f"), &vec![3u8; 1 << 20]);
+    let (up, work) = (s.mkdir("up"), s.mkdir("work"));
+    let log = s.path("log");
+    let l = Layerfs::try_mount_logged(
+        &format!(
+            "lowerdir={},upperdir={},workdir={},passthrough=1",
+            low.display(),
+            up.display(),
+            work.display()
+        ),
+        &s.path("mnt"),
+        Some(&log),
+    )
+    .unwrap();
+    let m = l.mnt.clone();
+    // A lower file read through passthrough, then written by several openers at once.
+    assert_eq!(fs::read(m.join("f")).unwrap().len(), 1 << 20);
+    let threads: Vec<_> = (0..6)
+        .map(|i| {
+            let m = m.clone();
+            std::thread::spawn(move || append(&m.join("f"), format!("{i}").as_bytes()).unwrap())
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(fs::read(m.join("f")).unwrap().len(), (1 << 20) + 6);
+    assert_eq!(fs::metadata(up.join("f")).unwrap().len(), (1 << 20) + 6);
+    // New files: create, write, mmap-free read back, while another fd is open.
+    let mut w = fs::File::create(m.join("new")).unwrap();
+    w.write_all(b"hello").unwrap();
+    let r = fs::read(m.join("new")).unwrap();
+    assert_eq!(r, b"hello");
+    drop(w);
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("data path: FUSE passthrough"), "{text}");
+}

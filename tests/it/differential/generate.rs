@@ -1,0 +1,176 @@
+//! Random lower layers and random operations, all from one seed.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use crate::support::*;
+
+/// SplitMix64: small, fast, and the same sequence for the same seed everywhere.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    pub fn pick<'a, T>(&mut self, v: &'a [T]) -> Option<&'a T> {
+        if v.is_empty() {
+            None
+        } else {
+            Some(&v[self.below(v.len() as u64) as usize])
+        }
+    }
+}
+
+/// A name for a new entry: mostly short, sometimes odd (never a `.wh.` marker name: creating
+/// those is a deliberate difference, tested on its own).
+pub fn name(r: &mut Rng) -> OsString {
+    match r.below(20) {
+        0 => OsString::from_vec(vec![b'L'; 200 + r.below(56) as usize]),
+        1 => OsString::from(format!("sp ace{}", r.below(4))),
+        2 => OsString::from(format!("new\nline{}", r.below(3))),
+        3 => OsString::from_vec(vec![b'b', 0xff, b'0' + r.below(4) as u8]),
+        _ => OsString::from(format!(
+            "{}{}",
+            ["a", "b", "c", "dir", "f"][r.below(5) as usize],
+            r.below(6)
+        )),
+    }
+}
+
+fn content(r: &mut Rng) -> Vec<u8> {
+    let len = match r.below(10) {
+        0 => 0,
+        1 => (1 << 20) + r.below(300_000) as usize,
+        2..=4 => r.below(20_000) as usize,
+        _ => r.below(200) as usize,
+    };
+    let b = r.below(256) as u8;
+    (0..len).map(|i| b.wrapping_add((i / 97) as u8)).collect()
+}
+
+/// Fill `n` (1-6) lower layers with random trees. Returns them, top first.
+pub fn layers(r: &mut Rng, s: &Scratch) -> Vec<PathBuf> {
+    let n = 1 + r.below(6) as usize;
+    let mut out = Vec::new();
+    // Paths used so far, so upper layers shadow, merge with and delete lower ones.
+    let mut known: Vec<(PathBuf, bool)> = Vec::new();
+    for i in (0..n).rev() {
+        let root = s.mkdir(&format!("lower{i}"));
+        let mut dirs: Vec<PathBuf> = vec![PathBuf::new()];
+        // Reuse some directory names from lower layers so they merge.
+        for (p, is_dir) in known.iter() {
+            if *is_dir && r.chance(60) {
+                std::fs::create_dir_all(root.join(p)).unwrap();
+                dirs.push(p.clone());
+                if r.chance(10) {
+                    set_xattr(root.join(p), "trusted.overlay.opaque", b"y");
+                }
+            }
+        }
+        let entries = 4 + r.below(14);
+        for _ in 0..entries {
+            let parent = r.pick(&dirs).unwrap().clone();
+            let rel = if r.chance(30) {
+                // Shadow or delete something from below.
+                match r.pick(&known) {
+                    Some((p, _))
+                        if p.parent()
+                            .is_some_and(|pp| dirs.contains(&pp.to_path_buf())) =>
+                    {
+                        p.clone()
+                    }
+                    _ => parent.join(name(r)),
+                }
+            } else {
+                parent.join(name(r))
+            };
+            let full = root.join(&rel);
+            if std::fs::symlink_metadata(&full).is_ok() {
+                continue;
+            }
+            std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+            match r.below(16) {
+                0..=4 => write(&full, &content(r)),
+                5 => {
+                    let f = std::fs::File::create(&full).unwrap();
+                    f.set_len(r.below(4 << 20)).unwrap();
+                }
+                6..=8 => {
+                    std::fs::create_dir(&full).unwrap();
+                    dirs.push(rel.clone());
+                }
+                9 => symlink(
+                    [
+                        "a0",
+                        "../b1",
+                        "/etc/hostname",
+                        "dangling/x",
+                        rel.file_name().unwrap().to_str().unwrap_or("x"),
+                    ][r.below(5) as usize],
+                    &full,
+                )
+                .unwrap(),
+                10 => {
+                    // A hard link to a file of this layer.
+                    let files: Vec<PathBuf> = walk_files(&root);
+                    match r.pick(&files) {
+                        Some(f) => std::fs::hard_link(root.join(f), &full).unwrap(),
+                        None => write(&full, b"h"),
+                    }
+                }
+                11 => mkfifo(&full),
+                12 if i + 1 < n => whiteout(&full),
+                13 => {
+                    write(&full, b"x");
+                    set_xattr(&full, "user.k", format!("v{}", r.below(9)).as_bytes());
+                }
+                _ => write(&full, &content(r)),
+            }
+            known.push((
+                rel,
+                std::fs::symlink_metadata(&full)
+                    .map(|m| m.is_dir())
+                    .unwrap_or(false),
+            ));
+        }
+        out.push(root);
+    }
+    out.reverse();
+    out
+}
+
+fn walk_files(root: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(root.join(&d)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let rel = d.join(e.file_name());
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(rel);
+            } else if ft.is_file() {
+                v.push(rel);
+            }
+        }
+    }
+    v
+}

@@ -1,0 +1,269 @@
+//! The standing differential harness: from a seed, random lower layers and a random operation
+//! sequence run in lockstep on kernel overlayfs (redirect_dir=on) and layerfs; every outcome and
+//! errno is compared, the whole tree periodically, and at the end persistence and interop.
+//!
+//! A mismatch prints the seed, the operation index and a shrunk reproduction. Replay with
+//! `LAYERFS_SEED=<seed> [LAYERFS_OPS=<n>] cargo test --test it differential::replay -- --ignored`.
+//! CI runs `LAYERFS_SEEDS` seeds (default 10) of `LAYERFS_OPS` operations (default 120).
+
+mod generate;
+mod ops;
+
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use crate::pair::Pair;
+use crate::require_fuse;
+use generate::Rng;
+use ops::{Op, Side};
+
+/// Where kernel and layerfs first disagreed.
+#[derive(Debug)]
+struct Mismatch {
+    index: usize,
+    detail: String,
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pair_for(seed: u64) -> Pair {
+    Pair::new(|s| generate::layers(&mut Rng::new(seed), s))
+}
+
+/// Run `ops` (or generate `n` of them when `ops` is None) on a fresh pair for `seed`.
+/// Returns the operations run and the first mismatch, if any.
+fn run(seed: u64, ops: Option<&[Op]>, n: usize) -> (Vec<Op>, Option<Mismatch>) {
+    let mut p = pair_for(seed);
+    let mut k = Side::new(p.kmnt());
+    let mut l = Side::new(p.lmnt());
+    let mut rng = Rng::new(seed.wrapping_mul(31).wrapping_add(7));
+    let mut done = Vec::new();
+    let total = ops.map_or(n, |o| o.len());
+    for i in 0..total {
+        let op = match ops {
+            Some(o) => o[i].clone(),
+            None => ops::random_op(&mut rng, &ops::listing(p.kmnt())),
+        };
+        done.push(op.clone());
+        let (ko, lo) = (ops::apply(&mut k, &op), ops::apply(&mut l, &op));
+        if ko != lo {
+            return (
+                done,
+                Some(Mismatch {
+                    index: i,
+                    detail: format!("{op:?}\n  kernel:  {ko}\n  layerfs: {lo}"),
+                }),
+            );
+        }
+        if matches!(op, Op::Check) || i % 10 == 9 || i + 1 == total {
+            // A tree difference is a mismatch of this operation.
+            let r =
+                std::panic::catch_unwind(AssertUnwindSafe(|| p.check(&format!("after op {i}"))));
+            if let Err(e) = r {
+                return (
+                    done,
+                    Some(Mismatch {
+                        index: i,
+                        detail: panic_text(e),
+                    }),
+                );
+            }
+        }
+    }
+    drop((k, l));
+    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        p.assert_no_panic();
+        p.check_interop();
+        p.assert_no_panic();
+    }));
+    let m = r.err().map(|e| Mismatch {
+        index: total,
+        detail: panic_text(e),
+    });
+    (done, m)
+}
+
+fn panic_text(e: Box<dyn std::any::Any + Send>) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// Drop chunks of the operation list while the run still mismatches (bounded tries).
+fn shrink(seed: u64, mut ops: Vec<Op>) -> Vec<Op> {
+    let deadline = Instant::now() + Duration::from_secs(env_u64("LAYERFS_SHRINK_SECS", 90));
+    let mut chunk = ops.len() / 2;
+    while chunk >= 1 && Instant::now() < deadline {
+        let mut i = 0;
+        let mut progressed = false;
+        while i < ops.len() && Instant::now() < deadline {
+            let mut candidate = ops.clone();
+            candidate.drain(i..(i + chunk).min(ops.len()));
+            let (_, m) = run(seed, Some(&candidate), 0);
+            if m.is_some() {
+                ops = candidate;
+                progressed = true;
+            } else {
+                i += chunk;
+            }
+        }
+        if !progressed {
+            chunk /= 2;
+        }
+    }
+    ops
+}
+
+/// Run one seed; on mismatch, shrink and fail with a reproduction.
+fn check_seed(seed: u64, n: usize) -> usize {
+    let (ops, m) = run(seed, None, n);
+    let Some(m) = m else { return ops.len() };
+    let upto = ops[..=m.index.min(ops.len() - 1)].to_vec();
+    let small = shrink(seed, upto);
+    let repro: Vec<String> = small
+        .iter()
+        .enumerate()
+        .map(|(i, o)| format!("  {i}: {o:?}"))
+        .collect();
+    panic!(
+        "differential mismatch: seed {seed}, operation {} of {}\n{}\n\nshrunk reproduction ({} ops; the layers come from the seed):\n{}\n\
+         replay: LAYERFS_SEED={seed} LAYERFS_OPS={} cargo test --test it differential::replay -- --ignored --nocapture",
+        m.index,
+        ops.len(),
+        m.detail,
+        small.len(),
+        repro.join("\n"),
+        m.index + 1
+    );
+}
+
+#[test]
+fn random_operations_match_kernel_overlayfs() {
+    require_fuse!();
+    let seeds = env_u64("LAYERFS_SEEDS", 10);
+    let n = env_u64("LAYERFS_OPS", 120) as usize;
+    let first = env_u64("LAYERFS_FIRST_SEED", 1);
+    let start = Instant::now();
+    let mut total = 0;
+    for seed in first..first + seeds {
+        total += check_seed(seed, n);
+    }
+    eprintln!(
+        "differential: {seeds} seeds, {total} operations, 0 mismatches, {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+#[ignore = "replays LAYERFS_SEED; run by hand"]
+fn replay() {
+    require_fuse!();
+    let seed = env_u64("LAYERFS_SEED", 1);
+    let n = env_u64("LAYERFS_OPS", 120) as usize;
+    let (ops, m) = run(seed, None, n);
+    for (i, o) in ops.iter().enumerate() {
+        eprintln!("{i}: {o:?}");
+    }
+    if let Some(m) = m {
+        panic!("seed {seed}: mismatch at op {}: {}", m.index, m.detail);
+    }
+}
+
+#[test]
+#[ignore = "long-running; scripts/soak runs it"]
+fn soak() {
+    require_fuse!();
+    let secs = env_u64("LAYERFS_SOAK_SECONDS", 60);
+    let n = env_u64("LAYERFS_OPS", 200) as usize;
+    let mut seed = env_u64("LAYERFS_FIRST_SEED", 1000);
+    let start = Instant::now();
+    let (mut seeds, mut total) = (0, 0);
+    while start.elapsed() < Duration::from_secs(secs) {
+        total += check_seed(seed, n);
+        seeds += 1;
+        seed += 1;
+    }
+    let el = start.elapsed().as_secs_f64();
+    eprintln!(
+        "soak: {seeds} seeds, {total} ops in {el:.0} s ({:.0} ops/s incl. setup), 0 mismatches",
+        total as f64 / el
+    );
+}
+
+/// Several workers on one pair of mounts, each in lockstep inside its own subtree (which the
+/// lower layers populate too), so one daemon serves concurrent requests from all of them.
+#[test]
+#[ignore = "long-running; scripts/soak runs it"]
+fn soak_shared_mount() {
+    require_fuse!();
+    let secs = env_u64("LAYERFS_SOAK_SECONDS", 60);
+    let workers = env_u64("LAYERFS_SOAK_WORKERS", 4);
+    let seed = env_u64("LAYERFS_FIRST_SEED", 5000);
+    let p = Pair::new(|s| {
+        let v = generate::layers(&mut Rng::new(seed), s);
+        // Give every worker a subtree in each layer (moved from a fresh random tree).
+        for (i, layer) in v.iter().enumerate() {
+            for w in 0..workers {
+                let sub = crate::support::Scratch::new();
+                let t = generate::layers(&mut Rng::new(seed * 100 + w * 10 + i as u64), &sub);
+                let src = t.last().unwrap();
+                let dst = layer.join(format!("w{w}"));
+                let (ok, _o, e) = crate::support::run_timeout(
+                    std::process::Command::new("cp")
+                        .arg("-a")
+                        .arg(src)
+                        .arg(&dst),
+                    60,
+                );
+                assert!(ok, "{e}");
+            }
+        }
+        v
+    });
+    let start = Instant::now();
+    let total = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|sc| {
+        for w in 0..workers {
+            let (p, total) = (&p, &total);
+            sc.spawn(move || {
+                let prefix = std::path::PathBuf::from(format!("w{w}"));
+                let mut k = Side::new(&p.kmnt().join(&prefix));
+                let mut l = Side::new(&p.lmnt().join(&prefix));
+                let mut rng = Rng::new(seed + w);
+                let mut i = 0u64;
+                while start.elapsed() < Duration::from_secs(secs) {
+                    let op = ops::random_op(&mut rng, &ops::listing(&k.root));
+                    let (ko, lo) = (ops::apply(&mut k, &op), ops::apply(&mut l, &op));
+                    assert_eq!(ko, lo, "worker {w} op {i}: {op:?} (seed {seed})");
+                    i += 1;
+                    if i.is_multiple_of(50) {
+                        assert_same_tree_of(&k.root, &l.root, w, i);
+                    }
+                }
+                total.fetch_add(i, std::sync::atomic::Ordering::Relaxed);
+            });
+        }
+    });
+    p.check("end of shared soak");
+    p.assert_no_panic();
+    let n = total.into_inner();
+    let el = start.elapsed().as_secs_f64();
+    eprintln!(
+        "shared-mount soak: {workers} workers, {n} ops in {el:.0} s ({:.0} ops/s), 0 mismatches",
+        n as f64 / el
+    );
+}
+
+fn assert_same_tree_of(k: &std::path::Path, l: &std::path::Path, w: u64, i: u64) {
+    crate::support::assert_same_tree(
+        &format!("worker {w} after op {i}"),
+        &crate::support::snapshot(k),
+        &crate::support::snapshot(l),
+    );
+}

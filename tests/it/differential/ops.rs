@@ -1,0 +1,446 @@
+//! Operations applied in lockstep to kernel overlayfs and layerfs, each reduced to a comparable
+//! outcome string (the value, or the errno).
+
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use layerfs::sys;
+use sha2::{Digest, Sha256};
+
+use super::generate::{self, Rng};
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// open with flags, then pwrite `len` bytes of `byte` at `off` (if writable).
+    Write {
+        path: PathBuf,
+        flags: i32,
+        off: u64,
+        len: usize,
+        byte: u8,
+    },
+    Truncate {
+        path: PathBuf,
+        size: u64,
+    },
+    Punch {
+        path: PathBuf,
+        off: u64,
+        len: u64,
+    },
+    Unlink {
+        path: PathBuf,
+    },
+    Rmdir {
+        path: PathBuf,
+    },
+    Mkdir {
+        path: PathBuf,
+        mode: u32,
+    },
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        flags: u32,
+    },
+    Link {
+        from: PathBuf,
+        to: PathBuf,
+    },
+    Symlink {
+        target: String,
+        path: PathBuf,
+    },
+    Mkfifo {
+        path: PathBuf,
+    },
+    Chmod {
+        path: PathBuf,
+        mode: u32,
+    },
+    Chown {
+        path: PathBuf,
+        uid: u32,
+        gid: u32,
+    },
+    Utimes {
+        path: PathBuf,
+        secs: i64,
+    },
+    SetXattr {
+        path: PathBuf,
+        value: u8,
+    },
+    RemoveXattr {
+        path: PathBuf,
+    },
+    /// Keep a read-only fd open in `slot` (reads from it later see copy-ups).
+    OpenKeep {
+        slot: usize,
+        path: PathBuf,
+    },
+    ReadKept {
+        slot: usize,
+    },
+    ListDir {
+        path: PathBuf,
+    },
+    Check,
+}
+
+pub const SLOTS: usize = 4;
+
+/// One side of the lockstep run: a mount root and the fds kept open on it.
+pub struct Side {
+    pub root: PathBuf,
+    pub fds: Vec<Option<File>>,
+}
+
+impl Side {
+    pub fn new(root: &Path) -> Side {
+        Side {
+            root: root.to_path_buf(),
+            fds: (0..SLOTS).map(|_| None).collect(),
+        }
+    }
+}
+
+fn errno(e: std::io::Error) -> String {
+    format!("err:{}", e.raw_os_error().unwrap_or(-1))
+}
+
+fn res<T>(r: std::io::Result<T>, ok: impl FnOnce(T) -> String) -> String {
+    match r {
+        Ok(v) => ok(v),
+        Err(e) => errno(e),
+    }
+}
+
+fn dir_and_name(
+    root: &Path,
+    p: &Path,
+) -> std::io::Result<(std::os::fd::OwnedFd, std::ffi::OsString)> {
+    let parent = p.parent().unwrap_or(Path::new(""));
+    let d = sys::open_dir_path(&root.join(parent))?;
+    Ok((d, p.file_name().unwrap_or(OsStr::new(".")).to_os_string()))
+}
+
+fn hash(b: &[u8]) -> String {
+    Sha256::digest(b)
+        .iter()
+        .take(6)
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// Apply `op` to one side; the outcome is what must match between the two.
+pub fn apply(side: &mut Side, op: &Op) -> String {
+    let root = side.root.clone();
+    let at = |p: &Path| root.join(p);
+    match op {
+        Op::Write {
+            path,
+            flags,
+            off,
+            len,
+            byte,
+        } => {
+            let acc = flags & libc::O_ACCMODE;
+            let r = OpenOptions::new()
+                .read(acc != libc::O_WRONLY)
+                .write(acc != libc::O_RDONLY)
+                .custom_flags(flags & !libc::O_ACCMODE)
+                .mode(0o644)
+                .open(at(path));
+            res(r, |f| {
+                if acc == libc::O_RDONLY {
+                    return "ok:ro".into();
+                }
+                let data = vec![*byte; *len];
+                let w = sys::pwrite(f.as_fd(), &data, *off);
+                res(w, |n| {
+                    format!("ok:{n}:{}", f.metadata().map(|m| m.len()).unwrap_or(0))
+                })
+            })
+        }
+        Op::Truncate { path, size } => res(
+            OpenOptions::new()
+                .write(true)
+                .open(at(path))
+                .and_then(|f| f.set_len(*size)),
+            |_| "ok".into(),
+        ),
+        Op::Punch { path, off, len } => res(
+            OpenOptions::new().write(true).open(at(path)).and_then(|f| {
+                sys::fallocate(
+                    f.as_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    *off,
+                    *len,
+                )
+            }),
+            |_| "ok".into(),
+        ),
+        Op::Unlink { path } => res(std::fs::remove_file(at(path)), |_| "ok".into()),
+        Op::Rmdir { path } => res(std::fs::remove_dir(at(path)), |_| "ok".into()),
+        Op::Mkdir { path, mode } => res(
+            std::fs::create_dir(at(path))
+                .and_then(|_| std::fs::set_permissions(at(path), PermissionsExt::from_mode(*mode))),
+            |_| "ok".into(),
+        ),
+        Op::Rename { from, to, flags } => {
+            let r = dir_and_name(&root, from).and_then(|(fd, fname)| {
+                let (td, tname) = dir_and_name(&root, to)?;
+                sys::renameat2(fd.as_fd(), &fname, td.as_fd(), &tname, *flags)
+            });
+            res(r, |_| "ok".into())
+        }
+        // nlink of lower hard links is an expected difference (see support::expected_difference).
+        Op::Link { from, to } => res(std::fs::hard_link(at(from), at(to)), |_| "ok".into()),
+        Op::Symlink { target, path } => res(symlink(target, at(path)), |_| "ok".into()),
+        Op::Mkfifo { path } => res(
+            dir_and_name(&root, path)
+                .and_then(|(d, n)| sys::mknodat(d.as_fd(), &n, libc::S_IFIFO | 0o640, 0)),
+            |_| "ok".into(),
+        ),
+        Op::Chmod { path, mode } => {
+            let r = std::fs::symlink_metadata(at(path)).and_then(|m| {
+                if m.file_type().is_symlink() {
+                    Ok(())
+                } else {
+                    std::fs::set_permissions(at(path), PermissionsExt::from_mode(*mode))
+                }
+            });
+            res(r, |_| "ok".into())
+        }
+        Op::Chown { path, uid, gid } => res(
+            std::os::unix::fs::lchown(at(path), Some(*uid), Some(*gid)),
+            |_| "ok".into(),
+        ),
+        Op::Utimes { path, secs } => {
+            let r = dir_and_name(&root, path).and_then(|(d, n)| {
+                sys::utimensat(
+                    d.as_fd(),
+                    &n,
+                    Some(Some((*secs, 0))),
+                    Some(Some((*secs + 7, 500))),
+                )
+            });
+            res(r, |_| {
+                let m = std::fs::symlink_metadata(at(path)).unwrap();
+                format!("ok:{}:{}", m.mtime(), m.mtime_nsec())
+            })
+        }
+        Op::SetXattr { path, value } => {
+            let r = dir_and_name(&root, path).and_then(|(d, n)| {
+                sys::setxattr(sys::XTarget::At(d.as_fd(), &n), c"user.fz", &[*value], 0)
+            });
+            res(r, |_| "ok".into())
+        }
+        Op::RemoveXattr { path } => {
+            let r = dir_and_name(&root, path)
+                .and_then(|(d, n)| sys::removexattr(sys::XTarget::At(d.as_fd(), &n), c"user.fz"));
+            res(r, |_| "ok".into())
+        }
+        Op::OpenKeep { slot, path } => {
+            let r = dir_and_name(&root, path).and_then(|(d, n)| {
+                let st = sys::statat(d.as_fd(), &n)?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+                }
+                File::open(at(path))
+            });
+            res(r, |f| {
+                side.fds[*slot] = Some(f);
+                "ok".into()
+            })
+        }
+        Op::ReadKept { slot } => match &mut side.fds[*slot] {
+            None => "none".into(),
+            Some(f) => {
+                let mut buf = Vec::new();
+                let r = std::io::Seek::seek(f, std::io::SeekFrom::Start(0))
+                    .and_then(|_| f.read_to_end(&mut buf));
+                res(r, |n| format!("ok:{n}:{}", hash(&buf)))
+            }
+        },
+        Op::ListDir { path } => {
+            let r = std::fs::read_dir(at(path)).and_then(|rd| {
+                let mut v: Vec<Vec<u8>> = rd
+                    .map(|e| e.map(|e| e.file_name().as_bytes().to_vec()))
+                    .collect::<Result<_, _>>()?;
+                // Expected difference: kernel overlayfs lists whiteouts of a directory that
+                // merges with nothing below (stat: ENOENT); layerfs never does.
+                v.retain(|n| {
+                    std::fs::symlink_metadata(at(path).join(OsStr::from_bytes(n))).is_ok()
+                });
+                v.sort();
+                Ok(v)
+            });
+            res(r, |v| format!("ok:{}", hash(&v.concat())))
+        }
+        Op::Check => "check".into(),
+    }
+}
+
+/// The visible entries of a tree (path, kind), by fd walk.
+pub fn listing(root: &Path) -> Vec<(PathBuf, char)> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(root.join(&d)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let rel = d.join(e.file_name());
+            let Ok(ft) = e.file_type() else { continue };
+            let k = if ft.is_dir() {
+                stack.push(rel.clone());
+                'd'
+            } else if ft.is_file() {
+                'f'
+            } else if ft.is_symlink() {
+                'l'
+            } else {
+                'o'
+            };
+            out.push((rel, k));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A random operation against the current tree.
+pub fn random_op(r: &mut Rng, tree: &[(PathBuf, char)]) -> Op {
+    let any = |r: &mut Rng| {
+        r.pick(tree)
+            .map(|x| x.0.clone())
+            .unwrap_or_else(|| PathBuf::from("a0"))
+    };
+    let of = |r: &mut Rng, k: char| {
+        let v: Vec<&PathBuf> = tree.iter().filter(|x| x.1 == k).map(|x| &x.0).collect();
+        r.pick(&v)
+            .map(|p| (*p).clone())
+            .unwrap_or_else(|| PathBuf::from("nope"))
+    };
+    let dir = |r: &mut Rng| {
+        if r.chance(30) {
+            PathBuf::new()
+        } else {
+            of(r, 'd')
+        }
+    };
+    let fresh = |r: &mut Rng| {
+        let d = if r.chance(30) {
+            PathBuf::new()
+        } else {
+            of(r, 'd')
+        };
+        d.join(generate::name(r))
+    };
+    let target = |r: &mut Rng| if r.chance(50) { fresh(r) } else { any(r) };
+    match r.below(22) {
+        0..=3 => {
+            let flags = [
+                libc::O_WRONLY,
+                libc::O_RDWR,
+                libc::O_WRONLY | libc::O_APPEND,
+                libc::O_WRONLY | libc::O_TRUNC,
+                libc::O_RDWR | libc::O_CREAT,
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                libc::O_RDONLY,
+                libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC,
+            ][r.below(8) as usize];
+            let path = if flags & libc::O_CREAT != 0 && r.chance(50) {
+                fresh(r)
+            } else {
+                of(r, 'f')
+            };
+            Op::Write {
+                path,
+                flags,
+                off: r.below(3 << 20),
+                len: r.below(70_000) as usize,
+                byte: r.below(256) as u8,
+            }
+        }
+        4 => Op::Truncate {
+            path: of(r, 'f'),
+            size: r.below(2 << 20),
+        },
+        5 => Op::Punch {
+            path: of(r, 'f'),
+            off: r.below(1 << 20),
+            len: 1 + r.below(1 << 20),
+        },
+        6 | 7 => Op::Unlink { path: any(r) },
+        8 => Op::Rmdir { path: any(r) },
+        9 => Op::Mkdir {
+            path: target(r),
+            mode: [0o755, 0o700, 0o2775][r.below(3) as usize],
+        },
+        10 | 11 => {
+            let flags =
+                [0, 0, 0, libc::RENAME_NOREPLACE, libc::RENAME_EXCHANGE][r.below(5) as usize];
+            let from = any(r);
+            let to = if r.chance(20) {
+                dir(r).join(from.file_name().unwrap_or(OsStr::new("x")))
+            } else {
+                target(r)
+            };
+            Op::Rename { from, to, flags }
+        }
+        12 => Op::Link {
+            from: of(r, 'f'),
+            to: target(r),
+        },
+        13 => Op::Symlink {
+            target: ["a0", "../x", "/etc/hostname", "loop"][r.below(4) as usize].into(),
+            path: target(r),
+        },
+        14 => Op::Mkfifo { path: target(r) },
+        15 => Op::Chmod {
+            path: any(r),
+            mode: [0o600, 0o755, 0o4755, 0o1777, 0o640][r.below(5) as usize],
+        },
+        16 => Op::Chown {
+            path: any(r),
+            uid: r.below(3) as u32 * 1000,
+            gid: r.below(3) as u32 * 100,
+        },
+        17 => Op::Utimes {
+            path: any(r),
+            secs: 100_000_000 + r.below(1_000_000) as i64,
+        },
+        18 => {
+            if r.chance(60) {
+                Op::SetXattr {
+                    path: any(r),
+                    value: r.below(9) as u8,
+                }
+            } else {
+                Op::RemoveXattr { path: any(r) }
+            }
+        }
+        19 => {
+            if r.chance(50) {
+                Op::OpenKeep {
+                    slot: r.below(SLOTS as u64) as usize,
+                    path: of(r, 'f'),
+                }
+            } else {
+                Op::ReadKept {
+                    slot: r.below(SLOTS as u64) as usize,
+                }
+            }
+        }
+        20 => Op::ListDir { path: dir(r) },
+        _ => Op::Check,
+    }
+}
