@@ -600,6 +600,11 @@ pub fn geteuid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+pub fn getegid() -> u32 {
+    // SAFETY: always succeeds.
+    unsafe { libc::getegid() }
+}
+
 pub fn umask_current() -> u32 {
     // SAFETY: umask has no failure mode; set it back immediately.
     unsafe {

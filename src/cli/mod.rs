@@ -16,9 +16,9 @@ Mount OPTIONS (comma-separated; -o may be repeated):
   upperdir=DIR             writable layer (all changes land here); needs workdir
   workdir=DIR              scratch dir on the same filesystem as upperdir (emptied at mount)
   fsync=0 | volatile       don't fsync copy-ups (faster; a crash may lose recent copy-ups)
-  passthrough=0|1          file data straight to the real files (FUSE passthrough, root only;
-                           default 0). With 1, a read-only fd opened before another's copy-up
-                           keeps reading the lower copy (the kernel's overlayfs follows the copy)
+  passthrough=0|1          I/O on upper-layer files goes straight to the real file (FUSE
+                           passthrough; default 1 as root, needs kernel 6.9+); lower files use
+                           the page cache either way
   userxattr                write markers as user.overlay.* (default when not root)
   ro                       read-only even with an upperdir
   allow_other, default_permissions, dev, nodev, suid, nosuid, noexec, noatime, sync, dirsync

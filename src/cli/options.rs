@@ -293,8 +293,8 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
         threads: std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .max(2),
-        // Opt-in: see `passthrough=` in `layerfs mount --help` for its one difference.
-        passthrough: r.passthrough.unwrap_or(false) && root,
+        // Passthrough needs CAP_SYS_ADMIN; unprivileged mounts use the page cache.
+        passthrough: r.passthrough.unwrap_or(true) && root,
     })
 }
 

@@ -35,12 +35,14 @@ pub struct Adapter {
 }
 
 /// Passthrough bookkeeping. The kernel allows one backing file per inode at a time and no mix
-/// of passthrough and cached opens of an inode, so backings are shared per node: an upper file's
-/// is opened read-write (serves every later open), a lower file's read-only (serves readers).
+/// of passthrough and cached opens of an inode. So only files already in the upper layer get
+/// passthrough, through one shared read-write backing per node; lower files (read-only, and
+/// whose readers must follow a later copy-up) use the cached path, and a node with cached opens
+/// stays cached until they close.
 #[derive(Default)]
 struct Backing {
-    /// node -> (backing, serves writes, open handles using it)
-    by_node: HashMap<u64, (Arc<BackingId>, bool, usize)>,
+    /// node -> (backing, open handles using it)
+    by_node: HashMap<u64, (Arc<BackingId>, usize)>,
     /// handle -> node, for release
     by_handle: HashMap<u64, u64>,
     /// nodes with cached (non-passthrough) opens, and how many
@@ -58,12 +60,11 @@ impl Adapter {
     }
 
     /// Decide how handle `fh` of node `ino` is served. Some(backing) for passthrough; None for
-    /// the cached path (the node has cached opens, or its backing can't serve this open).
+    /// the cached path (a lower file, or a node that has cached opens).
     fn choose(
         &self,
         ino: u64,
         fh: u64,
-        writes: bool,
         open_backing: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
     ) -> Option<Arc<BackingId>> {
         if !self.passthrough {
@@ -72,26 +73,25 @@ impl Adapter {
         let mut b = self.backing.lock().expect("backing lock");
         let has_cached = b.cached.contains_key(&ino);
         let shared = match b.by_node.get_mut(&ino) {
-            Some((id, rw, n)) if *rw || !writes => {
+            Some((id, n)) => {
                 *n += 1;
                 Some(id.clone())
             }
-            Some(_) => None,
             None if has_cached => None,
-            None => {
-                let (fd, in_upper) = self.fs.backing_fd(fh)?;
-                match open_backing(&std::fs::File::from(fd)) {
+            None => match self.fs.backing_fd(fh) {
+                None => None,
+                Some(fd) => match open_backing(&std::fs::File::from(fd)) {
                     Ok(id) => {
                         let id = Arc::new(id);
-                        b.by_node.insert(ino, (id.clone(), in_upper, 1));
+                        b.by_node.insert(ino, (id.clone(), 1));
                         Some(id)
                     }
                     Err(e) => {
                         log::warn!("passthrough refused for node {ino}: {e}");
                         None
                     }
-                }
-            }
+                },
+            },
         };
         match &shared {
             Some(_) => b.by_handle.insert(fh, ino),
@@ -121,8 +121,8 @@ impl Adapter {
                 }
             }
         } else if let Some(e) = b.by_node.get_mut(&ino) {
-            e.2 -= 1;
-            if e.2 == 0 {
+            e.1 -= 1;
+            if e.1 == 0 {
                 b.by_node.remove(&ino);
             }
         }
@@ -453,8 +453,7 @@ impl Filesystem for Adapter {
         debug!("open {} {:#x}", ino.0, flags.0);
         match self.fs.open(ino.0, flags.0) {
             Ok(fh) => {
-                let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-                if let Some(id) = self.choose(ino.0, fh, writes, |f| reply.open_backing(f)) {
+                if let Some(id) = self.choose(ino.0, fh, |f| reply.open_backing(f)) {
                     reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
                 } else {
                     // Data never changes behind the kernel's back: keep the page cache.
@@ -543,7 +542,11 @@ impl Filesystem for Adapter {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         debug!("opendir {}", ino.0);
         match self.fs.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            // Listings change only through this mount, which tells the kernel: let it cache them.
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -723,7 +726,7 @@ impl Filesystem for Adapter {
         match self.fs.create(parent.0, name, mode, flags, caller(req)) {
             Ok((e, fh)) => {
                 let (ttl, a) = (ttl_for(&e.attr), attr(&e.attr));
-                if let Some(id) = self.choose(e.id, fh, true, |f| reply.open_backing(f)) {
+                if let Some(id) = self.choose(e.id, fh, |f| reply.open_backing(f)) {
                     reply.created_passthrough(
                         &ttl,
                         &a,

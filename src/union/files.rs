@@ -74,14 +74,14 @@ impl Union {
         Ok((entry, self.add_handle(node, fd, 0, flags)))
     }
 
-    /// A backing fd for FUSE passthrough of this handle's node: read-write on an upper file
-    /// (so it can serve every later open), read-only on a lower one. And whether it is upper.
-    pub fn backing_fd(&self, fh: u64) -> Option<(OwnedFd, bool)> {
+    /// A backing fd for FUSE passthrough of this handle's node: the upper file opened
+    /// read-write (so one backing serves every later open). None for a lower file.
+    pub fn backing_fd(&self, fh: u64) -> Option<OwnedFd> {
         let h = self.handles.file(fh)?;
-        let upper = self.writable() && h.node.top_layer() == 0;
-        let flags = if upper { libc::O_RDWR } else { libc::O_RDONLY };
-        let fd = self.real(&h.node).ok()?.open(flags, false).ok()?;
-        Some((fd, upper))
+        if !self.writable() || h.node.top_layer() != 0 {
+            return None;
+        }
+        self.real(&h.node).ok()?.open(libc::O_RDWR, false).ok()
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {

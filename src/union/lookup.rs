@@ -70,6 +70,7 @@ impl Union {
         state.redirect_layer = f.redirect_layer;
         if f.kind == Kind::Dir {
             self.fds.drop_node(id);
+            self.names.drop_node(id);
             for (l, fd) in f.fds {
                 self.fds.put(id, l, fd);
             }
@@ -98,6 +99,16 @@ impl Union {
         let mut found: Option<Found> = None;
         for &l in &pstate.layers {
             let pfd = self.dir_fd(p, l)?;
+            if !self.layers.is_upper(l) {
+                // Lower layers never change: answer misses from the directory's name set.
+                let names = self.names.get(p.id, l, pfd.as_fd())?;
+                if !names.contains(name) {
+                    if names.whited_out(name) {
+                        break;
+                    }
+                    continue;
+                }
+            }
             let st = match sys::statat(pfd.as_fd(), name) {
                 Ok(st) => st,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {

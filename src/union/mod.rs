@@ -8,6 +8,7 @@ pub mod format;
 pub mod handle;
 pub mod layer;
 pub mod lookup;
+pub mod names;
 pub mod node;
 pub mod readdir;
 pub mod real;
@@ -56,6 +57,7 @@ pub struct Union {
     pub layers: LayerStack,
     pub(crate) nodes: NodeTable,
     pub(crate) fds: FdCache,
+    pub(crate) names: names::NameIndex,
     pub(crate) handles: HandleTable,
     pub(crate) work: Option<WorkDir>,
     pub cfg: Config,
@@ -95,6 +97,7 @@ impl Union {
         let limit = sys::raise_nofile_limit() as usize;
         let u = Union {
             fds: FdCache::new((limit / 2).max(256)),
+            names: names::NameIndex::new(8192),
             nodes: NodeTable::new(),
             handles: HandleTable::new(),
             layers,
@@ -244,6 +247,7 @@ impl Union {
     pub fn forget(&self, id: u64, n: u64) {
         if self.nodes.forget(id, n) {
             self.fds.drop_node(id);
+            self.names.drop_node(id);
         }
     }
 

@@ -71,6 +71,13 @@ impl Union {
         let layers = p.state().layers;
         for &l in layers.iter().filter(|&&l| !self.layers.is_upper(l)) {
             let pfd = self.dir_fd(p, l)?;
+            let names = self.names.get(p.id, l, pfd.as_fd())?;
+            if !names.contains(name) {
+                if names.whited_out(name) {
+                    return Ok(false);
+                }
+                continue;
+            }
             match sys::statat(pfd.as_fd(), name) {
                 Ok(st) => return Ok(!sys::is_whiteout_stat(&st)),
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
@@ -215,7 +222,10 @@ impl Union {
         uid: u32,
         gid: u32,
     ) -> Result<()> {
-        sys::chownat(dir, name, uid, gid)?;
+        // The daemon creates as itself; hand the object to the caller (a no-op skipped).
+        if (uid, gid) != (sys::geteuid(), sys::getegid()) {
+            sys::chownat(dir, name, uid, gid)?;
+        }
         // chown clears set-id bits; put back what was asked for.
         let mode = match *obj {
             NewObj::File { mode, .. } | NewObj::Node { mode, .. } => mode & 0o7777,

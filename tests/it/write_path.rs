@@ -382,6 +382,7 @@ fn sparse_files_stay_sparse_and_o_trunc_copies_nothing() {
     f.seek(SeekFrom::Start(512 << 20)).unwrap();
     f.write_all(b"middle").unwrap();
     drop(f);
+    fs::write(low.join("t"), vec![1u8; 1 << 20]).unwrap();
     let (up, work) = (s.mkdir("up"), s.mkdir("work"));
     let l = Layerfs::mount(
         &format!(
@@ -406,7 +407,6 @@ fn sparse_files_stay_sparse_and_o_trunc_copies_nothing() {
     r.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"middle");
     drop(r);
-    fs::write(low.join("t"), vec![1u8; 1 << 20]).unwrap();
     let f = OpenOptions::new()
         .write(true)
         .truncate(true)
