@@ -105,20 +105,38 @@ impl Union {
         Ok(w.0.clone())
     }
 
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let h = self.handle(fh)?;
-        let fd = self.read_fd(&h)?;
-        let mut buf = vec![0u8; size as usize];
-        let mut got = 0;
-        while got < buf.len() {
-            let n = sys::pread(fd.as_fd(), &mut buf[got..], offset + got as u64)?;
-            if n == 0 {
-                break;
-            }
-            got += n;
+    /// Read up to `size` bytes at `offset` and hand the outcome to `reply` (called exactly once),
+    /// through a per-thread buffer reused (never re-zeroed) across requests.
+    pub fn read_with<R>(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        reply: impl FnOnce(Result<&[u8]>) -> R,
+    ) -> R {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        buf.truncate(got);
-        Ok(buf)
+        let fd = match self.handle(fh).and_then(|h| self.read_fd(&h)) {
+            Ok(fd) => fd,
+            Err(e) => return reply(Err(e)),
+        };
+        BUF.with(|b| {
+            let mut buf = b.borrow_mut();
+            let want = size as usize;
+            if buf.len() < want {
+                buf.resize(want, 0);
+            }
+            let mut got = 0;
+            while got < want {
+                match sys::pread(fd.as_fd(), &mut buf[got..want], offset + got as u64) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) => return reply(Err(e.into())),
+                }
+            }
+            reply(Ok(&buf[..got]))
+        })
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {

@@ -5,8 +5,8 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::layer::Layer;
 use crate::error::{Context, Error, Result, err};
@@ -15,6 +15,8 @@ use crate::sys;
 pub struct WorkDir {
     pub fd: Arc<OwnedFd>,
     counter: AtomicU64,
+    /// Name (in the work dir) of the shared whiteout inode new whiteouts are linked to.
+    shared_whiteout: Mutex<Option<OsString>>,
 }
 
 impl WorkDir {
@@ -43,6 +45,7 @@ impl WorkDir {
         let w = WorkDir {
             fd: Arc::new(fd),
             counter: AtomicU64::new(0),
+            shared_whiteout: Mutex::new(None),
         };
         w.clean().ctx(format!("cleaning {}/work", path.display()))?;
         Ok(w)
@@ -60,6 +63,32 @@ impl WorkDir {
             remove_tree(self.fd.as_fd(), &e.name, 0)?;
         }
         Ok(())
+    }
+
+    /// Make `name` in `dir` a whiteout. Like the kernel, whiteouts are hard links to one shared
+    /// whiteout inode in the work dir: a link is far cheaper than allocating an inode each time.
+    /// Falls back to a fresh char device where links can't be made (EMLINK, EXDEV, EPERM).
+    pub fn link_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        let mut shared = self.shared_whiteout.lock().expect("whiteout lock");
+        for _ in 0..2 {
+            let wh = match shared.as_ref() {
+                Some(w) => w.clone(),
+                None => {
+                    let w = self.temp_name();
+                    sys::mknodat(self.fd.as_fd(), &w, libc::S_IFCHR, 0)?;
+                    *shared = Some(w.clone());
+                    w
+                }
+            };
+            match sys::linkat(self.fd.as_fd(), &wh, dir, name) {
+                Ok(()) => return Ok(()),
+                // Too many links on this one: start another.
+                Err(e) if e.raw_os_error() == Some(libc::EMLINK) => *shared = None,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EPERM)) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(sys::mknodat(dir, name, libc::S_IFCHR, 0)?)
     }
 
     /// A fresh name for a temporary object; callers create it exclusively.

@@ -159,18 +159,22 @@ impl Union {
         let p = self.dir_node(parent)?;
         self.copy_up(&p, Data::All)?;
         let _g = p.dir_lock.write().expect("dir lock");
-        if self.child(&p, name)?.is_some() {
-            return Err(err(libc::EEXIST));
-        }
         let upper = self.dir_fd(&p, 0)?;
-        let pst = sys::fstat(upper.as_fd())?;
-        let (uid, gid) = Self::new_owner(&pst, c);
-        let setgid = pst.st_mode & libc::S_ISGID != 0;
+        // One look at the upper name; the lower layers answer from their name sets.
         let over_whiteout = match sys::statat(upper.as_fd(), name) {
             Ok(st) if sys::is_whiteout_stat(&st) => true,
             Ok(_) => return Err(err(libc::EEXIST)),
-            Err(_) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                if self.exists_below(&p, name)? {
+                    return Err(err(libc::EEXIST));
+                }
+                false
+            }
+            Err(e) => return Err(e.into()),
         };
+        let pst = sys::fstat(upper.as_fd())?;
+        let (uid, gid) = Self::new_owner(&pst, c);
+        let setgid = pst.st_mode & libc::S_ISGID != 0;
         let is_dir = matches!(obj, NewObj::Dir { .. });
         let fd = if over_whiteout {
             // Build aside, then replace the whiteout in one rename: never a moment where the
@@ -292,12 +296,13 @@ impl Union {
 
     /// Put a whiteout at `name` in upper dir `upper`, replacing whatever the upper has there.
     fn whiteout(&self, upper: BorrowedFd<'_>, name: &OsStr, replace: bool) -> Result<()> {
-        if !replace {
-            return Ok(sys::mknodat(upper, name, libc::S_IFCHR, 0)?);
-        }
         let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
+        if !replace {
+            return work.link_whiteout(upper, name);
+        }
+        // Build it aside and rename it over the upper object: one atomic step.
         let tmp = work.temp_name();
-        sys::mknodat(work.fd.as_fd(), &tmp, libc::S_IFCHR, 0)?;
+        work.link_whiteout(work.fd.as_fd(), &tmp)?;
         if let Err(e) = sys::renameat2(work.fd.as_fd(), &tmp, upper, name, 0) {
             let _ = sys::unlinkat(work.fd.as_fd(), &tmp, false);
             return Err(e.into());

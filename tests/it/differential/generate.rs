@@ -156,21 +156,9 @@ pub fn layers(r: &mut Rng, s: &Scratch) -> Vec<PathBuf> {
 }
 
 fn walk_files(root: &Path) -> Vec<PathBuf> {
-    let mut v = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(root.join(&d)) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let rel = d.join(e.file_name());
-            let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() {
-                stack.push(rel);
-            } else if ft.is_file() {
-                v.push(rel);
-            }
-        }
-    }
-    v
+    super::ops::listing(root)
+        .into_iter()
+        .filter(|(_, k)| *k == 'f')
+        .map(|(p, _)| p)
+        .collect()
 }
