@@ -3,5 +3,6 @@
 pub mod cli;
 pub mod error;
 pub mod fuse;
+pub mod store;
 pub mod sys;
 pub mod union;

@@ -1,5 +1,6 @@
 //! The command line: clap definitions and handlers. No filesystem logic lives here.
 
+pub mod image;
 pub mod mount;
 pub mod options;
 
@@ -40,6 +41,10 @@ Examples:
     after_help = "Without a subcommand, `layerfs -o OPTIONS MOUNTPOINT` mounts (as fuse-overlayfs is called).\nRUST_LOG=debug shows each filesystem operation (with -f or -d)."
 )]
 pub struct Cli {
+    /// Image store root (default: $LAYERFS_ROOT, else /var/lib/layerfs as root,
+    /// else $XDG_DATA_HOME/layerfs).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub root: Option<PathBuf>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -49,6 +54,21 @@ pub enum Cmd {
     /// Mount layers as one tree; returns once the mount is live (the daemon detaches).
     #[command(after_help = MOUNT_HELP)]
     Mount(MountArgs),
+    /// Images in the store: load, ls, tag, rm, history, inspect.
+    Image {
+        #[command(subcommand)]
+        cmd: image::ImageCmd,
+    },
+    /// List images (same as `image ls`).
+    Images {
+        #[arg(long, value_parser = ["table", "json"], default_value = "table")]
+        format: String,
+    },
+    /// Containers: a writable layer over an image; create, ls, rm, mount, umount, diff.
+    Container {
+        #[command(subcommand)]
+        cmd: image::ContainerCmd,
+    },
     /// Unmount a layerfs mount (the daemon then exits).
     #[command(alias = "unmount")]
     Umount {
@@ -76,19 +96,37 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
 }
 
-/// `layerfs -o ... MOUNTPOINT` (a "mount program" call) means `layerfs mount -o ...`.
+/// `layerfs -o ... MOUNTPOINT` (a "mount program" call) means `layerfs mount -o ...`: the
+/// first argument after any global `--root DIR` is an option rather than a command.
 pub fn normalize_args(mut args: Vec<OsString>) -> Vec<OsString> {
-    if let Some(first) = args.get(1).and_then(|a| a.to_str()) {
+    let mut i = 1;
+    while let Some(a) = args.get(i).and_then(|a| a.to_str()) {
+        if a == "--root" {
+            i += 2;
+        } else if a.starts_with("--root=") {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    if let Some(first) = args.get(i).and_then(|a| a.to_str()) {
         let is_global = matches!(first, "-h" | "--help" | "-V" | "--version");
         if first.starts_with('-') && !is_global {
-            args.insert(1, "mount".into());
+            args.insert(i, "mount".into());
         }
     }
     args
 }
 
 pub fn run(cli: Cli) -> Result<i32> {
+    let root = cli
+        .root
+        .clone()
+        .unwrap_or_else(crate::store::Store::default_root);
     match cli.cmd {
+        Cmd::Image { cmd } => image::run_image(&root, cmd),
+        Cmd::Images { format } => image::run_image(&root, image::ImageCmd::Ls { format }),
+        Cmd::Container { cmd } => image::run_container(&root, cmd),
         Cmd::Mount(a) => mount::mount(a),
         Cmd::Umount { mountpoint, lazy } => mount::umount(&mountpoint, lazy).map(|()| 0),
     }

@@ -9,4 +9,5 @@ mod crash;
 mod differential;
 mod full_disk;
 mod read_side;
+mod store;
 mod write_path;

@@ -1,0 +1,469 @@
+//! `layerfs image ...` and `layerfs container ...`: the store's commands.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use crate::error::{Context, Error, Result};
+use crate::store::digest::Digest;
+use crate::store::{Image, Store, load, normalize_ref};
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Load images from an OCI layout dir, an oci-archive tar or a docker-archive tar.
+    Load { path: PathBuf },
+    /// List images: REPOSITORY TAG IMAGE-ID CREATED SIZE.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long, value_parser = ["table", "json"], default_value = "table")]
+        format: String,
+    },
+    /// Add a tag (SOURCE: name[:tag] or id; TARGET: name[:tag]); retagging moves a tag.
+    Tag { source: String, target: String },
+    /// Untag an image; an image left without tags is deleted with its unshared layers.
+    #[command(alias = "remove")]
+    Rm { reference: String },
+    /// Per layer, newest first: CREATED, CREATED BY, SIZE, COMMENT.
+    History {
+        image: String,
+        #[arg(long, value_parser = ["table", "json"], default_value = "table")]
+        format: String,
+    },
+    /// JSON: Id, RepoTags, Created, Config, RootFS.Layers, Size, layer paths.
+    Inspect { image: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ContainerCmd {
+    /// A new writable layer over an image's layers.
+    Create {
+        image: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List containers.
+    Ls {
+        #[arg(long, value_parser = ["table", "json"], default_value = "table")]
+        format: String,
+    },
+    /// Delete a container's writable layer (the image stays).
+    Rm { name: String },
+    /// Mount a container's root filesystem (image layers + its writable layer).
+    Mount { name: String, mountpoint: PathBuf },
+    /// Unmount it.
+    Umount { name: String },
+    /// A/C/D lines, like `docker diff`, read from the writable layer.
+    Diff { name: String },
+}
+
+fn human(n: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i + 1 < units.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.3}{}", units[i]).replace(".000", "")
+    }
+}
+
+fn image_size(store: &Store, img: &Image) -> u64 {
+    img.layers
+        .iter()
+        .map(|l| store.layer_size(&l.diff_id))
+        .sum()
+}
+
+fn tags_of(tags: &BTreeMap<String, Digest>, id: &Digest) -> Vec<String> {
+    tags.iter()
+        .filter(|(_, v)| *v == id)
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn progress(line: String) {
+    eprintln!("{line}");
+}
+
+pub fn run_image(root: &Path, cmd: ImageCmd) -> Result<i32> {
+    match cmd {
+        ImageCmd::Load { path } => {
+            let store = Store::open(root, true)?;
+            for l in load::load(&store, &path, &mut progress)? {
+                let names = if l.tags.is_empty() {
+                    l.id.short().to_string()
+                } else {
+                    l.tags.join(", ")
+                };
+                println!(
+                    "Loaded image: {names} ({}; {} new layer(s), {} already present)",
+                    l.id, l.new_layers, l.reused_layers
+                );
+            }
+        }
+        ImageCmd::Ls { format } => {
+            let store = Store::open(root, false)?;
+            let tags = store.tags()?;
+            let mut rows = Vec::new();
+            for img in store.images()? {
+                let mut names = tags_of(&tags, &img.id);
+                if names.is_empty() {
+                    names.push("<none>:<none>".into());
+                }
+                for n in names {
+                    let (repo, tag) = n.rsplit_once(':').unwrap_or((&n, ""));
+                    rows.push(
+                        json!({"Repository": repo, "Tag": tag, "ID": img.id.as_str(),
+                        "Created": img.created, "Size": image_size(&store, &img)}),
+                    );
+                }
+            }
+            if format == "json" {
+                print_json(&rows);
+            } else {
+                println!(
+                    "{:<30} {:<12} {:<14} {:<22} SIZE",
+                    "REPOSITORY", "TAG", "IMAGE ID", "CREATED"
+                );
+                for r in rows {
+                    let id = r["ID"].as_str().unwrap_or("");
+                    println!(
+                        "{:<30} {:<12} {:<14} {:<22} {}",
+                        r["Repository"].as_str().unwrap_or(""),
+                        r["Tag"].as_str().unwrap_or(""),
+                        id.get(7..19).unwrap_or(id),
+                        r["Created"].as_str().unwrap_or("").get(..19).unwrap_or(""),
+                        human(r["Size"].as_u64().unwrap_or(0))
+                    );
+                }
+            }
+        }
+        ImageCmd::Tag { source, target } => {
+            let store = Store::open(root, true)?;
+            let img = store.resolve(&source)?;
+            let mut tags = store.tags()?;
+            tags.insert(normalize_ref(&target)?, img.id);
+            store.set_tags(&tags)?;
+        }
+        ImageCmd::Rm { reference } => {
+            let store = Store::open(root, true)?;
+            let img = store.resolve(&reference)?;
+            let mut tags = store.tags()?;
+            let by_tag = normalize_ref(&reference)
+                .ok()
+                .filter(|t| tags.contains_key(t));
+            let users = containers_using(&store, &img.id)?;
+            match &by_tag {
+                Some(t) if tags_of(&tags, &img.id).len() > 1 => {
+                    tags.remove(t);
+                    store.set_tags(&tags)?;
+                    println!("Untagged: {t}");
+                    return Ok(0);
+                }
+                _ => {}
+            }
+            if !users.is_empty() {
+                return Err(Error::msg(format!(
+                    "image {} is in use by container(s) {}",
+                    img.id.short(),
+                    users.join(", ")
+                )));
+            }
+            for t in tags_of(&tags, &img.id) {
+                tags.remove(&t);
+                println!("Untagged: {t}");
+            }
+            store.set_tags(&tags)?;
+            fs::remove_file(
+                store
+                    .root
+                    .join("images")
+                    .join(format!("{}.json", img.id.hex())),
+            )?;
+            let still: Vec<Digest> = store
+                .images()?
+                .iter()
+                .flat_map(|i| i.layers.iter().map(|l| l.diff_id.clone()))
+                .collect();
+            for l in &img.layers {
+                if !still.contains(&l.diff_id) && store.has_layer(&l.diff_id) {
+                    fs::remove_dir_all(store.layer_dir(&l.diff_id))?;
+                    println!("Deleted layer: {}", l.diff_id);
+                }
+            }
+            println!("Deleted: {}", img.id);
+        }
+        ImageCmd::History { image, format } => {
+            let store = Store::open(root, false)?;
+            let img = store.resolve(&image)?;
+            let cfg = store.config(&img)?;
+            let mut layer_sizes = img.layers.iter().map(|l| store.layer_size(&l.diff_id));
+            let mut rows = Vec::new();
+            for h in cfg
+                .get("history")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let empty = h
+                    .get("empty_layer")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                let size = if empty {
+                    0
+                } else {
+                    layer_sizes.next().unwrap_or(0)
+                };
+                rows.push(
+                    json!({"Created": h.get("created"), "CreatedBy": h.get("created_by"),
+                    "Size": size, "Comment": h.get("comment")}),
+                );
+            }
+            rows.reverse();
+            if format == "json" {
+                print_json(&rows);
+            } else {
+                println!(
+                    "{:<22} {:<50} {:<10} COMMENT",
+                    "CREATED", "CREATED BY", "SIZE"
+                );
+                for r in rows {
+                    let by = r["CreatedBy"].as_str().unwrap_or("");
+                    let by: String = by.chars().take(48).collect();
+                    println!(
+                        "{:<22} {:<50} {:<10} {}",
+                        r["Created"].as_str().unwrap_or("").get(..19).unwrap_or(""),
+                        by,
+                        human(r["Size"].as_u64().unwrap_or(0)),
+                        r["Comment"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        ImageCmd::Inspect { image } => {
+            let store = Store::open(root, false)?;
+            let img = store.resolve(&image)?;
+            let cfg = store.config(&img)?;
+            let tags = tags_of(&store.tags()?, &img.id);
+            let v = json!([{
+                "Id": img.id.as_str(),
+                "RepoTags": tags,
+                "Created": img.created,
+                "Architecture": cfg.get("architecture"),
+                "Os": cfg.get("os"),
+                "Config": cfg.get("config"),
+                "RootFS": {"Type": "layers", "Layers": img.layers.iter().map(|l| l.diff_id.as_str()).collect::<Vec<_>>()},
+                "Size": image_size(&store, &img),
+                "LayerPaths": img.layers.iter().map(|l| store.layer_dir(&l.diff_id).join("diff")).collect::<Vec<_>>(),
+            }]);
+            print_json(&v);
+        }
+    }
+    Ok(0)
+}
+
+// ---------------------------------------------------------------- containers
+
+fn container_dir(store: &Store, name: &str) -> Result<PathBuf> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(Error::msg(format!("bad container name {name:?}")));
+    }
+    Ok(store.root.join("containers").join(name))
+}
+
+fn read_meta(store: &Store, name: &str) -> Result<Value> {
+    let p = container_dir(store, name)?.join("meta.json");
+    let d = fs::read(&p).map_err(|_| Error::msg(format!("no such container: {name}")))?;
+    serde_json::from_slice(&d)
+        .map_err(|e| Error::msg(format!("container {name}: corrupt meta.json: {e}")))
+}
+
+fn write_meta(store: &Store, name: &str, v: &Value) -> Result<()> {
+    let p = container_dir(store, name)?.join("meta.json");
+    let tmp = p.with_extension("json.tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(v).unwrap_or_default())?;
+    fs::rename(&tmp, &p)?;
+    Ok(())
+}
+
+fn containers_using(store: &Store, id: &Digest) -> Result<Vec<String>> {
+    let mut v = Vec::new();
+    for e in fs::read_dir(store.root.join("containers"))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Ok(m) = read_meta(store, &name)
+            && m["Image"].as_str() == Some(id.as_str())
+        {
+            v.push(name);
+        }
+    }
+    Ok(v)
+}
+
+/// The image's layer dirs, top first (lowerdir order).
+fn lowers(store: &Store, img: &Image) -> Vec<PathBuf> {
+    img.layers
+        .iter()
+        .rev()
+        .map(|l| store.layer_dir(&l.diff_id).join("diff"))
+        .collect()
+}
+
+pub fn run_container(root: &Path, cmd: ContainerCmd) -> Result<i32> {
+    match cmd {
+        ContainerCmd::Create { image, name } => {
+            let store = Store::open(root, true)?;
+            let img = store.resolve(&image)?;
+            let name = name.unwrap_or_else(|| {
+                format!(
+                    "c-{}",
+                    &Digest::of(format!("{:?}", std::time::SystemTime::now()).as_bytes()).hex()
+                        [..10]
+                )
+            });
+            let dir = container_dir(&store, &name)?;
+            if dir.exists() {
+                return Err(Error::msg(format!("container {name} already exists")));
+            }
+            fs::create_dir_all(dir.join("upper")).ctx("creating the container")?;
+            fs::create_dir_all(dir.join("work"))?;
+            write_meta(
+                &store,
+                &name,
+                &json!({"Name": name, "Image": img.id.as_str(), "Mountpoint": null}),
+            )?;
+            println!("{name}");
+        }
+        ContainerCmd::Ls { format } => {
+            let store = Store::open(root, false)?;
+            let mut rows = Vec::new();
+            for e in fs::read_dir(store.root.join("containers"))?.flatten() {
+                if let Ok(m) = read_meta(&store, &e.file_name().to_string_lossy()) {
+                    rows.push(m);
+                }
+            }
+            if format == "json" {
+                print_json(&rows);
+            } else {
+                println!("{:<20} {:<14} MOUNTPOINT", "NAME", "IMAGE ID");
+                for r in rows {
+                    let id = r["Image"].as_str().unwrap_or("");
+                    println!(
+                        "{:<20} {:<14} {}",
+                        r["Name"].as_str().unwrap_or(""),
+                        id.get(7..19).unwrap_or(id),
+                        r["Mountpoint"].as_str().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        ContainerCmd::Rm { name } => {
+            let store = Store::open(root, true)?;
+            let m = read_meta(&store, &name)?;
+            if let Some(mp) = m["Mountpoint"].as_str()
+                && crate::sys::is_mountpoint(Path::new(mp))
+            {
+                return Err(Error::msg(format!(
+                    "container {name} is mounted on {mp}: unmount it first"
+                )));
+            }
+            fs::remove_dir_all(container_dir(&store, &name)?)?;
+        }
+        ContainerCmd::Mount { name, mountpoint } => {
+            let store = Store::open(root, true)?;
+            let mut m = read_meta(&store, &name)?;
+            if let Some(mp) = m["Mountpoint"].as_str()
+                && crate::sys::is_mountpoint(Path::new(mp))
+            {
+                return Err(Error::msg(format!(
+                    "container {name} is already mounted on {mp}"
+                )));
+            }
+            let img = store.resolve(m["Image"].as_str().unwrap_or(""))?;
+            let dir = container_dir(&store, &name)?;
+            let low: Vec<String> = lowers(&store, &img)
+                .iter()
+                .map(|p| p.to_string_lossy().replace(':', "\\:").replace(',', "\\,"))
+                .collect();
+            let opts = format!(
+                "lowerdir={},upperdir={},workdir={}",
+                low.join(":"),
+                dir.join("upper").display(),
+                dir.join("work").display()
+            );
+            let args = super::MountArgs {
+                options: vec![opts],
+                foreground: false,
+                debug: false,
+                log_file: None,
+                mountpoint: mountpoint.clone(),
+            };
+            super::mount::mount(args)?;
+            let abs = fs::canonicalize(&mountpoint)?;
+            m["Mountpoint"] = json!(abs);
+            write_meta(&store, &name, &m)?;
+        }
+        ContainerCmd::Umount { name } => {
+            let store = Store::open(root, true)?;
+            let mut m = read_meta(&store, &name)?;
+            let mp = m["Mountpoint"]
+                .as_str()
+                .map(PathBuf::from)
+                .ok_or_else(|| Error::msg(format!("container {name} is not mounted")))?;
+            super::mount::umount(&mp, false)?;
+            m["Mountpoint"] = Value::Null;
+            write_meta(&store, &name, &m)?;
+        }
+        ContainerCmd::Diff { name } => {
+            let store = Store::open(root, false)?;
+            let m = read_meta(&store, &name)?;
+            let img = store.resolve(m["Image"].as_str().unwrap_or(""))?;
+            let lows = lowers(&store, &img);
+            let upper = container_dir(&store, &name)?.join("upper");
+            let mut out = Vec::new();
+            diff_walk(&upper, Path::new(""), &lows, &mut out)?;
+            out.sort_by(|a, b| a.1.cmp(&b.1));
+            for (k, p) in out {
+                println!("{k} /{}", p.display());
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// A (added), C (changed: exists below), D (deleted: whiteout) for each upper entry.
+fn diff_walk(
+    upper: &Path,
+    rel: &Path,
+    lows: &[PathBuf],
+    out: &mut Vec<(char, PathBuf)>,
+) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    for e in fs::read_dir(upper.join(rel))?.flatten() {
+        let p = rel.join(e.file_name());
+        let ft = e.file_type()?;
+        let md = e.metadata()?;
+        let below = lows
+            .iter()
+            .any(|l| fs::symlink_metadata(l.join(&p)).is_ok());
+        if ft.is_char_device() && std::os::unix::fs::MetadataExt::rdev(&md) == 0 {
+            out.push(('D', p));
+            continue;
+        }
+        out.push((if below { 'C' } else { 'A' }, p.clone()));
+        if ft.is_dir() {
+            diff_walk(upper, &p, lows, out)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,462 @@
+//! `image load`: OCI image layouts (directory or oci-archive tar) and docker-archive tars
+//! (`docker save`, podman/containers-image). Every blob is verified against its digest and every
+//! layer against its diff_id before anything becomes visible in the store.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufReader, Read};
+use std::os::fd::AsFd;
+use std::path::{Component, Path, PathBuf};
+
+use serde_json::Value;
+
+use super::digest::{Digest, HashingReader};
+use super::unpack;
+use super::{Image, LayerRef, Store, normalize_ref};
+use crate::error::{Context, Error, Result};
+use crate::sys;
+
+/// What a load did, for the caller's summary.
+pub struct Loaded {
+    pub id: Digest,
+    pub tags: Vec<String>,
+    pub new_layers: usize,
+    pub reused_layers: usize,
+}
+
+fn json(data: &[u8], what: &str) -> Result<Value> {
+    serde_json::from_slice(data).map_err(|e| Error::msg(format!("{what} is not valid JSON: {e}")))
+}
+
+fn str_field<'a>(v: &'a Value, k: &str, what: &str) -> Result<&'a str> {
+    v.get(k)
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::msg(format!("{what}: missing \"{k}\"")))
+}
+
+/// Read a blob of an OCI layout, checking its digest and (if given) size.
+fn oci_blob(dir: &Path, d: &Digest, size: Option<u64>) -> Result<Vec<u8>> {
+    let p = dir.join("blobs/sha256").join(d.hex());
+    let data = fs::read(&p)
+        .map_err(|_| Error::msg(format!("blob {d} is missing from {}", dir.display())))?;
+    if let Some(s) = size
+        && data.len() as u64 != s
+    {
+        return Err(Error::msg(format!(
+            "blob {d} is {} bytes, the manifest says {s} (truncated?)",
+            data.len()
+        )));
+    }
+    if &Digest::of(&data) != d {
+        return Err(Error::msg(format!(
+            "blob {d} does not match its digest (corrupt)"
+        )));
+    }
+    Ok(data)
+}
+
+pub fn load(store: &Store, path: &Path, say: &mut dyn FnMut(String)) -> Result<Vec<Loaded>> {
+    let meta = fs::metadata(path).ctx(format!("image {}", path.display()))?;
+    if meta.is_dir() {
+        if !path.join("oci-layout").exists() {
+            return Err(Error::msg(format!(
+                "{} is not an OCI image layout (no oci-layout file)",
+                path.display()
+            )));
+        }
+        return load_oci(store, path, say);
+    }
+    // A tar: stage it (safely) and see what it holds.
+    let stage = tempdir_in(&store.tmp())?;
+    let f = File::open(path).ctx(format!("image {}", path.display()))?;
+    let root = sys::open_dir_path(stage.path())?;
+    unpack::unpack(BufReader::new(f), root.as_fd(), store.marker_ns())
+        .map_err(|e| e.context(format!("reading archive {}", path.display())))?;
+    if stage.path().join("oci-layout").exists() {
+        load_oci(store, stage.path(), say)
+    } else if stage.path().join("manifest.json").exists() {
+        load_docker(store, stage.path(), say)
+    } else {
+        Err(Error::msg(format!(
+            "{}: neither an OCI archive nor a docker archive",
+            path.display()
+        )))
+    }
+}
+
+fn load_oci(store: &Store, dir: &Path, say: &mut dyn FnMut(String)) -> Result<Vec<Loaded>> {
+    let index = json(
+        &fs::read(dir.join("index.json")).ctx("index.json")?,
+        "index.json",
+    )?;
+    let mut out = Vec::new();
+    let mut manifests: Vec<(Value, Option<String>)> = Vec::new();
+    for m in index
+        .get("manifests")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let name = m
+            .pointer("/annotations/org.opencontainers.image.ref.name")
+            .and_then(Value::as_str)
+            .map(String::from);
+        let mt = m.get("mediaType").and_then(Value::as_str).unwrap_or("");
+        let d = Digest::parse(str_field(m, "digest", "index.json manifest")?)?;
+        let data = oci_blob(dir, &d, m.get("size").and_then(Value::as_u64))?;
+        let v = json(&data, &format!("manifest {d}"))?;
+        if mt.contains("index") || mt.contains("manifest.list") {
+            // A nested index: take its manifests (the first platform is what we run).
+            for sub in v
+                .get("manifests")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .take(1)
+            {
+                let sd = Digest::parse(str_field(sub, "digest", "nested index")?)?;
+                let sdata = oci_blob(dir, &sd, sub.get("size").and_then(Value::as_u64))?;
+                manifests.push((json(&sdata, &format!("manifest {sd}"))?, name.clone()));
+            }
+        } else {
+            manifests.push((v, name));
+        }
+    }
+    if manifests.is_empty() {
+        return Err(Error::msg("index.json lists no manifests"));
+    }
+    for (m, name) in manifests {
+        let cfg = m
+            .get("config")
+            .ok_or_else(|| Error::msg("manifest has no config"))?;
+        let cd = Digest::parse(str_field(cfg, "digest", "manifest config")?)?;
+        let cdata = oci_blob(dir, &cd, cfg.get("size").and_then(Value::as_u64))?;
+        let config = json(&cdata, "image config")?;
+        let layers: Vec<(Digest, String, u64)> = m
+            .get("layers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|l| {
+                Ok((
+                    Digest::parse(str_field(l, "digest", "manifest layer")?)?,
+                    l.get("mediaType")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                    l.get("size").and_then(Value::as_u64).unwrap_or(0),
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let tags = name
+            .map(|n| normalize_ref(&n))
+            .transpose()?
+            .into_iter()
+            .collect();
+        let sources = layers
+            .into_iter()
+            .map(|(d, mt, size)| {
+                let data = oci_blob(dir, &d, Some(size))?;
+                Ok(Source {
+                    blob: d,
+                    media_type: mt,
+                    data: SourceData::Bytes(data),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.push(commit_image(store, &cdata, &config, sources, tags, say)?);
+    }
+    Ok(out)
+}
+
+/// Resolve `rel` inside the staged archive, following symlinks only within it.
+fn inside(root: &Path, rel: &str) -> Result<PathBuf> {
+    let mut cur = PathBuf::new();
+    let mut todo: Vec<String> = rel.split('/').rev().map(String::from).collect();
+    let mut hops = 0;
+    while let Some(c) = todo.pop() {
+        match c.as_str() {
+            "" | "." => continue,
+            ".." => {
+                if !cur.pop() {
+                    return Err(Error::msg(format!(
+                        "archive path {rel} escapes the archive"
+                    )));
+                }
+                continue;
+            }
+            _ => cur.push(&c),
+        }
+        if let Ok(t) = fs::read_link(root.join(&cur)) {
+            hops += 1;
+            if hops > 40 || t.is_absolute() {
+                return Err(Error::msg(format!("archive path {rel}: bad symlink")));
+            }
+            cur.pop();
+            for tc in t.components().rev() {
+                match tc {
+                    Component::Normal(n) => todo.push(n.to_string_lossy().into_owned()),
+                    Component::ParentDir => todo.push("..".into()),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(root.join(cur))
+}
+
+fn load_docker(store: &Store, dir: &Path, say: &mut dyn FnMut(String)) -> Result<Vec<Loaded>> {
+    let manifest = json(&fs::read(dir.join("manifest.json"))?, "manifest.json")?;
+    let mut out = Vec::new();
+    for m in manifest
+        .as_array()
+        .ok_or_else(|| Error::msg("manifest.json is not a list"))?
+    {
+        let cpath = inside(dir, str_field(m, "Config", "manifest.json")?)?;
+        let cdata = fs::read(&cpath)
+            .map_err(|_| Error::msg(format!("config {} is missing", cpath.display())))?;
+        let config = json(&cdata, "image config")?;
+        let tags = m
+            .get("RepoTags")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(normalize_ref)
+            .collect::<Result<Vec<_>>>()?;
+        let mut sources = Vec::new();
+        for l in m
+            .get("Layers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let p = inside(
+                dir,
+                l.as_str()
+                    .ok_or_else(|| Error::msg("manifest.json: bad layer entry"))?,
+            )?;
+            if !p.is_file() {
+                return Err(Error::msg(format!(
+                    "layer {} is missing from the archive",
+                    p.display()
+                )));
+            }
+            sources.push(Source {
+                blob: Digest::of(&[]),
+                media_type: String::new(),
+                data: SourceData::File(p),
+            });
+        }
+        out.push(commit_image(store, &cdata, &config, sources, tags, say)?);
+    }
+    Ok(out)
+}
+
+enum SourceData {
+    Bytes(Vec<u8>),
+    File(PathBuf),
+}
+
+struct Source {
+    /// Verified digest of the blob (OCI); for docker archives computed while reading.
+    blob: Digest,
+    media_type: String,
+    data: SourceData,
+}
+
+fn open_stream(data: &SourceData, media_type: &str) -> Result<(Box<dyn Read>, bool)> {
+    let mut head = [0u8; 4];
+    let mut raw: Box<dyn Read> = match data {
+        SourceData::Bytes(b) => {
+            head[..b.len().min(4)].copy_from_slice(&b[..b.len().min(4)]);
+            Box::new(std::io::Cursor::new(b.clone()))
+        }
+        SourceData::File(p) => {
+            let mut f = File::open(p)?;
+            let _ = f.read(&mut head)?;
+            Box::new(BufReader::new(File::open(p)?))
+        }
+    };
+    if media_type.contains("zstd") || head == [0x28, 0xb5, 0x2f, 0xfd] {
+        return Err(Error::msg("zstd-compressed layers are not supported yet"));
+    }
+    let gz = media_type.contains("gzip") || head[..2] == [0x1f, 0x8b];
+    if gz {
+        raw = Box::new(flate2::read::GzDecoder::new(raw));
+    }
+    Ok((raw, gz))
+}
+
+/// Extract and verify every layer not yet stored, then record the image and its tags.
+fn commit_image(
+    store: &Store,
+    config_bytes: &[u8],
+    config: &Value,
+    sources: Vec<Source>,
+    tags: Vec<String>,
+    say: &mut dyn FnMut(String),
+) -> Result<Loaded> {
+    let id = Digest::of(config_bytes);
+    let diff_ids: Vec<Digest> = config
+        .pointer("/rootfs/diff_ids")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Error::msg("image config has no rootfs.diff_ids"))?
+        .iter()
+        .map(|v| Digest::parse(v.as_str().unwrap_or("")))
+        .collect::<Result<_>>()?;
+    if diff_ids.len() != sources.len() {
+        return Err(Error::msg(format!(
+            "image config lists {} layers, the manifest {}",
+            diff_ids.len(),
+            sources.len()
+        )));
+    }
+    let (mut new_layers, mut reused) = (0, 0);
+    let mut refs = Vec::new();
+    let n = sources.len();
+    for (i, (src, diff_id)) in sources.into_iter().zip(&diff_ids).enumerate() {
+        let blob_bytes = match &src.data {
+            SourceData::Bytes(b) => Some(b.clone()),
+            SourceData::File(_) => None,
+        };
+        if store.has_layer(diff_id) {
+            say(format!(
+                "layer {}/{n} {} already present",
+                i + 1,
+                diff_id.short()
+            ));
+            reused += 1;
+            let blob = match &src.data {
+                SourceData::File(p) => Digest::of(&fs::read(p)?),
+                SourceData::Bytes(_) => src.blob.clone(),
+            };
+            refs.push(LayerRef {
+                diff_id: diff_id.clone(),
+                blob,
+                media_type: src.media_type,
+                size: store.layer_size(diff_id),
+            });
+            continue;
+        }
+        say(format!(
+            "layer {}/{n} {} extracting",
+            i + 1,
+            diff_id.short()
+        ));
+        let stage = tempdir_in(&store.tmp())?;
+        fs::create_dir(stage.path().join("diff"))?;
+        let (stream, gz) = open_stream(&src.data, &src.media_type)?;
+        let mut hr = HashingReader::new(stream);
+        let root = sys::open_dir_path(&stage.path().join("diff"))?;
+        let done = unpack::unpack(&mut hr, root.as_fd(), store.marker_ns())
+            .map_err(|e| e.context(format!("layer {}", diff_id.short())))?;
+        let (got, _) = hr.finish().map_err(|e| {
+            Error::msg(format!(
+                "layer {}: truncated or corrupt stream: {e}",
+                diff_id.short()
+            ))
+        })?;
+        if &got != diff_id {
+            return Err(Error::msg(format!(
+                "layer {} does not match its diff_id (content is {})",
+                diff_id.short(),
+                got.short()
+            )));
+        }
+        fs::write(stage.path().join("size"), done.bytes.to_string())?;
+        // Keep the blob as distributed so export reproduces its digest.
+        let (blob, mt) = match (&src.data, blob_bytes) {
+            (_, Some(b)) => {
+                store.put_blob(&src.blob, &b)?;
+                (src.blob.clone(), src.media_type.clone())
+            }
+            (SourceData::File(p), None) => {
+                let b = fs::read(p)?;
+                let d = Digest::of(&b);
+                store.put_blob(&d, &b)?;
+                let mt = if gz {
+                    "application/vnd.oci.image.layer.v1.tar+gzip"
+                } else {
+                    "application/vnd.oci.image.layer.v1.tar"
+                };
+                (d, mt.to_string())
+            }
+            _ => unreachable!("bytes sources carry their bytes"),
+        };
+        File::open(stage.path())?.sync_all()?;
+        let dest = store.layer_dir(diff_id);
+        match fs::rename(stage.path(), &dest) {
+            Ok(()) => stage.keep(),
+            Err(e) if dest.join("diff").is_dir() => drop(e), // another name for the same layer
+            Err(e) => {
+                return Err(Error::from(e).context(format!("storing layer {}", diff_id.short())));
+            }
+        }
+        new_layers += 1;
+        refs.push(LayerRef {
+            diff_id: diff_id.clone(),
+            blob,
+            media_type: mt,
+            size: done.bytes,
+        });
+    }
+    store.put_blob(&id, config_bytes)?;
+    let created = config
+        .get("created")
+        .and_then(Value::as_str)
+        .map(String::from);
+    store.put_image(&Image {
+        id: id.clone(),
+        layers: refs,
+        created,
+    })?;
+    let mut all: BTreeMap<String, Digest> = store.tags()?;
+    for t in &tags {
+        all.insert(t.clone(), id.clone());
+    }
+    store.set_tags(&all)?;
+    Ok(Loaded {
+        id,
+        tags,
+        new_layers,
+        reused_layers: reused,
+    })
+}
+
+/// A staging directory removed on drop unless kept.
+pub struct TempDir(PathBuf, bool);
+
+impl TempDir {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    fn keep(mut self) {
+        self.1 = true;
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.1 {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn tempdir_in(base: &Path) -> Result<TempDir> {
+    for i in 0..1000u32 {
+        let p = base.join(format!(
+            "stage-{}-{}-{i}",
+            std::process::id(),
+            super::rand_suffix() % 1_000_000
+        ));
+        if fs::create_dir(&p).is_ok() {
+            return Ok(TempDir(p, false));
+        }
+    }
+    Err(Error::msg(format!(
+        "cannot create a staging dir in {}",
+        base.display()
+    )))
+}

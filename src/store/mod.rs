@@ -1,0 +1,249 @@
+//! The image store: content-addressed layers (by diff_id) extracted once in the kernel
+//! overlayfs format, images (config + ordered layers), and tags. Layout in docs/STORE.md.
+//!
+//! Every durable write is temp + fsync + rename; writers hold an flock on `ROOT/lock`.
+
+pub mod digest;
+pub mod load;
+pub mod unpack;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Context, Error, Result};
+use crate::union::format::MarkerNs;
+use digest::Digest;
+
+pub const FORMAT_VERSION: &str = "1";
+
+pub struct Store {
+    pub root: PathBuf,
+    _lock: Option<File>,
+}
+
+/// One layer of an image, as recorded in the store.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct LayerRef {
+    pub diff_id: Digest,
+    /// The blob as distributed (compressed or not), kept for export.
+    pub blob: Digest,
+    pub media_type: String,
+    pub size: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Image {
+    /// sha256 of the config JSON, as Docker and OCI define image IDs.
+    pub id: Digest,
+    pub layers: Vec<LayerRef>,
+    pub created: Option<String>,
+}
+
+/// `name[:tag]` with the default tag `latest`.
+pub fn normalize_ref(r: &str) -> Result<String> {
+    if r.is_empty() || r.contains(char::is_whitespace) {
+        return Err(Error::msg(format!("bad image reference {r:?}")));
+    }
+    let last = r.rsplit('/').next().unwrap_or(r);
+    Ok(if last.contains(':') {
+        r.to_string()
+    } else {
+        format!("{r}:latest")
+    })
+}
+
+fn write_atomic(dir_tmp: &Path, dest: &Path, data: &[u8]) -> Result<()> {
+    let tmp = dir_tmp.join(format!("w-{}-{}", std::process::id(), rand_suffix()));
+    let mut f = File::create(&tmp).ctx(format!("writing {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, dest).ctx(format!("writing {}", dest.display()))?;
+    if let Some(p) = dest.parent() {
+        File::open(p)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Store {
+    /// The store root: --root, else LAYERFS_ROOT, else /var/lib/layerfs (root) or
+    /// $XDG_DATA_HOME/layerfs.
+    pub fn default_root() -> PathBuf {
+        if let Some(r) = std::env::var_os("LAYERFS_ROOT") {
+            return r.into();
+        }
+        if crate::sys::geteuid() == 0 {
+            return "/var/lib/layerfs".into();
+        }
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+            .unwrap_or_else(|| "/tmp".into());
+        base.join("layerfs")
+    }
+
+    /// Open (creating) the store; `write` takes the writer lock.
+    pub fn open(root: &Path, write: bool) -> Result<Store> {
+        for d in ["blobs/sha256", "layers", "images", "containers", "tmp"] {
+            fs::create_dir_all(root.join(d)).ctx(format!("store {}", root.display()))?;
+        }
+        let v = root.join("VERSION");
+        match fs::read_to_string(&v) {
+            Ok(s) if s.trim() == FORMAT_VERSION => {}
+            Ok(s) => {
+                return Err(Error::msg(format!(
+                    "store {} has format {}, this layerfs reads {FORMAT_VERSION}",
+                    root.display(),
+                    s.trim()
+                )));
+            }
+            Err(_) => write_atomic(&root.join("tmp"), &v, FORMAT_VERSION.as_bytes())?,
+        }
+        let lock = if write {
+            let f = File::create(root.join("lock"))?;
+            // flock(LOCK_EX): one writer at a time; waits for a running load to finish.
+            f.lock().ctx("locking the store")?;
+            Some(f)
+        } else {
+            None
+        };
+        let s = Store {
+            root: root.to_path_buf(),
+            _lock: lock,
+        };
+        if write {
+            // Staging left by an interrupted load is never referenced: drop it.
+            for e in fs::read_dir(root.join("tmp"))?.flatten() {
+                let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(d.hex())
+    }
+
+    pub fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
+        self.root.join("layers").join(diff_id.hex())
+    }
+
+    pub fn has_layer(&self, diff_id: &Digest) -> bool {
+        self.layer_dir(diff_id).join("diff").is_dir()
+    }
+
+    pub fn marker_ns(&self) -> MarkerNs {
+        if crate::sys::geteuid() == 0 {
+            MarkerNs::Trusted
+        } else {
+            MarkerNs::User
+        }
+    }
+
+    pub fn put_blob(&self, d: &Digest, data: &[u8]) -> Result<()> {
+        let p = self.blob_path(d);
+        if !p.exists() {
+            write_atomic(&self.tmp(), &p, data)?;
+        }
+        Ok(())
+    }
+
+    pub fn read_blob(&self, d: &Digest) -> Result<Vec<u8>> {
+        fs::read(self.blob_path(d)).ctx(format!("blob {d}"))
+    }
+
+    pub fn put_image(&self, img: &Image) -> Result<()> {
+        let data = serde_json::to_vec_pretty(img).map_err(|e| Error::msg(e.to_string()))?;
+        write_atomic(
+            &self.tmp(),
+            &self
+                .root
+                .join("images")
+                .join(format!("{}.json", img.id.hex())),
+            &data,
+        )
+    }
+
+    pub fn images(&self) -> Result<Vec<Image>> {
+        let mut v = Vec::new();
+        for e in fs::read_dir(self.root.join("images"))?.flatten() {
+            let data = fs::read(e.path())?;
+            let img: Image = serde_json::from_slice(&data).map_err(|err| {
+                Error::msg(format!(
+                    "corrupt image record {}: {err}",
+                    e.path().display()
+                ))
+            })?;
+            v.push(img);
+        }
+        Ok(v)
+    }
+
+    pub fn tags(&self) -> Result<BTreeMap<String, Digest>> {
+        match fs::read(self.root.join("tags.json")) {
+            Ok(d) => serde_json::from_slice(&d)
+                .map_err(|e| Error::msg(format!("corrupt tags.json: {e}"))),
+            Err(_) => Ok(BTreeMap::new()),
+        }
+    }
+
+    pub fn set_tags(&self, t: &BTreeMap<String, Digest>) -> Result<()> {
+        let data = serde_json::to_vec_pretty(t).map_err(|e| Error::msg(e.to_string()))?;
+        write_atomic(&self.tmp(), &self.root.join("tags.json"), &data)
+    }
+
+    /// Resolve `name[:tag]`, a full id (with or without `sha256:`) or a unique id prefix.
+    pub fn resolve(&self, r: &str) -> Result<Image> {
+        let images = self.images()?;
+        if let Ok(n) = normalize_ref(r)
+            && let Some(id) = self.tags()?.get(&n)
+            && let Some(i) = images.iter().find(|i| &i.id == id)
+        {
+            return Ok(i.clone());
+        }
+        let hex = r.strip_prefix("sha256:").unwrap_or(r);
+        if hex.len() >= 4 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let m: Vec<&Image> = images
+                .iter()
+                .filter(|i| i.id.hex().starts_with(hex))
+                .collect();
+            match m.len() {
+                1 => return Ok(m[0].clone()),
+                n if n > 1 => {
+                    return Err(Error::msg(format!(
+                        "image id prefix {r} is ambiguous ({n} images)"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Err(Error::msg(format!("no such image: {r}")))
+    }
+
+    pub fn config(&self, img: &Image) -> Result<serde_json::Value> {
+        serde_json::from_slice(&self.read_blob(&img.id)?)
+            .map_err(|e| Error::msg(format!("config of {}: {e}", img.id)))
+    }
+
+    /// Bytes used by a layer's extracted tree.
+    pub fn layer_size(&self, diff_id: &Digest) -> u64 {
+        fs::read_to_string(self.layer_dir(diff_id).join("size"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}

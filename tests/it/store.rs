@@ -1,0 +1,363 @@
+//! The image store against images written by real tools (tests/fixtures, from buildah, podman
+//! and a real dockerd), through real container mounts.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::require_fuse;
+use crate::support::*;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Run `layerfs --root ROOT args...`: (ok, stdout, stderr).
+fn lfs(root: &Path, args: &[&str]) -> (bool, String, String) {
+    run_timeout(Command::new(BIN).arg("--root").arg(root).args(args), 120)
+}
+
+fn ok(root: &Path, args: &[&str]) -> String {
+    let (ok, out, err) = lfs(root, args);
+    assert!(ok, "layerfs {args:?} failed: {err}");
+    out
+}
+
+fn layer_count(root: &Path) -> usize {
+    fs::read_dir(root.join("layers")).unwrap().count()
+}
+
+/// Unmounts a container's mount on drop (tests never leave a mount behind).
+struct Mounted(PathBuf);
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = layerfs::sys::umount(&self.0, true);
+    }
+}
+
+#[test]
+fn oci_layout_from_buildah_loads_and_mounts_as_a_container() {
+    require_fuse!();
+    let s = Scratch::new();
+    let root = s.path("store");
+    let out = ok(
+        &root,
+        &["image", "load", fixture("buildah-oci").to_str().unwrap()],
+    );
+    assert!(
+        out.contains("bb-multi:latest") && out.contains("bb-base:latest"),
+        "{out}"
+    );
+    // bb-base's single layer is bb-multi's first: stored once.
+    assert_eq!(layer_count(&root), 4);
+    let ls = ok(&root, &["images"]);
+    assert!(ls.contains("bb-multi") && ls.contains("bb-base"), "{ls}");
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(&root, &["image", "inspect", "bb-multi"])).unwrap();
+    assert_eq!(inspect[0]["RootFS"]["Layers"].as_array().unwrap().len(), 4);
+    assert!(inspect[0]["Id"].as_str().unwrap().starts_with("sha256:"));
+    let hist = ok(&root, &["image", "history", "bb-multi", "--format", "json"]);
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&hist)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+            >= 4
+    );
+
+    // A container: the image's tree with its whiteouts and opaque dir applied.
+    ok(&root, &["container", "create", "bb-multi", "--name", "c1"]);
+    let mnt = s.mkdir("rootfs");
+    ok(&root, &["container", "mount", "c1", mnt.to_str().unwrap()]);
+    let _m = Mounted(mnt.clone());
+    assert!(mnt.join("bin/busybox").exists());
+    for gone in ["bin/vi", "data/other", "etc/motd"] {
+        assert!(
+            fs::symlink_metadata(mnt.join(gone)).is_err(),
+            "{gone} is whited out in the image"
+        );
+    }
+    // Changes land in the container's writable layer and show in `container diff`.
+    fs::write(mnt.join("etc/added"), b"new").unwrap();
+    fs::remove_file(mnt.join("bin/busybox")).unwrap();
+    let diff = ok(&root, &["container", "diff", "c1"]);
+    assert!(diff.contains("A /etc/added"), "{diff}");
+    assert!(diff.contains("D /bin/busybox"), "{diff}");
+    assert!(diff.contains("C /etc"), "{diff}");
+    let (rm_ok, _, err) = lfs(&root, &["container", "rm", "c1"]);
+    assert!(
+        !rm_ok && err.contains("mounted"),
+        "refuses to remove a mounted container: {err}"
+    );
+    ok(&root, &["container", "umount", "c1"]);
+    // The kernel stacks the same layers (kernel-format markers) with the same result.
+    let lowers: Vec<PathBuf> = inspect[0]["LayerPaths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|p| PathBuf::from(p.as_str().unwrap()))
+        .collect();
+    let k = Kernel::mount(&format!("lowerdir={}", lowerdir(&lowers)), &s.path("kmnt"));
+    assert!(k.mnt.join("bin/busybox").exists() && !k.mnt.join("bin/vi").exists());
+}
+
+#[test]
+fn docker_and_podman_archives_share_layers_and_stay_separate_per_container() {
+    require_fuse!();
+    let s = Scratch::new();
+    let root = s.path("store");
+    let out = ok(
+        &root,
+        &[
+            "image",
+            "load",
+            fixture("docker-save-multi.tar").to_str().unwrap(),
+        ],
+    );
+    for t in [
+        "bb-base-docker:1",
+        "bb-multi-docker:1",
+        "bb-committed-docker:1",
+    ] {
+        assert!(out.contains(t), "{t} in {out}");
+    }
+    let after_docker = layer_count(&root);
+    // docker's 3 images: 1 + 4 + 5 layers, sharing: far fewer than 10 stored.
+    assert!(after_docker < 10, "{after_docker} layers stored");
+    // podman's archive of the buildah image: loads, and a second load extracts nothing.
+    ok(
+        &root,
+        &[
+            "image",
+            "load",
+            fixture("podman-bb-multi.docker-archive.tar")
+                .to_str()
+                .unwrap(),
+        ],
+    );
+    let n = layer_count(&root);
+    let (_, again, err) = lfs(
+        &root,
+        &[
+            "image",
+            "load",
+            fixture("podman-bb-multi.docker-archive.tar")
+                .to_str()
+                .unwrap(),
+        ],
+    );
+    assert_eq!(layer_count(&root), n);
+    assert!(
+        err.contains("already present") && again.contains("0 new layer"),
+        "{err}{again}"
+    );
+    // Two containers of one image: separate changes, shared layers.
+    ok(
+        &root,
+        &["container", "create", "bb-multi-docker:1", "--name", "a"],
+    );
+    ok(
+        &root,
+        &["container", "create", "bb-multi-docker:1", "--name", "b"],
+    );
+    let (ma, mb) = (s.mkdir("a"), s.mkdir("b"));
+    ok(&root, &["container", "mount", "a", ma.to_str().unwrap()]);
+    let _ga = Mounted(ma.clone());
+    ok(&root, &["container", "mount", "b", mb.to_str().unwrap()]);
+    let _gb = Mounted(mb.clone());
+    fs::write(ma.join("only-in-a"), b"a").unwrap();
+    assert!(!mb.join("only-in-a").exists());
+    ok(&root, &["container", "umount", "a"]);
+    ok(&root, &["container", "rm", "a"]);
+    assert!(
+        mb.join("bin/busybox").exists(),
+        "the other container is untouched"
+    );
+    let (rm_ok, _, err) = lfs(&root, &["image", "rm", "bb-multi-docker:1"]);
+    assert!(!rm_ok && err.contains("in use"), "{err}");
+}
+
+#[test]
+fn tags_move_and_rm_deletes_only_unshared_layers() {
+    require_fuse!();
+    let s = Scratch::new();
+    let root = s.path("store");
+    ok(
+        &root,
+        &["image", "load", fixture("buildah-oci").to_str().unwrap()],
+    );
+    ok(&root, &["image", "tag", "bb-multi", "mine:v1"]);
+    ok(&root, &["image", "tag", "bb-base", "mine:v1"]); // retag moves it
+    let ls = ok(&root, &["images", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&ls).unwrap();
+    let base_id = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["Repository"] == "bb-base")
+        .unwrap()["ID"]
+        .clone();
+    let mine = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["Repository"] == "mine")
+        .unwrap();
+    assert_eq!(mine["ID"], base_id);
+    // Removing bb-multi keeps the base layer (bb-base uses it), drops the other three.
+    ok(&root, &["image", "rm", "bb-multi"]);
+    assert_eq!(layer_count(&root), 1);
+    let (bad, _, err) = lfs(&root, &["image", "inspect", "nosuch"]);
+    assert!(
+        !bad && err.trim() == "layerfs: no such image: nosuch",
+        "{err}"
+    );
+}
+
+/// Copy the buildah layout and let `spoil` damage it.
+fn spoiled(s: &Scratch, name: &str, spoil: impl FnOnce(&Path)) -> PathBuf {
+    let dst = s.path(name);
+    let (okc, _, e) = run_timeout(
+        Command::new("cp")
+            .arg("-a")
+            .arg(fixture("buildah-oci"))
+            .arg(&dst),
+        30,
+    );
+    assert!(okc, "{e}");
+    spoil(&dst);
+    dst
+}
+
+fn blobs(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(fs::metadata(p).unwrap().len()));
+    v
+}
+
+#[test]
+fn bad_input_is_refused_and_leaves_the_store_as_it_was() {
+    require_fuse!();
+    let s = Scratch::new();
+    let root = s.path("store");
+    let cases: Vec<(&str, PathBuf, &str)> = vec![
+        (
+            "digest mismatch",
+            spoiled(&s, "flip", |d| {
+                let b = &blobs(d)[0];
+                let mut data = fs::read(b).unwrap();
+                let i = data.len() / 2;
+                data[i] ^= 0xff;
+                fs::write(b, data).unwrap();
+            }),
+            "does not match its digest",
+        ),
+        (
+            "truncated blob",
+            spoiled(&s, "trunc", |d| {
+                let b = &blobs(d)[0];
+                let data = fs::read(b).unwrap();
+                fs::write(b, &data[..data.len() / 2]).unwrap();
+            }),
+            "truncated",
+        ),
+        (
+            "missing blob",
+            spoiled(&s, "missing", |d| fs::remove_file(&blobs(d)[0]).unwrap()),
+            "missing",
+        ),
+        (
+            "config not JSON",
+            spoiled(&s, "badjson", |d| {
+                fs::write(d.join("index.json"), b"{not json").unwrap()
+            }),
+            "not valid JSON",
+        ),
+    ];
+    for (what, path, needle) in cases {
+        let (okl, _, err) = lfs(&root, &["image", "load", path.to_str().unwrap()]);
+        assert!(!okl, "{what}: must fail");
+        let err = err.trim();
+        assert!(err.contains(needle), "{what}: {err}");
+        assert_eq!(
+            err.lines().filter(|l| l.starts_with("layerfs:")).count(),
+            1,
+            "{what}: one error line: {err}"
+        );
+        assert_eq!(
+            fs::read_dir(root.join("images")).unwrap().count(),
+            0,
+            "{what}: no image recorded"
+        );
+        assert_eq!(
+            fs::read_dir(root.join("tmp")).unwrap().count(),
+            0,
+            "{what}: no staging left"
+        );
+    }
+}
+
+/// One raw tar entry: (name, type flag, link name, data).
+type RawEntry<'a> = (&'a [u8], u8, &'a [u8], &'a [u8]);
+
+/// A tar whose entry names are given raw (so `..` and absolute names can be written).
+fn raw_tar(entries: &[RawEntry<'_>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, kind, link, data) in entries {
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::new(*kind));
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+#[test]
+fn hostile_layers_never_write_outside_the_store() {
+    require_fuse!();
+    let s = Scratch::new();
+    let outside = s.mkdir("outside");
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("dot-dot", raw_tar(&[(b"../../escape", b'0', b"", b"x")])),
+        (
+            "symlink then write through it",
+            raw_tar(&[
+                (b"link", b'2', outside.to_str().unwrap().as_bytes(), b""),
+                (b"link/pwned", b'0', b"", b"x"),
+            ]),
+        ),
+        (
+            "hard link outside",
+            raw_tar(&[(b"h", b'1', b"../../etc/passwd", b"")]),
+        ),
+    ];
+    for (what, layer) in cases {
+        let dir = s.mkdir(&format!("layer-{}", what.len()));
+        let root = layerfs::sys::open_dir_path(&dir).unwrap();
+        let r = layerfs::store::unpack::unpack(
+            &layer[..],
+            std::os::fd::AsFd::as_fd(&root),
+            layerfs::union::format::MarkerNs::Trusted,
+        );
+        assert!(r.is_err(), "{what}: refused");
+        assert_eq!(
+            fs::read_dir(&outside).unwrap().count(),
+            0,
+            "{what}: nothing written outside"
+        );
+    }
+}
