@@ -718,16 +718,40 @@ pub fn adopt_fd(fd: RawFd) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Is `path` the root of a mount (its device differs from its parent's, or it is `/`)?
+/// Is `path` a mount point? Read from /proc/self/mountinfo, so a dead FUSE mount (whose stat
+/// fails with ENOTCONN) still counts.
 pub fn is_mountpoint(path: &std::path::Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let (Ok(me), Ok(parent)) = (
-        std::fs::symlink_metadata(path),
-        std::fs::metadata(path.join("..")),
-    ) else {
+    let Ok(abs) = std::path::absolute(path) else {
         return false;
     };
-    me.dev() != parent.dev() || me.ino() == parent.ino()
+    let Ok(info) = std::fs::read("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = abs.as_os_str().as_bytes();
+    info.split(|&b| b == b'\n').any(|line| {
+        // Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
+        line.split(|&b| b == b' ')
+            .nth(4)
+            .is_some_and(|mp| unescape_mountinfo(mp) == want)
+    })
+}
+
+fn unescape_mountinfo(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'\\'
+            && i + 3 < s.len()
+            && s[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((s[i + 1] - b'0') * 64 + (s[i + 2] - b'0') * 8 + (s[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 /// Has the FUSE connection on this /dev/fuse fd ended (the kernel reports POLLERR)?

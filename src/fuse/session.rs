@@ -62,16 +62,6 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
             return Err(e);
         }
     };
-    let notifier = session.notifier();
-    let rx = invalidations.expect("set by start");
-    // Invalidations go out from their own thread: a request handler never waits on the kernel.
-    std::thread::Builder::new()
-        .name("invalidate".into())
-        .spawn(move || {
-            for id in rx {
-                let _ = notifier.inval_inode(fuser::INodeNo(id), -1, 0);
-            }
-        })?;
     let devfd = session
         .as_fd()
         .try_clone_to_owned()
@@ -85,6 +75,18 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
             let _ = sys::umount(&mp, true);
         }
     })?;
+    // Spawned after the signals are blocked, like every later thread: a SIGTERM must reach the
+    // signal thread, never kill the process through another thread without unmounting.
+    let notifier = session.notifier();
+    let rx = invalidations.expect("set by start");
+    // Invalidations go out from their own thread: a request handler never waits on the kernel.
+    std::thread::Builder::new()
+        .name("invalidate".into())
+        .spawn(move || {
+            for id in rx {
+                let _ = notifier.inval_inode(fuser::INodeNo(id), -1, 0);
+            }
+        })?;
     info!(
         "mounted {} ({} layers, {})",
         spec.mountpoint.display(),
