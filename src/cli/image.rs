@@ -34,6 +34,15 @@ pub enum ImageCmd {
     },
     /// JSON: Id, RepoTags, Created, Config, RootFS.Layers, Size, layer paths.
     Inspect { image: String },
+    /// Write images out: an OCI layout dir, an oci-archive or a docker-archive tar.
+    Save {
+        #[arg(required = true)]
+        images: Vec<String>,
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        #[arg(long, value_parser = ["oci-dir", "oci-archive", "docker-archive"], default_value = "oci-archive")]
+        format: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -57,6 +66,13 @@ pub enum ContainerCmd {
     Umount { name: String },
     /// A/C/D lines, like `docker diff`, read from the writable layer.
     Diff { name: String },
+    /// The writable layer as a new layer: a new image NEW[:TAG] with a history entry.
+    Commit {
+        name: String,
+        new: String,
+        #[arg(short = 'm', long)]
+        message: Option<String>,
+    },
 }
 
 fn human(n: u64) -> String {
@@ -251,6 +267,37 @@ pub fn run_image(root: &Path, cmd: ImageCmd) -> Result<i32> {
                 }
             }
         }
+        ImageCmd::Save {
+            images,
+            output,
+            format,
+        } => {
+            if output.exists()
+                && (format != "oci-dir"
+                    || fs::read_dir(&output)
+                        .map(|mut d| d.next().is_some())
+                        .unwrap_or(true))
+            {
+                return Err(Error::msg(format!("{} already exists", output.display())));
+            }
+            let store = Store::open(root, false)?;
+            let tags = store.tags()?;
+            let mut sel = Vec::new();
+            for r in &images {
+                let img = store.resolve(r)?;
+                let t = match normalize_ref(r) {
+                    Ok(n) if tags.contains_key(&n) => vec![n],
+                    _ => tags_of(&tags, &img.id),
+                };
+                sel.push((img, t));
+            }
+            crate::store::save::save(&store, &sel, &output, &format)?;
+            eprintln!(
+                "saved {} image(s) to {} ({format})",
+                sel.len(),
+                output.display()
+            );
+        }
         ImageCmd::Inspect { image } => {
             let store = Store::open(root, false)?;
             let img = store.resolve(&image)?;
@@ -423,6 +470,14 @@ pub fn run_container(root: &Path, cmd: ContainerCmd) -> Result<i32> {
             super::mount::umount(&mp, false)?;
             m["Mountpoint"] = Value::Null;
             write_meta(&store, &name, &m)?;
+        }
+        ContainerCmd::Commit { name, new, message } => {
+            let store = Store::open(root, true)?;
+            let m = read_meta(&store, &name)?;
+            let base = store.resolve(m["Image"].as_str().unwrap_or(""))?;
+            let upper = container_dir(&store, &name)?.join("upper");
+            let img = store.commit(&base, &upper, Some(new.clone()), message)?;
+            println!("{}", img.id);
         }
         ContainerCmd::Diff { name } => {
             let store = Store::open(root, false)?;

@@ -5,6 +5,8 @@
 
 pub mod digest;
 pub mod load;
+pub mod pack;
+pub mod save;
 pub mod unpack;
 
 use std::collections::BTreeMap;
@@ -245,5 +247,95 @@ impl Store {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0)
+    }
+}
+
+/// Now as RFC 3339 UTC (what image configs carry), without a date crate.
+pub fn rfc3339_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+impl Store {
+    /// A container's writable layer as a new layer on top of its image: a new image (config
+    /// with the layer's diff_id and a history entry), tagged `tag` if given.
+    pub fn commit(
+        &self,
+        base: &Image,
+        upper: &Path,
+        tag: Option<String>,
+        message: Option<String>,
+    ) -> Result<Image> {
+        let tar = pack::pack_upper(upper)?;
+        let diff_id = Digest::of(&tar);
+        if !self.has_layer(&diff_id) {
+            let stage = load::tempdir_in(&self.tmp())?;
+            fs::create_dir(stage.path().join("diff"))?;
+            let root = crate::sys::open_dir_path(&stage.path().join("diff"))?;
+            let done = unpack::unpack(&tar[..], std::os::fd::AsFd::as_fd(&root), self.marker_ns())?;
+            fs::write(stage.path().join("size"), done.bytes.to_string())?;
+            fs::rename(stage.path(), self.layer_dir(&diff_id))
+                .ctx("storing the committed layer")?;
+        }
+        self.put_blob(&diff_id, &tar)?;
+        let mut config = self.config(base)?;
+        let now = rfc3339_now();
+        config["created"] = serde_json::json!(now);
+        match config
+            .pointer_mut("/rootfs/diff_ids")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            Some(ids) => ids.push(serde_json::json!(diff_id.as_str())),
+            None => return Err(Error::msg("base image config has no rootfs.diff_ids")),
+        }
+        let entry = serde_json::json!({"created": now, "created_by": "layerfs container commit",
+            "comment": message.unwrap_or_default()});
+        match config
+            .get_mut("history")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            Some(h) => h.push(entry),
+            None => config["history"] = serde_json::json!([entry]),
+        }
+        let bytes = serde_json::to_vec(&config).map_err(|e| Error::msg(e.to_string()))?;
+        let id = Digest::of(&bytes);
+        self.put_blob(&id, &bytes)?;
+        let mut layers = base.layers.clone();
+        layers.push(LayerRef {
+            diff_id: diff_id.clone(),
+            blob: diff_id,
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            size: tar.len() as u64,
+        });
+        let img = Image {
+            id,
+            layers,
+            created: Some(now),
+        };
+        self.put_image(&img)?;
+        if let Some(t) = tag {
+            let mut tags = self.tags()?;
+            tags.insert(normalize_ref(&t)?, img.id.clone());
+            self.set_tags(&tags)?;
+        }
+        Ok(img)
     }
 }

@@ -361,3 +361,150 @@ fn hostile_layers_never_write_outside_the_store() {
         );
     }
 }
+
+fn manifest_layer_digests(dir: &Path) -> Vec<String> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let mut out = Vec::new();
+    for m in index["manifests"].as_array().unwrap() {
+        let d = m["digest"].as_str().unwrap().trim_start_matches("sha256:");
+        let man: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.join("blobs/sha256").join(d)).unwrap()).unwrap();
+        for l in man["layers"].as_array().unwrap() {
+            out.push(l["digest"].as_str().unwrap().to_string());
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[test]
+fn commit_and_save_round_trip_through_another_store() {
+    require_fuse!();
+    let s = Scratch::new();
+    let (root, root2) = (s.path("store"), s.path("store2"));
+    ok(
+        &root,
+        &["image", "load", fixture("buildah-oci").to_str().unwrap()],
+    );
+    // Save reproduces the loaded blobs byte for byte.
+    let saved = s.path("saved-oci");
+    ok(
+        &root,
+        &[
+            "image",
+            "save",
+            "bb-multi",
+            "bb-base",
+            "-o",
+            saved.to_str().unwrap(),
+            "--format",
+            "oci-dir",
+        ],
+    );
+    assert_eq!(
+        manifest_layer_digests(&saved),
+        manifest_layer_digests(&fixture("buildah-oci"))
+    );
+
+    // Changes in a container: a deleted lower file, a new file, a lower dir replaced.
+    ok(&root, &["container", "create", "bb-multi", "--name", "c"]);
+    let mnt = s.mkdir("mnt");
+    ok(&root, &["container", "mount", "c", mnt.to_str().unwrap()]);
+    {
+        let _g = Mounted(mnt.clone());
+        fs::remove_file(mnt.join("bin/busybox")).unwrap();
+        fs::write(mnt.join("etc/committed"), b"yes").unwrap();
+        fs::remove_dir_all(mnt.join("etc")).ok();
+        fs::create_dir_all(mnt.join("etc")).unwrap();
+        fs::write(mnt.join("etc/only"), b"fresh etc").unwrap();
+        ok(&root, &["container", "umount", "c"]);
+    }
+    let id = ok(
+        &root,
+        &[
+            "container",
+            "commit",
+            "c",
+            "committed:v1",
+            "-m",
+            "from a test",
+        ],
+    );
+    assert!(id.trim().starts_with("sha256:"));
+    let hist = ok(&root, &["image", "history", "committed:v1"]);
+    assert!(
+        hist.contains("layerfs container commit") && hist.contains("from a test"),
+        "{hist}"
+    );
+    // The new layer is an OCI layer: whiteouts as .wh. files, the replaced dir opaque.
+    let insp: serde_json::Value =
+        serde_json::from_str(&ok(&root, &["image", "inspect", "committed:v1"])).unwrap();
+    let top = insp[0]["RootFS"]["Layers"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blob = fs::read(
+        root.join("blobs/sha256")
+            .join(top.trim_start_matches("sha256:")),
+    )
+    .unwrap();
+    let names: Vec<String> = tar::Archive::new(&blob[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().any(|n| n == "bin/.wh.busybox"), "{names:?}");
+    assert!(names.iter().any(|n| n == "etc/.wh..wh..opq"), "{names:?}");
+
+    // Saved as a docker archive and loaded elsewhere: the same tree.
+    let arch = s.path("committed.tar");
+    ok(
+        &root,
+        &[
+            "image",
+            "save",
+            "committed:v1",
+            "-o",
+            arch.to_str().unwrap(),
+            "--format",
+            "docker-archive",
+        ],
+    );
+    ok(&root2, &["image", "load", arch.to_str().unwrap()]);
+    let trees: Vec<Tree> = [(&root, "c1"), (&root2, "c2")]
+        .iter()
+        .map(|(r, name)| {
+            ok(r, &["container", "create", "committed:v1", "--name", name]);
+            let m = s.mkdir(&format!("m-{name}"));
+            ok(r, &["container", "mount", name, m.to_str().unwrap()]);
+            let _g = Mounted(m.clone());
+            let t = snapshot(&m);
+            ok(r, &["container", "umount", name]);
+            t
+        })
+        .collect();
+    assert!(!trees[0].contains_key(b"bin/busybox".as_slice()));
+    assert!(
+        trees[0].contains_key(b"etc/only".as_slice())
+            && !trees[0].contains_key(b"etc/os-release".as_slice())
+    );
+    assert_same_tree(
+        "committed image loaded in another store",
+        &trees[0],
+        &trees[1],
+    );
+    // An oci-archive loads too.
+    let oa = s.path("committed-oci.tar");
+    ok(
+        &root,
+        &["image", "save", "committed:v1", "-o", oa.to_str().unwrap()],
+    );
+    let (okl, out, err) = lfs(&root2, &["image", "load", oa.to_str().unwrap()]);
+    assert!(okl && out.contains("0 new layer"), "{out}{err}");
+}

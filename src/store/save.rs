@@ -1,0 +1,126 @@
+//! `image save`: an OCI image layout (directory or oci-archive tar) or a docker-archive tar,
+//! from the blobs the store kept, so layer digests and diff_ids are those that were loaded.
+
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use super::digest::Digest;
+use super::{Image, Store};
+use crate::error::{Context, Error, Result};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+
+fn oci_layer_type(mt: &str, blob: &[u8]) -> &'static str {
+    if mt.contains("gzip") || blob.starts_with(&[0x1f, 0x8b]) {
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    } else {
+        "application/vnd.oci.image.layer.v1.tar"
+    }
+}
+
+fn put(dir: &Path, data: &[u8]) -> Result<(Digest, u64)> {
+    let d = Digest::of(data);
+    fs::write(dir.join("blobs/sha256").join(d.hex()), data)?;
+    Ok((d, data.len() as u64))
+}
+
+/// Write an OCI image layout into the empty (or new) directory `out`.
+pub fn save_oci_dir(store: &Store, images: &[(Image, Vec<String>)], out: &Path) -> Result<()> {
+    fs::create_dir_all(out.join("blobs/sha256")).ctx(format!("output {}", out.display()))?;
+    fs::write(out.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let mut manifests = Vec::new();
+    for (img, tags) in images {
+        let config = store.read_blob(&img.id)?;
+        let (cd, cs) = put(out, &config)?;
+        let mut layers = Vec::new();
+        for l in &img.layers {
+            let blob = store.read_blob(&l.blob)?;
+            let (d, s) = put(out, &blob)?;
+            layers.push(json!({"mediaType": oci_layer_type(&l.media_type, &blob), "digest": d.as_str(), "size": s}));
+        }
+        let manifest = json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": cd.as_str(), "size": cs}, "layers": layers});
+        let mbytes = serde_json::to_vec(&manifest).map_err(|e| Error::msg(e.to_string()))?;
+        let (md, ms) = put(out, &mbytes)?;
+        let names: Vec<Option<&String>> = if tags.is_empty() {
+            vec![None]
+        } else {
+            tags.iter().map(Some).collect()
+        };
+        for t in names {
+            let mut m = json!({"mediaType": OCI_MANIFEST, "digest": md.as_str(), "size": ms});
+            if let Some(t) = t {
+                m["annotations"] = json!({"org.opencontainers.image.ref.name": t});
+            }
+            manifests.push(m);
+        }
+    }
+    let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests});
+    fs::write(
+        out.join("index.json"),
+        serde_json::to_vec_pretty(&index).unwrap_or_default(),
+    )?;
+    Ok(())
+}
+
+/// Tar up a directory's contents (sorted, for stable output) into `out`.
+fn tar_dir(dir: &Path, out: &Path) -> Result<()> {
+    let f = fs::File::create(out).ctx(format!("output {}", out.display()))?;
+    let mut b = tar::Builder::new(f);
+    b.mode(tar::HeaderMode::Deterministic);
+    b.append_dir_all(".", dir)?;
+    b.into_inner()?.sync_all()?;
+    Ok(())
+}
+
+pub fn save(
+    store: &Store,
+    images: &[(Image, Vec<String>)],
+    out: &Path,
+    format: &str,
+) -> Result<()> {
+    match format {
+        "oci-dir" => save_oci_dir(store, images, out),
+        "oci-archive" => {
+            let stage = super::load::tempdir_in(&store.tmp())?;
+            save_oci_dir(store, images, stage.path())?;
+            tar_dir(stage.path(), out)
+        }
+        "docker-archive" => {
+            let stage = super::load::tempdir_in(&store.tmp())?;
+            let mut manifest = Vec::new();
+            for (img, tags) in images {
+                let config = format!("{}.json", img.id.hex());
+                fs::write(stage.path().join(&config), store.read_blob(&img.id)?)?;
+                let mut layers = Vec::new();
+                for l in &img.layers {
+                    // docker-archive layers are the uncompressed tars (their sha256 is the diff_id).
+                    let name = format!("{}.tar", l.diff_id.hex());
+                    let blob = store.read_blob(&l.blob)?;
+                    let tar = if blob.starts_with(&[0x1f, 0x8b]) {
+                        let mut v = Vec::new();
+                        flate2::read::GzDecoder::new(&blob[..]).read_to_end(&mut v)?;
+                        v
+                    } else {
+                        blob
+                    };
+                    fs::write(stage.path().join(&name), tar)?;
+                    layers.push(Value::from(name));
+                }
+                manifest.push(json!({"Config": config, "RepoTags": tags, "Layers": layers}));
+            }
+            fs::write(
+                stage.path().join("manifest.json"),
+                serde_json::to_vec(&manifest).unwrap_or_default(),
+            )?;
+            tar_dir(stage.path(), out)
+        }
+        f => Err(Error::msg(format!(
+            "unknown format {f} (oci-dir, oci-archive, docker-archive)"
+        ))),
+    }
+}
