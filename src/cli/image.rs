@@ -15,6 +15,8 @@ use crate::store::{Image, Store, load, normalize_ref};
 pub enum ImageCmd {
     /// Load images from an OCI layout dir, an oci-archive tar or a docker-archive tar.
     Load { path: PathBuf },
+    /// A flat rootfs tarball (plain or gzip) as a one-layer image, like `docker import`.
+    Import { tar: PathBuf, reference: String },
     /// List images: REPOSITORY TAG IMAGE-ID CREATED SIZE.
     #[command(alias = "list")]
     Ls {
@@ -127,6 +129,11 @@ pub fn run_image(root: &Path, cmd: ImageCmd) -> Result<i32> {
                     l.id, l.new_layers, l.reused_layers
                 );
             }
+        }
+        ImageCmd::Import { tar, reference } => {
+            let store = Store::open(root, true)?;
+            let l = load::import(&store, &tar, &reference, &mut progress)?;
+            println!("{}", l.id);
         }
         ImageCmd::Ls { format } => {
             let store = Store::open(root, false)?;
@@ -521,4 +528,78 @@ fn diff_walk(
         }
     }
     Ok(())
+}
+
+/// `system df`: images, layers, containers; what is shared and the total.
+pub fn system_df(root: &Path, format: &str) -> Result<i32> {
+    let store = Store::open(root, false)?;
+    let images = store.images()?;
+    let mut uses: BTreeMap<Digest, usize> = BTreeMap::new();
+    for i in &images {
+        for l in &i.layers {
+            *uses.entry(l.diff_id.clone()).or_default() += 1;
+        }
+    }
+    let layer_bytes: u64 = uses.keys().map(|d| store.layer_size(d)).sum();
+    let shared: Vec<&Digest> = uses
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(d, _)| d)
+        .collect();
+    let shared_bytes: u64 = shared.iter().map(|d| store.layer_size(d)).sum();
+    let mut containers = 0;
+    let mut cbytes = 0;
+    for e in fs::read_dir(store.root.join("containers"))?.flatten() {
+        containers += 1;
+        cbytes += du(&e.path().join("upper"));
+    }
+    let v = json!({"Images": images.len(), "Layers": uses.len(), "LayersSize": layer_bytes,
+        "SharedLayers": shared.len(), "SharedSize": shared_bytes, "Containers": containers,
+        "ContainersSize": cbytes, "TotalSize": layer_bytes + cbytes});
+    if format == "json" {
+        print_json(&v);
+    } else {
+        println!(
+            "{:<12} {:>6} {:>12} {:>14}",
+            "TYPE", "TOTAL", "SIZE", "SHARED"
+        );
+        println!(
+            "{:<12} {:>6} {:>12} {:>14}",
+            "Images",
+            images.len(),
+            human(layer_bytes),
+            ""
+        );
+        println!(
+            "{:<12} {:>6} {:>12} {:>14}",
+            "Layers",
+            uses.len(),
+            human(layer_bytes),
+            format!("{} ({})", shared.len(), human(shared_bytes))
+        );
+        println!(
+            "{:<12} {:>6} {:>12} {:>14}",
+            "Containers",
+            containers,
+            human(cbytes),
+            ""
+        );
+        println!(
+            "{:<12} {:>6} {:>12}",
+            "Total",
+            "",
+            human(layer_bytes + cbytes)
+        );
+    }
+    Ok(0)
+}
+
+fn du(p: &Path) -> u64 {
+    let Ok(rd) = fs::read_dir(p) else { return 0 };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => du(&e.path()),
+            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+        })
+        .sum()
 }

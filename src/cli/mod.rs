@@ -69,6 +69,11 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: image::ContainerCmd,
     },
+    /// Store-wide information: `system df` shows images, layers, containers, shared and total.
+    System {
+        #[command(subcommand)]
+        cmd: SystemCmd,
+    },
     /// Unmount a layerfs mount (the daemon then exits).
     #[command(alias = "unmount")]
     Umount {
@@ -76,6 +81,15 @@ pub enum Cmd {
         /// Detach now even if busy; cleaned up when no longer in use.
         #[arg(short, long)]
         lazy: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SystemCmd {
+    /// Disk use: images, layers (and how many are shared), containers, total.
+    Df {
+        #[arg(long, value_parser = ["table", "json"], default_value = "table")]
+        format: String,
     },
 }
 
@@ -127,6 +141,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::Image { cmd } => image::run_image(&root, cmd),
         Cmd::Images { format } => image::run_image(&root, image::ImageCmd::Ls { format }),
         Cmd::Container { cmd } => image::run_container(&root, cmd),
+        Cmd::System {
+            cmd: SystemCmd::Df { format },
+        } => image::system_df(&root, &format),
         Cmd::Mount(a) => mount::mount(a),
         Cmd::Umount { mountpoint, lazy } => mount::umount(&mountpoint, lazy).map(|()| 0),
     }

@@ -460,3 +460,46 @@ pub fn tempdir_in(base: &Path) -> Result<TempDir> {
         base.display()
     )))
 }
+
+/// `image import`: a flat rootfs tarball (plain or gzip) as a one-layer image, like
+/// `docker import`: a generated config whose only diff_id is the tarball's.
+pub fn import(
+    store: &Store,
+    path: &Path,
+    tag: &str,
+    say: &mut dyn FnMut(String),
+) -> Result<Loaded> {
+    let src = SourceData::File(path.to_path_buf());
+    if !path.is_file() {
+        return Err(Error::msg(format!("{} is not a file", path.display())));
+    }
+    let (stream, _) = open_stream(&src, "")?;
+    let (diff_id, _) = HashingReader::new(stream)
+        .finish()
+        .map_err(|e| Error::msg(format!("{}: truncated or corrupt: {e}", path.display())))?;
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    };
+    let now = super::rfc3339_now();
+    let config = serde_json::json!({
+        "architecture": arch, "os": "linux", "created": now, "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id.as_str()]},
+        "history": [{"created": now, "created_by": format!("layerfs image import {}", path.display())}],
+    });
+    let bytes = serde_json::to_vec(&config).map_err(|e| Error::msg(e.to_string()))?;
+    let source = Source {
+        blob: Digest::of(&[]),
+        media_type: String::new(),
+        data: src,
+    };
+    commit_image(
+        store,
+        &bytes,
+        &config,
+        vec![source],
+        vec![normalize_ref(tag)?],
+        say,
+    )
+}

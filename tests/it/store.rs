@@ -508,3 +508,111 @@ fn commit_and_save_round_trip_through_another_store() {
     let (okl, out, err) = lfs(&root2, &["image", "load", oa.to_str().unwrap()]);
     assert!(okl && out.contains("0 new layer"), "{out}{err}");
 }
+
+#[test]
+fn import_a_rootfs_tarball_and_system_df_counts_sharing() {
+    require_fuse!();
+    let s = Scratch::new();
+    let root = s.path("store");
+    let tb = s.path("rootfs.tar.gz");
+    let (okt, _, e) = run_timeout(
+        Command::new("tar")
+            .arg("-czf")
+            .arg(&tb)
+            .arg("-C")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sample/base"))
+            .arg("."),
+        30,
+    );
+    assert!(okt, "{e}");
+    let id = ok(&root, &["image", "import", tb.to_str().unwrap(), "sample"]);
+    assert!(id.trim().starts_with("sha256:"));
+    ok(&root, &["container", "create", "sample", "--name", "s"]);
+    let m = s.mkdir("m");
+    ok(&root, &["container", "mount", "s", m.to_str().unwrap()]);
+    {
+        let _g = Mounted(m.clone());
+        assert_eq!(
+            fs::read_to_string(m.join("etc/motd")).unwrap(),
+            "Welcome to the base layer\n"
+        );
+        ok(&root, &["container", "umount", "s"]);
+    }
+    ok(
+        &root,
+        &["image", "load", fixture("buildah-oci").to_str().unwrap()],
+    );
+    let df: serde_json::Value =
+        serde_json::from_str(&ok(&root, &["system", "df", "--format", "json"])).unwrap();
+    assert_eq!(df["Images"], 3);
+    assert_eq!(
+        df["Layers"], 5,
+        "bb-base's layer is bb-multi's: 1 + 4 stored"
+    );
+    assert_eq!(df["SharedLayers"], 1);
+    assert_eq!(df["Containers"], 1);
+    let (bad, _, err) = lfs(&root, &["image", "import", "/nonexistent.tar", "x"]);
+    assert!(!bad && err.trim().lines().count() == 1, "{err}");
+}
+
+#[test]
+fn skopeo_accepts_what_image_save_writes() {
+    require_fuse!();
+    if Command::new("skopeo").arg("--version").output().is_err() {
+        eprintln!("SKIPPED store::skopeo_accepts_what_image_save_writes: skopeo is not installed");
+        return;
+    }
+    let s = Scratch::new();
+    let root = s.path("store");
+    ok(
+        &root,
+        &["image", "load", fixture("buildah-oci").to_str().unwrap()],
+    );
+    let dir = s.path("oci");
+    let arch = s.path("img.tar");
+    ok(
+        &root,
+        &[
+            "image",
+            "save",
+            "bb-multi",
+            "-o",
+            dir.to_str().unwrap(),
+            "--format",
+            "oci-dir",
+        ],
+    );
+    ok(
+        &root,
+        &[
+            "image",
+            "save",
+            "bb-multi",
+            "-o",
+            arch.to_str().unwrap(),
+            "--format",
+            "docker-archive",
+        ],
+    );
+    let (oki, out, err) = run_timeout(
+        Command::new("skopeo")
+            .args(["inspect", "--raw"])
+            .arg(format!("oci:{}:bb-multi:latest", dir.display())),
+        60,
+    );
+    assert!(oki, "skopeo inspect: {err}");
+    assert!(out.contains("\"layers\""), "{out}");
+    let copied = s.path("copied");
+    let (okc, _, err) = run_timeout(
+        Command::new("skopeo")
+            .arg("copy")
+            .arg(format!("docker-archive:{}", arch.display()))
+            .arg(format!("oci:{}:again", copied.display())),
+        120,
+    );
+    assert!(okc, "skopeo copy: {err}");
+    // And what skopeo wrote loads back.
+    let (okl, out, err) = lfs(&root, &["image", "load", copied.to_str().unwrap()]);
+    assert!(okl, "{err}");
+    assert!(out.contains("again:latest"), "{out}");
+}
