@@ -616,3 +616,37 @@ fn skopeo_accepts_what_image_save_writes() {
     assert!(okl, "{err}");
     assert!(out.contains("again:latest"), "{out}");
 }
+
+#[test]
+fn duplicate_entries_and_absurdly_deep_paths_are_contained() {
+    require_fuse!();
+    let s = Scratch::new();
+    // Duplicates: the later entry wins, as in every tar extractor.
+    let dup = raw_tar(&[(b"f", b'0', b"", b"first"), (b"f", b'0', b"", b"second")]);
+    let d1 = s.mkdir("dup");
+    let r1 = layerfs::sys::open_dir_path(&d1).unwrap();
+    layerfs::store::unpack::unpack(
+        &dup[..],
+        std::os::fd::AsFd::as_fd(&r1),
+        layerfs::union::format::MarkerNs::Trusted,
+    )
+    .unwrap();
+    assert_eq!(fs::read(d1.join("f")).unwrap(), b"second");
+    // 10,000 levels: refused with a clear message, nothing half-written escapes.
+    let mut b = tar::Builder::new(Vec::new());
+    let deep = "a/".repeat(10_000) + "f";
+    let mut h = tar::Header::new_gnu();
+    h.set_size(1);
+    h.set_mode(0o644);
+    b.append_data(&mut h, &deep, &b"x"[..]).unwrap();
+    let deep_tar = b.into_inner().unwrap();
+    let d2 = s.mkdir("deep");
+    let r2 = layerfs::sys::open_dir_path(&d2).unwrap();
+    let e = layerfs::store::unpack::unpack(
+        &deep_tar[..],
+        std::os::fd::AsFd::as_fd(&r2),
+        layerfs::union::format::MarkerNs::Trusted,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("levels deep"), "{e}");
+}
