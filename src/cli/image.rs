@@ -62,6 +62,8 @@ pub enum ContainerCmd {
     },
     /// Delete a container's writable layer (the image stays).
     Rm { name: String },
+    /// JSON: name, image, its layer dirs (top first), the writable layer, the mountpoint.
+    Inspect { name: String },
     /// Mount a container's root filesystem (image layers + its writable layer).
     Mount { name: String, mountpoint: PathBuf },
     /// Unmount it.
@@ -420,6 +422,17 @@ pub fn run_container(root: &Path, cmd: ContainerCmd) -> Result<i32> {
                     );
                 }
             }
+        }
+        ContainerCmd::Inspect { name } => {
+            let store = Store::open(root, false)?;
+            let mut m = read_meta(&store, &name)?;
+            let img = store.resolve(m["Image"].as_str().unwrap_or(""))?;
+            let dir = container_dir(&store, &name)?;
+            m["LowerDirs"] = json!(lowers(&store, &img));
+            m["UpperDir"] = json!(dir.join("upper"));
+            m["WorkDir"] = json!(dir.join("work"));
+            m["ImageTags"] = json!(tags_of(&store.tags()?, &img.id));
+            print_json(&json!([m]));
         }
         ContainerCmd::Rm { name } => {
             let store = Store::open(root, true)?;

@@ -253,6 +253,29 @@ fn load_docker(store: &Store, dir: &Path, say: &mut dyn FnMut(String)) -> Result
     Ok(out)
 }
 
+/// An in-place "layer i/n: N MB" line on a terminal while a layer streams in.
+struct Progress {
+    inner: Box<dyn Read>,
+    done: u64,
+    next: u64,
+    label: String,
+}
+
+impl Read for Progress {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        if self.done >= self.next || n == 0 {
+            eprint!("\r{}: {:.1} MB ", self.label, self.done as f64 / 1e6);
+            self.next = self.done + (4 << 20);
+            if n == 0 {
+                eprintln!();
+            }
+        }
+        Ok(n)
+    }
+}
+
 enum SourceData {
     Bytes(Vec<u8>),
     File(PathBuf),
@@ -279,7 +302,9 @@ fn open_stream(data: &SourceData, media_type: &str) -> Result<(Box<dyn Read>, bo
         }
     };
     if media_type.contains("zstd") || head == [0x28, 0xb5, 0x2f, 0xfd] {
-        return Err(Error::msg("zstd-compressed layers are not supported yet"));
+        let d = ruzstd::decoding::StreamingDecoder::new(raw)
+            .map_err(|e| Error::msg(format!("not a valid zstd stream: {e}")))?;
+        return Ok((Box::new(d), true));
     }
     let gz = media_type.contains("gzip") || head[..2] == [0x1f, 0x8b];
     if gz {
@@ -347,6 +372,16 @@ fn commit_image(
         let stage = tempdir_in(&store.tmp())?;
         fs::create_dir(stage.path().join("diff"))?;
         let (stream, gz) = open_stream(&src.data, &src.media_type)?;
+        let stream: Box<dyn Read> = if sys::stderr_is_tty() {
+            Box::new(Progress {
+                inner: stream,
+                done: 0,
+                next: 0,
+                label: format!("layer {}/{n}", i + 1),
+            })
+        } else {
+            stream
+        };
         let mut hr = HashingReader::new(stream);
         let root = sys::open_dir_path(&stage.path().join("diff"))?;
         let done = unpack::unpack(&mut hr, root.as_fd(), store.marker_ns())

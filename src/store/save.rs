@@ -15,7 +15,9 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 
 fn oci_layer_type(mt: &str, blob: &[u8]) -> &'static str {
-    if mt.contains("gzip") || blob.starts_with(&[0x1f, 0x8b]) {
+    if mt.contains("zstd") || blob.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    } else if mt.contains("gzip") || blob.starts_with(&[0x1f, 0x8b]) {
         "application/vnd.oci.image.layer.v1.tar+gzip"
     } else {
         "application/vnd.oci.image.layer.v1.tar"
@@ -101,13 +103,16 @@ pub fn save(
                     // docker-archive layers are the uncompressed tars (their sha256 is the diff_id).
                     let name = format!("{}.tar", l.diff_id.hex());
                     let blob = store.read_blob(&l.blob)?;
-                    let tar = if blob.starts_with(&[0x1f, 0x8b]) {
-                        let mut v = Vec::new();
-                        flate2::read::GzDecoder::new(&blob[..]).read_to_end(&mut v)?;
-                        v
+                    let mut tar = Vec::new();
+                    if blob.starts_with(&[0x1f, 0x8b]) {
+                        flate2::read::GzDecoder::new(&blob[..]).read_to_end(&mut tar)?;
+                    } else if blob.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+                        ruzstd::decoding::StreamingDecoder::new(&blob[..])
+                            .map_err(|e| Error::msg(format!("layer {}: {e}", l.diff_id)))?
+                            .read_to_end(&mut tar)?;
                     } else {
-                        blob
-                    };
+                        tar = blob;
+                    }
                     fs::write(stage.path().join(&name), tar)?;
                     layers.push(Value::from(name));
                 }

@@ -650,3 +650,42 @@ fn duplicate_entries_and_absurdly_deep_paths_are_contained() {
     .unwrap_err();
     assert!(e.to_string().contains("levels deep"), "{e}");
 }
+
+#[test]
+fn zstd_layers_load_and_containers_inspect() {
+    require_fuse!();
+    let s = Scratch::new();
+    let root = s.path("store");
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_dir_all(
+        ".",
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sample/app"),
+    )
+    .unwrap();
+    let plain = b.into_inner().unwrap();
+    let zst =
+        ruzstd::encoding::compress_to_vec(&plain[..], ruzstd::encoding::CompressionLevel::Fastest);
+    assert_eq!(&zst[..4], &[0x28, 0xb5, 0x2f, 0xfd]);
+    let p = s.path("app.tar.zst");
+    fs::write(&p, &zst).unwrap();
+    ok(&root, &["image", "import", p.to_str().unwrap(), "app:zstd"]);
+    let insp: serde_json::Value =
+        serde_json::from_str(&ok(&root, &["image", "inspect", "app:zstd"])).unwrap();
+    // The diff_id is the uncompressed tar's.
+    let want = format!(
+        "sha256:{}",
+        layerfs::store::digest::Digest::of(&plain).hex()
+    );
+    assert_eq!(insp[0]["RootFS"]["Layers"][0].as_str().unwrap(), want);
+    ok(&root, &["container", "create", "app:zstd", "--name", "z"]);
+    let ci: serde_json::Value =
+        serde_json::from_str(&ok(&root, &["container", "inspect", "z"])).unwrap();
+    assert_eq!(ci[0]["Name"], "z");
+    assert_eq!(ci[0]["LowerDirs"].as_array().unwrap().len(), 1);
+    let low = PathBuf::from(ci[0]["LowerDirs"][0].as_str().unwrap());
+    assert!(low.join("app/run.sh").is_file());
+    // The OCI whiteout in the tarball became a kernel whiteout.
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let wh = fs::symlink_metadata(low.join("etc/motd")).unwrap();
+    assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
+}
