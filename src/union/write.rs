@@ -511,9 +511,10 @@ impl Union {
                     sys::unlinkat(up.as_fd(), name, false)?;
                 }
             } else {
+                // RENAME_NOREPLACE was decided on the union view above (under both directory
+                // locks); the upper may hold a whiteout at the target, which must be replaced.
                 let wflag = if src_below { sys::RENAME_WHITEOUT } else { 0 };
-                let nflag = if noreplace { sys::RENAME_NOREPLACE } else { 0 };
-                sys::renameat2(up.as_fd(), name, unp.as_fd(), newname, wflag | nflag)?;
+                sys::renameat2(up.as_fd(), name, unp.as_fd(), newname, wflag)?;
             }
         }
 

@@ -286,6 +286,13 @@ fn renames_of_files_and_directories_match_kernel() {
     p.same("exchange missing", |m| {
         rename2(m, "big", "nope", libc::RENAME_EXCHANGE)
     });
+    // Found by the shared-mount soak (seed 7): NOREPLACE onto a deleted lower name must replace
+    // the whiteout the upper holds there, not fail with EEXIST.
+    p.same("noreplace over a whited-out name", |m| {
+        fs::remove_file(m.join("meta")).ok();
+        fs::write(m.join("fresh-file"), b"f").unwrap();
+        rename2(m, "fresh-file", "meta", libc::RENAME_NOREPLACE)
+    });
     p.same("mkdir then rename over emptied lower dir", |m| {
         fs::remove_dir_all(m.join("rmme")).unwrap();
         fs::create_dir(m.join("rmme")).unwrap();

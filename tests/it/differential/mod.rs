@@ -237,10 +237,17 @@ fn soak_shared_mount() {
                 let mut l = Side::new(&p.lmnt().join(&prefix));
                 let mut rng = Rng::new(seed + w);
                 let mut i = 0u64;
+                let mut history: Vec<String> = Vec::new();
                 while start.elapsed() < Duration::from_secs(secs) {
                     let op = ops::random_op(&mut rng, &ops::listing(&k.root));
                     let (ko, lo) = (ops::apply(&mut k, &op), ops::apply(&mut l, &op));
-                    assert_eq!(ko, lo, "worker {w} op {i}: {op:?} (seed {seed})");
+                    history.push(format!("{i}: {op:?} -> {ko}"));
+                    assert_eq!(
+                        ko,
+                        lo,
+                        "worker {w} op {i}: {op:?} (seed {seed})\nthis worker's operations (in w{w}/):\n{}",
+                        history.join("\n")
+                    );
                     i += 1;
                     if i.is_multiple_of(50) {
                         assert_same_tree_of(&k.root, &l.root, w, i);
