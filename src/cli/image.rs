@@ -15,7 +15,7 @@ use crate::store::{Image, Store, load, normalize_ref};
 pub enum ImageCmd {
     /// Load images from an OCI layout dir, an oci-archive tar or a docker-archive tar.
     Load { path: PathBuf },
-    /// A flat rootfs tarball (plain or gzip) as a one-layer image, like `docker import`.
+    /// A flat rootfs tarball (plain, gzip or zstd) as a one-layer image, like `docker import`.
     Import { tar: PathBuf, reference: String },
     /// List images: REPOSITORY TAG IMAGE-ID CREATED SIZE.
     #[command(alias = "list")]

@@ -54,7 +54,7 @@ pub enum Cmd {
     /// Mount layers as one tree; returns once the mount is live (the daemon detaches).
     #[command(after_help = MOUNT_HELP)]
     Mount(MountArgs),
-    /// Images in the store: load, ls, tag, rm, history, inspect.
+    /// Images in the store: load, import, ls, tag, rm, history, inspect, save.
     Image {
         #[command(subcommand)]
         cmd: image::ImageCmd,
@@ -64,7 +64,8 @@ pub enum Cmd {
         #[arg(long, value_parser = ["table", "json"], default_value = "table")]
         format: String,
     },
-    /// Containers: a writable layer over an image; create, ls, rm, mount, umount, diff.
+    /// Containers: a writable layer over an image; create, ls, inspect, rm, mount, umount, diff,
+    /// commit.
     Container {
         #[command(subcommand)]
         cmd: image::ContainerCmd,
