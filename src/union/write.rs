@@ -15,6 +15,9 @@ use super::{Entry, Union, check_name, disk_xattr_name};
 use crate::error::{Result, err};
 use crate::sys::{self, Stat, TimeSpec, XTarget};
 
+/// Longest redirect kernel overlayfs writes or follows (its `redirect_max` default).
+const REDIRECT_MAX: usize = 256;
+
 /// Who asks: new objects are owned by the caller, as through the kernel's overlayfs.
 #[derive(Clone, Copy, Debug)]
 pub struct Caller {
@@ -578,6 +581,11 @@ impl Union {
             }
             v
         };
+        // The kernel's redirect_max (256): a longer redirect could not be followed by kernel
+        // overlayfs, so refuse as it does (EXDEV: `mv` then copies the tree instead).
+        if value.len() > REDIRECT_MAX {
+            return Err(err(libc::EXDEV));
+        }
         sys::setxattr(
             XTarget::Fd(dfd.as_fd()),
             self.cfg.marker_ns.redirect(),
