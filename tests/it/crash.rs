@@ -40,12 +40,7 @@ fn kill_9_during_copy_ups_and_deletes_leaves_a_consistent_upper() {
         write(low.join(format!("del/{i:03}")), b"lower");
     }
     let (up, work) = (s.mkdir("up"), s.mkdir("work"));
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        low.display(),
-        up.display(),
-        work.display()
-    );
+    let opts = rw_opts(&low, &up, &work);
     let mnt = s.path("mnt");
     // Dozens of cycles in CI; scripts/soak runs hundreds (LAYERFS_CRASH_ROUNDS).
     let rounds: u64 = std::env::var("LAYERFS_CRASH_ROUNDS")
@@ -125,15 +120,7 @@ fn kill_9_during_copy_ups_and_deletes_leaves_a_consistent_upper() {
         drop(m);
         // The kernel can mount what the crash left, and sees the same tree.
         let kw = s.mkdir(&format!("kw{round}"));
-        let k = Kernel::mount(
-            &format!(
-                "lowerdir={},upperdir={},workdir={}",
-                low.display(),
-                up.display(),
-                kw.display()
-            ),
-            &s.path("kmnt"),
-        );
+        let k = Kernel::mount(&rw_opts(&low, &up, &kw), &s.path("kmnt"));
         assert_same_tree("kernel after crash", &before, &snapshot(&k.mnt));
     }
 }

@@ -36,15 +36,7 @@ fn enospc_during_copy_up_leaves_nothing_half_done() {
     let (up, work) = (small_fs.join("up"), small_fs.join("work"));
     fs::create_dir(&up).unwrap();
     fs::create_dir(&work).unwrap();
-    let l = Layerfs::mount(
-        &format!(
-            "lowerdir={},upperdir={},workdir={}",
-            low.display(),
-            up.display(),
-            work.display()
-        ),
-        &s.path("mnt"),
-    );
+    let l = Layerfs::mount(&rw_opts(&low, &up, &work), &s.path("mnt"));
     // Copy-up of a 12 MiB file into 8 MiB.
     let e = OpenOptions::new()
         .append(true)

@@ -391,15 +391,7 @@ fn sparse_files_stay_sparse_and_o_trunc_copies_nothing() {
     drop(f);
     fs::write(low.join("t"), vec![1u8; 1 << 20]).unwrap();
     let (up, work) = (s.mkdir("up"), s.mkdir("work"));
-    let l = Layerfs::mount(
-        &format!(
-            "lowerdir={},upperdir={},workdir={}",
-            low.display(),
-            up.display(),
-            work.display()
-        ),
-        &s.path("mnt"),
-    );
+    let l = Layerfs::mount(&rw_opts(&low, &up, &work), &s.path("mnt"));
     append(&l.mnt.join("sparse"), b"end").unwrap();
     let m = fs::metadata(up.join("sparse")).unwrap();
     assert_eq!(m.len(), (1 << 30) + 3);
@@ -460,15 +452,7 @@ fn workdir_leftovers_never_break_copy_up() {
     write(work.join("work/#1-1/x/y"), b"stale");
     write(work.join("work/#0-0"), b"");
     chmod(work.join("work/#1-1"), 0);
-    let l = Layerfs::mount(
-        &format!(
-            "lowerdir={},upperdir={},workdir={}",
-            low.display(),
-            up.display(),
-            work.display()
-        ),
-        &s.path("mnt"),
-    );
+    let l = Layerfs::mount(&rw_opts(&low, &up, &work), &s.path("mnt"));
     assert_eq!(
         fs::read_dir(work.join("work")).unwrap().count(),
         0,
