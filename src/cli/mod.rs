@@ -3,6 +3,7 @@
 pub mod image;
 pub mod mount;
 pub mod options;
+pub mod which;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -75,6 +76,14 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: SystemCmd,
     },
+    /// Which layer serves each PATH on a layerfs mount, whether it was copied up, and for a
+    /// directory how many entries each layer contributes.
+    Which {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, value_parser = ["table", "json"], default_value = "table")]
+        format: String,
+    },
     /// Unmount a layerfs mount (the daemon then exits).
     #[command(alias = "unmount")]
     Umount {
@@ -145,6 +154,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::System {
             cmd: SystemCmd::Df { format },
         } => image::system_df(&root, &format),
+        Cmd::Which { paths, format } => which::which(&paths, &format),
         Cmd::Mount(a) => mount::mount(a),
         Cmd::Umount { mountpoint, lazy } => mount::umount(&mountpoint, lazy).map(|()| 0),
     }

@@ -292,6 +292,47 @@ impl Union {
         Ok(())
     }
 
+    /// Which layers hold node `id` (top first) and whether it is a directory (for `which`).
+    pub fn layers_of(&self, id: u64) -> Result<(Vec<usize>, bool)> {
+        let n = self.node(id)?;
+        Ok((n.state().layers, n.is_dir()))
+    }
+
+    /// Is `name` under directory `parent` also present in a layer below the top one it is
+    /// served from (for `which`: was it copied up, or does it shadow something)?
+    pub fn layers_with_name(&self, parent: u64, name: &OsStr) -> Result<Vec<usize>> {
+        let p = self.dir_node(parent)?;
+        let mut out = Vec::new();
+        for &l in &p.state().layers {
+            let fd = self.dir_fd(&p, l)?;
+            if sys::statat(fd.as_fd(), name).is_ok_and(|st| !sys::is_whiteout_stat(&st)) {
+                out.push(l);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Entries each layer contributes to directory `id` (markers not counted).
+    pub fn entries_per_layer(&self, id: u64) -> Result<Vec<(usize, usize)>> {
+        let n = self.dir_node(id)?;
+        let mut out = Vec::new();
+        for &l in &n.state().layers {
+            let fd = self.dir_fd(&n, l)?;
+            let r = sys::openat(
+                fd.as_fd(),
+                OsStr::new("."),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                0,
+            )?;
+            let count = sys::read_dir_fd(r.as_fd())?
+                .into_iter()
+                .filter(|e| !format::is_marker_name(&e.name))
+                .count();
+            out.push((l, count));
+        }
+        Ok(out)
+    }
+
     pub fn node_count(&self) -> usize {
         self.nodes.len()
     }
