@@ -211,12 +211,16 @@ impl Union {
         if node.is_dir() {
             return Ok(Real::Fd(self.dir_fd(node, layer)?));
         }
-        let st = node.state();
-        if let Some(fd) = st.detached {
-            return Ok(Real::Fd(fd));
-        }
-        let parent = self.node(st.parent)?;
-        Ok(Real::At(self.dir_fd(&parent, layer)?, st.name))
+        // Only what is needed, under the lock (this runs on every getattr and open).
+        let (parent, name) = {
+            let st = node.state.read().expect("node state lock");
+            if let Some(fd) = &st.detached {
+                return Ok(Real::Fd(fd.clone()));
+            }
+            (st.parent, st.name.clone())
+        };
+        let parent = self.node(parent)?;
+        Ok(Real::At(self.dir_fd(&parent, layer)?, name))
     }
 
     /// The topmost real object behind `node`.
