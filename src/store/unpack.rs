@@ -79,12 +79,15 @@ impl Ctx<'_> {
         }
         let parent = match path.split_last() {
             None => {
-                return Ok(Arc::new(sys::openat(
+                // The layer root: opened once, cached like every other directory.
+                let fd = Arc::new(sys::openat(
                     self.root,
                     OsStr::new("."),
                     libc::O_PATH | libc::O_DIRECTORY,
                     0,
-                )?));
+                )?);
+                self.dirs.insert(Vec::new(), fd.clone());
+                return Ok(fd);
             }
             Some((_, dirs)) => self.dir(dirs)?,
         };

@@ -128,16 +128,12 @@ pub fn dir_markers(dir: BorrowedFd<'_>) -> DirMarkers {
         if !is_private_xattr(n) {
             continue;
         }
-        if OPAQUE_XATTRS.iter().any(|x| x.to_bytes() == n.as_slice()) {
-            let x = OPAQUE_XATTRS
-                .iter()
-                .find(|x| x.to_bytes() == n.as_slice())
-                .expect("matched above");
-            if let Ok(Some(v)) = sys::getxattr(XTarget::Fd(dir), x) {
-                // "y" is opaque; "x" (kernel 6.7+) only flags xwhiteouts inside, not opacity.
-                if v.as_slice() == b"y" {
-                    m.opaque = true;
-                }
+        if let Some(x) = OPAQUE_XATTRS.iter().find(|x| x.to_bytes() == n.as_slice())
+            && let Ok(Some(v)) = sys::getxattr(XTarget::Fd(dir), x)
+        {
+            // "y" is opaque; "x" (kernel 6.7+) only flags xwhiteouts inside, not opacity.
+            if v.as_slice() == b"y" {
+                m.opaque = true;
             }
         }
         if let Some(x) = REDIRECT_XATTRS
