@@ -11,7 +11,10 @@ bin=$PWD/target/release/layerfs
 work=$(mktemp -d /tmp/layerfs-demo.XXXXXX)
 cp -a examples/sample "$work/layers"
 mkdir -p "$work/upper" "$work/work" "$work/rootfs"
-cleanup() { "$bin" umount "$work/rootfs" 2>/dev/null || true; }
+cleanup() {
+  [ -n "${events_pid:-}" ] && kill "$events_pid" 2>/dev/null || true
+  "$bin" umount "$work/rootfs" 2>/dev/null || true
+}
 trap cleanup EXIT
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 
@@ -22,12 +25,21 @@ say 'find rootfs -type f   # the union: app wins, /etc/motd is whited out by app
 find rootfs -type f | sort
 say 'cat rootfs/app/config'; cat rootfs/app/config
 say 'find upper            # the writable layer starts empty'; find upper
+say 'layerfs events rootfs &   # live copy-on-write events (lines marked >>)'
+"$bin" events rootfs | sed -u 's/^/   >> /' &
+events_pid=$!
+sleep 0.5
 say 'echo "local change" >> rootfs/etc/os-release   # first write: copy-up'
-echo "local change" >> rootfs/etc/os-release
+echo "local change" >> rootfs/etc/os-release; sleep 0.3
 say 'rm rootfs/var/cache/blob                       # delete a lower file: whiteout'
-rm rootfs/var/cache/blob
+rm rootfs/var/cache/blob; sleep 0.3
 say 'mkdir rootfs/data && echo new > rootfs/data/file'
-mkdir rootfs/data && echo new > rootfs/data/file
+mkdir rootfs/data && echo new > rootfs/data/file; sleep 0.3
+kill "$events_pid" 2>/dev/null || true; events_pid=
+say 'layerfs which rootfs/etc/os-release rootfs/var/cache/blob'
+"$bin" which rootfs/etc/os-release rootfs/var/cache/blob
+say 'layerfs layers rootfs --svg layers.svg   # what each layer adds, changes, deletes'
+"$bin" layers rootfs --svg layers.svg
 say 'find upper -printf "%M %p\n"   # copied-up file, char 0/0 whiteout, new dir'
 find upper -printf '%M %p\n' | sort -k2
 say 'cat upper/etc/os-release'; cat upper/etc/os-release

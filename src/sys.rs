@@ -718,22 +718,79 @@ pub fn adopt_fd(fd: RawFd) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// One line of /proc/self/mountinfo.
+#[derive(Clone, Debug)]
+pub struct MountEntry {
+    /// "major:minor" of the mounted filesystem (for FUSE, unique per connection).
+    pub dev: String,
+    pub mountpoint: std::path::PathBuf,
+    /// "fuse", "fuse.layerfs", "overlay", ...
+    pub fstype: String,
+    /// The source ("layerfs" for ours: the FUSE fsname).
+    pub source: String,
+    /// The superblock options ("rw,user_id=0,group_id=0,...").
+    pub super_opts: String,
+}
+
+/// The mounts of this mount namespace, in mount order (later entries are on top).
+pub fn mounts() -> Vec<MountEntry> {
+    let Ok(info) = std::fs::read("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for line in info.split(|&b| b == b'\n') {
+        let f: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        // Optional fields end at "-"; then fstype, source, super options.
+        let Some(dash) = f.iter().position(|x| *x == b"-") else {
+            continue;
+        };
+        if f.len() < 5 || f.len() < dash + 4 {
+            continue;
+        }
+        // Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
+        let mp = std::ffi::OsString::from_vec(unescape_mountinfo(f[4]));
+        out.push(MountEntry {
+            dev: String::from_utf8_lossy(f[2]).into_owned(),
+            mountpoint: mp.into(),
+            fstype: String::from_utf8_lossy(f[dash + 1]).into_owned(),
+            source: String::from_utf8_lossy(&unescape_mountinfo(f[dash + 2])).into_owned(),
+            super_opts: String::from_utf8_lossy(f[dash + 3]).into_owned(),
+        });
+    }
+    out
+}
+
 /// Is `path` a mount point? Read from /proc/self/mountinfo, so a dead FUSE mount (whose stat
 /// fails with ENOTCONN) still counts.
 pub fn is_mountpoint(path: &std::path::Path) -> bool {
     let Ok(abs) = std::path::absolute(path) else {
         return false;
     };
-    let Ok(info) = std::fs::read("/proc/self/mountinfo") else {
-        return false;
+    mounts().iter().any(|m| m.mountpoint == abs)
+}
+
+/// The uid of the process at the other end of a Unix socket.
+pub fn peer_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
     };
-    let want = abs.as_os_str().as_bytes();
-    info.split(|&b| b == b'\n').any(|line| {
-        // Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
-        line.split(|&b| b == b' ')
-            .nth(4)
-            .is_some_and(|mp| unescape_mountinfo(mp) == want)
-    })
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len describe a writable ucred of the size passed.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }
 
 fn unescape_mountinfo(s: &[u8]) -> Vec<u8> {

@@ -36,6 +36,16 @@ pub enum ImageCmd {
     },
     /// JSON: Id, RepoTags, Created, Config, RootFS.Layers, Size, layer paths.
     Inspect { image: String },
+    /// Per layer, top first: the files it adds, changes and deletes relative to the layers
+    /// below, its size, and the bytes of lower files it hides; --svg draws the stack.
+    Layers {
+        image: String,
+        /// Also write the stack as an SVG picture (opens in a browser).
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+        #[arg(long, value_parser = ["table", "json"], default_value = "table")]
+        format: String,
+    },
     /// Write images out: an OCI layout dir, an oci-archive or a docker-archive tar.
     Save {
         #[arg(required = true)]
@@ -306,6 +316,10 @@ pub fn run_image(root: &Path, cmd: ImageCmd) -> Result<i32> {
                 sel.len(),
                 output.display()
             );
+        }
+        ImageCmd::Layers { image, svg, format } => {
+            let store = Store::open(root, false)?;
+            super::observe::image_layer_maps(&store, &image, &format, svg.as_deref())?;
         }
         ImageCmd::Inspect { image } => {
             let store = Store::open(root, false)?;

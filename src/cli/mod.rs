@@ -2,6 +2,7 @@
 
 pub mod image;
 pub mod mount;
+pub mod observe;
 pub mod options;
 pub mod which;
 
@@ -84,6 +85,45 @@ pub enum Cmd {
         #[arg(long, value_parser = ["table", "json"], default_value = "table")]
         format: String,
     },
+    /// Counters of a live mount since it was mounted: copy-ups, whiteouts, opaque dirs,
+    /// redirects, operations with latency percentiles, opens, caches, inodes, memory.
+    #[command(
+        after_help = "Examples:\n  layerfs stats /c/rootfs\n  layerfs stats /c/rootfs --watch          # refreshes in place, like top\n  layerfs stats /c/rootfs --format json"
+    )]
+    Stats {
+        /// The mountpoint, or any path on the mount.
+        mountpoint: PathBuf,
+        /// Refresh in place until Ctrl-C (with --format json: one JSON line per refresh).
+        #[arg(short, long)]
+        watch: bool,
+        /// Seconds between refreshes with --watch.
+        #[arg(long, default_value_t = 1.0, value_name = "SECS")]
+        interval: f64,
+        #[arg(long, value_parser = ["table", "json"], default_value = "table")]
+        format: String,
+    },
+    /// A live stream of copy-ups, whiteouts, opaque dirs, redirects, renames and unlinks on a
+    /// mount, each with the operation and the process (pid, command) that caused it.
+    #[command(
+        after_help = "Examples:\n  layerfs events /c/rootfs                  # one line per event; Ctrl-C ends\n  layerfs events /c/rootfs --format json | jq .\nSeveral readers may watch at once; with nobody watching, events cost nothing."
+    )]
+    Events {
+        /// The mountpoint, or any path on the mount.
+        mountpoint: PathBuf,
+        #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+        format: String,
+    },
+    /// Per layer of a live mount (the upper included), top first: the files it adds, changes
+    /// and deletes relative to the layers below, its size and the lower bytes it hides.
+    Layers {
+        /// The mountpoint, or any path on the mount.
+        mountpoint: PathBuf,
+        /// Also write the stack as an SVG picture (opens in a browser).
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+        #[arg(long, value_parser = ["table", "json"], default_value = "table")]
+        format: String,
+    },
     /// Unmount a layerfs mount (the daemon then exits).
     #[command(alias = "unmount")]
     Umount {
@@ -155,6 +195,18 @@ pub fn run(cli: Cli) -> Result<i32> {
             cmd: SystemCmd::Df { format },
         } => image::system_df(&root, &format),
         Cmd::Which { paths, format } => which::which(&paths, &format),
+        Cmd::Stats {
+            mountpoint,
+            watch,
+            interval,
+            format,
+        } => observe::stats(&mountpoint, watch, interval, &format),
+        Cmd::Events { mountpoint, format } => observe::events(&mountpoint, &format),
+        Cmd::Layers {
+            mountpoint,
+            svg,
+            format,
+        } => observe::mount_layer_maps(&mountpoint, &format, svg.as_deref()),
         Cmd::Mount(a) => mount::mount(a),
         Cmd::Umount { mountpoint, lazy } => mount::umount(&mountpoint, lazy).map(|()| 0),
     }

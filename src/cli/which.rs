@@ -1,118 +1,181 @@
 //! `layerfs which PATH...`: which layer serves a path of a live layerfs mount, whether it was
 //! copied up (or shadows lower copies), and for a directory what each layer contributes.
 //!
-//! It needs no help from the daemon: the mount's layers come from the daemon's command line,
-//! and the engine opens them read-only (the upper as one more layer), never touching them.
+//! The daemon names the mount's layers (over its control socket); the engine then opens them
+//! read-only here (the upper as one more layer), never changing them.
 
 use std::ffi::OsStr;
 use std::path::{Component, Path, PathBuf};
 
 use serde_json::json;
 
-use super::options::split_escaped;
+use std::os::fd::AsFd;
+
+use super::observe::mount_layers;
 use crate::error::{Error, Result};
+use crate::inspect::layers::LayerSpec;
+use crate::sys;
+use crate::union::format;
 use crate::union::node::ROOT_ID;
 use crate::union::{Config, Union};
 
-/// The layerfs mount holding `abs`: (mountpoint, upper, lowers top first).
-fn find_mount(abs: &Path) -> Result<(PathBuf, Option<PathBuf>, Vec<PathBuf>)> {
-    let mut best: Option<(PathBuf, Vec<String>)> = None;
-    for e in std::fs::read_dir("/proc").map_err(Error::from)?.flatten() {
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|&b| b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if !args.first().is_some_and(|a| a.ends_with("layerfs")) || !args.iter().any(|a| a == "-f")
-        {
-            continue;
-        }
-        let Some(mp) = args.last().map(PathBuf::from) else {
-            continue;
-        };
-        if abs.starts_with(&mp)
-            && best
-                .as_ref()
-                .is_none_or(|(b, _)| mp.as_os_str().len() > b.as_os_str().len())
-        {
-            let opts: Vec<String> = args
-                .windows(2)
-                .filter(|w| w[0] == "-o")
-                .map(|w| w[1].clone())
-                .collect();
-            best = Some((mp, opts));
+/// Why a layer's copy of a path is not part of the union view.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Block {
+    Whiteout,
+    Opaque,
+    Redirect,
+    /// A file (or other non-directory) where a lower layer has a directory.
+    NotDir,
+}
+
+impl Block {
+    fn name(self) -> &'static str {
+        match self {
+            Block::Whiteout => "whiteout",
+            Block::Opaque => "opaque directory",
+            Block::Redirect => "redirect (renamed directory)",
+            Block::NotDir => "non-directory",
         }
     }
-    let (mp, opts) =
-        best.ok_or_else(|| Error::msg(format!("{} is not on a layerfs mount", abs.display())))?;
-    let (mut upper, mut lowers) = (None, Vec::new());
-    for o in opts.iter().flat_map(|o| split_escaped(o, ',')) {
-        if let Some(v) = o.strip_prefix("upperdir=") {
-            upper = Some(PathBuf::from(v));
-        } else if let Some(v) = o.strip_prefix("lowerdir=") {
-            lowers = split_escaped(v, ':')
-                .into_iter()
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
-                .collect();
+}
+
+/// Look at `comps` in one layer's raw tree (openat-style, nothing followed): whether the
+/// whole path exists there, and the first marker on the way that hides it in layers below
+/// (component index, kind).
+fn probe(root: &Path, comps: &[&OsStr]) -> (bool, Option<(usize, Block)>) {
+    let Ok(mut dir) = sys::open_dir_path(root) else {
+        return (false, None);
+    };
+    let mut block = None;
+    for (i, c) in comps.iter().enumerate() {
+        let Ok(st) = sys::statat(dir.as_fd(), c) else {
+            return (false, block);
+        };
+        if sys::is_whiteout_stat(&st) || format::has_oci_whiteout(dir.as_fd(), c) {
+            return (false, block.or(Some((i, Block::Whiteout))));
+        }
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            // The path itself: copies below are shadowed (shown as such), not hidden. On the
+            // way: a non-directory hides whatever lower layers have below this name.
+            return if i + 1 == comps.len() {
+                (true, block)
+            } else {
+                (false, block.or(Some((i, Block::NotDir))))
+            };
+        }
+        let Ok(next) = sys::openat(dir.as_fd(), c, libc::O_PATH | libc::O_DIRECTORY, 0) else {
+            return (false, block);
+        };
+        let m = format::dir_markers(next.as_fd());
+        if block.is_none() {
+            if m.redirect.is_some() {
+                block = Some((i, Block::Redirect));
+            } else if m.opaque {
+                block = Some((i, Block::Opaque));
+            }
+        }
+        dir = next;
+    }
+    (true, block)
+}
+
+/// The lower copies of `comps` that the union does not show, and what hides each.
+fn hidden(layers: &[LayerSpec], comps: &[&OsStr], shown: &[usize]) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut above: Option<(usize, usize, Block)> = None; // (layer, component, kind)
+    for (l, spec) in layers.iter().enumerate() {
+        let (exists, block) = probe(&spec.dir, comps);
+        if exists
+            && !shown.contains(&l)
+            && let Some((bl, at, kind)) = above
+        {
+            let at_path: PathBuf = comps[..=at].iter().collect();
+            out.push(json!({
+                "layer": spec.label,
+                "by": kind.name(),
+                "at": Path::new("/").join(at_path),
+                "in": layers[bl].label,
+            }));
+        }
+        if above.is_none()
+            && let Some((at, kind)) = block
+        {
+            above = Some((l, at, kind));
         }
     }
-    Ok((mp, upper, lowers))
+    out
 }
 
 pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
     let mut out = Vec::new();
     for p in paths {
         let abs = std::path::absolute(p).map_err(|e| Error::from(e).context(p.display()))?;
-        let (mp, upper, lowers) = find_mount(&abs)?;
-        let mut layer_dirs: Vec<(String, PathBuf)> = Vec::new();
-        if let Some(u) = &upper {
-            layer_dirs.push(("upper".into(), u.clone()));
-        }
-        for (i, l) in lowers.iter().enumerate() {
-            layer_dirs.push((format!("lower {i}"), l.clone()));
-        }
+        let (mp, layer_dirs) = mount_layers(&abs)?;
+        let has_upper = layer_dirs.first().is_some_and(|l| l.label == "upper");
         // Read-only view of the same layers: the upper is just the top layer here.
         let u = Union::new(Config {
             upper: None,
             work: None,
-            lowers: layer_dirs.iter().map(|l| l.1.clone()).collect(),
+            lowers: layer_dirs.iter().map(|l| l.dir.clone()).collect(),
             fsync: false,
             marker_ns: crate::union::format::MarkerNs::Trusted,
         })?;
         let rel = abs.strip_prefix(&mp).unwrap_or(Path::new(""));
-        let (mut parent, mut id, mut last) = (ROOT_ID, ROOT_ID, None::<&OsStr>);
-        for c in rel.components() {
-            if let Component::Normal(n) = c {
-                parent = id;
-                id = u
-                    .lookup(id, n)
-                    .map_err(|e| e.context(format!("{} (in the union)", abs.display())))?
-                    .id;
-                last = Some(n);
+        let comps: Vec<&OsStr> = rel
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n),
+                _ => None,
+            })
+            .collect();
+        let label = |l: usize| layer_dirs[l].label.as_str();
+        let store_id = |l: usize| layer_dirs[l].store.clone();
+        let (mut parent, mut id) = (ROOT_ID, ROOT_ID);
+        let mut missing = false;
+        for (i, n) in comps.iter().enumerate() {
+            match u.lookup(id, n) {
+                Ok(e) => (parent, id) = (id, e.id),
+                // The last name is not in the union: say what hides its lower copies.
+                Err(e) if e.errno() == libc::ENOENT && i + 1 == comps.len() => missing = true,
+                Err(e) => return Err(e.context(format!("{} (in the union)", abs.display()))),
             }
         }
+        if missing {
+            let hid = hidden(&layer_dirs, &comps, &[]);
+            if hid.is_empty() {
+                return Err(Error::msg(format!(
+                    "{}: no such file in any layer",
+                    abs.display()
+                )));
+            }
+            out.push(json!({"path": abs, "mount": mp, "visible": false, "hidden": hid}));
+            continue;
+        }
         let (layers, is_dir) = u.layers_of(id)?;
-        let name_layers = match last {
+        let name_layers = match comps.last() {
             Some(n) => u.layers_with_name(parent, n)?,
             None => layers.clone(),
         };
         let top = layers[0];
-        let copied_up = upper.is_some() && top == 0 && name_layers.iter().any(|&l| l > 0);
+        let copied_up = has_upper && top == 0 && name_layers.iter().any(|&l| l > 0);
         let mut v = json!({
-            "path": abs, "mount": mp,
-            "served_by": {"layer": layer_dirs[top].0, "dir": layer_dirs[top].1},
+            "path": abs, "mount": mp, "visible": true,
+            "served_by": {"layer": label(top), "dir": layer_dirs[top].dir, "store": store_id(top)},
             "copied_up": copied_up,
-            "also_in": name_layers.iter().filter(|&&l| l != top).map(|&l| &layer_dirs[l].0).collect::<Vec<_>>(),
+            "also_in": name_layers.iter().filter(|&&l| l != top).map(|&l| label(l)).collect::<Vec<_>>(),
+            "hidden": hidden(&layer_dirs, &comps, &[layers.clone(), name_layers.clone()].concat()),
+            "redirected_from": u.redirected_from(id)?,
         });
+        if copied_up {
+            v["copied_up_from"] =
+                json!({"layer": label(name_layers[1]), "store": store_id(name_layers[1])});
+        }
         if is_dir {
             v["merged_from"] = json!(
                 u.entries_per_layer(id)?
                     .iter()
-                    .map(|(l, n)| json!({"layer": layer_dirs[*l].0, "entries": n}))
+                    .map(|(l, n)| json!({"layer": label(*l), "entries": n}))
                     .collect::<Vec<_>>()
             );
         }
@@ -124,15 +187,37 @@ pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
     }
     for v in out {
         println!("{}", v["path"].as_str().unwrap_or(""));
-        println!(
-            "  served by: {} ({})",
-            v["served_by"]["layer"].as_str().unwrap_or(""),
-            v["served_by"]["dir"].as_str().unwrap_or("")
-        );
-        if v["copied_up"].as_bool() == Some(true) {
+        if v["visible"] == false {
+            println!("  not in the union");
+        } else {
+            let store = v["served_by"]["store"]
+                .as_str()
+                .map_or(String::new(), |s| format!(", {s}"));
             println!(
-                "  copied up from: {}",
-                v["also_in"][0].as_str().unwrap_or("?")
+                "  served by: {} ({}{store})",
+                v["served_by"]["layer"].as_str().unwrap_or(""),
+                v["served_by"]["dir"].as_str().unwrap_or("")
+            );
+        }
+        for h in v["hidden"].as_array().into_iter().flatten() {
+            println!(
+                "  hidden: the copy in {} (by the {} at {} in {})",
+                h["layer"].as_str().unwrap_or("?"),
+                h["by"].as_str().unwrap_or("?"),
+                h["at"].as_str().unwrap_or("?"),
+                h["in"].as_str().unwrap_or("?")
+            );
+        }
+        if let Some(r) = v["redirected_from"].as_str() {
+            println!("  renamed: lower layers merged from {r} (redirect)");
+        }
+        if v["copied_up"].as_bool() == Some(true) {
+            let store = v["copied_up_from"]["store"]
+                .as_str()
+                .map_or(String::new(), |s| format!(" ({s})"));
+            println!(
+                "  copied up from: {}{store}",
+                v["copied_up_from"]["layer"].as_str().unwrap_or("?")
             );
         } else if let Some(a) = v["also_in"].as_array().filter(|a| !a.is_empty()) {
             println!(

@@ -17,6 +17,8 @@ use fuser::{
 use log::debug;
 
 use crate::error::Error;
+use crate::observe::Op;
+use crate::observe::stats::bump;
 use crate::sys::{Stat, TimeSpec};
 use crate::union::node::Kind;
 use crate::union::write::{Caller, NewObj, SetAttr};
@@ -27,7 +29,7 @@ use crate::union::{Entry, Union};
 const TTL: Duration = Duration::from_secs(60);
 
 pub struct Adapter {
-    pub fs: Union,
+    pub fs: Arc<Union>,
     /// Asked for at mount; on only if the kernel agreed at init.
     pub want_passthrough: bool,
     passthrough: bool,
@@ -50,7 +52,7 @@ struct Backing {
 }
 
 impl Adapter {
-    pub fn new(fs: Union, want_passthrough: bool) -> Adapter {
+    pub fn new(fs: Arc<Union>, want_passthrough: bool) -> Adapter {
         Adapter {
             fs,
             want_passthrough,
@@ -68,6 +70,7 @@ impl Adapter {
         open_backing: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
     ) -> Option<Arc<BackingId>> {
         if !self.passthrough {
+            bump(&self.fs.obs.stats.cached_opens);
             return None;
         }
         let mut b = self.backing.lock().expect("backing lock");
@@ -93,6 +96,12 @@ impl Adapter {
                 },
             },
         };
+        let st = &self.fs.obs.stats;
+        bump(if shared.is_some() {
+            &st.passthrough_opens
+        } else {
+            &st.cached_opens
+        });
         match &shared {
             Some(_) => b.by_handle.insert(fh, ino),
             None => {
@@ -269,7 +278,8 @@ impl Filesystem for Adapter {
         super::session::exit_after_unmount();
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _op = self.fs.obs.begin(Op::Lookup, req.pid());
         debug!("lookup {} {:?}", parent.0, name);
         match self.fs.lookup(parent.0, name) {
             // Misses are cached too: a $PATH search or a failed stat costs one request.
@@ -280,11 +290,13 @@ impl Filesystem for Adapter {
         }
     }
 
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+    fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
+        let _op = self.fs.obs.begin(Op::Forget, req.pid());
         self.fs.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _op = self.fs.obs.begin(Op::Getattr, req.pid());
         debug!("getattr {}", ino.0);
         match self.fs.getattr(ino.0) {
             Ok(st) => reply.attr(&ttl_for(&st), &attr(&st)),
@@ -294,7 +306,7 @@ impl Filesystem for Adapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -310,6 +322,7 @@ impl Filesystem for Adapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _op = self.fs.obs.begin(Op::Setattr, req.pid());
         debug!(
             "setattr {} mode={mode:?} uid={uid:?} gid={gid:?} size={size:?}",
             ino.0
@@ -329,7 +342,8 @@ impl Filesystem for Adapter {
         }
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _op = self.fs.obs.begin(Op::Readlink, req.pid());
         debug!("readlink {}", ino.0);
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str())),
@@ -347,6 +361,7 @@ impl Filesystem for Adapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _op = self.fs.obs.begin(Op::Mknod, req.pid());
         debug!("mknod {} {:?} {mode:o}", parent.0, name);
         let obj = NewObj::Node {
             mode,
@@ -369,6 +384,7 @@ impl Filesystem for Adapter {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let _op = self.fs.obs.begin(Op::Mkdir, req.pid());
         debug!("mkdir {} {:?} {mode:o}", parent.0, name);
         reply_entry(
             reply,
@@ -378,7 +394,8 @@ impl Filesystem for Adapter {
         );
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = self.fs.obs.begin(Op::Unlink, req.pid());
         debug!("unlink {} {:?}", parent.0, name);
         match self.fs.unlink(parent.0, name) {
             Ok(()) => reply.ok(),
@@ -386,7 +403,8 @@ impl Filesystem for Adapter {
         }
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = self.fs.obs.begin(Op::Rmdir, req.pid());
         debug!("rmdir {} {:?}", parent.0, name);
         match self.fs.rmdir(parent.0, name) {
             Ok(()) => reply.ok(),
@@ -402,6 +420,7 @@ impl Filesystem for Adapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _op = self.fs.obs.begin(Op::Symlink, req.pid());
         debug!("symlink {} {:?} -> {:?}", parent.0, link_name, target);
         let obj = NewObj::Symlink {
             target: target.as_os_str(),
@@ -416,7 +435,7 @@ impl Filesystem for Adapter {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -424,6 +443,7 @@ impl Filesystem for Adapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fs.obs.begin(Op::Rename, req.pid());
         debug!(
             "rename {} {:?} -> {} {:?} {flags:?}",
             parent.0, name, newparent.0, newname
@@ -439,17 +459,19 @@ impl Filesystem for Adapter {
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _op = self.fs.obs.begin(Op::Link, req.pid());
         debug!("link {} -> {} {:?}", ino.0, newparent.0, newname);
         reply_entry(reply, self.fs.link(ino.0, newparent.0, newname));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _op = self.fs.obs.begin(Op::Open, req.pid());
         debug!("open {} {:#x}", ino.0, flags.0);
         match self.fs.open(ino.0, flags.0) {
             Ok(fh) => {
@@ -466,7 +488,7 @@ impl Filesystem for Adapter {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -475,6 +497,7 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _op = self.fs.obs.begin(Op::Read, req.pid());
         self.fs.read_with(fh.0, offset, size, |r| match r {
             Ok(d) => reply.data(d),
             Err(e) => reply.error(errno(&e)),
@@ -483,7 +506,7 @@ impl Filesystem for Adapter {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -493,6 +516,7 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _op = self.fs.obs.begin(Op::Write, req.pid());
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e)),
@@ -501,12 +525,13 @@ impl Filesystem for Adapter {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fs.obs.begin(Op::Flush, req.pid());
         // Nothing is buffered and locks are the kernel's: ENOSYS tells it to stop sending
         // FLUSH on every close (it then counts as success), saving a round trip.
         reply.error(Errno::ENOSYS);
@@ -514,7 +539,7 @@ impl Filesystem for Adapter {
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -522,6 +547,7 @@ impl Filesystem for Adapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fs.obs.begin(Op::Release, req.pid());
         self.released(fh.0);
         self.fs.release(fh.0);
         reply.ok();
@@ -529,19 +555,21 @@ impl Filesystem for Adapter {
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fs.obs.begin(Op::Fsync, req.pid());
         match self.fs.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _op = self.fs.obs.begin(Op::Opendir, req.pid());
         debug!("opendir {}", ino.0);
         match self.fs.opendir(ino.0) {
             // Listings change only through this mount, which tells the kernel: let it cache them.
@@ -555,12 +583,13 @@ impl Filesystem for Adapter {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _op = self.fs.obs.begin(Op::Readdir, req.pid());
         debug!("readdir fh={} off={offset}", fh.0);
         match self.fs.readdir(fh.0, offset) {
             Ok(entries) => {
@@ -577,12 +606,13 @@ impl Filesystem for Adapter {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _op = self.fs.obs.begin(Op::Readdirplus, req.pid());
         debug!("readdirplus fh={} off={offset}", fh.0);
         let entries = match self.fs.readdir(fh.0, offset) {
             Ok(e) => e,
@@ -632,31 +662,34 @@ impl Filesystem for Adapter {
 
     fn releasedir(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fs.obs.begin(Op::Releasedir, req.pid());
         self.fs.releasedir(fh.0);
         reply.ok();
     }
 
     fn fsyncdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fs.obs.begin(Op::Fsyncdir, req.pid());
         match self.fs.fsyncdir(ino.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _op = self.fs.obs.begin(Op::Statfs, req.pid());
         match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -674,7 +707,7 @@ impl Filesystem for Adapter {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -682,6 +715,7 @@ impl Filesystem for Adapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fs.obs.begin(Op::Setxattr, req.pid());
         debug!("setxattr {} {:?}", ino.0, name);
         match self.fs.setxattr(ino.0, name, value, flags) {
             Ok(()) => reply.ok(),
@@ -689,17 +723,20 @@ impl Filesystem for Adapter {
         }
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _op = self.fs.obs.begin(Op::Getxattr, req.pid());
         debug!("getxattr {} {:?}", ino.0, name);
         xattr_reply(reply, size, self.fs.getxattr(ino.0, name));
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _op = self.fs.obs.begin(Op::Listxattr, req.pid());
         debug!("listxattr {}", ino.0);
         xattr_reply(reply, size, self.fs.listxattr(ino.0));
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = self.fs.obs.begin(Op::Removexattr, req.pid());
         debug!("removexattr {} {:?}", ino.0, name);
         match self.fs.removexattr(ino.0, name) {
             Ok(()) => reply.ok(),
@@ -707,7 +744,8 @@ impl Filesystem for Adapter {
         }
     }
 
-    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _op = self.fs.obs.begin(Op::Access, req.pid());
         match self.fs.access(ino.0, mask.bits()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -724,6 +762,7 @@ impl Filesystem for Adapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _op = self.fs.obs.begin(Op::Create, req.pid());
         debug!("create {} {:?} {mode:o} {flags:#x}", parent.0, name);
         match self.fs.create(parent.0, name, mode, flags, caller(req)) {
             Ok((e, fh)) => {
@@ -753,7 +792,7 @@ impl Filesystem for Adapter {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -761,6 +800,7 @@ impl Filesystem for Adapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fs.obs.begin(Op::Fallocate, req.pid());
         match self.fs.fallocate(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -769,13 +809,14 @@ impl Filesystem for Adapter {
 
     fn lseek(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _op = self.fs.obs.begin(Op::Lseek, req.pid());
         match self.fs.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(errno(&e)),

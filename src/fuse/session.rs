@@ -4,12 +4,13 @@
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use fuser::{MountOption, SessionACL};
 use log::info;
 
 use super::adapter::Adapter;
+use crate::control::{self, server::Control};
 use crate::error::{Context, Result};
 use crate::sys;
 use crate::union::{Config, Union};
@@ -31,11 +32,17 @@ pub struct MountSpec {
 /// This mount's FUSE fd and mountpoint, for the exit path.
 static EXIT_GUARD: OnceLock<(OwnedFd, PathBuf)> = OnceLock::new();
 
+/// This mount's control socket, removed on the way out.
+static CONTROL: OnceLock<Control> = OnceLock::new();
+
 /// Called when the session ends (from `destroy`). fuser 0.18's drop guard would unmount the
 /// mountpoint *path* even after someone else unmounted us — taking down a new mount made there
 /// meanwhile (its connection check reads POLLERR the wrong way round). So exit here, before that
 /// guard runs, unmounting only if our own connection is still alive.
 pub fn exit_after_unmount() -> ! {
+    if let Some(c) = CONTROL.get() {
+        let _ = std::fs::remove_file(&c.path);
+    }
     if let Some((fd, mp)) = EXIT_GUARD.get() {
         if !sys::fuse_disconnected(fd.as_fd()) {
             let _ = sys::umount(mp, true);
@@ -55,8 +62,8 @@ fn report(ready: &mut Option<OwnedFd>, msg: &str) {
 /// Mount and serve; `ready` (the parent's pipe) gets "ok" once the mount is live, or the error.
 pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
     let r = start(&spec);
-    let (mut session, invalidations) = match r {
-        Ok((s, rx)) => (s, Some(rx)),
+    let (mut session, invalidations, fs) = match r {
+        Ok((s, rx, fs)) => (s, Some(rx), fs),
         Err(e) => {
             report(&mut ready, &format!("{e}\n"));
             return Err(e);
@@ -87,6 +94,13 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
                 let _ = notifier.inval_inode(fuser::INodeNo(id), -1, 0);
             }
         })?;
+    // Seeing copy-on-write is a convenience: a mount without its control socket still serves.
+    match control::server::start(fs, spec.mountpoint.clone()) {
+        Ok(c) => {
+            let _ = CONTROL.set(c);
+        }
+        Err(e) => log::warn!("no control socket (stats, events, which unavailable): {e}"),
+    }
     info!(
         "mounted {} ({} layers, {})",
         spec.mountpoint.display(),
@@ -103,12 +117,16 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
     Ok(())
 }
 
-type Started = (fuser::Session<Adapter>, std::sync::mpsc::Receiver<u64>);
+type Started = (
+    fuser::Session<Adapter>,
+    std::sync::mpsc::Receiver<u64>,
+    Arc<Union>,
+);
 
 fn start(spec: &MountSpec) -> Result<Started> {
     // The kernel already applied the caller's umask to modes it sends.
     sys::set_umask(0);
-    let fs = Union::new(spec.union.clone())?;
+    let fs = Arc::new(Union::new(spec.union.clone())?);
     let (tx, rx) = std::sync::mpsc::channel();
     fs.set_invalidator(tx);
     let mut opts = vec![
@@ -132,10 +150,10 @@ fn start(spec: &MountSpec) -> Result<Started> {
     config.n_threads = Some(spec.threads.max(1));
     config.clone_fd = true;
     let session = fuser::Session::new(
-        Adapter::new(fs, spec.passthrough),
+        Adapter::new(fs.clone(), spec.passthrough),
         &spec.mountpoint,
         &config,
     )
     .ctx(format!("mounting on {}", spec.mountpoint.display()))?;
-    Ok((session, rx))
+    Ok((session, rx, fs))
 }

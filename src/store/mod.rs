@@ -251,6 +251,22 @@ impl Store {
 }
 
 /// Now as RFC 3339 UTC (what image configs carry), without a date crate.
+/// What a directory is in a store, from its place in the store's layout: the layer
+/// "sha256:HEX" (`layers/HEX/diff`) or "container NAME" (`containers/NAME/upper`).
+pub fn describe_layer_dir(dir: &Path) -> Option<String> {
+    let name = |p: Option<&Path>| p?.file_name()?.to_str().map(str::to_string);
+    let parent = dir.parent();
+    let kind = name(parent.and_then(Path::parent))?;
+    let id = name(parent)?;
+    match (kind.as_str(), dir.file_name()?.to_str()?) {
+        ("layers", "diff") if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(format!("sha256:{id}"))
+        }
+        ("containers", "upper") => Some(format!("container {id}")),
+        _ => None,
+    }
+}
+
 pub fn rfc3339_now() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

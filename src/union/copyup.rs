@@ -8,6 +8,8 @@ use std::ffi::{CString, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
+use serde_json::json;
+
 use super::Union;
 use super::format;
 use super::node::{Kind, Node, ROOT_ID};
@@ -65,6 +67,7 @@ impl Union {
             return Err(err(libc::ENOENT));
         }
         let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
+        let started = std::time::Instant::now();
         let src = self.real_in(node, st.layers[0])?;
         let sst = src.stat()?;
         let parent = self.node(st.parent)?;
@@ -111,6 +114,18 @@ impl Union {
         }
         // nlink (a dir becomes merged), ctime and a broken hard link's count change.
         self.attrs_changed(node.id);
+        let bytes = (node.kind == Kind::File && data == Data::All).then_some(sst.st_size as u64);
+        let took = started.elapsed();
+        self.obs.stats.record_copy_up(bytes, took);
+        self.event("copy-up", || {
+            json!({
+                "path": self.path_in(st.parent, &st.name),
+                "from": self.layer_label(st.layers[0]),
+                "bytes": bytes.unwrap_or(0),
+                "data": bytes.is_some(),
+                "ms": (took.as_secs_f64() * 1e5).round() / 100.0,
+            })
+        });
         log::debug!("copied up {:?} (node {}, {:?})", st.name, node.id, data);
         Ok(())
     }

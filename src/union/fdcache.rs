@@ -20,6 +20,9 @@ pub struct FdCache {
     shards: Vec<Mutex<HashMap<(u64, usize), Entry>>>,
     per_shard: usize,
     clock: AtomicU64,
+    /// Lookups answered from the cache, and not (for `layerfs stats`).
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
 }
 
 impl FdCache {
@@ -28,6 +31,8 @@ impl FdCache {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             per_shard: (capacity / SHARDS).max(16),
             clock: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         }
     }
 
@@ -37,8 +42,12 @@ impl FdCache {
 
     pub fn get(&self, node: u64, layer: usize) -> Option<Arc<OwnedFd>> {
         let mut s = self.shard(node).lock().expect("fd cache lock");
-        let e = s.get_mut(&(node, layer))?;
+        let Some(e) = s.get_mut(&(node, layer)) else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
         e.used = self.clock.fetch_add(1, Ordering::Relaxed);
+        self.hits.fetch_add(1, Ordering::Relaxed);
         Some(e.fd.clone())
     }
 

@@ -32,6 +32,9 @@ const SHARDS: usize = 16;
 pub struct HandleTable {
     shards: Vec<RwLock<HashMap<u64, Open>>>,
     next: AtomicU64,
+    /// Open (files, directories), for `layerfs stats`.
+    pub open_files: AtomicU64,
+    pub open_dirs: AtomicU64,
 }
 
 impl Default for HandleTable {
@@ -45,6 +48,8 @@ impl HandleTable {
         HandleTable {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             next: AtomicU64::new(1),
+            open_files: AtomicU64::new(0),
+            open_dirs: AtomicU64::new(0),
         }
     }
 
@@ -54,6 +59,7 @@ impl HandleTable {
 
     pub fn insert(&self, o: Open) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed);
+        self.gauge(&o).fetch_add(1, Ordering::Relaxed);
         self.shard(fh).write().expect("handle lock").insert(fh, o);
         fh
     }
@@ -73,7 +79,18 @@ impl HandleTable {
     }
 
     pub fn remove(&self, fh: u64) -> Option<Open> {
-        self.shard(fh).write().expect("handle lock").remove(&fh)
+        let o = self.shard(fh).write().expect("handle lock").remove(&fh);
+        if let Some(o) = &o {
+            self.gauge(o).fetch_sub(1, Ordering::Relaxed);
+        }
+        o
+    }
+
+    fn gauge(&self, o: &Open) -> &AtomicU64 {
+        match o {
+            Open::File(_) => &self.open_files,
+            Open::Dir(_) => &self.open_dirs,
+        }
     }
 }
 

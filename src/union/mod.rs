@@ -10,6 +10,7 @@ pub mod layer;
 pub mod lookup;
 pub mod names;
 pub mod node;
+mod observed;
 pub mod readdir;
 pub mod real;
 pub mod workdir;
@@ -23,6 +24,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result, err};
+use crate::observe::Observer;
 use crate::sys::{self, Stat};
 use fdcache::FdCache;
 use format::MarkerNs;
@@ -64,6 +66,8 @@ pub struct Union {
     /// Where to send ids of nodes whose attributes changed behind the kernel's back (copy-up
     /// of a parent): the FUSE side turns them into attribute invalidations.
     invalidate: OnceLock<Sender<u64>>,
+    /// Counters and the event stream (`layerfs stats`, `layerfs events`).
+    pub obs: Arc<Observer>,
 }
 
 /// The on-disk name of an xattr named through the union (escaped; EOPNOTSUPP if refused).
@@ -104,6 +108,7 @@ impl Union {
             work,
             cfg,
             invalidate: OnceLock::new(),
+            obs: Arc::new(Observer::default()),
         };
         u.build_root()?;
         Ok(u)
@@ -300,6 +305,19 @@ impl Union {
     pub fn layers_of(&self, id: u64) -> Result<(Vec<usize>, bool)> {
         let n = self.node(id)?;
         Ok((n.state().layers, n.is_dir()))
+    }
+
+    /// For a renamed (redirected) directory: the path its lower layers are merged from.
+    pub fn redirected_from(&self, id: u64) -> Result<Option<String>> {
+        let st = self.node(id)?.state();
+        Ok(st.lower_path.map(|lp| {
+            let mut v = Vec::new();
+            for c in lp.iter() {
+                v.push(b'/');
+                v.extend_from_slice(c.as_bytes());
+            }
+            String::from_utf8_lossy(&v).into_owned()
+        }))
     }
 
     /// Is `name` under directory `parent` also present in a layer below the top one it is

@@ -48,6 +48,9 @@ pub struct NameIndex {
     shards: Vec<Mutex<HashMap<(u64, usize), Entry>>>,
     per_shard: usize,
     clock: AtomicU64,
+    /// Lookups answered from the cache, and not (for `layerfs stats`).
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
 }
 
 impl NameIndex {
@@ -56,6 +59,8 @@ impl NameIndex {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             per_shard: (capacity / SHARDS).max(16),
             clock: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         }
     }
 
@@ -65,8 +70,10 @@ impl NameIndex {
         let now = self.clock.fetch_add(1, Ordering::Relaxed);
         if let Some(e) = shard.lock().expect("names lock").get_mut(&(node, layer)) {
             e.used = now;
+            self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(e.names.clone());
         }
+        self.misses.fetch_add(1, Ordering::Relaxed);
         let names = Arc::new(LayerNames::read(dir)?);
         let mut s = shard.lock().expect("names lock");
         if s.len() >= self.per_shard {

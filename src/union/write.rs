@@ -215,6 +215,9 @@ impl Union {
             }
             fd
         };
+        if over_whiteout && is_dir {
+            self.opaque_written(parent, name);
+        }
         let st = sys::statat(upper.as_fd(), name)?;
         let node = self.new_upper_node(parent, name, &st);
         let attr = self.attr_of(&node)?;
@@ -363,6 +366,7 @@ impl Union {
             (false, _) => self.whiteout(upper.as_fd(), name, false)?,
         }
         self.detach(&n, p.id, name, keep);
+        self.removed(p.id, name, "unlink", !in_upper || below);
         Ok(())
     }
 
@@ -404,6 +408,7 @@ impl Union {
         }
         self.detach(&n, p.id, name, None);
         self.fds.drop_node(n.id);
+        self.removed(p.id, name, "rmdir", n.top_layer() != 0 || below);
         Ok(())
     }
 
@@ -474,11 +479,14 @@ impl Union {
         let dst_below = self.exists_below(&np, newname)?;
 
         // Markers first (harmless where the directory is now), then one rename moves it.
-        let src_redirect = self.prepare_dir_move(&src, &p, name, p.id == np.id, dst_below)?;
-        let dst_redirect = match (&dst, exchange) {
+        let (src_redirect, src_opaque) =
+            self.prepare_dir_move(&src, &p, name, p.id == np.id, dst_below)?;
+        let (dst_redirect, dst_opaque) = match (&dst, exchange) {
             (Some(d), true) => self.prepare_dir_move(d, &np, newname, p.id == np.id, src_below)?,
-            _ => None,
+            _ => (None, false),
         };
+        // For events: the source path, taken while its name still means what it meant.
+        let from_path = self.obs.events.active().then(|| self.path_in(parent, name));
 
         let dst_keep = match (&dst, exchange) {
             (Some(d), false) => self.keep_fd(d),
@@ -524,7 +532,12 @@ impl Union {
         // Bring the node table in line with the disk.
         if let Some(d) = &dst {
             if exchange {
-                self.move_node(d, (newparent, newname), (parent, name), dst_redirect);
+                self.move_node(
+                    d,
+                    (newparent, newname),
+                    (parent, name),
+                    dst_redirect.clone(),
+                );
             } else {
                 self.detach(d, newparent, newname, dst_keep);
                 if d.is_dir() {
@@ -532,7 +545,26 @@ impl Union {
                 }
             }
         }
-        self.move_node(&src, (parent, name), (newparent, newname), src_redirect);
+        self.move_node(
+            &src,
+            (parent, name),
+            (newparent, newname),
+            src_redirect.clone(),
+        );
+        let from = || from_path.clone().unwrap_or_default();
+        self.renamed(from, (newparent, newname), src_below && !exchange, exchange);
+        if src_opaque {
+            self.opaque_written(newparent, newname);
+        }
+        if dst_opaque {
+            self.opaque_written(parent, name);
+        }
+        if let Some(r) = &src_redirect {
+            self.redirect_written((newparent, newname), r);
+        }
+        if let (true, Some(r)) = (exchange, &dst_redirect) {
+            self.redirect_written((parent, name), r);
+        }
         Ok(())
     }
 
@@ -545,9 +577,9 @@ impl Union {
         name: &OsStr,
         samedir: bool,
         lands_over_lower: bool,
-    ) -> Result<Option<Arc<Vec<OsString>>>> {
+    ) -> Result<(Option<Arc<Vec<OsString>>>, bool)> {
         if !n.is_dir() {
-            return Ok(None);
+            return Ok((None, false));
         }
         let st = n.state();
         let dfd = self.dir_fd(n, 0)?;
@@ -561,7 +593,7 @@ impl Union {
                     0,
                 )?;
             }
-            return Ok(None);
+            return Ok((None, lands_over_lower));
         }
         let lower_path = match &st.lower_path {
             Some(lp) => lp.as_ref().clone(),
@@ -592,7 +624,7 @@ impl Union {
             &value,
             0,
         )?;
-        Ok(Some(Arc::new(lower_path)))
+        Ok((Some(Arc::new(lower_path)), false))
     }
 
     fn move_node(

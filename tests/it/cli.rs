@@ -6,25 +6,6 @@ use std::process::Command;
 use crate::require_fuse;
 use crate::support::*;
 
-/// Run layerfs with args; returns (success, stderr).
-fn layerfs(args: &[&str]) -> (bool, String) {
-    let (ok, _out, err) = run_timeout(Command::new(BIN).args(args), 30);
-    (ok, err)
-}
-
-fn assert_one_line_error(args: &[&str], needle: &str) {
-    let (ok, err) = layerfs(args);
-    assert!(!ok, "{args:?} should fail");
-    let err = err.trim();
-    assert_eq!(err.lines().count(), 1, "one line, got: {err}");
-    assert!(err.starts_with("layerfs: "), "{err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("backtrace"),
-        "{err}"
-    );
-    assert!(err.contains(needle), "expected {needle:?} in: {err}");
-}
-
 #[test]
 fn bad_input_gets_a_one_line_error() {
     require_fuse!();
@@ -176,54 +157,4 @@ fn help_teaches_the_options() {
     ] {
         assert!(out.contains(w), "mount --help mentions {w}");
     }
-}
-
-#[test]
-fn which_names_the_serving_layer_before_and_after_copy_up_and_rename() {
-    require_fuse!();
-    let s = Scratch::new();
-    let (l0, l1, l2) = (s.mkdir("l0"), s.mkdir("l1"), s.mkdir("l2"));
-    write(l0.join("top"), b"0");
-    write(l1.join("mid"), b"1");
-    write(l2.join("bot"), b"2");
-    write(l2.join("top"), b"shadowed");
-    let (up, work) = (s.mkdir("up"), s.mkdir("work"));
-    let opts = format!(
-        "lowerdir={}:{}:{},upperdir={},workdir={}",
-        l0.display(),
-        l1.display(),
-        l2.display(),
-        up.display(),
-        work.display()
-    );
-    let m = Layerfs::mount(&opts, &s.path("mnt"));
-    let which = |name: &str| -> serde_json::Value {
-        let (ok, out, err) = run_timeout(
-            Command::new(BIN)
-                .args(["which", "--format", "json"])
-                .arg(m.mnt.join(name)),
-            20,
-        );
-        assert!(ok, "which {name}: {err}");
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()[0].clone()
-    };
-    assert_eq!(which("top")["served_by"]["layer"], "lower 0");
-    assert_eq!(which("top")["also_in"][0], "lower 2");
-    assert_eq!(which("mid")["served_by"]["layer"], "lower 1");
-    assert_eq!(which("bot")["served_by"]["layer"], "lower 2");
-    assert_eq!(which("bot")["copied_up"], false);
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(m.mnt.join("bot"))
-        .unwrap();
-    let w = which("bot");
-    assert_eq!(
-        (w["served_by"]["layer"].as_str(), w["copied_up"].as_bool()),
-        (Some("upper"), Some(true))
-    );
-    std::fs::rename(m.mnt.join("mid"), m.mnt.join("moved")).unwrap();
-    assert_eq!(which("moved")["served_by"]["layer"], "upper");
-    assert_eq!(which("")["merged_from"].as_array().unwrap().len(), 4);
-    // Not on a layerfs mount: one line.
-    assert_one_line_error(&["which", "/etc/hostname"], "is not on a layerfs mount");
 }

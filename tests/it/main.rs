@@ -8,6 +8,7 @@ mod cli;
 mod crash;
 mod differential;
 mod full_disk;
+mod observe;
 mod read_side;
 mod store;
 mod write_path;

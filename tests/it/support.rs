@@ -501,3 +501,23 @@ pub fn rw_opts(lower: &Path, upper: &Path, work: &Path) -> String {
         work.display()
     )
 }
+
+/// Run layerfs with args; returns (success, stderr).
+pub fn layerfs(args: &[&str]) -> (bool, String) {
+    let (ok, _out, err) = run_timeout(Command::new(BIN).args(args), 30);
+    (ok, err)
+}
+
+/// `layerfs args...` fails with one line naming `needle` (no panic, no backtrace).
+pub fn assert_one_line_error(args: &[&str], needle: &str) {
+    let (ok, err) = layerfs(args);
+    assert!(!ok, "{args:?} should fail");
+    let err = err.trim();
+    assert_eq!(err.lines().count(), 1, "one line, got: {err}");
+    assert!(err.starts_with("layerfs: "), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}

@@ -1,0 +1,187 @@
+//! The daemon's end of the control socket.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use serde_json::{Value, json};
+
+use super::{is_layerfs, socket_dirs, socket_name};
+use crate::error::{Error, Result};
+use crate::store::describe_layer_dir;
+use crate::sys;
+use crate::union::Union;
+
+/// At most this many clients at once (each has a thread).
+const MAX_CLIENTS: usize = 64;
+
+/// A private directory for our sockets: created 0700, and refused if someone else owns it or
+/// others may enter it.
+fn private_dir(uid: u32) -> Result<PathBuf> {
+    let mut why = String::new();
+    for d in socket_dirs(uid) {
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&d);
+        match std::fs::symlink_metadata(&d) {
+            Ok(m) if m.is_dir() && m.uid() == uid && m.mode() & 0o077 == 0 => return Ok(d),
+            Ok(m) => {
+                why = format!(
+                    "{} is not a private directory of uid {uid} (owner {}, mode {:o})",
+                    d.display(),
+                    m.uid(),
+                    m.mode() & 0o7777
+                )
+            }
+            Err(e) => why = format!("{}: {e}", d.display()),
+        }
+    }
+    Err(Error::msg(format!(
+        "no directory for the control socket: {why}"
+    )))
+}
+
+/// The device number of the layerfs mount we just made at `mountpoint`.
+fn our_dev(mountpoint: &Path) -> Option<String> {
+    sys::mounts()
+        .into_iter()
+        .rfind(|m| is_layerfs(m) && m.mountpoint == mountpoint)
+        .map(|m| m.dev)
+}
+
+/// What `info` answers: the mount and its layers, top first.
+fn info(fs: &Union, mountpoint: &Path) -> Value {
+    let mut layers = Vec::new();
+    let dirs = fs.cfg.upper.iter().chain(fs.cfg.lowers.iter());
+    for (i, d) in dirs.enumerate() {
+        let mut l = json!({"index": i, "label": fs.layer_label(i), "dir": d});
+        if let Some(s) = describe_layer_dir(d) {
+            l["store"] = json!(s);
+        }
+        layers.push(l);
+    }
+    json!({
+        "mountpoint": mountpoint,
+        "pid": std::process::id(),
+        "writable": fs.writable(),
+        "work": fs.cfg.work,
+        "layers": layers,
+    })
+}
+
+pub struct Control {
+    pub path: PathBuf,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Listen on this mount's control socket, answering from a thread of its own.
+pub fn start(fs: Arc<Union>, mountpoint: PathBuf) -> Result<Control> {
+    let uid = sys::geteuid();
+    let dev = our_dev(&mountpoint)
+        .ok_or_else(|| Error::msg(format!("{} is not in mountinfo", mountpoint.display())))?;
+    let path = private_dir(uid)?.join(socket_name(&dev));
+    // A file left by a daemon that died: its mount is gone, so the name is free.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(|e| Error::from(e).context(path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    info!("control socket {}", path.display());
+    let started = Instant::now();
+    let clients = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                if clients.load(Ordering::Relaxed) >= MAX_CLIENTS {
+                    let _ = refuse(conn, "too many control clients");
+                    continue;
+                }
+                let (fs, mp, clients) = (fs.clone(), mountpoint.clone(), clients.clone());
+                clients.fetch_add(1, Ordering::Relaxed);
+                let _ = std::thread::Builder::new()
+                    .name("control-client".into())
+                    .spawn(move || {
+                        if let Err(e) = serve(conn, &fs, &mp, uid, started) {
+                            debug!("control client: {e}");
+                        }
+                        clients.fetch_sub(1, Ordering::Relaxed);
+                    });
+            }
+        })?;
+    Ok(Control { path })
+}
+
+fn refuse(mut conn: UnixStream, msg: &str) -> std::io::Result<()> {
+    writeln!(conn, "{}", json!({ "error": msg }))
+}
+
+fn serve(
+    conn: UnixStream,
+    fs: &Union,
+    mp: &Path,
+    uid: u32,
+    started: Instant,
+) -> std::io::Result<()> {
+    let peer = sys::peer_uid(conn.as_fd())?;
+    if peer != uid && peer != 0 {
+        warn!("control: refused uid {peer}");
+        return refuse(conn, &format!("this mount belongs to uid {uid}"));
+    }
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = String::new();
+    BufReader::new(&conn).take(4096).read_line(&mut line)?;
+    let req: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+    let mut out = &conn;
+    match req["op"].as_str().unwrap_or("") {
+        "info" => writeln!(out, "{}", info(fs, mp)),
+        "stats" => {
+            let mut v = fs.stats();
+            v["uptime_s"] = json!(started.elapsed().as_secs_f64());
+            v["event_listeners"] = json!(fs.obs.events.listeners());
+            writeln!(out, "{v}")
+        }
+        "events" => stream_events(conn, fs),
+        other => refuse(conn, &format!("unknown request {other:?}")),
+    }
+}
+
+/// Send events until the client goes away (noticed within a quarter second even when idle).
+fn stream_events(conn: UnixStream, fs: &Union) -> std::io::Result<()> {
+    let sub = fs.obs.events.subscribe();
+    let mut out = &conn;
+    writeln!(out, "{}", json!({"event": "subscribed"}))?;
+    conn.set_read_timeout(Some(Duration::from_millis(1)))?;
+    let mut probe = [0u8; 64];
+    loop {
+        match sub.rx.recv_timeout(Duration::from_millis(250)) {
+            Ok(line) => {
+                out.write_all(line.as_bytes())?;
+                out.write_all(b"\n")?;
+            }
+            Err(RecvTimeoutError::Timeout) => match (&conn).read(&mut probe) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e),
+            },
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
+}

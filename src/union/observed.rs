@@ -1,0 +1,143 @@
+//! The engine's side of observability: names for layers and paths, and events that are built
+//! only while someone listens.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::Ordering::Relaxed;
+
+use serde_json::Value;
+
+use super::Union;
+use super::node::ROOT_ID;
+use crate::observe::stats::{bump, ratio};
+
+impl Union {
+    /// "upper", or "lower N" counting from the top lower layer (as `which` and `layers` do).
+    pub fn layer_label(&self, layer: usize) -> String {
+        if self.layers.is_upper(layer) {
+            "upper".into()
+        } else {
+            format!("lower {}", layer - self.layers.first_lower())
+        }
+    }
+
+    /// The union path of `name` in directory `parent` ("/a/b"), as far as it is known.
+    pub fn path_in(&self, parent: u64, name: &OsStr) -> String {
+        let mut parts = vec![name.to_os_string()];
+        let mut cur = parent;
+        // Bounded: a path has at most PATH_MAX/2 components.
+        for _ in 0..2048 {
+            if cur == ROOT_ID {
+                break;
+            }
+            let Some(n) = self.nodes.get(cur) else { break };
+            let s = n.state.read().expect("node state lock");
+            parts.push(s.name.clone());
+            cur = s.parent;
+        }
+        let mut out = Vec::new();
+        for p in parts.iter().rev() {
+            out.push(b'/');
+            out.extend_from_slice(p.as_bytes());
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Emit event `kind` if anyone listens; `fields` is only built then.
+    pub(crate) fn event(&self, kind: &str, fields: impl FnOnce() -> Value) {
+        if self.obs.events.active() {
+            let missed = self.obs.events.emit(kind, fields());
+            self.obs.stats.events_dropped.fetch_add(missed, Relaxed);
+        }
+    }
+
+    /// A whiteout was written at `parent/name`.
+    pub(crate) fn whiteout_written(&self, parent: u64, name: &OsStr) {
+        bump(&self.obs.stats.whiteouts);
+        self.event(
+            "whiteout",
+            || serde_json::json!({"path": self.path_in(parent, name)}),
+        );
+    }
+
+    /// Directory `parent/name` was marked opaque.
+    pub(crate) fn opaque_written(&self, parent: u64, name: &OsStr) {
+        bump(&self.obs.stats.opaque_dirs);
+        self.event(
+            "opaque",
+            || serde_json::json!({"path": self.path_in(parent, name)}),
+        );
+    }
+}
+
+impl Union {
+    /// `parent/name` left the union (`how`: unlink or rmdir), leaving a whiteout or not.
+    pub(crate) fn removed(&self, parent: u64, name: &OsStr, how: &str, whiteout: bool) {
+        bump(&self.obs.stats.unlinks);
+        if whiteout {
+            self.whiteout_written(parent, name);
+        }
+        self.event(
+            how,
+            || serde_json::json!({"path": self.path_in(parent, name), "whiteout": whiteout}),
+        );
+    }
+
+    /// A rename from `from` to `to`; a whiteout was left at `from` when a lower layer has it.
+    pub(crate) fn renamed(
+        &self,
+        from: impl Fn() -> String,
+        to: (u64, &OsStr),
+        whiteout: bool,
+        exchange: bool,
+    ) {
+        bump(&self.obs.stats.renames);
+        if whiteout {
+            bump(&self.obs.stats.whiteouts);
+            self.event("whiteout", || serde_json::json!({"path": from()}));
+        }
+        self.event("rename", || {
+            serde_json::json!({"from": from(), "to": self.path_in(to.0, to.1), "exchange": exchange})
+        });
+    }
+
+    /// Directory `path` got a redirect to `lower` (its path in the layers below).
+    pub(crate) fn redirect_written(&self, at: (u64, &OsStr), lower: &[std::ffi::OsString]) {
+        bump(&self.obs.stats.redirects);
+        self.event("redirect", || {
+            let mut to = Vec::new();
+            for c in lower {
+                to.push(b'/');
+                to.extend_from_slice(c.as_bytes());
+            }
+            serde_json::json!({"path": self.path_in(at.0, at.1), "lower_path": String::from_utf8_lossy(&to)})
+        });
+    }
+}
+
+/// A size field of /proc/self/status ("VmRSS", "VmHWM"), in bytes.
+fn proc_status_kb(field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let v = s
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    Some(v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()? * 1024)
+}
+
+impl Union {
+    /// Every counter and gauge `layerfs stats` shows.
+    pub fn stats(&self) -> Value {
+        let mut v = self.obs.stats.snapshot();
+        let g = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
+        v["open_files"] = g(&self.handles.open_files).into();
+        v["open_dirs"] = g(&self.handles.open_dirs).into();
+        v["inodes"] = self.node_count().into();
+        v["cache"] = serde_json::json!({
+            "dir_fd_hit_rate": ratio(g(&self.fds.hits), g(&self.fds.misses)),
+            "dir_names_hit_rate": ratio(g(&self.names.hits), g(&self.names.misses)),
+        });
+        v["rss_bytes"] = proc_status_kb("VmRSS").into();
+        v["peak_rss_bytes"] = proc_status_kb("VmHWM").into();
+        v
+    }
+}
