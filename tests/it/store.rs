@@ -186,6 +186,97 @@ fn docker_and_podman_archives_share_layers_and_stay_separate_per_container() {
     );
     let (rm_ok, _, err) = lfs(&root, &["image", "rm", "bb-multi-docker:1"]);
     assert!(!rm_ok && err.contains("in use"), "{err}");
+
+    // `which` on a container names the image layer (by diff_id) a file comes from.
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(&root, &["image", "inspect", "bb-multi-docker:1"])).unwrap();
+    let diff_ids: Vec<String> = inspect[0]["RootFS"]["Layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let w: serde_json::Value = serde_json::from_str(&ok(
+        &root,
+        &[
+            "which",
+            "--format",
+            "json",
+            mb.join("bin/busybox").to_str().unwrap(),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(w[0]["served_by"]["store"], diff_ids[0].as_str(), "{w}");
+    fs::write(mb.join("bin/busybox"), b"replaced").unwrap();
+    let w: serde_json::Value = serde_json::from_str(&ok(
+        &root,
+        &[
+            "which",
+            "--format",
+            "json",
+            mb.join("bin/busybox").to_str().unwrap(),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(w[0]["served_by"]["store"], "container b");
+    assert_eq!(w[0]["copied_up_from"]["store"], diff_ids[0].as_str());
+}
+
+#[test]
+fn image_layers_maps_a_real_image_and_draws_it() {
+    require_fuse!();
+    let s = Scratch::new();
+    let root = s.path("store");
+    ok(
+        &root,
+        &[
+            "image",
+            "load",
+            fixture("docker-save-multi.tar").to_str().unwrap(),
+        ],
+    );
+    let svg = s.path("layers.svg");
+    let maps: serde_json::Value = serde_json::from_str(&ok(
+        &root,
+        &[
+            "image",
+            "layers",
+            "bb-committed-docker:1",
+            "--format",
+            "json",
+            "--svg",
+            svg.to_str().unwrap(),
+        ],
+    ))
+    .unwrap();
+    let maps = maps.as_array().unwrap();
+    assert_eq!(maps.len(), 5);
+    let bottom = &maps[4];
+    // The imported busybox rootfs adds everything and changes nothing.
+    assert!(bottom["adds"].as_u64().unwrap() > 100, "{bottom}");
+    assert_eq!(
+        (bottom["changes"].as_u64(), bottom["deletes"].as_u64()),
+        (Some(0), Some(0))
+    );
+    // The committed top layer replaced /usr/sbin by an empty dir: opaque, hiding its entries.
+    let top = &maps[0];
+    assert!(top["opaque_dirs"].as_u64().unwrap() >= 1, "{top}");
+    assert!(top["deletes"].as_u64().unwrap() > 10, "{top}");
+    assert!(top["hides_bytes"].as_u64().unwrap() > 0, "{top}");
+    // `rm /bin/vi /etc/motd && rm -rf /data/...`: whiteouts that hide bytes.
+    assert!(maps[2]["deletes"].as_u64().unwrap() >= 2, "{}", maps[2]);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(&root, &["image", "inspect", "bb-committed-docker:1"])).unwrap();
+    assert_eq!(maps[4]["store"], inspect[0]["RootFS"]["Layers"][0]);
+    let text = fs::read_to_string(&svg).unwrap();
+    let doc = roxmltree::Document::parse(&text).expect("well-formed SVG");
+    let layers = doc
+        .descendants()
+        .filter(|n| n.attribute("class") == Some("layer"))
+        .count();
+    assert_eq!(layers, 5);
+    let (bad, _, err) = lfs(&root, &["image", "layers", "no-such:1"]);
+    assert!(!bad && err.trim().lines().count() == 1, "{err}");
 }
 
 #[test]
