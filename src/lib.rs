@@ -6,6 +6,7 @@ pub mod error;
 pub mod fuse;
 pub mod inspect;
 pub mod observe;
+pub mod runtime;
 pub mod store;
 pub mod sys;
 pub mod union;

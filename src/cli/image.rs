@@ -80,6 +80,38 @@ pub enum ContainerCmd {
     Umount { name: String },
     /// A/C/D lines, like `docker diff`, read from the writable layer.
     Diff { name: String },
+    /// Write an OCI runtime bundle: DIR/config.json from the image config (Env,
+    /// Entrypoint/Cmd, WorkingDir, User, Labels) and the rootfs mounted at DIR/rootfs.
+    #[command(
+        after_help = "Example:\n  layerfs container bundle web /tmp/web && runc run --bundle /tmp/web web"
+    )]
+    Bundle {
+        name: String,
+        dir: PathBuf,
+        /// Allocate a terminal (process.terminal = true).
+        #[arg(short, long)]
+        tty: bool,
+        /// Command replacing the image's Cmd.
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// Run the container with an OCI runtime: mounts it (if it is not), writes the bundle,
+    /// streams the output, returns the container's exit code, unmounts what it mounted.
+    #[command(
+        after_help = "Examples:\n  layerfs container run web\n  layerfs container run web -- sh -c 'echo hi > /tmp/x'\n  layerfs container run web --runtime crun -- ls /"
+    )]
+    Run {
+        name: String,
+        /// The OCI runtime (a name on PATH or a path).
+        #[arg(long, default_value = "runc")]
+        runtime: String,
+        /// Allocate a terminal.
+        #[arg(short, long)]
+        tty: bool,
+        /// Command replacing the image's Cmd (the Entrypoint still applies).
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
     /// The writable layer as a new layer: a new image NEW[:TAG] with a history entry.
     Commit {
         name: String,
@@ -389,6 +421,74 @@ fn lowers(store: &Store, img: &Image) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Where container `name` is mounted now, if it is (a recorded mountpoint that is live).
+pub(crate) fn mounted_at(store: &Store, name: &str) -> Result<Option<PathBuf>> {
+    let m = read_meta(store, name)?;
+    Ok(m["Mountpoint"]
+        .as_str()
+        .map(PathBuf::from)
+        .filter(|mp| crate::sys::is_mountpoint(mp)))
+}
+
+/// Mount container `name` (its image's layers and its writable layer) on `mountpoint`.
+pub(crate) fn mount_container(store: &Store, name: &str, mountpoint: &Path) -> Result<PathBuf> {
+    let mut m = read_meta(store, name)?;
+    if let Some(mp) = mounted_at(store, name)? {
+        return Err(Error::msg(format!(
+            "container {name} is already mounted on {}",
+            mp.display()
+        )));
+    }
+    let img = store.resolve(m["Image"].as_str().unwrap_or(""))?;
+    let dir = container_dir(store, name)?;
+    let low: Vec<String> = lowers(store, &img)
+        .iter()
+        .map(|p| p.to_string_lossy().replace(':', "\\:").replace(',', "\\,"))
+        .collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        low.join(":"),
+        dir.join("upper").display(),
+        dir.join("work").display()
+    );
+    let args = super::MountArgs {
+        options: vec![opts],
+        foreground: false,
+        debug: false,
+        log_file: None,
+        mountpoint: mountpoint.to_path_buf(),
+    };
+    super::mount::mount(args)?;
+    let abs = fs::canonicalize(mountpoint)?;
+    m["Mountpoint"] = json!(abs);
+    write_meta(store, name, &m)?;
+    Ok(abs)
+}
+
+/// Unmount container `name`.
+pub(crate) fn umount_container(store: &Store, name: &str) -> Result<()> {
+    let mut m = read_meta(store, name)?;
+    let mp = m["Mountpoint"]
+        .as_str()
+        .map(PathBuf::from)
+        .ok_or_else(|| Error::msg(format!("container {name} is not mounted")))?;
+    super::mount::umount(&mp, false)?;
+    m["Mountpoint"] = Value::Null;
+    write_meta(store, name, &m)
+}
+
+/// The image config blob of container `name`'s image.
+pub(crate) fn container_image_config(store: &Store, name: &str) -> Result<Value> {
+    let m = read_meta(store, name)?;
+    let img = store.resolve(m["Image"].as_str().unwrap_or(""))?;
+    store.config(&img)
+}
+
+pub(crate) fn container_path(store: &Store, name: &str) -> Result<PathBuf> {
+    read_meta(store, name)?;
+    container_dir(store, name)
+}
+
 pub fn run_container(root: &Path, cmd: ContainerCmd) -> Result<i32> {
     match cmd {
         ContainerCmd::Create { image, name } => {
@@ -462,48 +562,28 @@ pub fn run_container(root: &Path, cmd: ContainerCmd) -> Result<i32> {
         }
         ContainerCmd::Mount { name, mountpoint } => {
             let store = Store::open(root, true)?;
-            let mut m = read_meta(&store, &name)?;
-            if let Some(mp) = m["Mountpoint"].as_str()
-                && crate::sys::is_mountpoint(Path::new(mp))
-            {
-                return Err(Error::msg(format!(
-                    "container {name} is already mounted on {mp}"
-                )));
-            }
-            let img = store.resolve(m["Image"].as_str().unwrap_or(""))?;
-            let dir = container_dir(&store, &name)?;
-            let low: Vec<String> = lowers(&store, &img)
-                .iter()
-                .map(|p| p.to_string_lossy().replace(':', "\\:").replace(',', "\\,"))
-                .collect();
-            let opts = format!(
-                "lowerdir={},upperdir={},workdir={}",
-                low.join(":"),
-                dir.join("upper").display(),
-                dir.join("work").display()
-            );
-            let args = super::MountArgs {
-                options: vec![opts],
-                foreground: false,
-                debug: false,
-                log_file: None,
-                mountpoint: mountpoint.clone(),
-            };
-            super::mount::mount(args)?;
-            let abs = fs::canonicalize(&mountpoint)?;
-            m["Mountpoint"] = json!(abs);
-            write_meta(&store, &name, &m)?;
+            mount_container(&store, &name, &mountpoint)?;
+        }
+        ContainerCmd::Bundle {
+            name,
+            dir,
+            tty,
+            cmd,
+        } => {
+            let store = Store::open(root, true)?;
+            return super::run::bundle(&store, &name, &dir, &cmd, tty);
+        }
+        ContainerCmd::Run {
+            name,
+            runtime,
+            tty,
+            cmd,
+        } => {
+            return super::run::run(root, &name, &runtime, &cmd, tty);
         }
         ContainerCmd::Umount { name } => {
             let store = Store::open(root, true)?;
-            let mut m = read_meta(&store, &name)?;
-            let mp = m["Mountpoint"]
-                .as_str()
-                .map(PathBuf::from)
-                .ok_or_else(|| Error::msg(format!("container {name} is not mounted")))?;
-            super::mount::umount(&mp, false)?;
-            m["Mountpoint"] = Value::Null;
-            write_meta(&store, &name, &m)?;
+            umount_container(&store, &name)?;
         }
         ContainerCmd::Commit { name, new, message } => {
             let store = Store::open(root, true)?;

@@ -4,6 +4,7 @@ pub mod image;
 pub mod mount;
 pub mod observe;
 pub mod options;
+pub mod run;
 pub mod which;
 
 use std::ffi::OsString;

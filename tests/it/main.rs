@@ -10,5 +10,6 @@ mod differential;
 mod full_disk;
 mod observe;
 mod read_side;
+mod runtime;
 mod store;
 mod write_path;

@@ -8,17 +8,6 @@ use std::process::Command;
 use crate::require_fuse;
 use crate::support::*;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-/// Run `layerfs --root ROOT args...`: (ok, stdout, stderr).
-fn lfs(root: &Path, args: &[&str]) -> (bool, String, String) {
-    run_timeout(Command::new(BIN).arg("--root").arg(root).args(args), 120)
-}
-
 fn ok(root: &Path, args: &[&str]) -> String {
     let (ok, out, err) = lfs(root, args);
     assert!(ok, "layerfs {args:?} failed: {err}");

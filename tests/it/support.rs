@@ -521,3 +521,15 @@ pub fn assert_one_line_error(args: &[&str], needle: &str) {
     );
     assert!(err.contains(needle), "expected {needle:?} in: {err}");
 }
+
+/// A file or dir in tests/fixtures.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Run `layerfs --root ROOT args...`: (ok, stdout, stderr).
+pub fn lfs(root: &Path, args: &[&str]) -> (bool, String, String) {
+    run_timeout(Command::new(BIN).arg("--root").arg(root).args(args), 120)
+}
