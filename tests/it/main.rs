@@ -2,6 +2,7 @@
 //! a printed reason where that is impossible.
 
 mod pair;
+mod podman;
 mod support;
 
 mod cli;
