@@ -24,6 +24,13 @@ Mount OPTIONS (comma-separated; -o may be repeated):
                            passthrough; default 1 as root, needs kernel 6.9+); lower files use
                            the page cache either way
   userxattr                write markers as user.overlay.* (default when not root)
+  uidmapping=C:H:N[:C:H:N...]  show host ids H..H+N-1 as container ids C..C+N-1 (and map
+  gidmapping=C:H:N[:...]   chown/new files back); unmapped host ids show as 65534
+  squash_to_root, squash_to_uid=N, squash_to_gid=N
+                           report every file as owned by root (or uid/gid N)
+  xattr_permissions=0|1|2  keep owner and mode in an xattr instead of chown/chmod (1:
+                           security.fuseoverlayfs.override_stat, 2: user.containers.override_stat),
+                           so an unprivileged store can hold root-owned files
   ro                       read-only even with an upperdir
   allow_other, default_permissions, dev, nodev, suid, nosuid, noexec, noatime, sync, dirsync
                            (as root, allow_other, default_permissions, dev and suid are on)

@@ -12,6 +12,7 @@ use crate::fuse::session::MountSpec;
 use crate::sys;
 use crate::union::Config;
 use crate::union::format::MarkerNs;
+use crate::union::ids::{IdMap, Ids, override_xattr};
 
 /// Options accepted for compatibility and ignored: they either describe kernel overlayfs
 /// features layerfs always has or never needs, or SELinux labels FUSE can't apply.
@@ -54,7 +55,6 @@ pub const IGNORED: &[&str] = &[
     "override_creds",
     "noxattrs",
     "plugins",
-    "squash_to_root",
 ];
 
 /// Split on `sep`, honouring `\sep` (and `\\`) escapes.
@@ -120,6 +120,7 @@ struct Raw {
     kernel: Vec<MountOption>,
     ro: bool,
     passthrough: Option<bool>,
+    ids: Ids,
 }
 
 fn parse_raw(opts: &[String]) -> Result<Raw> {
@@ -164,6 +165,23 @@ fn parse_raw(opts: &[String]) -> Result<Raw> {
                 }
             }
             "userxattr" => r.userxattr = true,
+            "uidmapping" => r.ids.uid = IdMap::parse("uidmapping", &need(v)?)?,
+            "gidmapping" => r.ids.gid = IdMap::parse("gidmapping", &need(v)?)?,
+            "squash_to_root" => (r.ids.squash_uid, r.ids.squash_gid) = (Some(0), Some(0)),
+            "squash_to_uid" => r.ids.squash_uid = Some(parse_id(&k, &need(v)?)?),
+            "squash_to_gid" => r.ids.squash_gid = Some(parse_id(&k, &need(v)?)?),
+            "xattr_permissions" => {
+                let v = need(v)?;
+                r.ids.xattr = match v.as_str() {
+                    "0" => None,
+                    "1" | "2" => override_xattr(if v == "1" { 1 } else { 2 }),
+                    _ => {
+                        return Err(Error::msg(format!(
+                            "xattr_permissions={v}: expected 0, 1 (security.fuseoverlayfs.override_stat) or 2 (user.containers.override_stat)"
+                        )));
+                    }
+                }
+            }
             "allow_other" => r.allow_other = Some(true),
             "allow_root" => r.allow_other = Some(true),
             "default_permissions" => r.default_permissions = Some(true),
@@ -185,6 +203,12 @@ fn parse_raw(opts: &[String]) -> Result<Raw> {
         }
     }
     Ok(r)
+}
+
+/// A numeric uid or gid option value.
+fn parse_id(k: &str, v: &str) -> Result<u32> {
+    v.parse()
+        .map_err(|_| Error::msg(format!("{k}={v}: expected a number")))
 }
 
 fn existing_dir(what: &str, p: &str) -> Result<PathBuf> {
@@ -281,6 +305,7 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
             work,
             lowers,
             fsync: r.fsync,
+            ids: r.ids,
             marker_ns: if r.userxattr || !root {
                 MarkerNs::User
             } else {

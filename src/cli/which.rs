@@ -120,6 +120,7 @@ pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
             lowers: layer_dirs.iter().map(|l| l.dir.clone()).collect(),
             fsync: false,
             marker_ns: crate::union::format::MarkerNs::Trusted,
+            ids: Default::default(),
         })?;
         let rel = abs.strip_prefix(&mp).unwrap_or(Path::new(""));
         let comps: Vec<&OsStr> = rel

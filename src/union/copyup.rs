@@ -165,8 +165,22 @@ impl Union {
             }
         };
         // chown first: it clears set-id bits and security.capability.
-        sys::chownat(wfd, tmp, sst.st_uid, sst.st_gid)?;
+        let chowned = sys::chownat(wfd, tmp, sst.st_uid, sst.st_gid);
         copy_xattrs(src.xtarget(), XTarget::At(wfd, tmp))?;
+        match chowned {
+            Ok(()) => {}
+            // Unprivileged: the copy is ours. With xattr_permissions the owner lives on in the
+            // override xattr (copied above, or written now from the real owner).
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) && sys::geteuid() != 0 => {
+                if let Some(x) = self.cfg.ids.xattr
+                    && src.getxattr(x).is_err()
+                {
+                    let v = super::ids::format_override(sst.st_uid, sst.st_gid, sst.st_mode);
+                    sys::setxattr(XTarget::At(wfd, tmp), x, &v, 0)?;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
         if kind != Kind::Symlink {
             sys::chmodat(wfd, tmp, perm)?;
         }

@@ -6,6 +6,7 @@ pub mod fdcache;
 pub mod files;
 pub mod format;
 pub mod handle;
+pub mod ids;
 pub mod layer;
 pub mod lookup;
 pub mod names;
@@ -47,6 +48,8 @@ pub struct Config {
     pub fsync: bool,
     /// Namespace of the markers layerfs writes.
     pub marker_ns: MarkerNs,
+    /// Owner translation (uidmapping, squash_to_*, xattr_permissions).
+    pub ids: ids::Ids,
 }
 
 /// A node returned to the kernel: its id and attributes.
@@ -241,6 +244,15 @@ impl Union {
             st.st_nlink = format::adjusted_nlink(real.xtarget(), st.st_nlink);
         }
         st.st_ino = node.st_ino();
+        if !self.cfg.ids.is_identity() {
+            let ov = self
+                .cfg
+                .ids
+                .xattr
+                .and_then(|x| real.getxattr(x).ok())
+                .and_then(|v| ids::parse_override(&v));
+            self.cfg.ids.present(&mut st, ov);
+        }
         // As kernel overlayfs: a merged directory reports nlink 1 (`find` accepts it).
         if node.is_dir() && node.state.read().expect("node state lock").layers.len() > 1 {
             st.st_nlink = 1;
@@ -277,15 +289,25 @@ impl Union {
 
     pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
         let node = self.node(id)?;
+        if self.is_override_xattr(name.as_bytes()) {
+            return Err(err(libc::ENODATA));
+        }
         let c = disk_xattr_name(name)?;
         self.real(&node)?.getxattr(&c)
+    }
+
+    /// With xattr_permissions, the override xattr is ours: stat shows it, xattr calls don't.
+    pub(crate) fn is_override_xattr(&self, name: &[u8]) -> bool {
+        self.cfg.ids.xattr.is_some_and(|x| x.to_bytes() == name)
     }
 
     pub fn listxattr(&self, id: u64) -> Result<Vec<u8>> {
         let node = self.node(id)?;
         let mut out = Vec::new();
         for n in self.real(&node)?.listxattr()? {
-            if let Some(shown) = format::unescape_xattr(&n) {
+            if let Some(shown) = format::unescape_xattr(&n)
+                && !self.is_override_xattr(&shown)
+            {
                 out.extend_from_slice(&shown);
                 out.push(0);
             }

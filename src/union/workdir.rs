@@ -35,6 +35,12 @@ impl WorkDir {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(Error::from(e).context(format!("workdir {}", path.display()))),
         }
+        // Mode 0 keeps others out, as the kernel does; an unprivileged daemon (no
+        // CAP_DAC_OVERRIDE) needs to enter it itself.
+        if sys::geteuid() != 0 {
+            sys::chmodat(base.as_fd(), OsStr::new("work"), 0o700)
+                .ctx(format!("{}/work", path.display()))?;
+        }
         let fd = sys::openat(
             base.as_fd(),
             OsStr::new("work"),

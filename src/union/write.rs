@@ -232,8 +232,22 @@ impl Union {
         uid: u32,
         gid: u32,
     ) -> Result<()> {
+        // The caller's ids are the mount's; the disk has host ids. A caller outside the
+        // mapping gets the daemon's own ids (all an unprivileged daemon can give).
+        let ids = &self.cfg.ids;
+        let me = (sys::geteuid(), sys::getegid());
+        let (uid, gid) = (
+            ids.uid.to_host(uid).unwrap_or(me.0),
+            ids.gid.to_host(gid).unwrap_or(me.1),
+        );
         // The daemon creates as itself; hand the object to the caller (a no-op skipped).
-        if (uid, gid) != (sys::geteuid(), sys::getegid()) {
+        if (uid, gid) != me {
+            if let Some(x) = ids.xattr {
+                let st = sys::statat(dir, name)?;
+                let v = super::ids::format_override(uid, gid, st.st_mode);
+                sys::setxattr(XTarget::At(dir, name), x, &v, 0)?;
+                return Ok(());
+            }
             sys::chownat(dir, name, uid, gid)?;
         }
         // chown clears set-id bits; put back what was asked for.
@@ -595,6 +609,11 @@ impl Union {
             }
             return Ok((None, lands_over_lower));
         }
+        // Kernel overlayfs never follows redirects in the userxattr format (rootless), so
+        // refuse as it does with redirect_dir=off: `mv` then copies the tree.
+        if self.cfg.marker_ns == format::MarkerNs::User {
+            return Err(err(libc::EXDEV));
+        }
         let lower_path = match &st.lower_path {
             Some(lp) => lp.as_ref().clone(),
             None => {
@@ -666,14 +685,28 @@ impl Union {
                 _ => sys::ftruncate(real.open(libc::O_WRONLY, false)?.as_fd(), size)?,
             }
         }
-        if a.uid.is_some() || a.gid.is_some() {
-            let (u, g) = (a.uid.unwrap_or(u32::MAX), a.gid.unwrap_or(u32::MAX));
+        let (uid, gid) = self.cfg.ids.to_host(a.uid, a.gid)?;
+        if let Some(x) = self.cfg.ids.xattr
+            && (uid.is_some() || gid.is_some() || a.mode.is_some())
+        {
+            // Owner and mode live in the override xattr; the real file stays the daemon's.
+            let st = real.stat()?;
+            let (ou, og, om) = real
+                .getxattr(x)
+                .ok()
+                .and_then(|v| super::ids::parse_override(&v))
+                .unwrap_or((st.st_uid, st.st_gid, st.st_mode & 0o7777));
+            let mode = (st.st_mode & libc::S_IFMT) | a.mode.map_or(om, |m| m & 0o7777);
+            let v = super::ids::format_override(uid.unwrap_or(ou), gid.unwrap_or(og), mode);
+            sys::setxattr(real.xtarget(), x, &v, 0)?;
+        } else if uid.is_some() || gid.is_some() {
+            let (u, g) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
             match &real {
                 Real::At(d, name) => sys::chownat(d.as_fd(), name, u, g)?,
                 Real::Fd(fd) => sys::chown_fd(fd.as_fd(), u, g)?,
             }
         }
-        if let Some(mode) = a.mode {
+        if let Some(mode) = a.mode.filter(|_| self.cfg.ids.xattr.is_none()) {
             if n.kind == Kind::Symlink {
                 return Err(err(libc::EOPNOTSUPP));
             }
@@ -692,6 +725,9 @@ impl Union {
     }
 
     pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        if self.is_override_xattr(name.as_bytes()) {
+            return Err(err(libc::EPERM));
+        }
         let c = disk_xattr_name(name)?;
         if !self.writable() {
             return Err(err(libc::EROFS));
@@ -702,6 +738,9 @@ impl Union {
     }
 
     pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
+        if self.is_override_xattr(name.as_bytes()) {
+            return Err(err(libc::EPERM));
+        }
         let c = disk_xattr_name(name)?;
         if !self.writable() {
             return Err(err(libc::EROFS));

@@ -11,6 +11,7 @@ mod differential;
 mod full_disk;
 mod observe;
 mod read_side;
+mod rootless;
 mod runtime;
 mod store;
 mod write_path;
