@@ -82,13 +82,21 @@ pub fn split_escaped(s: &str, sep: char) -> Vec<String> {
     out
 }
 
-/// Split a `-o` string into options, keeping `\:` escapes for lowerdir's own split.
+/// Split a `-o` string into options, keeping `\:` escapes for lowerdir's own split. A
+/// double-quoted part is one piece: containers-storage passes SELinux labels as
+/// `context="system_u:object_r:container_file_t:s0:c1,c2"`.
 fn split_options(s: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut chars = s.chars();
+    let mut quoted = false;
     while let Some(c) = chars.next() {
-        if c == '\\' {
+        if c == '"' {
+            quoted = !quoted;
+            cur.push(c);
+        } else if quoted {
+            cur.push(c);
+        } else if c == '\\' {
             match chars.next() {
                 Some(',') => cur.push(','),
                 Some(n) => {
@@ -353,5 +361,16 @@ mod tests {
                 .unwrap();
         assert!(!r.fsync);
         assert!(r.kernel.contains(&MountOption::NoAtime));
+        // What containers-storage passes, SELinux label with a comma included.
+        let r = parse_raw(&[
+            "lowerdir=/l,upperdir=/u,workdir=/w,context=\"system_u:object_r:container_file_t:s0:c1,c2\",\
+             uidmapping=0:1000:1:1:100000:65536,gidmapping=0:1000:1,squash_to_uid=5,\
+             xattr_permissions=2,metacopy=on,volatile,"
+                .into(),
+        ])
+        .unwrap();
+        assert_eq!(r.ids.uid.to_host(1), Some(100_000));
+        assert_eq!(r.ids.squash_uid, Some(5));
+        assert!(r.ids.xattr.is_some() && !r.fsync);
     }
 }
