@@ -81,6 +81,8 @@ impl Adapter {
                 Some(id.clone())
             }
             None if has_cached => None,
+            // Writes through passthrough would keep set-id bits and capabilities.
+            None if self.fs.has_privs(fh) => None,
             None => match self.fs.backing_fd(fh) {
                 None => None,
                 Some(fd) => match open_backing(&std::fs::File::from(fd)) {
@@ -251,7 +253,8 @@ impl Filesystem for Adapter {
         let want = InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO;
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let have = config.capabilities();
         let _ = config.add_capabilities(want & have);
         if self.want_passthrough {
@@ -335,6 +338,9 @@ impl Filesystem for Adapter {
             atime: timespec(atime),
             mtime: timespec(mtime),
             fh: fh.map(|f| f.0),
+            // FUSE_HANDLE_KILLPRIV_V2 hides FATTR_KILL_SUIDGID from fuser: any caller but root
+            // is taken to lack CAP_FSETID.
+            kill_privs: (req.uid() != 0).then_some(req.gid()),
         };
         match self.fs.setattr(ino.0, a) {
             Ok(st) => reply.attr(&ttl_for(&st), &attr(&st)),
@@ -475,6 +481,14 @@ impl Filesystem for Adapter {
         debug!("open {} {:#x}", ino.0, flags.0);
         match self.fs.open(ino.0, flags.0) {
             Ok(fh) => {
+                // As for truncate: an O_TRUNC open by a caller other than root drops set-id bits.
+                if flags.0 & libc::O_TRUNC != 0
+                    && req.uid() != 0
+                    && let Err(e) = self.fs.kill_privs(ino.0, req.gid())
+                {
+                    self.fs.release(fh);
+                    return reply.error(errno(&e));
+                }
                 if let Some(id) = self.choose(ino.0, fh, |f| reply.open_backing(f)) {
                     reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
                 } else {
@@ -511,13 +525,17 @@ impl Filesystem for Adapter {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let _op = self.fs.obs.begin(Op::Write, req.pid());
-        match self.fs.write(fh.0, offset, data) {
+        // With FUSE_HANDLE_KILLPRIV_V2 the kernel flags writes by callers without CAP_FSETID.
+        let kill = write_flags
+            .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            .then_some(req.gid());
+        match self.fs.write(fh.0, offset, data, kill) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e)),
         }

@@ -1,8 +1,8 @@
 //! Open files and directories: open (copying up for writes), read, write, sync, and the
 //! offsets of a merged directory listing.
 
-use std::ffi::OsStr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::ffi::{CStr, OsStr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::copyup::Data;
@@ -11,7 +11,7 @@ use super::readdir::DirEntry;
 use super::write::{Caller, NewObj};
 use super::{Entry, Union};
 use crate::error::{Result, err};
-use crate::sys;
+use crate::sys::{self, XTarget};
 
 /// Flags that only matter to the open itself, never to the real file.
 const OPEN_ONLY: i32 = libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY;
@@ -139,12 +139,45 @@ impl Union {
         })
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
+    /// Write; `kill_privs` (an unprivileged writer, with its gid) first drops set-id bits
+    /// and file capabilities, as a write does on any filesystem.
+    pub fn write(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        kill_privs: Option<u32>,
+    ) -> Result<usize> {
         let h = self.handle(fh)?;
         if h.layer() != 0 {
             return Err(err(libc::EBADF)); // opened read-only
         }
+        if let Some(gid) = kill_privs {
+            drop_privs(h.fd().as_fd(), gid)?;
+        }
         Ok(sys::pwrite(h.fd().as_fd(), data, offset)?)
+    }
+
+    /// Drop set-id bits and capabilities of node `id` (truncate or O_TRUNC by an unprivileged
+    /// caller of group `gid`).
+    pub fn kill_privs(&self, id: u64, gid: u32) -> Result<()> {
+        let n = self.node(id)?;
+        if n.kind != super::node::Kind::File || n.top_layer() != 0 {
+            return Ok(());
+        }
+        let fd = self.real(&n)?.open(libc::O_PATH, false)?;
+        drop_privs(fd.as_fd(), gid)
+    }
+
+    /// Does this handle's file carry privileges a write must drop (set-id bits, file
+    /// capabilities)? Such files are never given to passthrough, whose writes would keep them.
+    pub fn has_privs(&self, fh: u64) -> bool {
+        let Some(h) = self.handles.file(fh) else {
+            return false;
+        };
+        let fd = h.fd();
+        sys::fstat(fd.as_fd()).is_ok_and(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0)
+            || sys::getxattr(XTarget::Fd(fd.as_fd()), CAPS).is_ok_and(|v| v.is_some())
     }
 
     pub fn release(&self, fh: u64) {
@@ -207,4 +240,26 @@ impl Union {
         )?;
         Ok(sys::fsync(rfd.as_fd(), datasync)?)
     }
+}
+
+const CAPS: &CStr = c"security.capability";
+
+/// What a write by an unprivileged process of group `gid` does to a file's privileges (the
+/// kernel's file_remove_privs; with FUSE_HANDLE_KILLPRIV_V2 it is left to us, since the
+/// daemon's own writes would keep them): set-user-ID goes; set-group-ID goes with group
+/// execute, or when the writer is not of the file's group.
+fn drop_privs(fd: BorrowedFd<'_>, gid: u32) -> Result<()> {
+    let st = sys::fstat(fd)?;
+    let mut mode = st.st_mode & 0o7777 & !libc::S_ISUID;
+    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || gid != st.st_gid) {
+        mode &= !libc::S_ISGID;
+    }
+    if mode != st.st_mode & 0o7777 {
+        sys::chmod_fd(fd, mode)?;
+    }
+    // Only when present: removing it at all needs CAP_SETFCAP, which a rootless daemon lacks.
+    if sys::getxattr(XTarget::Fd(fd), CAPS).is_ok_and(|v| v.is_some()) {
+        sys::removexattr(XTarget::Fd(fd), CAPS)?;
+    }
+    Ok(())
 }

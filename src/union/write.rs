@@ -43,6 +43,8 @@ pub struct SetAttr {
     pub atime: TimeSpec,
     pub mtime: TimeSpec,
     pub fh: Option<u64>,
+    /// The caller may not keep set-id bits on truncate (no CAP_FSETID): its gid.
+    pub kill_privs: Option<u32>,
 }
 
 /// A name a user may create: markers are refused so a user file can never act as a whiteout.
@@ -683,6 +685,9 @@ impl Union {
             match a.fh.and_then(|fh| self.handles.file(fh)) {
                 Some(h) if h.layer() == 0 => sys::ftruncate(h.fd().as_fd(), size)?,
                 _ => sys::ftruncate(real.open(libc::O_WRONLY, false)?.as_fd(), size)?,
+            }
+            if let Some(gid) = a.kill_privs {
+                self.kill_privs(id, gid)?;
             }
         }
         let (uid, gid) = self.cfg.ids.to_host(a.uid, a.gid)?;

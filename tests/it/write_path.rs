@@ -620,3 +620,71 @@ fn renaming_a_lower_dir_whose_redirect_would_be_too_long_gives_exdev() {
     p.check("after");
     p.check_interop();
 }
+
+/// Writes, truncates and O_TRUNC opens by an unprivileged process drop set-id bits (set-group-ID
+/// also without group execute when the writer is not of the group), as on the
+/// kernel (layerfs takes FUSE_HANDLE_KILLPRIV_V2 so writes need no getxattr round trip, and
+/// must then drop them itself); root keeps them.
+#[test]
+fn unprivileged_writes_drop_set_id_bits_as_the_kernel_does() {
+    require_fuse!();
+    let s = Scratch::new();
+    fs::set_permissions(s.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let low = s.mkdir("low");
+    let steps: [(&str, u32, &str); 5] = [
+        ("w-suid", 0o4777, "echo x >> F"),
+        ("t-sgid", 0o2777, "truncate -s 3 F"),
+        ("o-suid", 0o4777, ": > F"),
+        ("g-noexec", 0o2766, "echo x >> F"),
+        ("root-keeps", 0o4777, "ROOT"),
+    ];
+    for (name, _, _) in steps {
+        write(low.join(name), b"data\n");
+    }
+    let run = |mnt: &Path| -> Vec<u32> {
+        steps
+            .iter()
+            .map(|(name, mode, cmd)| {
+                let f = mnt.join(name);
+                fs::set_permissions(&f, fs::Permissions::from_mode(*mode)).unwrap();
+                let (ok, _, err) = if *cmd == "ROOT" {
+                    run_timeout(
+                        std::process::Command::new("sh")
+                            .args(["-c", &format!("echo x >> '{}'", f.display())]),
+                        10,
+                    )
+                } else {
+                    run_timeout(
+                        std::process::Command::new("setpriv").args([
+                            "--reuid=65534",
+                            "--regid=65534",
+                            "--clear-groups",
+                            "sh",
+                            "-c",
+                            &cmd.replace('F', &format!("'{}'", f.display())),
+                        ]),
+                        10,
+                    )
+                };
+                assert!(ok, "{name}: {err}");
+                fs::metadata(&f).unwrap().mode() & 0o7777
+            })
+            .collect()
+    };
+    let kernel = {
+        let (u, w) = (s.mkdir("ku"), s.mkdir("kw"));
+        let k = Kernel::mount(&rw_opts(&low, &u, &w), &s.path("k"));
+        run(&k.mnt)
+    };
+    let ours = {
+        let (u, w) = (s.mkdir("lu"), s.mkdir("lw"));
+        let m = Layerfs::mount(&rw_opts(&low, &u, &w), &s.path("m"));
+        run(&m.mnt)
+    };
+    assert_eq!(ours, kernel, "modes after each step (layerfs vs kernel)");
+    assert_eq!(
+        kernel,
+        [0o777, 0o777, 0o777, 0o766, 0o4777],
+        "the kernel's answer"
+    );
+}
