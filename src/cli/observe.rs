@@ -55,12 +55,11 @@ fn stats_text(mp: &Path, v: &Value, prev: Option<(&Value, Duration)>) -> String 
     line(
         &mut s,
         format!(
-            "layerfs {} — up {:.0}s, {} inodes held, {} open files, {} open dirs, RSS {} (peak {})",
+            "layerfs {} — up {:.0}s, {} inodes held, {} open files, RSS {} (peak {})",
             mp.display(),
             f(&v["uptime_s"]),
             n(&v["inodes"]),
             n(&v["open_files"]),
-            n(&v["open_dirs"]),
             human(n(&v["rss_bytes"])),
             human(n(&v["peak_rss_bytes"]))
         ),

@@ -588,28 +588,24 @@ impl Filesystem for Adapter {
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _op = self.fs.obs.begin(Op::Opendir, req.pid());
-        debug!("opendir {}", ino.0);
-        match self.fs.opendir(ino.0) {
-            // Listings change only through this mount, which tells the kernel: let it cache them.
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(errno(&e)),
-        }
+        // ENOSYS: the kernel stops sending OPENDIR and RELEASEDIR (two round trips per
+        // directory walked) and caches listings (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE), which
+        // change only through this mount, which tells it.
+        debug!("opendir {}: ENOSYS", ino.0);
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
         &self,
         req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         let _op = self.fs.obs.begin(Op::Readdir, req.pid());
-        debug!("readdir fh={} off={offset}", fh.0);
-        match self.fs.readdir(fh.0, offset) {
+        debug!("readdir {} off={offset}", ino.0);
+        match self.fs.readdir(ino.0, offset) {
             Ok(entries) => {
                 for (i, e) in entries.iter().enumerate().skip(offset as usize) {
                     if reply.add(INodeNo(e.ino), (i + 1) as u64, kind(e.kind), &e.name) {
@@ -626,13 +622,13 @@ impl Filesystem for Adapter {
         &self,
         req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         let _op = self.fs.obs.begin(Op::Readdirplus, req.pid());
-        debug!("readdirplus fh={} off={offset}", fh.0);
-        let entries = match self.fs.readdir(fh.0, offset) {
+        debug!("readdirplus {} off={offset}", ino.0);
+        let entries = match self.fs.readdir(ino.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };
@@ -682,12 +678,12 @@ impl Filesystem for Adapter {
         &self,
         req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        // Never sent once opendir said ENOSYS.
         let _op = self.fs.obs.begin(Op::Releasedir, req.pid());
-        self.fs.releasedir(fh.0);
         reply.ok();
     }
 

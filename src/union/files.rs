@@ -3,10 +3,10 @@
 
 use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use super::copyup::Data;
-use super::handle::{DirHandle, Handle, Open};
+use super::handle::{Handle, Open};
 use super::readdir::DirEntry;
 use super::write::{Caller, NewObj};
 use super::{Entry, Union};
@@ -203,27 +203,19 @@ impl Union {
         Ok(sys::lseek(fd.as_fd(), offset, whence)?)
     }
 
-    pub fn opendir(&self, id: u64) -> Result<u64> {
+    /// The listing of directory `id` for a read at `offset` (offset n = the n-th entry). The
+    /// listing is re-read at 0, so a rewinddir sees changes and the reads of one pass are
+    /// stable; it is dropped once a read reaches its end. There is no opendir (the kernel
+    /// caches listings itself), so a pass is keyed by the directory, not by a handle.
+    pub fn readdir(&self, id: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
         let node = self.dir_node(id)?;
-        Ok(self.handles.insert(Open::Dir(Arc::new(DirHandle {
-            node,
-            entries: Mutex::new(None),
-        }))))
-    }
-
-    /// Entries from `offset` on (offset n = the n-th entry; the listing is re-read at 0, so a
-    /// rewinddir sees changes and repeated reads of one pass are stable).
-    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
-        let h = self.handles.dir(fh).ok_or_else(|| err(libc::EBADF))?;
-        let mut e = h.entries.lock().expect("dir handle lock");
-        if offset == 0 || e.is_none() {
-            *e = Some(Arc::new(self.list_dir(h.node.id)?));
-        }
-        Ok(e.as_ref().expect("filled above").clone())
-    }
-
-    pub fn releasedir(&self, fh: u64) {
-        self.handles.remove(fh);
+        let mut l = node.listing.lock().expect("listing lock");
+        let entries = match l.as_ref() {
+            Some(e) if offset != 0 => e.clone(),
+            _ => Arc::new(self.list_dir(id)?),
+        };
+        *l = (offset < entries.len() as u64).then(|| entries.clone());
+        Ok(entries)
     }
 
     pub fn fsyncdir(&self, id: u64, datasync: bool) -> Result<()> {

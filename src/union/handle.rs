@@ -1,13 +1,13 @@
-//! Open files and directories: a handle holds the real fd and the layer it came from, so a
-//! reader of a lower file can follow a later copy-up of the same node.
+//! Open files: a handle holds the real fd and the layer it came from, so a reader of a lower
+//! file can follow a later copy-up of the same node. (Directories have no handles: the kernel
+//! is told there is no opendir, and listings live on the directory's node.)
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use super::node::Node;
-use super::readdir::DirEntry;
 
 pub struct Handle {
     pub node: Arc<Node>,
@@ -16,15 +16,8 @@ pub struct Handle {
     pub flags: i32,
 }
 
-pub struct DirHandle {
-    pub node: Arc<Node>,
-    /// Snapshot taken when the listing is read from offset 0 (so rewinddir refreshes it).
-    pub entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
-}
-
 pub enum Open {
     File(Arc<Handle>),
-    Dir(Arc<DirHandle>),
 }
 
 const SHARDS: usize = 16;
@@ -32,9 +25,8 @@ const SHARDS: usize = 16;
 pub struct HandleTable {
     shards: Vec<RwLock<HashMap<u64, Open>>>,
     next: AtomicU64,
-    /// Open (files, directories), for `layerfs stats`.
+    /// Open files, for `layerfs stats`.
     pub open_files: AtomicU64,
-    pub open_dirs: AtomicU64,
 }
 
 impl Default for HandleTable {
@@ -49,7 +41,6 @@ impl HandleTable {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             next: AtomicU64::new(1),
             open_files: AtomicU64::new(0),
-            open_dirs: AtomicU64::new(0),
         }
     }
 
@@ -71,13 +62,6 @@ impl HandleTable {
         }
     }
 
-    pub fn dir(&self, fh: u64) -> Option<Arc<DirHandle>> {
-        match self.shard(fh).read().expect("handle lock").get(&fh) {
-            Some(Open::Dir(h)) => Some(h.clone()),
-            _ => None,
-        }
-    }
-
     pub fn remove(&self, fh: u64) -> Option<Open> {
         let o = self.shard(fh).write().expect("handle lock").remove(&fh);
         if let Some(o) = &o {
@@ -89,7 +73,6 @@ impl HandleTable {
     fn gauge(&self, o: &Open) -> &AtomicU64 {
         match o {
             Open::File(_) => &self.open_files,
-            Open::Dir(_) => &self.open_dirs,
         }
     }
 }

@@ -121,6 +121,8 @@ pub struct Node {
     pub dir_lock: RwLock<()>,
     /// Serialises copy-up of this node so concurrent first writes copy it up once.
     pub copy_lock: Mutex<()>,
+    /// A directory's listing while a readdir pass is under way.
+    pub listing: Mutex<Option<Arc<Vec<super::readdir::DirEntry>>>>,
 }
 
 impl Node {
@@ -133,6 +135,7 @@ impl Node {
             state: RwLock::new(state),
             dir_lock: RwLock::new(()),
             copy_lock: Mutex::new(()),
+            listing: Mutex::new(None),
         }
     }
 

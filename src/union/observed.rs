@@ -130,7 +130,6 @@ impl Union {
         let mut v = self.obs.stats.snapshot();
         let g = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
         v["open_files"] = g(&self.handles.open_files).into();
-        v["open_dirs"] = g(&self.handles.open_dirs).into();
         v["inodes"] = self.node_count().into();
         v["cache"] = serde_json::json!({
             "dir_fd_hit_rate": ratio(g(&self.fds.hits), g(&self.fds.misses)),
