@@ -91,12 +91,9 @@ impl Union {
             let _ = super::workdir::remove_tree(wfd.as_fd(), &tmp, 0);
             return Err(e.into());
         }
-        if self.cfg.fsync {
-            let _ = sys::fsync(
-                sys::reopen(upper_parent.as_fd(), libc::O_RDONLY)?.as_fd(),
-                false,
-            );
-        }
+        // The copy's data was fsynced before the rename; the directory is not (as the
+        // kernel): a journaling filesystem commits the rename with the next fsync of the file,
+        // and until then a crash shows the lower object, never a partial copy.
         restore_times(upper_parent.as_fd(), &parent_times);
 
         let aliases = {
