@@ -4,7 +4,7 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::MountArgs;
 use crate::error::{Context, Error, Result};
@@ -65,23 +65,19 @@ fn spawn_daemon(a: &MountArgs) -> Result<i32> {
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().ctx("starting the layerfs daemon")?;
     drop(w);
-    let mut msg = String::new();
     let mut f = std::fs::File::from(r);
-    let start = Instant::now();
     // The pipe closes when the daemon reports or dies; a hung mount is bounded by the timeout.
-    let reader = std::thread::spawn(move || {
+    // (A channel, not polling: the answer is seen the moment it arrives.)
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut s = String::new();
         let _ = f.read_to_string(&mut s);
-        s
+        let _ = tx.send(s);
     });
-    while !reader.is_finished() {
-        if start.elapsed() > READY_TIMEOUT {
-            let _ = child.kill();
-            return Err(Error::msg("the daemon did not finish mounting within 60 s"));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    msg.push_str(&reader.join().unwrap_or_default());
+    let Ok(msg) = rx.recv_timeout(READY_TIMEOUT) else {
+        let _ = child.kill();
+        return Err(Error::msg("the daemon did not finish mounting within 60 s"));
+    };
     match msg.trim() {
         "ok" => Ok(0),
         "" => {
