@@ -823,6 +823,23 @@ pub fn fuse_disconnected(fd: BorrowedFd<'_>) -> bool {
     r == 1 && p.revents & libc::POLLERR != 0
 }
 
+/// Block until the FUSE connection on `fd` ends (the kernel wakes pollers with POLLERR when
+/// the mount goes away).
+pub fn wait_fuse_disconnected(fd: BorrowedFd<'_>) {
+    loop {
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; no timeout.
+        let r = unsafe { libc::poll(&mut p, 1, -1) };
+        if r == 1 && p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            return;
+        }
+    }
+}
+
 /// Leave now, without running destructors (see fuse::session::exit_after_unmount).
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit never returns and touches no Rust state.
@@ -833,4 +850,86 @@ pub fn exit_now(code: i32) -> ! {
 pub fn stderr_is_tty() -> bool {
     // SAFETY: isatty only inspects the descriptor.
     unsafe { libc::isatty(2) == 1 }
+}
+
+/// Which side of a fork we are on.
+pub enum Forked {
+    Child,
+    Parent(i32),
+}
+
+/// fork(2), but only while this process has a single thread (otherwise None: the child of a
+/// multi-threaded process may only call async-signal-safe functions).
+pub fn fork_single_threaded() -> io::Result<Option<Forked>> {
+    let threads = std::fs::read_to_string("/proc/self/status")?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:").map(|v| v.trim().to_string()));
+    if threads.as_deref() != Some("1") {
+        return Ok(None);
+    }
+    // SAFETY: the process is single-threaded, so the child is a complete copy of it.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Some(Forked::Child)),
+        pid => Ok(Some(Forked::Parent(pid))),
+    }
+}
+
+/// In a forked daemon: stdin and stdout to /dev/null, stderr to `log` (or /dev/null), and
+/// every other inherited fd but `keep` closed (a caller's pipes or a store lock must not stay
+/// open for the daemon's lifetime).
+pub fn daemonize_fds(log: Option<&std::fs::File>, keep: RawFd) -> io::Result<()> {
+    // A raw fd: it is closed with the other inherited ones below, so no Rust owner may close
+    // it again.
+    let null = std::os::fd::IntoRawFd::into_raw_fd(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?,
+    );
+    let err = log.map_or(null, |f| f.as_raw_fd());
+    for (from, to) in [(null, 0), (null, 1), (err, 2)] {
+        // SAFETY: dup2 onto the standard descriptors, which this process owns.
+        check(unsafe { libc::dup2(from, to) })?;
+    }
+    let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in open.into_iter().filter(|&fd| fd > 2 && fd != keep) {
+        // SAFETY: closing descriptors this process inherited and will never use again (no Rust
+        // object of the daemon owns them; the caller's objects never run their destructors, as
+        // the daemon leaves through exit_now).
+        unsafe { libc::close(fd) };
+    }
+    Ok(())
+}
+
+/// Name this process (what `ps -o comm` and /proc/PID/comm show).
+pub fn set_process_name(name: &CStr) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+}
+
+/// Send `sig` to process `pid`.
+pub fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Wait for child `pid` to end; its exit status as text.
+pub fn wait_child(pid: i32) -> String {
+    let mut status = 0;
+    // SAFETY: status is a valid out pointer.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    if r < 0 {
+        return "unknown status".into();
+    }
+    if libc::WIFEXITED(status) {
+        format!("exit status {}", libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        format!("killed by signal {}", libc::WTERMSIG(status))
+    } else {
+        "unknown status".into()
+    }
 }

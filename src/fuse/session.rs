@@ -84,6 +84,18 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
     })?;
     // Spawned after the signals are blocked, like every later thread: a SIGTERM must reach the
     // signal thread, never kill the process through another thread without unmounting.
+    // fuser's workers notice an unmount only at their next poll timeout (about a second);
+    // a watcher makes the daemon leave at once, so `umount` is followed by its exit.
+    if let Some((fd, _)) = EXIT_GUARD.get() {
+        let fd = fd.as_fd();
+        std::thread::Builder::new()
+            .name("unmount-watch".into())
+            .spawn(move || {
+                sys::wait_fuse_disconnected(fd);
+                info!("connection ended");
+                exit_after_unmount();
+            })?;
+    }
     let notifier = session.notifier();
     let rx = invalidations.expect("set by start");
     // Invalidations go out from their own thread: a request handler never waits on the kernel.

@@ -470,10 +470,10 @@ pub fn daemon_pid(mnt: &Path) -> Option<i32> {
             continue;
         };
         let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-        if args.first().is_some_and(|a| a.ends_with(b"layerfs"))
-            && args.iter().any(|a| *a == b"-f")
-            && args.contains(&want)
-        {
+        // The daemon is the forked `layerfs-daemon` (or, re-executed, `layerfs ... -f`).
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        let daemon = comm.trim() == "layerfs-daemon" || args.iter().any(|a| *a == b"-f");
+        if args.first().is_some_and(|a| a.ends_with(b"layerfs")) && daemon && args.contains(&want) {
             return Some(pid);
         }
     }
