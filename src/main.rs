@@ -10,6 +10,11 @@ fn main() {
         layerfs::cli::Cmd::Mount(a) if a.log_file.is_some() => "info",
         _ => "warn",
     };
+    // Commands that print die quietly on a closed pipe; a mount's daemon ignores SIGPIPE
+    // (it sets that itself, since `container run` mounts too).
+    if !matches!(cli.cmd, layerfs::cli::Cmd::Mount(_)) {
+        layerfs::sys::sigpipe_default();
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
         .format_timestamp_millis()
         .init();

@@ -933,3 +933,16 @@ pub fn wait_child(pid: i32) -> String {
         "unknown status".into()
     }
 }
+
+/// SIGPIPE back to its default (die quietly), as command-line tools expect: `layerfs images |
+/// head -1` must not panic on a closed stdout. Rust starts with SIGPIPE ignored.
+pub fn sigpipe_default() {
+    // SAFETY: installing the default disposition has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+/// SIGPIPE ignored: a daemon writing to a client that went away gets EPIPE, never dies.
+pub fn sigpipe_ignore() {
+    // SAFETY: as above.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}

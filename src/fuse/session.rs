@@ -61,6 +61,8 @@ fn report(ready: &mut Option<OwnedFd>, msg: &str) {
 
 /// Mount and serve; `ready` (the parent's pipe) gets "ok" once the mount is live, or the error.
 pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
+    // A control client that goes away must cost an EPIPE, never the daemon.
+    sys::sigpipe_ignore();
     let r = start(&spec);
     let (mut session, invalidations, fs) = match r {
         Ok((s, rx, fs)) => (s, Some(rx), fs),

@@ -306,6 +306,18 @@ fn watching_a_path_that_cannot_be_watched_is_a_one_line_error() {
     write(low.join("f"), b"x");
     let m = Layerfs::mount(&format!("lowerdir={}", low.display()), &s.path("mnt"));
     let mnt = m.mnt.to_str().unwrap().to_string();
+    // A reader that goes away (`| head -1`) ends the command quietly and leaves the daemon be.
+    let (ok, out, err) = run_timeout(
+        Command::new("sh").arg("-c").arg(format!(
+            "'{BIN}' stats --watch --format json --interval 0.1 '{mnt}' | head -1"
+        )),
+        30,
+    );
+    assert!(
+        ok && out.lines().count() == 1 && err.is_empty(),
+        "{out} {err}"
+    );
+    assert!(stats(&m.mnt)["uptime_s"].as_f64().is_some(), "daemon alive");
     // Another user may not ask root's daemon.
     let (ok, _, err) = run_timeout(
         Command::new("setpriv")
