@@ -184,6 +184,10 @@ fn which_tells_the_layer_the_copy_up_source_and_what_hides_a_name() {
         assert_eq!(w["copied_up"], true, "{name}");
         assert_eq!(w["copied_up_from"]["layer"], from, "{name}");
     }
+    // A renamed file: the upper serves the new name, the old one is whited out.
+    std::fs::rename(mnt.join("mid"), mnt.join("mid-renamed")).unwrap();
+    assert_eq!(which("mid-renamed")["served_by"]["layer"], "upper");
+    assert_eq!(which("mid")["hidden"][0]["by"], "whiteout");
     // A deleted lower file: hidden by the upper's whiteout.
     std::fs::remove_file(m.mnt.join("bot")).unwrap();
     let b = which("bot");
