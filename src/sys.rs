@@ -706,18 +706,6 @@ pub fn ready_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-/// Take ownership of an inherited fd number (the readiness pipe), making it close-on-exec.
-pub fn adopt_fd(fd: RawFd) -> Option<OwnedFd> {
-    // SAFETY: F_GETFD only queries; it tells whether the number is an open descriptor.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return None;
-    }
-    // SAFETY: plain fcntl on a valid fd.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    // SAFETY: the number is open and handed to us by our parent for exactly this use.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// One line of /proc/self/mountinfo.
 #[derive(Clone, Debug)]
 pub struct MountEntry {
@@ -858,20 +846,22 @@ pub enum Forked {
     Parent(i32),
 }
 
-/// fork(2), but only while this process has a single thread (otherwise None: the child of a
-/// multi-threaded process may only call async-signal-safe functions).
-pub fn fork_single_threaded() -> io::Result<Option<Forked>> {
+/// fork(2), refused unless this process has a single thread (the child of a multi-threaded
+/// process may only call async-signal-safe functions; the daemon needs far more).
+pub fn fork_single_threaded() -> io::Result<Forked> {
     let threads = std::fs::read_to_string("/proc/self/status")?
         .lines()
         .find_map(|l| l.strip_prefix("Threads:").map(|v| v.trim().to_string()));
     if threads.as_deref() != Some("1") {
-        return Ok(None);
+        return Err(io::Error::other(
+            "cannot fork the daemon from a multi-threaded process",
+        ));
     }
     // SAFETY: the process is single-threaded, so the child is a complete copy of it.
     match unsafe { libc::fork() } {
         -1 => Err(io::Error::last_os_error()),
-        0 => Ok(Some(Forked::Child)),
-        pid => Ok(Some(Forked::Parent(pid))),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(pid)),
     }
 }
 

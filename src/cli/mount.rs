@@ -3,7 +3,7 @@
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use super::MountArgs;
@@ -11,8 +11,6 @@ use crate::error::{Context, Error, Result};
 use crate::fuse::session;
 use crate::sys;
 
-/// Set in the daemon child: the fd of the pipe to report readiness on.
-const READY_FD_ENV: &str = "LAYERFS_READY_FD";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn mount(a: MountArgs) -> Result<i32> {
@@ -23,11 +21,7 @@ pub fn mount(a: MountArgs) -> Result<i32> {
         ));
     }
     if a.foreground || a.debug {
-        let ready = std::env::var(READY_FD_ENV)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .and_then(sys::adopt_fd);
-        session::serve(spec, ready)?;
+        session::serve(spec, None)?;
         return Ok(0);
     }
     let log = match &a.log_file {
@@ -42,9 +36,10 @@ pub fn mount(a: MountArgs) -> Result<i32> {
     };
     let (r, w): (OwnedFd, OwnedFd) = sys::ready_pipe().ctx("creating a pipe")?;
     // Fork rather than start a new process: the options are parsed and checked once, and
-    // the mount is live a few milliseconds sooner. (Re-executing is the fallback.)
+    // the mount is live a few milliseconds sooner. Every caller (mount, the mount-program
+    // form, container mount/run/bundle) gets here before starting any thread.
     match sys::fork_single_threaded().ctx("starting the layerfs daemon")? {
-        Some(sys::Forked::Child) => {
+        sys::Forked::Child => {
             drop(r);
             sys::setsid();
             sys::set_process_name(c"layerfs-daemon");
@@ -61,22 +56,16 @@ pub fn mount(a: MountArgs) -> Result<i32> {
             // Never return into the caller's code (a `container run` continues there).
             sys::exit_now(code)
         }
-        Some(sys::Forked::Parent(pid)) => {
+        sys::Forked::Parent(pid) => {
             drop(w);
-            let r = wait_ready(r, || sys::kill(pid, libc::SIGKILL));
-            if r.is_err() {
-                // Reap it, so nothing is left behind (a failed daemon has exited already).
-                let _ = sys::wait_child(pid);
-            }
-            r.map(|()| 0)
+            wait_ready(r, pid).map(|()| 0)
         }
-        None => spawn_daemon(&a, r, w),
     }
 }
 
-/// Wait for the daemon's "ok" (or its error) on the readiness pipe; `kill` ends a daemon that
-/// hangs past the timeout.
-fn wait_ready(r: OwnedFd, kill: impl FnOnce()) -> Result<()> {
+/// Wait for daemon `pid`'s "ok" (or its error) on the readiness pipe. A daemon that hangs
+/// past the timeout is killed; one that failed is reaped, so nothing is left behind.
+fn wait_ready(r: OwnedFd, pid: i32) -> Result<()> {
     let mut f = std::fs::File::from(r);
     // The pipe closes when the daemon reports or dies; a hung mount is bounded by the timeout.
     // (A channel, not polling: the answer is seen the moment it arrives.)
@@ -87,55 +76,21 @@ fn wait_ready(r: OwnedFd, kill: impl FnOnce()) -> Result<()> {
         let _ = tx.send(s);
     });
     let Ok(msg) = rx.recv_timeout(READY_TIMEOUT) else {
-        kill();
+        sys::kill(pid, libc::SIGKILL);
+        sys::wait_child(pid);
         return Err(Error::msg("the daemon did not finish mounting within 60 s"));
     };
     match msg.trim() {
         "ok" => Ok(()),
-        "" => Err(Error::msg(
-            "the layerfs daemon exited before the mount was ready",
-        )),
-        err => Err(Error::msg(err.to_string())),
-    }
-}
-
-/// Re-run ourselves in the foreground, detached, and wait for its "ok" (or its error).
-fn spawn_daemon(a: &MountArgs, r: OwnedFd, w: OwnedFd) -> Result<i32> {
-    let exe = std::env::current_exe().ctx("finding the layerfs binary")?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("mount").arg("-f");
-    if let Some(p) = &a.log_file {
-        cmd.arg("--log-file").arg(p);
-    }
-    for o in &a.options {
-        cmd.arg("-o").arg(o);
-    }
-    cmd.arg(&a.mountpoint)
-        .env(READY_FD_ENV, w.as_raw_fd().to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    match &a.log_file {
-        Some(p) => {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .ctx(format!("log file {}", p.display()))?;
-            cmd.stderr(f);
-        }
-        None => {
-            cmd.stderr(Stdio::null());
+        "" => Err(Error::msg(format!(
+            "the layerfs daemon exited before the mount was ready ({})",
+            sys::wait_child(pid)
+        ))),
+        err => {
+            sys::wait_child(pid);
+            Err(Error::msg(err.to_string()))
         }
     }
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut child = cmd.spawn().ctx("starting the layerfs daemon")?;
-    drop(w);
-    let pid = child.id() as i32;
-    let r = wait_ready(r, || sys::kill(pid, libc::SIGKILL));
-    if r.is_err() {
-        let _ = child.wait();
-    }
-    r.map(|()| 0)
 }
 
 pub fn umount(mp: &Path, lazy: bool) -> Result<()> {

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
@@ -261,25 +261,4 @@ pub fn map_layers(layers: &[LayerSpec], mut progress: impl FnMut(&str)) -> Resul
     }
     out.reverse();
     Ok(out)
-}
-
-/// The layers of a mount or image as LayerSpecs, from (label, dir) pairs.
-pub fn specs(layers: impl IntoIterator<Item = (String, PathBuf)>) -> Vec<LayerSpec> {
-    layers
-        .into_iter()
-        .map(|(label, dir)| LayerSpec {
-            store: crate::store::describe_layer_dir(&dir),
-            label,
-            dir,
-        })
-        .collect()
-}
-
-/// For callers that only have paths.
-pub fn spec_for(label: &str, dir: &Path) -> LayerSpec {
-    LayerSpec {
-        label: label.into(),
-        dir: dir.to_path_buf(),
-        store: crate::store::describe_layer_dir(dir),
-    }
 }

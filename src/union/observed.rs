@@ -115,13 +115,17 @@ impl Union {
     }
 }
 
-/// A size field of /proc/self/status ("VmRSS", "VmHWM"), in bytes.
-fn proc_status_kb(field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let v = s
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
-    Some(v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()? * 1024)
+/// Resident and peak resident memory (VmRSS, VmHWM) in bytes, from one read of
+/// /proc/self/status.
+fn memory() -> (Option<u64>, Option<u64>) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        let v = s
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?;
+        Some(v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()? * 1024)
+    };
+    (field("VmRSS"), field("VmHWM"))
 }
 
 impl Union {
@@ -135,8 +139,9 @@ impl Union {
             "dir_fd_hit_rate": ratio(g(&self.fds.hits), g(&self.fds.misses)),
             "dir_names_hit_rate": ratio(g(&self.names.hits), g(&self.names.misses)),
         });
-        v["rss_bytes"] = proc_status_kb("VmRSS").into();
-        v["peak_rss_bytes"] = proc_status_kb("VmHWM").into();
+        let (rss, peak) = memory();
+        v["rss_bytes"] = rss.into();
+        v["peak_rss_bytes"] = peak.into();
         v
     }
 }

@@ -185,28 +185,18 @@ fn docker_and_podman_archives_share_layers_and_stay_separate_per_container() {
         .iter()
         .map(|v| v.as_str().unwrap().to_string())
         .collect();
-    let w: serde_json::Value = serde_json::from_str(&ok(
-        &root,
-        &[
-            "which",
-            "--format",
-            "json",
-            mb.join("bin/busybox").to_str().unwrap(),
-        ],
-    ))
-    .unwrap();
+    let which = || -> serde_json::Value {
+        let busybox = mb.join("bin/busybox");
+        let out = ok(
+            &root,
+            &["which", "--format", "json", busybox.to_str().unwrap()],
+        );
+        serde_json::from_str(&out).unwrap()
+    };
+    let w = which();
     assert_eq!(w[0]["served_by"]["store"], diff_ids[0].as_str(), "{w}");
     fs::write(mb.join("bin/busybox"), b"replaced").unwrap();
-    let w: serde_json::Value = serde_json::from_str(&ok(
-        &root,
-        &[
-            "which",
-            "--format",
-            "json",
-            mb.join("bin/busybox").to_str().unwrap(),
-        ],
-    ))
-    .unwrap();
+    let w = which();
     assert_eq!(w[0]["served_by"]["store"], "container b");
     assert_eq!(w[0]["copied_up_from"]["store"], diff_ids[0].as_str());
 }
