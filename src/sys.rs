@@ -495,6 +495,60 @@ pub fn getxattr(t: XTarget<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>> {
     }
 }
 
+/// Does `name` in `dir` (not followed if a symlink) carry xattr `x`? One getxattrat(2)
+/// (Linux 6.13+) where the kernel has it, else lgetxattr through /proc.
+pub fn has_xattr_at(dir: BorrowedFd<'_>, name: &OsStr, x: &CStr) -> io::Result<bool> {
+    static NO_GETXATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    const SYS_GETXATTRAT: libc::c_long = 464;
+    #[repr(C)]
+    struct XattrArgs {
+        value: u64,
+        size: u32,
+        flags: u32,
+    }
+    let absent = |e: io::Error| match e.raw_os_error() {
+        Some(libc::ENODATA | libc::ENOTSUP) => Ok(false),
+        _ => Err(e),
+    };
+    if !NO_GETXATTRAT.load(std::sync::atomic::Ordering::Relaxed) {
+        let c = cstr(name)?;
+        let mut args = XattrArgs {
+            value: 0,
+            size: 0,
+            flags: 0,
+        };
+        // SAFETY: valid C strings; args is a properly laid out struct xattr_args and a zero
+        // size asks only for the value's length.
+        let r = unsafe {
+            libc::syscall(
+                SYS_GETXATTRAT,
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                x.as_ptr(),
+                &mut args as *mut XattrArgs,
+                std::mem::size_of::<XattrArgs>(),
+            )
+        };
+        if r >= 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOSYS) {
+            return absent(e);
+        }
+        NO_GETXATTRAT.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    let p = proc_path(dir, Some(name))?;
+    // SAFETY: valid C strings; a null buffer of size 0 asks only for the length.
+    let r = unsafe { libc::lgetxattr(p.as_ptr(), x.as_ptr(), std::ptr::null_mut(), 0) };
+    if r >= 0 {
+        Ok(true)
+    } else {
+        absent(io::Error::last_os_error())
+    }
+}
+
 /// getxattr that reports ENODATA as an error (for passing through to callers).
 pub fn getxattr_raw(t: XTarget<'_>, name: &CStr) -> io::Result<Vec<u8>> {
     let (p, nofollow) = t.path()?;

@@ -24,6 +24,9 @@ Mount OPTIONS (comma-separated; -o may be repeated):
                            passthrough; default 1 as root, needs kernel 6.9+); lower files use
                            the page cache either way
   userxattr                write markers as user.overlay.* (default when not root)
+  metacopy=on|off          chmod/chown/touch/setfattr/mv of a lower file copy up its metadata
+                           only (as kernel overlayfs metacopy=on; root); the data follows at
+                           the first open for writing. Off by default, as in the kernel
   uidmapping=C:H:N[:C:H:N...]  show host ids H..H+N-1 as container ids C..C+N-1 (and map
   gidmapping=C:H:N[:...]   chown/new files back); unmapped host ids show as 65534
   squash_to_root, squash_to_uid=N, squash_to_gid=N
@@ -36,7 +39,7 @@ Mount OPTIONS (comma-separated; -o may be repeated):
                            (as root, allow_other, default_permissions, dev and suid are on)
 Accepted for compatibility and ignored (fuse-overlayfs, mount(8), kernel overlayfs):
   rw atime relatime strictatime nodiratime async exec defaults context= fscontext= defcontext=
-  rootcontext= xino= index= metacopy= redirect_dir= nfs_export= uuid= acl noacl ...
+  rootcontext= xino= index= redirect_dir= nfs_export= uuid= acl noacl ...
 
 Examples:
   layerfs mount -o lowerdir=/img/l2:/img/l1,upperdir=/c/up,workdir=/c/work /c/rootfs

@@ -44,7 +44,6 @@ pub const IGNORED: &[&str] = &[
     "rootcontext",
     "xino",
     "index",
-    "metacopy",
     "nfs_export",
     "redirect_dir",
     "uuid",
@@ -123,6 +122,7 @@ struct Raw {
     work: Option<String>,
     fsync: bool,
     userxattr: bool,
+    metacopy: bool,
     allow_other: Option<bool>,
     default_permissions: Option<bool>,
     kernel: Vec<MountOption>,
@@ -173,6 +173,17 @@ fn parse_raw(opts: &[String]) -> Result<Raw> {
                 }
             }
             "userxattr" => r.userxattr = true,
+            "metacopy" => {
+                r.metacopy = match v.as_deref() {
+                    Some("on") => true,
+                    Some("off") => false,
+                    _ => {
+                        return Err(Error::msg(format!(
+                            "{o}: expected metacopy=on or metacopy=off"
+                        )));
+                    }
+                }
+            }
             "uidmapping" => r.ids.uid = IdMap::parse("uidmapping", &need(v)?)?,
             "gidmapping" => r.ids.gid = IdMap::parse("gidmapping", &need(v)?)?,
             "squash_to_root" => (r.ids.squash_uid, r.ids.squash_gid) = (Some(0), Some(0)),
@@ -296,6 +307,12 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
         )));
     }
     let root = sys::geteuid() == 0;
+    let metacopy = r.metacopy && !r.userxattr && root;
+    if r.metacopy && !metacopy {
+        // A metadata-only copy points at its lower data through trusted.* xattrs; the kernel
+        // refuses the mix, container tools pass metacopy=on regardless: ignore it, as before.
+        log::warn!("metacopy=on needs root without userxattr; copy-ups copy data");
+    }
     let mut kernel = r.kernel;
     if root {
         // What a container rootfs needs, unless the caller said otherwise.
@@ -313,6 +330,7 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
             work,
             lowers,
             fsync: r.fsync,
+            metacopy,
             ids: r.ids,
             marker_ns: if r.userxattr || !root {
                 MarkerNs::User

@@ -119,6 +119,8 @@ pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
             work: None,
             lowers: layer_dirs.iter().map(|l| l.dir.clone()).collect(),
             fsync: false,
+            // Read-only: following a metadata-only copy to its data is always safe here.
+            metacopy: true,
             marker_ns: crate::union::format::MarkerNs::Trusted,
             ids: Default::default(),
         })?;

@@ -138,6 +138,11 @@ impl<W: Write> Packer<W> {
                 }
                 self.links.insert((md.dev(), md.ino()), r.clone());
             }
+            if ft.is_file() && md.len() > 0 && is_metacopy(&full)? {
+                return Err(Error::msg(format!(
+                    "/{r} is a metadata-only copy (metacopy=on) whose data is in a lower layer; committing those is not supported yet"
+                )));
+            }
             self.xattrs(&full, &r, ft.is_symlink())?;
             if ft.is_file() {
                 let mut h = header(&md, tar::EntryType::Regular, md.len());
@@ -167,6 +172,18 @@ impl<W: Write> Packer<W> {
 }
 
 /// The layer tar of an upper directory.
+/// Does this upper file carry a metacopy marker (its data lives in a lower layer)?
+fn is_metacopy(full: &Path) -> Result<bool> {
+    let dir = sys::open_dir_path(full.parent().unwrap_or(Path::new("/")))?;
+    let name = full.file_name().unwrap_or_default();
+    for ns in [format::MarkerNs::Trusted, format::MarkerNs::User] {
+        if sys::has_xattr_at(std::os::fd::AsFd::as_fd(&dir), name, ns.metacopy())? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 pub fn pack_upper(upper: &Path) -> Result<Vec<u8>> {
     let mut p = Packer {
         tar: tar::Builder::new(Vec::new()),

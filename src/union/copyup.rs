@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::Union;
 use super::format;
-use super::node::{Kind, Node, ROOT_ID};
+use super::node::{DataSrc, Kind, Node, ROOT_ID};
 use super::real::Real;
 use crate::error::{Result, err};
 use crate::sys::{self, Stat, XTarget};
@@ -24,6 +24,9 @@ pub enum Data {
     All,
     /// None: the file is about to be truncated to zero (O_TRUNC open, truncate(0)).
     Empty,
+    /// Metadata only where the mount allows it (`metacopy=on`: chmod, chown, utimes, xattrs,
+    /// rename of a lower file); the data stays in the lower layer until a write needs it.
+    Meta,
 }
 
 impl Union {
@@ -38,6 +41,9 @@ impl Union {
     pub(crate) fn copy_up(&self, node: &Arc<Node>, data: Data) -> Result<()> {
         self.require_upper()?;
         if node.top_layer() == 0 {
+            if data != Data::Meta && node.state.read().expect("node state lock").data.is_some() {
+                return self.copy_up_data(node, data);
+            }
             return Ok(());
         }
         // Ancestors first, root down, so every copy has an upper parent to land in.
@@ -76,7 +82,39 @@ impl Union {
         let wfd = work.fd.clone();
         let tmp = work.temp_name();
 
-        let built = self.build_copy(wfd.as_fd(), &tmp, &src, &sst, node.kind, data);
+        // Hard links copy whole (their other names must stay one file with full data).
+        let meta = data == Data::Meta
+            && self.cfg.metacopy
+            && node.kind == Kind::File
+            && sst.st_size > 0
+            && sst.st_nlink == 1;
+        let data = if data == Data::Meta && !meta {
+            Data::All
+        } else {
+            data
+        };
+        // Where the data comes from: the source itself, or (a lower metadata-only copy) its data.
+        let data_src = match (&st.data, meta) {
+            (Some(d), _) => Some(d.clone()),
+            (None, true) => {
+                let mut path = self.lower_path_of(&parent, &parent.state())?;
+                path.push(st.name.clone());
+                Some(Arc::new(super::node::DataSrc {
+                    layer: st.layers[0],
+                    path,
+                    blocks: sst.st_blocks,
+                }))
+            }
+            (None, false) => None,
+        };
+        let fill = match (data, &data_src) {
+            (Data::Empty, _) => Fill::Nothing,
+            (Data::Meta, Some(d)) => Fill::Meta(self.meta_redirect(&parent, &st.name, d)?),
+            (_, Some(d)) => Fill::Data(self.data_real(d)?),
+            (_, None) => Fill::Data(src.clone()),
+        };
+
+        let built = self.build_copy(wfd.as_fd(), &tmp, &src, &sst, node.kind, &fill);
         if let Err(e) = built {
             let _ = super::workdir::remove_tree(wfd.as_fd(), &tmp, 0);
             return Err(e);
@@ -103,6 +141,7 @@ impl Union {
             } else {
                 s.layers = vec![0];
             }
+            s.data = if meta { data_src.clone() } else { None };
             s.aliases.clone()
         };
         // Other names of a lower hard link stay one file: link them up beside the copy.
@@ -112,12 +151,16 @@ impl Union {
         // nlink (a dir becomes merged), ctime and a broken hard link's count change.
         self.attrs_changed(node.id);
         let bytes = (node.kind == Kind::File && data == Data::All).then_some(sst.st_size as u64);
+        let from = match (&data_src, meta) {
+            (Some(d), false) => d.layer,
+            _ => st.layers[0],
+        };
         let took = started.elapsed();
         self.obs.stats.record_copy_up(bytes, took);
         self.event("copy-up", || {
             json!({
                 "path": self.path_in(st.parent, &st.name),
-                "from": self.layer_label(st.layers[0]),
+                "from": self.layer_label(from),
                 "bytes": bytes.unwrap_or(0),
                 "data": bytes.is_some(),
                 "ms": (took.as_secs_f64() * 1e5).round() / 100.0,
@@ -135,16 +178,21 @@ impl Union {
         src: &Real,
         sst: &Stat,
         kind: Kind,
-        data: Data,
+        fill: &Fill,
     ) -> Result<()> {
         let perm = sst.st_mode & 0o7777;
         let file: Option<OwnedFd> = match kind {
             Kind::File => {
                 let dst =
                     sys::openat(wfd, tmp, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o600)?;
-                if data == Data::All && sst.st_size > 0 {
-                    let sfd = src.open(libc::O_RDONLY, false)?;
-                    copy_data(sfd.as_fd(), dst.as_fd(), sst.st_size as u64)?;
+                match fill {
+                    Fill::Data(from) if sst.st_size > 0 => {
+                        let sfd = from.open(libc::O_RDONLY, false)?;
+                        copy_data(sfd.as_fd(), dst.as_fd(), sst.st_size as u64)?;
+                    }
+                    // A hole of the file's size, as the kernel writes it: stat shows the size.
+                    Fill::Meta(_) => sys::ftruncate(dst.as_fd(), sst.st_size as u64)?,
+                    _ => {}
                 }
                 Some(dst)
             }
@@ -164,6 +212,13 @@ impl Union {
         // chown first: it clears set-id bits and security.capability.
         let chowned = sys::chownat(wfd, tmp, sst.st_uid, sst.st_gid);
         copy_xattrs(src.xtarget(), XTarget::At(wfd, tmp))?;
+        if let Fill::Meta(redirect) = fill {
+            let ns = self.cfg.marker_ns;
+            sys::setxattr(XTarget::At(wfd, tmp), ns.metacopy(), b"", 0)?;
+            if let Some(r) = redirect {
+                sys::setxattr(XTarget::At(wfd, tmp), ns.redirect(), r, 0)?;
+            }
+        }
         match chowned {
             Ok(()) => {}
             // Unprivileged: the copy is ours. With xattr_permissions the owner lives on in the
@@ -194,7 +249,92 @@ impl Union {
     }
 }
 
+/// What a copied-up file is filled with.
+enum Fill {
+    Nothing,
+    Data(Real),
+    /// No data: a metadata-only copy (with the redirect to its data, if not at its own path).
+    Meta(Option<Vec<u8>>),
+}
+
 impl Union {
+    /// The data file of a metadata-only copy.
+    pub(crate) fn data_real(&self, d: &DataSrc) -> Result<Real> {
+        let (last, dirs) = d.path.split_last().ok_or_else(|| err(libc::EIO))?;
+        Ok(Real::At(self.walk_path(d.layer, dirs)?, last.clone()))
+    }
+
+    /// The absolute redirect a metadata-only copy at `parent/name` needs to reach `d`
+    /// (None when the data is at the same path below).
+    pub(crate) fn meta_redirect(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        d: &DataSrc,
+    ) -> Result<Option<Vec<u8>>> {
+        let mut here = self.lower_path_of(parent, &parent.state())?;
+        here.push(name.to_os_string());
+        if here == d.path {
+            return Ok(None);
+        }
+        Ok(Some(absolute_redirect(&d.path)))
+    }
+
+    /// Bring a metadata-only copy's data up into its upper file (in place: until the
+    /// metacopy marker goes, a crash still shows the lower data), or drop it (`Empty`).
+    fn copy_up_data(&self, node: &Arc<Node>, data: Data) -> Result<()> {
+        let _g = node.copy_lock.lock().expect("copy lock");
+        let Some(d) = node.state().data else {
+            return Ok(()); // another writer won the race
+        };
+        let started = std::time::Instant::now();
+        let real = self.real_in(node, 0)?;
+        let dst = real.open(libc::O_WRONLY, false)?;
+        let before = sys::fstat(dst.as_fd())?;
+        let size = before.st_size as u64;
+        let bytes = if data == Data::All && size > 0 {
+            let src = self.data_real(&d)?.open(libc::O_RDONLY, false)?;
+            copy_data(src.as_fd(), dst.as_fd(), size)?;
+            sys::ftruncate(dst.as_fd(), size)?;
+            Some(size)
+        } else {
+            sys::ftruncate(dst.as_fd(), 0)?;
+            None
+        };
+        // Bringing the data up is not a change of the file: keep its times.
+        sys::futimens(
+            dst.as_fd(),
+            Some(Some((before.st_atime, before.st_atime_nsec))),
+            Some(Some((before.st_mtime, before.st_mtime_nsec))),
+        )?;
+        if self.cfg.fsync {
+            sys::fsync(dst.as_fd(), false)?;
+        }
+        let ns = self.cfg.marker_ns;
+        for x in [ns.metacopy(), ns.redirect()] {
+            match sys::removexattr(real.xtarget(), x) {
+                Err(e) if e.raw_os_error() != Some(libc::ENODATA) => return Err(e.into()),
+                _ => {}
+            }
+        }
+        node.state.write().expect("node state lock").data = None;
+        self.attrs_changed(node.id);
+        let took = started.elapsed();
+        self.obs.stats.record_copy_up(bytes, took);
+        let st = node.state();
+        self.event("copy-up", || {
+            json!({
+                "path": self.path_in(st.parent, &st.name),
+                "from": self.layer_label(d.layer),
+                "bytes": bytes.unwrap_or(0),
+                "data": bytes.is_some(),
+                "ms": (took.as_secs_f64() * 1e5).round() / 100.0,
+            })
+        });
+        log::debug!("copied up the data of {:?} (node {})", st.name, node.id);
+        Ok(())
+    }
+
     /// Link a further name of copied-up `node` into the upper layer.
     pub(crate) fn link_up_alias(&self, node: &Arc<Node>, parent: u64, name: &OsStr) -> Result<()> {
         let st = node.state();
@@ -223,6 +363,17 @@ impl Union {
         restore_times(adir.as_fd(), &times);
         Ok(())
     }
+}
+
+/// `/a/b/c`: the kernel's absolute redirect form.
+pub(crate) fn absolute_redirect(path: &[std::ffi::OsString]) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut v = Vec::new();
+    for c in path {
+        v.push(b'/');
+        v.extend_from_slice(c.as_bytes());
+    }
+    v
 }
 
 /// Put back a directory's atime/mtime after we changed its entries for a copy-up.

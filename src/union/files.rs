@@ -37,9 +37,19 @@ impl Union {
             };
             self.copy_up(&node, data)?;
         }
-        let layer = node.top_layer();
-        let fd = self.real(&node)?.open(flags & !OPEN_ONLY, false)?;
+        let (real, layer) = self.read_source(&node)?;
+        let fd = real.open(flags & !OPEN_ONLY, false)?;
         Ok(self.add_handle(node, fd, layer, flags))
+    }
+
+    /// Where a node's data is read from, and that layer: its top object, or for a
+    /// metadata-only copy the lower file holding its data.
+    fn read_source(&self, node: &super::node::Node) -> Result<(super::real::Real, usize)> {
+        let data = node.state.read().expect("node state lock").data.clone();
+        match data {
+            Some(d) => Ok((self.data_real(&d)?, d.layer)),
+            None => Ok((self.real(node)?, node.top_layer())),
+        }
     }
 
     fn add_handle(
@@ -78,7 +88,8 @@ impl Union {
     /// read-write (so one backing serves every later open). None for a lower file.
     pub fn backing_fd(&self, fh: u64) -> Option<OwnedFd> {
         let h = self.handles.file(fh)?;
-        if !self.writable() || h.node.top_layer() != 0 {
+        let meta_only = h.node.state.read().expect("node state lock").data.is_some();
+        if !self.writable() || h.node.top_layer() != 0 || meta_only {
             return None;
         }
         self.real(&h.node).ok()?.open(libc::O_RDWR, false).ok()
@@ -92,15 +103,18 @@ impl Union {
     /// of the same node, so readers see what writers wrote (as the kernel does since 4.19).
     fn read_fd(&self, h: &Handle) -> Result<Arc<OwnedFd>> {
         let (fd, layer) = h.fd.read().expect("handle fd lock").clone();
-        if layer == 0 || !self.writable() || h.node.top_layer() != 0 {
+        let now = {
+            let st = h.node.state.read().expect("node state lock");
+            st.data.as_ref().map_or(st.layers[0], |d| d.layer)
+        };
+        if layer == 0 || layer == now || !self.writable() {
             return Ok(fd);
         }
         let mut w = h.fd.write().expect("handle fd lock");
-        if w.1 != 0 {
-            let nfd = self
-                .real(&h.node)?
-                .open(h.flags & !(OPEN_ONLY | libc::O_TRUNC), false)?;
-            *w = (Arc::new(nfd), 0);
+        if w.1 != now {
+            let (real, now) = self.read_source(&h.node)?;
+            let nfd = real.open(h.flags & !(OPEN_ONLY | libc::O_TRUNC), false)?;
+            *w = (Arc::new(nfd), now);
         }
         Ok(w.0.clone())
     }

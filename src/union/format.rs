@@ -42,6 +42,13 @@ impl MarkerNs {
             MarkerNs::User => c"user.overlay.redirect",
         }
     }
+    /// Marks a metadata-only copy whose data is in a lower layer.
+    pub fn metacopy(self) -> &'static CStr {
+        match self {
+            MarkerNs::Trusted => c"trusted.overlay.metacopy",
+            MarkerNs::User => c"user.overlay.metacopy",
+        }
+    }
 }
 
 /// True for names that are markers in some format and so never visible in the union.

@@ -6,10 +6,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use super::format;
-use super::node::{Inserted, Kind, Node, NodeState, ROOT_ID};
+use super::node::{DataSrc, Inserted, Kind, Node, NodeState, ROOT_ID};
 use super::{Entry, Union, check_name};
 use crate::error::{Result, err};
-use crate::sys::{self, Stat};
+use crate::sys::{self, Stat, XTarget};
 
 /// What a lookup found for one name.
 pub(crate) struct Found {
@@ -23,6 +23,8 @@ pub(crate) struct Found {
     pub lower_ino: Option<u64>,
     /// Directory fds opened on the way, to seed the fd cache.
     pub fds: Vec<(usize, Arc<OwnedFd>)>,
+    /// A metadata-only copy's data.
+    pub data: Option<Arc<DataSrc>>,
 }
 
 enum Step {
@@ -68,6 +70,7 @@ impl Union {
         let mut state = NodeState::new(parent, name, f.layers);
         state.lower_path = f.lower_path;
         state.redirect_layer = f.redirect_layer;
+        state.data = f.data;
         if f.kind == Kind::Dir {
             self.fds.drop_node(id);
             self.names.drop_node(id);
@@ -143,6 +146,12 @@ impl Union {
         let kind = Kind::from_mode(st.st_mode);
         if kind != Kind::Dir {
             if found.is_none() {
+                let data = match (kind, parent) {
+                    (Kind::File, Some(p)) if st.st_size > 0 => {
+                        self.metacopy_data(l, pfd, name, p)?
+                    }
+                    _ => None,
+                };
                 *found = Some(Found {
                     kind,
                     layers: vec![l],
@@ -151,6 +160,7 @@ impl Union {
                     redirect_layer: 0,
                     lower_ino: None,
                     fds: Vec::new(),
+                    data,
                 });
             }
             // A non-directory hides everything below, whether it is on top or under a dir.
@@ -171,6 +181,7 @@ impl Union {
             redirect_layer: 0,
             lower_ino: None,
             fds: Vec::new(),
+            data: None,
         });
         if f.lower_ino.is_none() && !self.layers.is_upper(l) {
             f.lower_ino = Some(self.layers.union_ino(l, st.st_ino));
@@ -252,6 +263,68 @@ impl Union {
         Ok(())
     }
 
+    /// For a regular file in layer `l` that is a metadata-only copy: where its data is. Empty
+    /// files are never checked (their data is nothing either way).
+    fn metacopy_data(
+        &self,
+        l: usize,
+        pfd: &Arc<OwnedFd>,
+        name: &OsStr,
+        (p, ps): (&Node, &NodeState),
+    ) -> Result<Option<Arc<DataSrc>>> {
+        let ns = self.cfg.marker_ns;
+        if !sys::has_xattr_at(pfd.as_fd(), name, ns.metacopy())? {
+            return Ok(None);
+        }
+        if !self.cfg.metacopy {
+            // As the kernel without metacopy=on: never follow (the file's own data is a hole).
+            log::warn!("refusing to follow metacopy file {name:?} (mount with metacopy=on)");
+            return Err(err(libc::EPERM));
+        }
+        let base = self.lower_path_of(p, ps)?;
+        let path = match sys::getxattr(XTarget::At(pfd.as_fd(), name), ns.redirect())? {
+            Some(r) if !r.is_empty() => redirect_target(&base, &r).ok_or_else(|| err(libc::EIO))?,
+            _ => {
+                let mut v = base;
+                v.push(name.to_os_string());
+                v
+            }
+        };
+        self.find_data(l, path).map(Some)
+    }
+
+    /// The first full regular file at `path` below layer `above`.
+    pub(crate) fn find_data(&self, above: usize, path: Vec<OsString>) -> Result<Arc<DataSrc>> {
+        let Some((last, dirs)) = path.split_last() else {
+            return Err(err(libc::EIO));
+        };
+        'layers: for l in above + 1..self.layers.len() {
+            let mut fd = self.layers.layers[l].root.clone();
+            for c in dirs {
+                match sys::openat(fd.as_fd(), c, libc::O_PATH | libc::O_DIRECTORY, 0) {
+                    Ok(f) => fd = Arc::new(f),
+                    Err(_) => continue 'layers,
+                }
+            }
+            let Ok(st) = sys::statat(fd.as_fd(), last) else {
+                continue;
+            };
+            if Kind::from_mode(st.st_mode) != Kind::File {
+                break; // a whiteout or another kind of object: the data is gone
+            }
+            if sys::has_xattr_at(fd.as_fd(), last, self.cfg.marker_ns.metacopy())? {
+                continue; // metadata only here too: the data is further down
+            }
+            return Ok(Arc::new(DataSrc {
+                layer: l,
+                blocks: st.st_blocks,
+                path,
+            }));
+        }
+        log::warn!("metacopy file /{} has no lower data", show_path(&path));
+        Err(err(libc::EIO))
+    }
+
     /// The path of directory `p` in the lower layers: its redirect target, else its union path.
     pub(crate) fn lower_path_of(&self, p: &Node, ps: &NodeState) -> Result<Vec<OsString>> {
         if let Some(lp) = &ps.lower_path {
@@ -277,6 +350,12 @@ impl Union {
         out.reverse();
         Ok(out)
     }
+}
+
+/// `a/b/c` for log lines.
+pub(crate) fn show_path(path: &[OsString]) -> String {
+    let v: Vec<_> = path.iter().map(|c| c.to_string_lossy()).collect();
+    v.join("/")
 }
 
 /// Where a redirect points: absolute from the layer root, or a sibling name under `base`'s

@@ -46,6 +46,9 @@ pub struct Config {
     pub lowers: Vec<PathBuf>,
     /// fsync copied-up files and their directory before they become visible.
     pub fsync: bool,
+    /// `metacopy=on`: chmod, chown, utimes, xattr changes and renames of a lower file copy up
+    /// its metadata only; the data follows at the first open for writing.
+    pub metacopy: bool,
     /// Namespace of the markers layerfs writes.
     pub marker_ns: MarkerNs,
     /// Owner translation (uidmapping, squash_to_*, xattr_permissions).
@@ -244,6 +247,12 @@ impl Union {
             st.st_nlink = format::adjusted_nlink(real.xtarget(), st.st_nlink);
         }
         st.st_ino = node.st_ino();
+        if !node.is_dir()
+            && let Some(d) = &node.state.read().expect("node state lock").data
+        {
+            // A metadata-only copy is a hole; its blocks are its data's (as the kernel).
+            st.st_blocks = d.blocks;
+        }
         if !self.cfg.ids.is_identity() {
             let ov = self
                 .cfg

@@ -58,6 +58,19 @@ pub struct NodeState {
     pub detached: Option<Arc<OwnedFd>>,
     /// Other names of a hard-linked non-directory (same real inode, so the same node).
     pub aliases: Vec<(u64, OsString)>,
+    /// For a metadata-only copy (metacopy): where its data lives.
+    pub data: Option<Arc<DataSrc>>,
+}
+
+/// The data of a metadata-only copy: a regular file in a lower layer (which never changes,
+/// so this is fixed once found).
+#[derive(Debug)]
+pub struct DataSrc {
+    pub layer: usize,
+    /// Components from the layer root.
+    pub path: Vec<OsString>,
+    /// st_blocks of the data file (what the union reports, as the kernel does).
+    pub blocks: i64,
 }
 
 impl NodeState {
@@ -71,6 +84,7 @@ impl NodeState {
             unlinked: false,
             detached: None,
             aliases: Vec::new(),
+            data: None,
         }
     }
 

@@ -485,9 +485,11 @@ impl Union {
                 return Err(err(libc::ENOTEMPTY));
             }
         }
-        self.copy_up(&src, Data::All)?;
+        self.copy_up(&src, Data::Meta)?;
+        self.prepare_file_move(&src, &p, name)?;
         if let (Some(d), true) = (&dst, exchange) {
-            self.copy_up(d, Data::All)?;
+            self.copy_up(d, Data::Meta)?;
+            self.prepare_file_move(d, &np, newname)?;
         }
         let up = self.dir_fd(&p, 0)?;
         let unp = self.dir_fd(&np, 0)?;
@@ -584,6 +586,26 @@ impl Union {
         Ok(())
     }
 
+    /// Before moving a metadata-only copy: point it at its data with an absolute redirect
+    /// (as the kernel does), or bring the data up if the path is too long for one.
+    fn prepare_file_move(&self, n: &Arc<Node>, p: &Node, name: &OsStr) -> Result<()> {
+        let Some(d) = n.state().data.filter(|_| !n.is_dir()) else {
+            return Ok(());
+        };
+        let value = super::copyup::absolute_redirect(&d.path);
+        if value.len() > REDIRECT_MAX {
+            return self.copy_up(n, Data::All);
+        }
+        let up = self.dir_fd(p, 0)?;
+        sys::setxattr(
+            XTarget::At(up.as_fd(), name),
+            self.cfg.marker_ns.redirect(),
+            &value,
+            0,
+        )?;
+        Ok(())
+    }
+
     /// Before moving directory `n` (named `name` in `p`): write its redirect (it has lower
     /// layers) or opaque marker (it is upper-only and lands where a lower entry exists).
     fn prepare_dir_move(
@@ -671,10 +693,10 @@ impl Union {
         if !self.writable() {
             return Err(err(libc::EROFS));
         }
-        let data = if a.size == Some(0) {
-            Data::Empty
-        } else {
-            Data::All
+        let data = match a.size {
+            Some(0) => Data::Empty,
+            Some(_) => Data::All,
+            None => Data::Meta,
         };
         self.copy_up(&n, data)?;
         let real = self.real(&n)?;
@@ -738,7 +760,7 @@ impl Union {
             return Err(err(libc::EROFS));
         }
         let n = self.node(id)?;
-        self.copy_up(&n, Data::All)?;
+        self.copy_up(&n, Data::Meta)?;
         Ok(sys::setxattr(self.real(&n)?.xtarget(), &c, value, flags)?)
     }
 
@@ -753,7 +775,7 @@ impl Union {
         let n = self.node(id)?;
         // Removing an attribute that is not there copies nothing up (as the kernel).
         self.real(&n)?.getxattr(&c)?;
-        self.copy_up(&n, Data::All)?;
+        self.copy_up(&n, Data::Meta)?;
         Ok(sys::removexattr(self.real(&n)?.xtarget(), &c)?)
     }
 }

@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod differential;
 mod full_disk;
+mod metacopy;
 mod observe;
 mod read_side;
 mod rootless;

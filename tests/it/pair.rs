@@ -14,6 +14,8 @@ pub struct Pair {
     pub lowers: Vec<PathBuf>,
     pub k: Option<Kernel>,
     pub l: Option<Layerfs>,
+    /// Mount options given to both (e.g. `metacopy=on`).
+    pub extra: String,
 }
 
 /// An operation's outcome, comparable across the two mounts: a value or an errno.
@@ -25,6 +27,11 @@ pub fn outcome<T>(r: std::io::Result<T>) -> Outcome<T> {
 
 impl Pair {
     pub fn new(build: impl FnOnce(&Scratch) -> Vec<PathBuf>) -> Pair {
+        Pair::with_options(build, "")
+    }
+
+    /// A pair whose two mounts both also get `extra` options.
+    pub fn with_options(build: impl FnOnce(&Scratch) -> Vec<PathBuf>, extra: &str) -> Pair {
         let s = Scratch::new();
         let lowers = build(&s);
         for d in ["ku", "kw", "lu", "lw"] {
@@ -35,6 +42,7 @@ impl Pair {
             lowers,
             k: None,
             l: None,
+            extra: extra.to_string(),
         };
         p.k = Some(Kernel::mount(
             &p.kernel_opts(&p.s.path("ku"), &p.s.path("kw")),
@@ -62,20 +70,30 @@ impl Pair {
 
     pub fn kernel_opts(&self, upper: &Path, work: &Path) -> String {
         format!(
-            "lowerdir={},upperdir={},workdir={},redirect_dir=on,index=on",
+            "lowerdir={},upperdir={},workdir={},redirect_dir=on,index=on{}",
             lowerdir(&self.lowers),
             upper.display(),
-            work.display()
+            work.display(),
+            self.extra_opts()
         )
     }
 
     pub fn layerfs_opts(&self, upper: &Path, work: &Path) -> String {
         format!(
-            "lowerdir={},upperdir={},workdir={}",
+            "lowerdir={},upperdir={},workdir={}{}",
             lowerdir(&self.lowers),
             upper.display(),
-            work.display()
+            work.display(),
+            self.extra_opts()
         )
+    }
+
+    fn extra_opts(&self) -> String {
+        if self.extra.is_empty() {
+            String::new()
+        } else {
+            format!(",{}", self.extra)
+        }
     }
 
     pub fn kmnt(&self) -> &Path {

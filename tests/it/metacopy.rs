@@ -1,0 +1,191 @@
+//! `metacopy=on`: metadata-only copy-up, against kernel overlayfs mounted with the same option,
+//! then the data copy-up at the first write, persistence and interop both ways.
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::pair::{Pair, outcome};
+use crate::require_fuse;
+use crate::support::*;
+
+const BIG: usize = 3 << 20;
+
+fn stack(s: &Scratch) -> Vec<PathBuf> {
+    let l1 = s.mkdir("l1");
+    let l2 = s.mkdir("l2");
+    let big: Vec<u8> = (0..BIG).map(|i| (i * 7 % 251) as u8).collect();
+    write(l2.join("big"), &big);
+    write(l2.join("owned"), b"owned by someone");
+    write(l2.join("times"), b"old times");
+    write(l2.join("x"), b"extended");
+    write(l2.join("d/moved"), b"moved across dirs");
+    write(l2.join("d/trunc"), b"to be truncated");
+    write(l2.join("d/otrunc"), b"opened with O_TRUNC");
+    write(l2.join("empty"), b"");
+    write(l1.join("d/top"), b"top");
+    vec![l1, l2]
+}
+
+fn xattr_names(p: &Path) -> Vec<String> {
+    let (ok, out, _) = run_timeout(
+        std::process::Command::new("getfattr")
+            .args(["-h", "-d", "-m", "-", "--absolute-names"])
+            .arg(p),
+        10,
+    );
+    assert!(ok, "getfattr {}", p.display());
+    out.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split('=').next().unwrap_or("").to_string())
+        .collect()
+}
+
+fn read_all(p: &Path) -> Vec<u8> {
+    fs::read(p).unwrap()
+}
+
+#[test]
+fn metadata_changes_copy_up_no_data_and_writes_bring_it_up_as_the_kernel_does() {
+    require_fuse!();
+    let mut p = Pair::with_options(stack, "metacopy=on");
+    let lower_big = p.lowers[1].join("big");
+    let lower_blocks = fs::metadata(&lower_big).unwrap().blocks();
+
+    p.same("chmod", |m| {
+        outcome(fs::set_permissions(
+            m.join("big"),
+            fs::Permissions::from_mode(0o600),
+        ))
+    });
+    p.same("chown", |m| {
+        outcome(std::os::unix::fs::chown(
+            m.join("owned"),
+            Some(42),
+            Some(43),
+        ))
+    });
+    p.same("utimes", |m| {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+        outcome(
+            fs::File::open(m.join("times"))
+                .and_then(|f| f.set_times(fs::FileTimes::new().set_modified(t).set_accessed(t))),
+        )
+    });
+    p.same("setxattr", |m| {
+        set_xattr(m.join("x"), "user.k", b"v");
+        0
+    });
+    p.same("rename across dirs", |m| {
+        outcome(fs::rename(m.join("d/moved"), m.join("moved")))
+    });
+    p.same("chmod empty", |m| {
+        outcome(fs::set_permissions(
+            m.join("empty"),
+            fs::Permissions::from_mode(0o600),
+        ))
+    });
+    p.check("after metadata-only copy-ups");
+
+    // On disk: a hole of the right size with the marker; the renamed one points at its data.
+    let up = p.upper();
+    let ub = fs::metadata(up.join("big")).unwrap();
+    assert_eq!(ub.len(), BIG as u64);
+    assert!(ub.blocks() < 16, "no data copied: {} blocks", ub.blocks());
+    assert_eq!(ub.mode() & 0o7777, 0o600);
+    for f in ["big", "owned", "times", "x", "moved"] {
+        assert!(
+            xattr_names(&up.join(f)).contains(&"trusted.overlay.metacopy".to_string()),
+            "{f} is a metacopy file"
+        );
+    }
+    assert_eq!(
+        get_xattr(up.join("moved"), "trusted.overlay.redirect").as_deref(),
+        Some(&b"/d/moved"[..])
+    );
+    assert!(!xattr_names(&up.join("empty")).contains(&"trusted.overlay.metacopy".to_string()));
+    // Through the mount: the data and blocks are the lower file's.
+    let lb = fs::metadata(p.lmnt().join("big")).unwrap();
+    assert_eq!(lb.blocks(), lower_blocks);
+    assert_eq!(read_all(&p.lmnt().join("big")), read_all(&lower_big));
+
+    // A reader open before the first write follows the data copy-up.
+    p.same("reader follows the data copy-up", |m| {
+        let mut r = fs::File::open(m.join("big")).unwrap();
+        let mut head = vec![0u8; 100];
+        r.read_exact(&mut head).unwrap();
+        OpenOptions::new()
+            .append(true)
+            .open(m.join("big"))
+            .unwrap()
+            .write_all(b"appended")
+            .unwrap();
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        (head, rest.len(), rest[rest.len() - 8..].to_vec())
+    });
+    p.same("truncate a metacopy file", |m| {
+        outcome(
+            OpenOptions::new()
+                .write(true)
+                .open(m.join("d/trunc"))
+                .and_then(|f| f.set_len(5)),
+        )
+    });
+    p.same("O_TRUNC a metacopy file", |m| {
+        fs::set_permissions(m.join("d/otrunc"), fs::Permissions::from_mode(0o640)).unwrap();
+        outcome(
+            OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(m.join("d/otrunc"))
+                .and_then(|mut f| f.write_all(b"new")),
+        )
+    });
+    p.same("open for writing without writing", |m| {
+        outcome(
+            OpenOptions::new()
+                .write(true)
+                .open(m.join("times"))
+                .map(drop),
+        )
+    });
+    p.check("after data copy-ups");
+    // The data is in the upper now, the marker gone; the times set before are kept.
+    assert!(fs::metadata(up.join("big")).unwrap().blocks() >= lower_blocks);
+    assert!(!xattr_names(&up.join("big")).contains(&"trusted.overlay.metacopy".to_string()));
+    assert_eq!(
+        fs::metadata(up.join("times")).unwrap().mtime(),
+        1_000_000_000
+    );
+    p.assert_no_panic();
+    p.check_interop();
+}
+
+#[test]
+fn a_metacopy_upper_is_refused_without_metacopy_on_as_the_kernel_does() {
+    require_fuse!();
+    let s = Scratch::new();
+    let lower = s.mkdir("l");
+    write(lower.join("f"), b"data in the lower layer");
+    let (up, work) = (s.mkdir("u"), s.mkdir("w"));
+    {
+        let m = Layerfs::mount(
+            &format!("{},metacopy=on", rw_opts(&lower, &up, &work)),
+            &s.path("m"),
+        );
+        fs::set_permissions(m.mnt.join("f"), fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_all(&m.mnt.join("f")), b"data in the lower layer");
+    }
+    let k = Kernel::mount(
+        &format!("{},redirect_dir=on", rw_opts(&lower, &up, &s.mkdir("kw"))),
+        &s.path("k"),
+    );
+    let kernel = fs::read(k.mnt.join("f")).map_err(|e| e.raw_os_error());
+    drop(k);
+    let m = Layerfs::mount(&rw_opts(&lower, &up, &work), &s.path("m"));
+    let ours = fs::read(m.mnt.join("f")).map_err(|e| e.raw_os_error());
+    assert_eq!(kernel, Err(Some(libc::EPERM)));
+    assert_eq!(ours, kernel, "never the hole where the data should be");
+}
