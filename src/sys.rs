@@ -475,85 +475,114 @@ fn xattr_buf_call(mut f: impl FnMut(*mut u8, usize) -> libc::ssize_t) -> io::Res
     }
 }
 
-/// getxattr; Ok(None) when the attribute does not exist (or xattrs are unsupported).
-pub fn getxattr(t: XTarget<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>> {
-    let (p, nofollow) = t.path()?;
-    let r = xattr_buf_call(|ptr, len| {
-        // SAFETY: ptr/len describe a valid buffer or are null/0 for a size query.
-        unsafe {
-            if nofollow {
-                libc::lgetxattr(p.as_ptr(), name.as_ptr(), ptr.cast(), len)
-            } else {
-                libc::getxattr(p.as_ptr(), name.as_ptr(), ptr.cast(), len)
-            }
-        }
-    });
-    match r {
-        Ok(v) => Ok(Some(v)),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA) | Some(libc::ENOTSUP)) => Ok(None),
-        Err(e) => Err(e),
+// The *xattrat(2) calls (Linux 6.13+; the same numbers on every architecture) name the object
+// by (dirfd, name), or by an O_PATH fd with AT_EMPTY_PATH: no /proc path to resolve on each
+// call. Older kernels answer ENOSYS once; from then on the /proc paths are used.
+const SYS_SETXATTRAT: libc::c_long = 463;
+const SYS_GETXATTRAT: libc::c_long = 464;
+const SYS_LISTXATTRAT: libc::c_long = 465;
+const SYS_REMOVEXATTRAT: libc::c_long = 466;
+static NO_XATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[repr(C)]
+struct XattrArgs {
+    value: u64,
+    size: u32,
+    flags: u32,
+}
+
+impl XTarget<'_> {
+    /// (dirfd, name, at_flags) for the *xattrat calls. An object's own fd keeps the /proc
+    /// path: the calls refuse O_PATH fds with AT_EMPTY_PATH (EBADF), and ours are O_PATH.
+    fn at(&self) -> io::Result<(RawFd, CString, libc::c_int)> {
+        Ok(match *self {
+            XTarget::Fd(fd) => (fd.as_raw_fd(), CString::default(), -1),
+            XTarget::At(dir, name) => (dir.as_raw_fd(), cstr(name)?, libc::AT_SYMLINK_NOFOLLOW),
+        })
     }
 }
 
-/// Does `name` in `dir` (not followed if a symlink) carry xattr `x`? One getxattrat(2)
-/// (Linux 6.13+) where the kernel has it, else lgetxattr through /proc.
-pub fn has_xattr_at(dir: BorrowedFd<'_>, name: &OsStr, x: &CStr) -> io::Result<bool> {
-    static NO_GETXATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    const SYS_GETXATTRAT: libc::c_long = 464;
-    #[repr(C)]
-    struct XattrArgs {
-        value: u64,
-        size: u32,
-        flags: u32,
+/// Run an *xattrat call; None when the kernel lacks them or the target is an fd (the
+/// caller falls back to /proc).
+fn xattrat(
+    at_flags: libc::c_int,
+    call: impl FnOnce() -> libc::c_long,
+) -> Option<io::Result<usize>> {
+    if at_flags < 0 || NO_XATTRAT.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
     }
-    let absent = |e: io::Error| match e.raw_os_error() {
-        Some(libc::ENODATA | libc::ENOTSUP) => Ok(false),
-        _ => Err(e),
-    };
-    if !NO_GETXATTRAT.load(std::sync::atomic::Ordering::Relaxed) {
-        let c = cstr(name)?;
-        let mut args = XattrArgs {
-            value: 0,
-            size: 0,
-            flags: 0,
-        };
-        // SAFETY: valid C strings; args is a properly laid out struct xattr_args and a zero
-        // size asks only for the value's length.
-        let r = unsafe {
-            libc::syscall(
-                SYS_GETXATTRAT,
-                dir.as_raw_fd(),
-                c.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-                x.as_ptr(),
-                &mut args as *mut XattrArgs,
-                std::mem::size_of::<XattrArgs>(),
-            )
-        };
-        if r >= 0 {
-            return Ok(true);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENOSYS) {
-            return absent(e);
-        }
-        NO_GETXATTRAT.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-    let p = proc_path(dir, Some(name))?;
-    // SAFETY: valid C strings; a null buffer of size 0 asks only for the length.
-    let r = unsafe { libc::lgetxattr(p.as_ptr(), x.as_ptr(), std::ptr::null_mut(), 0) };
+    let r = call();
     if r >= 0 {
-        Ok(true)
-    } else {
-        absent(io::Error::last_os_error())
+        return Some(Ok(r as usize));
     }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOSYS) {
+        NO_XATTRAT.store(true, std::sync::atomic::Ordering::Relaxed);
+        return None;
+    }
+    Some(Err(e))
 }
 
-/// getxattr that reports ENODATA as an error (for passing through to callers).
-pub fn getxattr_raw(t: XTarget<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+/// A buffer-filling *xattrat call as the ssize_t/errno shape xattr_buf_call expects; sets
+/// `unsupported` when the kernel lacks the call.
+fn as_ssize(r: Option<io::Result<usize>>, unsupported: &mut bool) -> libc::ssize_t {
+    let e = match r {
+        Some(Ok(n)) => return n as libc::ssize_t,
+        Some(Err(e)) => e,
+        None => {
+            *unsupported = true;
+            io::Error::from_raw_os_error(libc::ENOSYS)
+        }
+    };
+    // SAFETY: __errno_location returns this thread's errno slot.
+    unsafe { *libc::__errno_location() = e.raw_os_error().unwrap_or(libc::EIO) };
+    -1
+}
+
+/// getxattrat(2) into `ptr`/`len` (null/0: the value's size only); None as for `xattrat`.
+fn getxattrat(
+    dfd: RawFd,
+    path: &CStr,
+    flags: libc::c_int,
+    name: &CStr,
+    ptr: *mut u8,
+    len: usize,
+) -> Option<io::Result<usize>> {
+    let mut args = XattrArgs {
+        value: ptr as u64,
+        size: len as u32,
+        flags: 0,
+    };
+    // SAFETY: valid C strings; args describes a valid buffer (or null/0 for a size query).
+    xattrat(flags, || unsafe {
+        libc::syscall(
+            SYS_GETXATTRAT,
+            dfd,
+            path.as_ptr(),
+            flags,
+            name.as_ptr(),
+            &mut args as *mut XattrArgs,
+            std::mem::size_of::<XattrArgs>(),
+        )
+    })
+}
+
+/// The raw value of xattr `name` (ENODATA as an error).
+fn getxattr_any(t: XTarget<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+    let (dfd, path, flags) = t.at()?;
+    let mut unsupported = false;
+    let r = xattr_buf_call(|ptr, len| {
+        as_ssize(
+            getxattrat(dfd, &path, flags, name, ptr, len),
+            &mut unsupported,
+        )
+    });
+    if !unsupported {
+        return r;
+    }
     let (p, nofollow) = t.path()?;
     xattr_buf_call(|ptr, len| {
-        // SAFETY: as above.
+        // SAFETY: ptr/len describe a valid buffer or are null/0 for a size query.
         unsafe {
             if nofollow {
                 libc::lgetxattr(p.as_ptr(), name.as_ptr(), ptr.cast(), len)
@@ -564,19 +593,65 @@ pub fn getxattr_raw(t: XTarget<'_>, name: &CStr) -> io::Result<Vec<u8>> {
     })
 }
 
+/// getxattr; Ok(None) when the attribute does not exist (or xattrs are unsupported).
+pub fn getxattr(t: XTarget<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>> {
+    match getxattr_any(t, name) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA) | Some(libc::ENOTSUP)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// getxattr that reports ENODATA as an error (for passing through to callers).
+pub fn getxattr_raw(t: XTarget<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+    getxattr_any(t, name)
+}
+
+/// Does `name` in `dir` (not followed if a symlink) carry xattr `x`? A size query only.
+pub fn has_xattr_at(dir: BorrowedFd<'_>, name: &OsStr, x: &CStr) -> io::Result<bool> {
+    let t = XTarget::At(dir, name);
+    let (dfd, path, flags) = t.at()?;
+    let r = match getxattrat(dfd, &path, flags, x, std::ptr::null_mut(), 0) {
+        Some(r) => r,
+        None => {
+            let (p, _) = t.path()?;
+            // SAFETY: valid C strings; a null buffer of size 0 asks only for the length.
+            check_ssize(unsafe { libc::lgetxattr(p.as_ptr(), x.as_ptr(), std::ptr::null_mut(), 0) })
+        }
+    };
+    match r {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA) | Some(libc::ENOTSUP)) => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// listxattr: the names, without their NUL terminators.
 pub fn listxattr(t: XTarget<'_>) -> io::Result<Vec<Vec<u8>>> {
-    let (p, nofollow) = t.path()?;
-    let r = xattr_buf_call(|ptr, len| {
-        // SAFETY: ptr/len describe a valid buffer or null/0.
-        unsafe {
-            if nofollow {
-                libc::llistxattr(p.as_ptr(), ptr.cast(), len)
-            } else {
-                libc::listxattr(p.as_ptr(), ptr.cast(), len)
-            }
-        }
+    let (dfd, path, flags) = t.at()?;
+    let mut unsupported = false;
+    let mut r = xattr_buf_call(|ptr, len| {
+        // SAFETY: valid C string; ptr/len describe a valid buffer or null/0.
+        let at = xattrat(flags, || unsafe {
+            libc::syscall(SYS_LISTXATTRAT, dfd, path.as_ptr(), flags, ptr, len)
+        });
+        as_ssize(at, &mut unsupported)
     });
+    if unsupported {
+        let (p, nofollow) = t.path()?;
+        r = xattr_buf_call(|ptr, len| {
+            // SAFETY: ptr/len describe a valid buffer or null/0.
+            unsafe {
+                if nofollow {
+                    libc::llistxattr(p.as_ptr(), ptr.cast(), len)
+                } else {
+                    libc::listxattr(p.as_ptr(), ptr.cast(), len)
+                }
+            }
+        });
+    }
     let buf = match r {
         Ok(b) => b,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Vec::new(),
@@ -590,6 +665,27 @@ pub fn listxattr(t: XTarget<'_>) -> io::Result<Vec<Vec<u8>>> {
 }
 
 pub fn setxattr(t: XTarget<'_>, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
+    let (dfd, path, at_flags) = t.at()?;
+    let mut args = XattrArgs {
+        value: value.as_ptr() as u64,
+        size: value.len() as u32,
+        flags: flags as u32,
+    };
+    // SAFETY: valid C strings; args describes the value buffer.
+    let at = xattrat(at_flags, || unsafe {
+        libc::syscall(
+            SYS_SETXATTRAT,
+            dfd,
+            path.as_ptr(),
+            at_flags,
+            name.as_ptr(),
+            &mut args as *mut XattrArgs,
+            std::mem::size_of::<XattrArgs>(),
+        )
+    });
+    if let Some(r) = at {
+        return r.map(drop);
+    }
     let (p, nofollow) = t.path()?;
     // SAFETY: valid C strings and value buffer.
     check(unsafe {
@@ -615,6 +711,14 @@ pub fn setxattr(t: XTarget<'_>, name: &CStr, value: &[u8], flags: i32) -> io::Re
 }
 
 pub fn removexattr(t: XTarget<'_>, name: &CStr) -> io::Result<()> {
+    let (dfd, path, flags) = t.at()?;
+    // SAFETY: valid C strings.
+    let at = xattrat(flags, || unsafe {
+        libc::syscall(SYS_REMOVEXATTRAT, dfd, path.as_ptr(), flags, name.as_ptr())
+    });
+    if let Some(r) = at {
+        return r.map(drop);
+    }
     let (p, nofollow) = t.path()?;
     // SAFETY: valid C strings.
     check(unsafe {

@@ -128,25 +128,31 @@ pub struct DirMarkers {
 
 /// Read the opaque and redirect markers of a real directory (`dir` is its own fd).
 pub fn dir_markers(dir: BorrowedFd<'_>) -> DirMarkers {
+    dir_markers_of(XTarget::Fd(dir), dir)
+}
+
+/// `dir_markers`, with the xattrs read through `x` (naming the directory by its parent fd
+/// and name is cheaper than by its own O_PATH fd).
+pub fn dir_markers_of(x: XTarget<'_>, dir: BorrowedFd<'_>) -> DirMarkers {
     let mut m = DirMarkers::default();
     // One listxattr tells which markers exist; most directories carry none.
-    let names = sys::listxattr(XTarget::Fd(dir)).unwrap_or_default();
+    let names = sys::listxattr(x).unwrap_or_default();
     for n in &names {
         if !is_private_xattr(n) {
             continue;
         }
-        if let Some(x) = OPAQUE_XATTRS.iter().find(|x| x.to_bytes() == n.as_slice())
-            && let Ok(Some(v)) = sys::getxattr(XTarget::Fd(dir), x)
+        if let Some(a) = OPAQUE_XATTRS.iter().find(|a| a.to_bytes() == n.as_slice())
+            && let Ok(Some(v)) = sys::getxattr(x, a)
         {
             // "y" is opaque; "x" (kernel 6.7+) only flags xwhiteouts inside, not opacity.
             if v.as_slice() == b"y" {
                 m.opaque = true;
             }
         }
-        if let Some(x) = REDIRECT_XATTRS
+        if let Some(a) = REDIRECT_XATTRS
             .iter()
-            .find(|x| x.to_bytes() == n.as_slice())
-            && let Ok(Some(v)) = sys::getxattr(XTarget::Fd(dir), x)
+            .find(|a| a.to_bytes() == n.as_slice())
+            && let Ok(Some(v)) = sys::getxattr(x, a)
             && !v.is_empty()
         {
             m.redirect = Some(v);

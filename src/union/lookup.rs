@@ -100,7 +100,26 @@ impl Union {
     pub(crate) fn resolve(&self, p: &Node, name: &OsStr) -> Result<Option<Found>> {
         let pstate = p.state();
         let mut found: Option<Found> = None;
+        // Many lower layers: visit only those that hold the name (cost flat in the depth).
+        let lowers: Vec<usize> = pstate
+            .layers
+            .iter()
+            .copied()
+            .filter(|&l| !self.layers.is_upper(l))
+            .collect();
+        let merged = if lowers.len() > super::names::MERGE_MIN_LAYERS {
+            Some(self.names.merged(p.id, &lowers, |l| self.dir_fd(p, l))?)
+        } else {
+            None
+        };
+        let holding = merged.as_ref().map(|m| m.layers_of(name));
         for &l in &pstate.layers {
+            if let Some(h) = holding
+                && !self.layers.is_upper(l)
+                && !h.contains(&l)
+            {
+                continue;
+            }
             let pfd = self.dir_fd(p, l)?;
             if !self.layers.is_upper(l) {
                 // Lower layers never change: answer misses from the directory's name set.
@@ -172,7 +191,7 @@ impl Union {
             libc::O_PATH | libc::O_DIRECTORY,
             0,
         )?);
-        let markers = format::dir_markers(dfd.as_fd());
+        let markers = format::dir_markers_of(XTarget::At(pfd.as_fd(), name), dfd.as_fd());
         let f = found.get_or_insert_with(|| Found {
             kind: Kind::Dir,
             layers: Vec::new(),

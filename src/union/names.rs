@@ -1,6 +1,7 @@
 //! Name sets of lower-layer directories, so a lookup learns "not in this layer" without a
-//! syscall. Lower layers never change, so a directory is read once; this keeps lookup cost flat
-//! in the number of layers (a name present in one layer of 100 costs one fstatat, not 200).
+//! syscall. Lower layers never change, so a directory is read once. A directory merged over
+//! many layers gets one index of which layers hold each name, so a lookup there costs one hash
+//! probe and one fstatat however deep the stack (a name in one layer of 100: not 100 probes).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -44,8 +45,49 @@ struct Entry {
     used: u64,
 }
 
+/// For a directory with many lower layers: which of them hold each name (or an OCI whiteout
+/// of it), so a lookup visits only those instead of asking every layer's set in turn.
+pub struct Merged {
+    lowers: Vec<usize>,
+    at: HashMap<OsString, Vec<usize>>,
+}
+
+impl Merged {
+    fn build(lowers: &[usize], sets: Vec<LayerNames>) -> Merged {
+        let mut at: HashMap<OsString, Vec<usize>> = HashMap::new();
+        for (&l, set) in lowers.iter().zip(sets) {
+            for n in set.names {
+                let key = match format::oci_whited_out(&n) {
+                    Some(hidden) => hidden.to_os_string(),
+                    None => n,
+                };
+                let v = at.entry(key).or_default();
+                if v.last() != Some(&l) {
+                    v.push(l);
+                }
+            }
+        }
+        Merged {
+            lowers: lowers.to_vec(),
+            at,
+        }
+    }
+
+    /// The lower layers where `name` (or its whiteout) appears, top first.
+    pub fn layers_of(&self, name: &OsStr) -> &[usize] {
+        self.at.get(name).map_or(&[], |v| v.as_slice())
+    }
+}
+
+/// Merged indexes by directory node, with their last use.
+type MergedShard = Mutex<HashMap<u64, (Arc<Merged>, u64)>>;
+
+/// Directories with more lower layers than this get a `Merged` index.
+pub const MERGE_MIN_LAYERS: usize = 8;
+
 pub struct NameIndex {
     shards: Vec<Mutex<HashMap<(u64, usize), Entry>>>,
+    merged: Vec<MergedShard>,
     per_shard: usize,
     clock: AtomicU64,
     /// Lookups answered from the cache, and not (for `layerfs stats`).
@@ -57,6 +99,7 @@ impl NameIndex {
     pub fn new(capacity: usize) -> NameIndex {
         NameIndex {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            merged: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             per_shard: (capacity / SHARDS).max(16),
             clock: AtomicU64::new(0),
             hits: AtomicU64::new(0),
@@ -92,10 +135,49 @@ impl NameIndex {
         Ok(names)
     }
 
+    /// The merged index of directory `node` over lower layers `lowers` (top first), built
+    /// once from each layer's listing (`dir` gives a layer's fd).
+    pub fn merged(
+        &self,
+        node: u64,
+        lowers: &[usize],
+        dir: impl Fn(usize) -> Result<Arc<std::os::fd::OwnedFd>>,
+    ) -> Result<Arc<Merged>> {
+        let shard = &self.merged[(node as usize) % SHARDS];
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        if let Some((m, used)) = shard.lock().expect("names lock").get_mut(&node)
+            && m.lowers == lowers
+        {
+            *used = now;
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(m.clone());
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let mut sets = Vec::with_capacity(lowers.len());
+        for &l in lowers {
+            sets.push(LayerNames::read(dir(l)?.as_fd())?);
+        }
+        let m = Arc::new(Merged::build(lowers, sets));
+        let mut s = shard.lock().expect("names lock");
+        // Few directories have many layers; a small bound keeps memory flat.
+        if s.len() >= (self.per_shard / 8).max(8) {
+            let mut ages: Vec<u64> = s.values().map(|e| e.1).collect();
+            ages.sort_unstable();
+            let cut = ages[ages.len() / 2];
+            s.retain(|_, e| e.1 > cut);
+        }
+        s.insert(node, (m.clone(), now));
+        Ok(m)
+    }
+
     pub fn drop_node(&self, node: u64) {
         self.shards[(node as usize) % SHARDS]
             .lock()
             .expect("names lock")
             .retain(|k, _| k.0 != node);
+        self.merged[(node as usize) % SHARDS]
+            .lock()
+            .expect("names lock")
+            .remove(&node);
     }
 }

@@ -360,3 +360,42 @@ fn readdir_of_a_dir_with_fifos_never_blocks() {
     let st = std::fs::symlink_metadata(l.mnt.join("fifo3")).unwrap();
     assert!(std::os::unix::fs::FileTypeExt::is_fifo(&st.file_type()));
 }
+
+#[test]
+fn deep_stacks_resolve_as_shallow_ones() {
+    // Past 8 lower layers a directory's lookups go through a merged name index: the same
+    // stack with empty filler layers (holding some of the same directories) between its layers
+    // must still match the kernel, and OCI whiteouts must still hide what is below them.
+    require_fuse!();
+    let s = Scratch::new();
+    let mut lowers = Vec::new();
+    for (i, l) in build_stack(&s).into_iter().enumerate() {
+        lowers.push(l);
+        for j in 0..4 {
+            let f = s.mkdir(&format!("fill{i}{j}"));
+            for d in ["m/deep", "opq", "gonedir", "h", "fresh"] {
+                std::fs::create_dir_all(f.join(d)).unwrap();
+            }
+            write(f.join(format!("fresh/f{i}{j}")), b"filler");
+            lowers.push(f);
+        }
+    }
+    assert!(lowers.len() > 8);
+    let k = Kernel::mount(&format!("lowerdir={}", lowerdir(&lowers)), &s.path("kmnt"));
+    let l = Layerfs::mount(&format!("lowerdir={}", lowerdir(&lowers)), &s.path("lmnt"));
+    let kt = snapshot(&k.mnt);
+    assert!(kt.contains_key(b"fresh/f23".as_slice()) && kt.contains_key(b"m/deep/x".as_slice()));
+    assert_same_tree("deep stack: layerfs vs kernel", &kt, &snapshot(&l.mnt));
+
+    // OCI whiteouts through the merged index (the kernel does not read them).
+    let oci: Vec<PathBuf> = (0..12).map(|i| s.mkdir(&format!("oci{i:02}"))).collect();
+    write(oci[11].join("d/deleted"), b"x");
+    write(oci[11].join("d/kept"), b"k");
+    write(oci[3].join("d/.wh.deleted"), b"");
+    write(oci[1].join("d/same"), b"same layer");
+    write(oci[1].join("d/.wh.same"), b"");
+    write(oci[9].join("d/same"), b"below its whiteout");
+    let l = Layerfs::mount(&format!("lowerdir={}", lowerdir(&oci)), &s.path("ocimnt"));
+    assert_eq!(names(&snapshot(&l.mnt)), ["d", "d/kept", "d/same"]);
+    assert_eq!(std::fs::read(l.mnt.join("d/same")).unwrap(), b"same layer");
+}
