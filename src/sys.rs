@@ -607,25 +607,9 @@ pub fn getxattr_raw(t: XTarget<'_>, name: &CStr) -> io::Result<Vec<u8>> {
     getxattr_any(t, name)
 }
 
-/// Does `name` in `dir` (not followed if a symlink) carry xattr `x`? A size query only.
+/// Does `name` in `dir` (not followed if a symlink) carry xattr `x`?
 pub fn has_xattr_at(dir: BorrowedFd<'_>, name: &OsStr, x: &CStr) -> io::Result<bool> {
-    let t = XTarget::At(dir, name);
-    let (dfd, path, flags) = t.at()?;
-    let r = match getxattrat(dfd, &path, flags, x, std::ptr::null_mut(), 0) {
-        Some(r) => r,
-        None => {
-            let (p, _) = t.path()?;
-            // SAFETY: valid C strings; a null buffer of size 0 asks only for the length.
-            check_ssize(unsafe { libc::lgetxattr(p.as_ptr(), x.as_ptr(), std::ptr::null_mut(), 0) })
-        }
-    };
-    match r {
-        Ok(_) => Ok(true),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA) | Some(libc::ENOTSUP)) => {
-            Ok(false)
-        }
-        Err(e) => Err(e),
-    }
+    Ok(getxattr(XTarget::At(dir, name), x)?.is_some())
 }
 
 /// listxattr: the names, without their NUL terminators.

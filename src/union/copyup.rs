@@ -8,8 +8,6 @@ use std::ffi::{CString, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use serde_json::json;
-
 use super::Union;
 use super::format;
 use super::node::{DataSrc, Kind, Node, ROOT_ID};
@@ -93,25 +91,28 @@ impl Union {
         } else {
             data
         };
-        // Where the data comes from: the source itself, or (a lower metadata-only copy) its data.
-        let data_src = match (&st.data, meta) {
-            (Some(d), _) => Some(d.clone()),
-            (None, true) => {
-                let mut path = self.lower_path_of(&parent, &parent.state())?;
-                path.push(st.name.clone());
-                Some(Arc::new(super::node::DataSrc {
-                    layer: st.layers[0],
-                    path,
-                    blocks: sst.st_blocks,
-                }))
+        // The data comes from the source itself or, for a lower metadata-only copy, from its
+        // data file; a new metadata-only copy points at that (with a redirect if elsewhere).
+        let (fill, meta_src) = match (data, &st.data) {
+            (Data::Empty, _) => (Fill::Nothing, None),
+            (Data::Meta, d) => {
+                let mut here = self.lower_path_of(&parent, &parent.state())?;
+                here.push(st.name.clone());
+                let redirect = d
+                    .as_ref()
+                    .filter(|d| d.path != here)
+                    .map(|d| format::absolute_path(&d.path));
+                let d = d.clone().unwrap_or_else(|| {
+                    Arc::new(DataSrc {
+                        layer: st.layers[0],
+                        path: here,
+                        blocks: sst.st_blocks,
+                    })
+                });
+                (Fill::Meta(redirect), Some(d))
             }
-            (None, false) => None,
-        };
-        let fill = match (data, &data_src) {
-            (Data::Empty, _) => Fill::Nothing,
-            (Data::Meta, Some(d)) => Fill::Meta(self.meta_redirect(&parent, &st.name, d)?),
-            (_, Some(d)) => Fill::Data(self.data_real(d)?),
-            (_, None) => Fill::Data(src.clone()),
+            (_, Some(d)) => (Fill::Data(self.data_real(d)?), None),
+            (_, None) => (Fill::Data(src.clone()), None),
         };
 
         let built = self.build_copy(wfd.as_fd(), &tmp, &src, &sst, node.kind, &fill);
@@ -141,7 +142,7 @@ impl Union {
             } else {
                 s.layers = vec![0];
             }
-            s.data = if meta { data_src.clone() } else { None };
+            s.data = meta_src;
             s.aliases.clone()
         };
         // Other names of a lower hard link stay one file: link them up beside the copy.
@@ -151,21 +152,11 @@ impl Union {
         // nlink (a dir becomes merged), ctime and a broken hard link's count change.
         self.attrs_changed(node.id);
         let bytes = (node.kind == Kind::File && data == Data::All).then_some(sst.st_size as u64);
-        let from = match (&data_src, meta) {
+        let from = match (&st.data, meta) {
             (Some(d), false) => d.layer,
             _ => st.layers[0],
         };
-        let took = started.elapsed();
-        self.obs.stats.record_copy_up(bytes, took);
-        self.event("copy-up", || {
-            json!({
-                "path": self.path_in(st.parent, &st.name),
-                "from": self.layer_label(from),
-                "bytes": bytes.unwrap_or(0),
-                "data": bytes.is_some(),
-                "ms": (took.as_secs_f64() * 1e5).round() / 100.0,
-            })
-        });
+        self.copied_up(&st, from, bytes, started.elapsed());
         log::debug!("copied up {:?} (node {}, {:?})", st.name, node.id, data);
         Ok(())
     }
@@ -264,22 +255,6 @@ impl Union {
         Ok(Real::At(self.walk_path(d.layer, dirs)?, last.clone()))
     }
 
-    /// The absolute redirect a metadata-only copy at `parent/name` needs to reach `d`
-    /// (None when the data is at the same path below).
-    pub(crate) fn meta_redirect(
-        &self,
-        parent: &Node,
-        name: &OsStr,
-        d: &DataSrc,
-    ) -> Result<Option<Vec<u8>>> {
-        let mut here = self.lower_path_of(parent, &parent.state())?;
-        here.push(name.to_os_string());
-        if here == d.path {
-            return Ok(None);
-        }
-        Ok(Some(absolute_redirect(&d.path)))
-    }
-
     /// Bring a metadata-only copy's data up into its upper file (in place: until the
     /// metacopy marker goes, a crash still shows the lower data), or drop it (`Empty`).
     fn copy_up_data(&self, node: &Arc<Node>, data: Data) -> Result<()> {
@@ -319,18 +294,8 @@ impl Union {
         }
         node.state.write().expect("node state lock").data = None;
         self.attrs_changed(node.id);
-        let took = started.elapsed();
-        self.obs.stats.record_copy_up(bytes, took);
         let st = node.state();
-        self.event("copy-up", || {
-            json!({
-                "path": self.path_in(st.parent, &st.name),
-                "from": self.layer_label(d.layer),
-                "bytes": bytes.unwrap_or(0),
-                "data": bytes.is_some(),
-                "ms": (took.as_secs_f64() * 1e5).round() / 100.0,
-            })
-        });
+        self.copied_up(&st, d.layer, bytes, started.elapsed());
         log::debug!("copied up the data of {:?} (node {})", st.name, node.id);
         Ok(())
     }
@@ -363,17 +328,6 @@ impl Union {
         restore_times(adir.as_fd(), &times);
         Ok(())
     }
-}
-
-/// `/a/b/c`: the kernel's absolute redirect form.
-pub(crate) fn absolute_redirect(path: &[std::ffi::OsString]) -> Vec<u8> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut v = Vec::new();
-    for c in path {
-        v.push(b'/');
-        v.extend_from_slice(c.as_bytes());
-    }
-    v
 }
 
 /// Put back a directory's atime/mtime after we changed its entries for a copy-up.

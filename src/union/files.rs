@@ -88,8 +88,8 @@ impl Union {
     /// read-write (so one backing serves every later open). None for a lower file.
     pub fn backing_fd(&self, fh: u64) -> Option<OwnedFd> {
         let h = self.handles.file(fh)?;
-        let meta_only = h.node.state.read().expect("node state lock").data.is_some();
-        if !self.writable() || h.node.top_layer() != 0 || meta_only {
+        // Only a full upper file: a metadata-only copy's upper file is a hole.
+        if !self.writable() || h.node.state.read().expect("node state lock").read_layer() != 0 {
             return None;
         }
         self.real(&h.node).ok()?.open(libc::O_RDWR, false).ok()
@@ -103,10 +103,7 @@ impl Union {
     /// of the same node, so readers see what writers wrote (as the kernel does since 4.19).
     fn read_fd(&self, h: &Handle) -> Result<Arc<OwnedFd>> {
         let (fd, layer) = h.fd.read().expect("handle fd lock").clone();
-        let now = {
-            let st = h.node.state.read().expect("node state lock");
-            st.data.as_ref().map_or(st.layers[0], |d| d.layer)
-        };
+        let now = h.node.state.read().expect("node state lock").read_layer();
         if layer == 0 || layer == now || !self.writable() {
             return Ok(fd);
         }

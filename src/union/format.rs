@@ -169,6 +169,21 @@ pub fn has_oci_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> bool {
     sys::statat(dir, &oci_whiteout_name(name)).is_ok()
 }
 
+/// `/a/b/c` from components: the kernel's absolute redirect form, and how paths are shown.
+pub fn absolute_path(path: &[OsString]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for c in path {
+        v.push(b'/');
+        v.extend_from_slice(c.as_bytes());
+    }
+    v
+}
+
+/// `absolute_path` as text, for messages and events.
+pub fn show_path(path: &[OsString]) -> String {
+    String::from_utf8_lossy(&absolute_path(path)).into_owned()
+}
+
 /// Split a redirect path into components, refusing `..` and empty parts.
 pub fn redirect_components(v: &[u8]) -> Option<Vec<OsString>> {
     let mut out = Vec::new();

@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use super::format;
+use super::names::{MERGE_MIN_LAYERS, Merged, Probe};
 use super::node::{DataSrc, Inserted, Kind, Node, NodeState, ROOT_ID};
 use super::{Entry, Union, check_name};
 use crate::error::{Result, err};
@@ -100,37 +101,17 @@ impl Union {
     pub(crate) fn resolve(&self, p: &Node, name: &OsStr) -> Result<Option<Found>> {
         let pstate = p.state();
         let mut found: Option<Found> = None;
-        // Many lower layers: visit only those that hold the name (cost flat in the depth).
-        let lowers: Vec<usize> = pstate
-            .layers
-            .iter()
-            .copied()
-            .filter(|&l| !self.layers.is_upper(l))
-            .collect();
-        let merged = if lowers.len() > super::names::MERGE_MIN_LAYERS {
-            Some(self.names.merged(p.id, &lowers, |l| self.dir_fd(p, l))?)
-        } else {
-            None
-        };
-        let holding = merged.as_ref().map(|m| m.layers_of(name));
+        let merged = self.merged_names(p, &pstate.layers)?;
         for &l in &pstate.layers {
-            if let Some(h) = holding
-                && !self.layers.is_upper(l)
-                && !h.contains(&l)
-            {
-                continue;
-            }
-            let pfd = self.dir_fd(p, l)?;
             if !self.layers.is_upper(l) {
-                // Lower layers never change: answer misses from the directory's name set.
-                let names = self.names.get(p.id, l, pfd.as_fd())?;
-                if !names.contains(name) {
-                    if names.whited_out(name) {
-                        break;
-                    }
-                    continue;
+                // Lower layers never change: answer misses from their listings.
+                match self.probe_lower(p, merged.as_deref(), l, name)? {
+                    Probe::Absent => continue,
+                    Probe::WhitedOut => break,
+                    Probe::Present => {}
                 }
             }
+            let pfd = self.dir_fd(p, l)?;
             let st = match sys::statat(pfd.as_fd(), name) {
                 Ok(st) => st,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
@@ -147,6 +128,36 @@ impl Union {
             }
         }
         Ok(found)
+    }
+
+    /// For a directory merged over many lower layers, its merged name index (a lookup then
+    /// costs the same however deep the stack); None for a shallow one.
+    pub(crate) fn merged_names(&self, p: &Node, layers: &[usize]) -> Result<Option<Arc<Merged>>> {
+        let lower = |l: &usize| !self.layers.is_upper(*l);
+        if layers.iter().filter(|l| lower(l)).count() <= MERGE_MIN_LAYERS {
+            return Ok(None);
+        }
+        let lowers: Vec<usize> = layers.iter().copied().filter(lower).collect();
+        Ok(Some(
+            self.names.merged(p.id, &lowers, |l| self.dir_fd(p, l))?,
+        ))
+    }
+
+    /// What lower layer `l` of directory `p` lists for `name` (no syscall once read).
+    pub(crate) fn probe_lower(
+        &self,
+        p: &Node,
+        merged: Option<&Merged>,
+        l: usize,
+        name: &OsStr,
+    ) -> Result<Probe> {
+        Ok(match merged {
+            Some(m) => m.probe(name, l),
+            None => self
+                .names
+                .get(p.id, l, self.dir_fd(p, l)?.as_fd())?
+                .probe(name),
+        })
     }
 
     /// Merge one real entry found in layer `l` into `found`.
@@ -340,7 +351,10 @@ impl Union {
                 path,
             }));
         }
-        log::warn!("metacopy file /{} has no lower data", show_path(&path));
+        log::warn!(
+            "metacopy file {} has no lower data",
+            format::show_path(&path)
+        );
         Err(err(libc::EIO))
     }
 
@@ -369,12 +383,6 @@ impl Union {
         out.reverse();
         Ok(out)
     }
-}
-
-/// `a/b/c` for log lines.
-pub(crate) fn show_path(path: &[OsString]) -> String {
-    let v: Vec<_> = path.iter().map(|c| c.to_string_lossy()).collect();
-    v.join("/")
 }
 
 /// Where a redirect points: absolute from the layer root, or a sibling name under `base`'s

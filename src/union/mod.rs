@@ -341,14 +341,7 @@ impl Union {
     /// For a renamed (redirected) directory: the path its lower layers are merged from.
     pub fn redirected_from(&self, id: u64) -> Result<Option<String>> {
         let st = self.node(id)?.state();
-        Ok(st.lower_path.map(|lp| {
-            let mut v = Vec::new();
-            for c in lp.iter() {
-                v.push(b'/');
-                v.extend_from_slice(c.as_bytes());
-            }
-            String::from_utf8_lossy(&v).into_owned()
-        }))
+        Ok(st.lower_path.map(|lp| format::show_path(&lp)))
     }
 
     /// Is `name` under directory `parent` also present in a layer below the top one it is

@@ -30,14 +30,26 @@ impl LayerNames {
         Ok(LayerNames { names })
     }
 
-    pub fn contains(&self, name: &OsStr) -> bool {
-        self.names.contains(name)
+    /// What this layer's directory says about `name`.
+    pub fn probe(&self, name: &OsStr) -> Probe {
+        if self.names.contains(name) {
+            Probe::Present
+        } else if self.names.contains(&format::oci_whiteout_name(name)) {
+            Probe::WhitedOut
+        } else {
+            Probe::Absent
+        }
     }
+}
 
-    /// Is `name` deleted by an OCI `.wh.NAME` file in this directory?
-    pub fn whited_out(&self, name: &OsStr) -> bool {
-        self.names.contains(&format::oci_whiteout_name(name))
-    }
+/// What a lower layer's directory listing says about a name, without a syscall.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Probe {
+    Absent,
+    /// Listed (it may still be a whiteout device or a directory: fstatat tells).
+    Present,
+    /// Not listed, but deleted here by an OCI `.wh.NAME` file.
+    WhitedOut,
 }
 
 struct Entry {
@@ -46,24 +58,27 @@ struct Entry {
 }
 
 /// For a directory with many lower layers: which of them hold each name (or an OCI whiteout
-/// of it), so a lookup visits only those instead of asking every layer's set in turn.
+/// of it), so a lookup asks one map instead of every layer's set in turn. It replaces the
+/// per-layer sets for that directory (they are never loaded for it).
 pub struct Merged {
     lowers: Vec<usize>,
-    at: HashMap<OsString, Vec<usize>>,
+    /// name -> (layer, listed itself: else only its `.wh.` whiteout), top first.
+    at: HashMap<OsString, Vec<(usize, bool)>>,
 }
 
 impl Merged {
     fn build(lowers: &[usize], sets: Vec<LayerNames>) -> Merged {
-        let mut at: HashMap<OsString, Vec<usize>> = HashMap::new();
+        let mut at: HashMap<OsString, Vec<(usize, bool)>> = HashMap::new();
         for (&l, set) in lowers.iter().zip(sets) {
             for n in set.names {
-                let key = match format::oci_whited_out(&n) {
-                    Some(hidden) => hidden.to_os_string(),
-                    None => n,
+                let (key, listed) = match format::oci_whited_out(&n) {
+                    Some(hidden) => (hidden.to_os_string(), false),
+                    None => (n, true),
                 };
                 let v = at.entry(key).or_default();
-                if v.last() != Some(&l) {
-                    v.push(l);
+                match v.last_mut() {
+                    Some(last) if last.0 == l => last.1 |= listed,
+                    _ => v.push((l, listed)),
                 }
             }
         }
@@ -73,9 +88,13 @@ impl Merged {
         }
     }
 
-    /// The lower layers where `name` (or its whiteout) appears, top first.
-    pub fn layers_of(&self, name: &OsStr) -> &[usize] {
-        self.at.get(name).map_or(&[], |v| v.as_slice())
+    /// What layer `l`'s listing says about `name` (as `LayerNames::probe` would).
+    pub fn probe(&self, name: &OsStr, l: usize) -> Probe {
+        match self.at.get(name).and_then(|v| v.iter().find(|e| e.0 == l)) {
+            None => Probe::Absent,
+            Some((_, true)) => Probe::Present,
+            Some((_, false)) => Probe::WhitedOut,
+        }
     }
 }
 

@@ -94,6 +94,12 @@ impl NodeState {
             .chain(self.aliases.iter().map(|(p, n)| (*p, n.as_os_str())))
     }
 
+    /// The layer a read of this node's data is served from: its top one, or for a
+    /// metadata-only copy the layer holding its data.
+    pub fn read_layer(&self) -> usize {
+        self.data.as_ref().map_or(self.layers[0], |d| d.layer)
+    }
+
     /// Drop one name; the next alias becomes the primary. True when no name is left.
     pub fn remove_name(&mut self, parent: u64, name: &OsStr) -> bool {
         if self.parent == parent && self.name == name {

@@ -2,7 +2,6 @@
 //! only while someone listens.
 
 use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering::Relaxed;
 
 use serde_json::Value;
@@ -35,12 +34,8 @@ impl Union {
             parts.push(s.name.clone());
             cur = s.parent;
         }
-        let mut out = Vec::new();
-        for p in parts.iter().rev() {
-            out.push(b'/');
-            out.extend_from_slice(p.as_bytes());
-        }
-        String::from_utf8_lossy(&out).into_owned()
+        parts.reverse();
+        super::format::show_path(&parts)
     }
 
     /// Emit event `kind` if anyone listens; `fields` is only built then.
@@ -49,6 +44,27 @@ impl Union {
             let missed = self.obs.events.emit(kind, fields());
             self.obs.stats.events_dropped.fetch_add(missed, Relaxed);
         }
+    }
+
+    /// A copy-up of the node now at `st` from layer `from` finished: `bytes` of data copied
+    /// (None: metadata only).
+    pub(crate) fn copied_up(
+        &self,
+        st: &super::node::NodeState,
+        from: usize,
+        bytes: Option<u64>,
+        took: std::time::Duration,
+    ) {
+        self.obs.stats.record_copy_up(bytes, took);
+        self.event("copy-up", || {
+            serde_json::json!({
+                "path": self.path_in(st.parent, &st.name),
+                "from": self.layer_label(from),
+                "bytes": bytes.unwrap_or(0),
+                "data": bytes.is_some(),
+                "ms": (took.as_secs_f64() * 1e5).round() / 100.0,
+            })
+        });
     }
 
     /// A whiteout was written at `parent/name`.
@@ -105,12 +121,7 @@ impl Union {
     pub(crate) fn redirect_written(&self, at: (u64, &OsStr), lower: &[std::ffi::OsString]) {
         bump(&self.obs.stats.redirects);
         self.event("redirect", || {
-            let mut to = Vec::new();
-            for c in lower {
-                to.push(b'/');
-                to.extend_from_slice(c.as_bytes());
-            }
-            serde_json::json!({"path": self.path_in(at.0, at.1), "lower_path": String::from_utf8_lossy(&to)})
+            serde_json::json!({"path": self.path_in(at.0, at.1), "lower_path": super::format::show_path(lower)})
         });
     }
 }

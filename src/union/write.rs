@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::copyup::Data;
 use super::format;
+use super::names::Probe;
 use super::node::{Kind, Node, NodeState};
 use super::real::Real;
 use super::workdir::remove_tree;
@@ -74,15 +75,14 @@ impl Union {
     /// Does `name` exist (as something other than a whiteout) in a lower layer of `p`?
     pub(crate) fn exists_below(&self, p: &Node, name: &OsStr) -> Result<bool> {
         let layers = p.state().layers;
+        let merged = self.merged_names(p, &layers)?;
         for &l in layers.iter().filter(|&&l| !self.layers.is_upper(l)) {
-            let pfd = self.dir_fd(p, l)?;
-            let names = self.names.get(p.id, l, pfd.as_fd())?;
-            if !names.contains(name) {
-                if names.whited_out(name) {
-                    return Ok(false);
-                }
-                continue;
+            match self.probe_lower(p, merged.as_deref(), l, name)? {
+                Probe::Absent => continue,
+                Probe::WhitedOut => return Ok(false),
+                Probe::Present => {}
             }
+            let pfd = self.dir_fd(p, l)?;
             match sys::statat(pfd.as_fd(), name) {
                 Ok(st) => return Ok(!sys::is_whiteout_stat(&st)),
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
@@ -592,7 +592,7 @@ impl Union {
         let Some(d) = n.state().data.filter(|_| !n.is_dir()) else {
             return Ok(());
         };
-        let value = super::copyup::absolute_redirect(&d.path);
+        let value = format::absolute_path(&d.path);
         if value.len() > REDIRECT_MAX {
             return self.copy_up(n, Data::All);
         }
@@ -649,12 +649,7 @@ impl Union {
         let value: Vec<u8> = if samedir && st.lower_path.is_none() {
             name.as_bytes().to_vec()
         } else {
-            let mut v = Vec::new();
-            for c in &lower_path {
-                v.push(b'/');
-                v.extend_from_slice(c.as_bytes());
-            }
-            v
+            format::absolute_path(&lower_path)
         };
         // The kernel's redirect_max (256): a longer redirect could not be followed by kernel
         // overlayfs, so refuse as it does (EXDEV: `mv` then copies the tree instead).

@@ -388,7 +388,12 @@ fn deep_stacks_resolve_as_shallow_ones() {
     assert_same_tree("deep stack: layerfs vs kernel", &kt, &snapshot(&l.mnt));
 
     // OCI whiteouts through the merged index (the kernel does not read them).
-    let oci: Vec<PathBuf> = (0..12).map(|i| s.mkdir(&format!("oci{i:02}"))).collect();
+    // `d` is in every layer, so it is merged over all 12 (the merged index is used there).
+    let oci: Vec<PathBuf> = (0..12).map(|i| s.mkdir(&format!("oci{i:02}/d"))).collect();
+    let oci: Vec<PathBuf> = oci
+        .iter()
+        .map(|d| d.parent().unwrap().to_path_buf())
+        .collect();
     write(oci[11].join("d/deleted"), b"x");
     write(oci[11].join("d/kept"), b"k");
     write(oci[3].join("d/.wh.deleted"), b"");
@@ -398,4 +403,7 @@ fn deep_stacks_resolve_as_shallow_ones() {
     let l = Layerfs::mount(&format!("lowerdir={}", lowerdir(&oci)), &s.path("ocimnt"));
     assert_eq!(names(&snapshot(&l.mnt)), ["d", "d/kept", "d/same"]);
     assert_eq!(std::fs::read(l.mnt.join("d/same")).unwrap(), b"same layer");
+    // Looked up by name (not only left out of listings), the deleted name is gone.
+    let gone = std::fs::symlink_metadata(l.mnt.join("d/deleted")).map_err(|e| e.raw_os_error());
+    assert_eq!(gone.map(|_| ()), Err(Some(libc::ENOENT)));
 }
