@@ -20,9 +20,11 @@ Mount OPTIONS (comma-separated; -o may be repeated):
   upperdir=DIR             writable layer (all changes land here); needs workdir
   workdir=DIR              scratch dir on the same filesystem as upperdir (emptied at mount)
   fsync=0 | volatile       don't fsync copy-ups (faster; a crash may lose recent copy-ups)
-  passthrough=0|1          I/O on upper-layer files goes straight to the real file (FUSE
-                           passthrough; default 1 as root, needs kernel 6.9+); lower files use
-                           the page cache either way
+  passthrough=1|upper|0    reads and writes of open files go straight to the real file (FUSE
+                           passthrough; default 1 as root, needs kernel 6.9+). A reader open
+                           on a lower file before a copy-up keeps its lower data (the kernel
+                           switches it); `upper`: lower files go through the page cache and
+                           such readers follow, as in the kernel; 0: everything through it
   userxattr                write markers as user.overlay.* (default when not root)
   metacopy=on|off          chmod/chown/touch/setfattr/mv of a lower file copy up its metadata
                            only (as kernel overlayfs metacopy=on; root); the data follows at

@@ -89,9 +89,10 @@ fn stats_text(mp: &Path, v: &Value, prev: Option<(&Value, Duration)>) -> String 
     line(
         &mut s,
         format!(
-            "opens      {} passthrough, {} cached; caches: dir fds {} hits, dir names {} hits",
+            "opens      {} passthrough, {} cached, {} reissued; caches: dir fds {} hits, dir names {} hits",
             n(&v["passthrough_opens"]),
             n(&v["cached_opens"]),
+            n(&v["reissued"]),
             pct(&v["cache"]["dir_fd_hit_rate"]),
             pct(&v["cache"]["dir_names_hit_rate"])
         ),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use fuser::MountOption;
 
 use crate::error::{Error, Result};
-use crate::fuse::session::MountSpec;
+use crate::fuse::session::{MountSpec, Passthrough};
 use crate::sys;
 use crate::union::Config;
 use crate::union::format::MarkerNs;
@@ -127,7 +127,7 @@ struct Raw {
     default_permissions: Option<bool>,
     kernel: Vec<MountOption>,
     ro: bool,
-    passthrough: Option<bool>,
+    passthrough: Option<Passthrough>,
     ids: Ids,
 }
 
@@ -163,11 +163,12 @@ fn parse_raw(opts: &[String]) -> Result<Raw> {
             "volatile" => r.fsync = false,
             "passthrough" => {
                 r.passthrough = match v.as_deref() {
-                    Some("1") | Some("on") | None => Some(true),
-                    Some("0") | Some("off") => Some(false),
+                    Some("1") | Some("on") | None => Some(Passthrough::All),
+                    Some("upper") => Some(Passthrough::Upper),
+                    Some("0") | Some("off") => Some(Passthrough::Off),
                     Some(x) => {
                         return Err(Error::msg(format!(
-                            "passthrough={x}: expected passthrough=0 or 1"
+                            "passthrough={x}: expected passthrough=0, 1 or upper"
                         )));
                     }
                 }
@@ -345,7 +346,11 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
             .map_or(2, |n| n.get())
             .max(2),
         // Passthrough needs CAP_SYS_ADMIN; unprivileged mounts use the page cache.
-        passthrough: r.passthrough.unwrap_or(true) && root,
+        passthrough: match r.passthrough {
+            _ if !root => Passthrough::Off,
+            None => Passthrough::All,
+            Some(p) => p,
+        },
     })
 }
 
@@ -361,6 +366,16 @@ mod tests {
             vec![r"lowerdir=a,b:c", "ro"]
         );
         assert_eq!(split_options(r"lowerdir=a\:b"), vec![r"lowerdir=a\:b"]);
+    }
+
+    #[test]
+    fn passthrough_modes() {
+        let mode = |o: &str| parse_raw(&[o.into()]).map(|r| r.passthrough);
+        assert_eq!(mode("passthrough").unwrap(), Some(Passthrough::All));
+        assert_eq!(mode("passthrough=upper").unwrap(), Some(Passthrough::Upper));
+        assert_eq!(mode("passthrough=0").unwrap(), Some(Passthrough::Off));
+        let e = mode("passthrough=lower").unwrap_err().to_string();
+        assert!(e.contains("expected passthrough=0, 1 or upper"), "{e}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,6 +18,7 @@ use fuser::{
 use log::debug;
 
 use crate::error::Error;
+use crate::fuse::session::Passthrough;
 use crate::observe::Op;
 use crate::observe::stats::bump;
 use crate::sys::{Stat, TimeSpec};
@@ -30,101 +32,123 @@ const TTL: Duration = Duration::from_secs(60);
 
 pub struct Adapter {
     pub fs: Arc<Union>,
-    /// Asked for at mount; on only if the kernel agreed at init.
-    pub want_passthrough: bool,
-    passthrough: bool,
+    /// Asked for at mount; in effect only if the kernel agreed at init.
+    pub want_passthrough: Passthrough,
+    passthrough: Passthrough,
     backing: Mutex<Backing>,
 }
 
-/// Passthrough bookkeeping. The kernel allows one backing file per inode at a time and no mix
-/// of passthrough and cached opens of an inode. So only files already in the upper layer get
-/// passthrough, through one shared read-write backing per node; lower files (read-only, and
-/// whose readers must follow a later copy-up) use the cached path, and a node with cached opens
-/// stays cached until they close.
+/// Passthrough bookkeeping. The kernel binds an inode to one backing file while passthrough
+/// opens of it exist, and refuses any other open of it. So a node is bound to the file of its
+/// first passthrough open and later opens share it while it still holds the node's data. Once
+/// the node has moved on (a reader of the lower file is still open after a copy-up), the open
+/// is refused with ESTALE after the node's names went to a new node: the kernel then walks the
+/// path again, finds the new node (a new inode) and opens that.
 #[derive(Default)]
 struct Backing {
-    /// node -> (backing, open handles using it)
-    by_node: HashMap<u64, (Arc<BackingId>, usize)>,
-    /// handle -> node, for release
-    by_handle: HashMap<u64, u64>,
-    /// nodes with cached (non-passthrough) opens, and how many
+    by_node: HashMap<u64, Bound>,
+    /// handle -> (node, whether it is a page-cache open), for release
+    by_handle: HashMap<u64, (u64, bool)>,
+    /// nodes with page-cache (non-passthrough) opens, and how many
     cached: HashMap<u64, usize>,
 }
 
+struct Bound {
+    id: Arc<BackingId>,
+    /// open handles using it
+    users: usize,
+    /// the layer of the file it is on
+    layer: usize,
+}
+
+/// How one open is served.
+enum Served {
+    Passthrough(Arc<BackingId>),
+    /// By the daemon, with these open flags.
+    Daemon(FopenFlags),
+    /// Not on this node: it is bound to a file that no longer holds its data.
+    Stale,
+}
+
 impl Adapter {
-    pub fn new(fs: Arc<Union>, want_passthrough: bool) -> Adapter {
+    pub fn new(fs: Arc<Union>, want_passthrough: Passthrough) -> Adapter {
         Adapter {
             fs,
             want_passthrough,
-            passthrough: false,
+            passthrough: Passthrough::Off,
             backing: Mutex::new(Backing::default()),
         }
     }
 
-    /// Decide how handle `fh` of node `ino` is served. Some(backing) for passthrough; None for
-    /// the cached path (a lower file, or a node that has cached opens).
+    /// Decide how handle `fh` of node `ino` is served.
     fn choose(
         &self,
         ino: u64,
         fh: u64,
-        open_backing: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
-    ) -> Option<Arc<BackingId>> {
-        if !self.passthrough {
-            bump(&self.fs.obs.stats.cached_opens);
-            return None;
+        open_backing: impl FnOnce(&OwnedFd) -> io::Result<BackingId>,
+    ) -> Served {
+        let st = &self.fs.obs.stats;
+        // Lower data never changes, so its page cache stays good across opens.
+        let keep = Served::Daemon(FopenFlags::FOPEN_KEEP_CACHE);
+        let Some((fd, layer, upper)) = self.fs.backing_of(fh) else {
+            bump(&st.cached_opens);
+            return keep;
+        };
+        if self.passthrough == Passthrough::Off {
+            bump(&st.cached_opens);
+            return keep;
         }
-        let mut b = self.backing.lock().expect("backing lock");
-        let has_cached = b.cached.contains_key(&ino);
-        let shared = match b.by_node.get_mut(&ino) {
-            Some((id, n)) => {
-                *n += 1;
-                Some(id.clone())
+        let mut guard = self.backing.lock().expect("backing lock");
+        let b = &mut *guard;
+        let served = match b.by_node.get_mut(&ino) {
+            Some(bound) if bound.layer == layer => {
+                bound.users += 1;
+                Served::Passthrough(bound.id.clone())
             }
-            None if has_cached => None,
+            // Bound to the lower file a reader from before the copy-up still has open.
+            Some(_) => Served::Stale,
+            None if b.cached.contains_key(&ino) => cached(upper),
+            None if !upper && self.passthrough == Passthrough::Upper => cached(upper),
             // Writes through passthrough would keep set-id bits and capabilities.
-            None if self.fs.has_privs(fh) => None,
-            None => match self.fs.backing_fd(fh) {
-                None => None,
-                Some(fd) => match open_backing(&std::fs::File::from(fd)) {
-                    Ok(id) => {
-                        let id = Arc::new(id);
-                        b.by_node.insert(ino, (id.clone(), 1));
-                        Some(id)
-                    }
-                    Err(e) => {
-                        log::warn!("passthrough refused for node {ino}: {e}");
-                        None
-                    }
-                },
+            None if upper && self.fs.has_privs(fh) => cached(upper),
+            None => match open_backing(&fd) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    let bound = Bound {
+                        id: id.clone(),
+                        users: 1,
+                        layer,
+                    };
+                    b.by_node.insert(ino, bound);
+                    Served::Passthrough(id)
+                }
+                Err(e) => {
+                    log::warn!("passthrough refused for node {ino}: {e}");
+                    cached(upper)
+                }
             },
         };
-        let st = &self.fs.obs.stats;
-        bump(if shared.is_some() {
-            &st.passthrough_opens
-        } else {
-            &st.cached_opens
-        });
-        match &shared {
-            Some(_) => b.by_handle.insert(fh, ino),
-            None => {
-                *b.cached.entry(ino).or_default() += 1;
-                b.by_handle.insert(fh, ino | CACHED)
+        match &served {
+            Served::Passthrough(_) => {
+                bump(&st.passthrough_opens);
+                b.by_handle.insert(fh, (ino, false));
             }
-        };
-        shared
+            Served::Stale => bump(&st.reissued),
+            Served::Daemon(_) => {
+                bump(&st.cached_opens);
+                *b.cached.entry(ino).or_default() += 1;
+                b.by_handle.insert(fh, (ino, true));
+            }
+        }
+        served
     }
 
     fn released(&self, fh: u64) {
         let mut b = self.backing.lock().expect("backing lock");
-        let Some(v) = b.by_handle.remove(&fh) else {
+        let Some((ino, cached)) = b.by_handle.remove(&fh) else {
             return;
         };
-        let (ino, map) = if v & CACHED != 0 {
-            (v & !CACHED, true)
-        } else {
-            (v, false)
-        };
-        if map {
+        if cached {
             if let Some(n) = b.cached.get_mut(&ino) {
                 *n -= 1;
                 if *n == 0 {
@@ -132,16 +156,23 @@ impl Adapter {
                 }
             }
         } else if let Some(e) = b.by_node.get_mut(&ino) {
-            e.1 -= 1;
-            if e.1 == 0 {
+            e.users -= 1;
+            if e.users == 0 {
                 b.by_node.remove(&ino);
             }
         }
     }
 }
 
-/// Marks a handle served by the cached path in `Backing::by_handle`.
-const CACHED: u64 = 1 << 63;
+/// A page-cache open under passthrough. An upper file's cache may be stale (passthrough
+/// writes bypass it), so the kernel drops it at open; lower data never changes, so it is kept.
+fn cached(upper: bool) -> Served {
+    Served::Daemon(if upper {
+        FopenFlags::empty()
+    } else {
+        FopenFlags::FOPEN_KEEP_CACHE
+    })
+}
 
 /// A negative entry: "no such name", cached by the kernel for TTL.
 fn negative_attr() -> FileAttr {
@@ -257,19 +288,21 @@ impl Filesystem for Adapter {
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let have = config.capabilities();
         let _ = config.add_capabilities(want & have);
-        if self.want_passthrough {
+        if self.want_passthrough != Passthrough::Off {
             // Backing files live on plain filesystems: one level of stacking is enough.
             if have.contains(InitFlags::FUSE_PASSTHROUGH)
                 && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok()
             {
-                self.passthrough = true;
+                self.passthrough = self.want_passthrough;
             }
         }
         log::info!(
             "data path: {}",
-            if self.passthrough {
+            if self.passthrough == Passthrough::All {
                 "FUSE passthrough"
+            } else if self.passthrough == Passthrough::Upper {
+                "FUSE passthrough for upper files, page cache for lower ones"
             } else {
                 "FUSE reads/writes with page cache (keep_cache)"
             }
@@ -489,11 +522,18 @@ impl Filesystem for Adapter {
                     self.fs.release(fh);
                     return reply.error(errno(&e));
                 }
-                if let Some(id) = self.choose(ino.0, fh, |f| reply.open_backing(f)) {
-                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-                } else {
-                    // Data never changes behind the kernel's back: keep the page cache.
-                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                match self.choose(ino.0, fh, |f| reply.open_backing(f)) {
+                    Served::Passthrough(id) => {
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
+                    }
+                    Served::Daemon(flags) => reply.opened(FileHandle(fh), flags),
+                    Served::Stale => {
+                        // open(2) retries a path walk that ends in ESTALE once, revalidating
+                        // every entry: it finds the successor.
+                        self.fs.release(fh);
+                        self.fs.reissue(ino.0);
+                        reply.error(Errno::ESTALE);
+                    }
                 }
             }
             Err(e) => reply.error(errno(&e)),
@@ -781,23 +821,23 @@ impl Filesystem for Adapter {
         match self.fs.create(parent.0, name, mode, flags, caller(req)) {
             Ok((e, fh)) => {
                 let (ttl, a) = (ttl_for(&e.attr), attr(&e.attr));
-                if let Some(id) = self.choose(e.id, fh, |f| reply.open_backing(f)) {
-                    reply.created_passthrough(
+                match self.choose(e.id, fh, |f| reply.open_backing(f)) {
+                    Served::Passthrough(id) => reply.created_passthrough(
                         &ttl,
                         &a,
                         Generation(0),
                         FileHandle(fh),
                         FopenFlags::empty(),
                         &id,
-                    );
-                } else {
-                    reply.created(
-                        &ttl,
-                        &a,
-                        Generation(0),
-                        FileHandle(fh),
-                        FopenFlags::FOPEN_KEEP_CACHE,
-                    );
+                    ),
+                    Served::Daemon(flags) => {
+                        reply.created(&ttl, &a, Generation(0), FileHandle(fh), flags)
+                    }
+                    // A new file is bound to nothing.
+                    Served::Stale => {
+                        self.fs.release(fh);
+                        reply.error(Errno::EIO);
+                    }
                 }
             }
             Err(e) => reply.error(errno(&e)),

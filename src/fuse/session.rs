@@ -13,7 +13,7 @@ use super::adapter::Adapter;
 use crate::control::{self, server::Control};
 use crate::error::{Context, Result};
 use crate::sys;
-use crate::union::{Config, Union};
+use crate::union::{Config, Inval, Union};
 
 /// Everything needed to mount.
 #[derive(Clone, Debug)]
@@ -25,8 +25,21 @@ pub struct MountSpec {
     /// Extra kernel mount flags (nodev, nosuid, noexec, noatime...).
     pub kernel_opts: Vec<MountOption>,
     pub threads: usize,
-    /// Use FUSE passthrough for file data when the kernel allows it.
-    pub passthrough: bool,
+    /// Which files' data goes through FUSE passthrough when the kernel allows it.
+    pub passthrough: Passthrough,
+}
+
+/// `passthrough=`: which open files the kernel serves straight from the real file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Passthrough {
+    /// Every read and write goes through the daemon (and the page cache).
+    Off,
+    /// Only upper-layer files; lower files are read through the daemon, so a reader open
+    /// before a copy-up follows it (the kernel's behaviour since 4.19).
+    Upper,
+    /// Upper and lower files; a reader open on a lower file before it is copied up keeps
+    /// reading the lower data.
+    All,
 }
 
 /// This mount's FUSE fd and mountpoint, for the exit path.
@@ -104,8 +117,11 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
     std::thread::Builder::new()
         .name("invalidate".into())
         .spawn(move || {
-            for id in rx {
-                let _ = notifier.inval_inode(fuser::INodeNo(id), -1, 0);
+            for inval in rx {
+                let _ = match inval {
+                    Inval::Attrs(id) => notifier.inval_inode(fuser::INodeNo(id), -1, 0),
+                    Inval::Entry(p, name) => notifier.inval_entry(fuser::INodeNo(p), &name),
+                };
             }
         })?;
     // Seeing copy-on-write is a convenience: a mount without its control socket still serves.
@@ -133,7 +149,7 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
 
 type Started = (
     fuser::Session<Adapter>,
-    std::sync::mpsc::Receiver<u64>,
+    std::sync::mpsc::Receiver<Inval>,
     Arc<Union>,
 );
 

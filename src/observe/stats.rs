@@ -92,6 +92,8 @@ pub struct Stats {
     pub unlinks: AtomicU64,
     pub passthrough_opens: AtomicU64,
     pub cached_opens: AtomicU64,
+    /// Opens sent back for a new path walk: the node was reissued (see `NodeTable::reissue`).
+    pub reissued: AtomicU64,
     pub events_dropped: AtomicU64,
 }
 
@@ -111,6 +113,7 @@ impl Default for Stats {
             unlinks: z(),
             passthrough_opens: z(),
             cached_opens: z(),
+            reissued: z(),
             events_dropped: z(),
         }
     }
@@ -176,6 +179,7 @@ impl Stats {
             "unlinks": g(&self.unlinks),
             "passthrough_opens": g(&self.passthrough_opens),
             "cached_opens": g(&self.cached_opens),
+            "reissued": g(&self.reissued),
             "events_dropped": g(&self.events_dropped),
             "ops": ops,
         })

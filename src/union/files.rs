@@ -84,15 +84,14 @@ impl Union {
         Ok((entry, self.add_handle(node, fd, 0, flags)))
     }
 
-    /// A backing fd for FUSE passthrough of this handle's node: the upper file opened
-    /// read-write (so one backing serves every later open). None for a lower file.
-    pub fn backing_fd(&self, fh: u64) -> Option<OwnedFd> {
+    /// What FUSE passthrough of this handle would be backed by: its own open file (the kernel
+    /// only takes the path from it and opens its own file there with each open's flags) and
+    /// the layer that file is in, 0 being the writable upper. Handles open for writing are
+    /// always on the upper (copied up at open); a metadata-only copy's handle is on its data.
+    pub fn backing_of(&self, fh: u64) -> Option<(Arc<OwnedFd>, usize, bool)> {
         let h = self.handles.file(fh)?;
-        // Only a full upper file: a metadata-only copy's upper file is a hole.
-        if !self.writable() || h.node.state.read().expect("node state lock").read_layer() != 0 {
-            return None;
-        }
-        self.real(&h.node).ok()?.open(libc::O_RDWR, false).ok()
+        let (fd, layer) = h.fd.read().expect("handle fd lock").clone();
+        Some((fd, layer, self.writable() && layer == 0))
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {

@@ -61,6 +61,14 @@ pub struct Entry {
     pub attr: Stat,
 }
 
+/// Something the kernel caches that changed behind its back.
+pub enum Inval {
+    /// A node's attributes.
+    Attrs(u64),
+    /// The entry (parent, name).
+    Entry(u64, std::ffi::OsString),
+}
+
 pub struct Union {
     pub layers: LayerStack,
     pub(crate) nodes: NodeTable,
@@ -69,9 +77,9 @@ pub struct Union {
     pub(crate) handles: HandleTable,
     pub(crate) work: Option<WorkDir>,
     pub cfg: Config,
-    /// Where to send ids of nodes whose attributes changed behind the kernel's back (copy-up
-    /// of a parent): the FUSE side turns them into attribute invalidations.
-    invalidate: OnceLock<Sender<u64>>,
+    /// Where to say what the kernel caches that changed behind its back (attributes of a
+    /// parent after a copy-up, names given to a reissued node): the FUSE side tells the kernel.
+    invalidate: OnceLock<Sender<Inval>>,
     /// Counters and the event stream (`layerfs stats`, `layerfs events`).
     pub obs: Arc<Observer>,
 }
@@ -136,14 +144,41 @@ impl Union {
         Ok(())
     }
 
-    /// Ask to be told (by node id) when cached attributes of a node go stale.
-    pub fn set_invalidator(&self, tx: Sender<u64>) {
+    /// Ask to be told when something the kernel caches goes stale.
+    pub fn set_invalidator(&self, tx: Sender<Inval>) {
         let _ = self.invalidate.set(tx);
     }
 
     pub(crate) fn attrs_changed(&self, id: u64) {
         if let Some(tx) = self.invalidate.get() {
-            let _ = tx.send(id);
+            let _ = tx.send(Inval::Attrs(id));
+        }
+    }
+
+    /// Give node `id`'s names to a new node (see `NodeTable::reissue`) and have the kernel
+    /// drop its cached entries for them, so path walks reach the new one.
+    pub fn reissue(&self, id: u64) {
+        let Some(old) = self.nodes.get(id) else {
+            return;
+        };
+        // Its top object is in the upper layer now: that is the number a lookup would give it.
+        let natural = match self.real(&old).and_then(|r| r.stat()) {
+            Ok(st) => self.layers.union_ino(old.top_layer(), st.st_ino),
+            Err(_) => 0,
+        };
+        // The old node keeps reaching this object whatever later happens to its names.
+        let keep = self.keep_fd(&old);
+        let Some(new) = self.nodes.reissue(&old, natural) else {
+            return;
+        };
+        if keep.is_some() {
+            old.state.write().expect("node state lock").detached = keep;
+        }
+        log::debug!("node {id} reissued as {}", new.id);
+        if let Some(tx) = self.invalidate.get() {
+            for (p, n) in new.state().names() {
+                let _ = tx.send(Inval::Entry(p, n.to_owned()));
+            }
         }
     }
 

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::hash::{Hash, Hasher};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 pub const ROOT_ID: u64 = 1;
@@ -143,6 +143,9 @@ pub struct Node {
     pub copy_lock: Mutex<()>,
     /// A directory's listing while a readdir pass is under way.
     pub listing: Mutex<Option<Arc<Vec<super::readdir::DirEntry>>>>,
+    /// Its names went to a successor (see `NodeTable::reissue`); it only serves what the
+    /// kernel still holds open, and is never handed out by a lookup again.
+    retired: AtomicBool,
 }
 
 impl Node {
@@ -156,7 +159,12 @@ impl Node {
             dir_lock: RwLock::new(()),
             copy_lock: Mutex::new(()),
             listing: Mutex::new(None),
+            retired: AtomicBool::new(false),
         }
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     pub fn st_ino(&self) -> u64 {
@@ -182,7 +190,11 @@ type Index = Mutex<HashMap<(u64, OsString), u64>>;
 pub struct NodeTable {
     table: Vec<Table>,
     index: Vec<Index>,
+    /// Ids for reissued nodes, outside the inode numbers real filesystems hand out.
+    next_reissued: AtomicU64,
 }
+
+const REISSUED_BASE: u64 = 1 << 62;
 
 /// What `NodeTable::insert` did.
 pub enum Inserted {
@@ -224,6 +236,7 @@ impl NodeTable {
         NodeTable {
             table: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             index: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            next_reissued: AtomicU64::new(REISSUED_BASE),
         }
     }
 
@@ -263,7 +276,11 @@ impl NodeTable {
     /// Register `node` under its (parent, name) with one more lookup. Node ids are inode
     /// numbers, so the id may be known already: another name of a hard link (the name becomes
     /// an alias), or a number reused after an unlink (the node is revived in place).
-    pub fn insert(&self, node: Node) -> Inserted {
+    pub fn insert(&self, mut node: Node) -> Inserted {
+        if self.get(node.id).is_some_and(|n| n.is_retired()) {
+            // The kernel still holds the retired node under this number: a new one.
+            node.id = self.next_reissued.fetch_add(1, Ordering::Relaxed);
+        }
         let (parent, name) = {
             let s = node.state.read().expect("node state lock");
             (s.parent, s.name.clone())
@@ -327,6 +344,38 @@ impl NodeTable {
             }
         }
         result
+    }
+
+    /// Give every name of `old` to a new node (a new FUSE node id, so a new kernel inode) with
+    /// the same state, and retire `old`. The kernel binds an inode to one backing file while
+    /// passthrough opens of it exist: a reader of a lower file still open after a copy-up keeps
+    /// the old inode, later opens get the new one. Its id is `natural` (what a fresh lookup
+    /// would give it) unless that is taken. FUSE node ids are st_ino, so the new node shows
+    /// that number. None if `old` was already retired (its successor is in place).
+    pub fn reissue(&self, old: &Node, natural: u64) -> Option<Arc<Node>> {
+        if old.retired.swap(true, Ordering::Relaxed) {
+            return None;
+        }
+        let id = if self.get(natural).is_none() {
+            natural
+        } else {
+            self.next_reissued.fetch_add(1, Ordering::Relaxed)
+        };
+        let state = old.state();
+        let names: Vec<(u64, OsString)> = state.names().map(|(p, n)| (p, n.to_owned())).collect();
+        let node = Arc::new(Node::new(id, old.kind, id, state));
+        self.shard(id)
+            .write()
+            .expect("table lock")
+            .insert(id, node.clone());
+        for (p, n) in names {
+            let mut idx = self.index[index_shard(p, &n)].lock().expect("index lock");
+            let key = (p, n);
+            if idx.get(&key) == Some(&old.id) {
+                idx.insert(key, id);
+            }
+        }
+        Some(node)
     }
 
     /// Drop `n` lookups; the node leaves the table at zero.

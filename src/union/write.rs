@@ -333,7 +333,7 @@ impl Union {
     }
 
     /// An O_PATH fd that keeps reaching a non-directory after its name goes away.
-    fn keep_fd(&self, n: &Node) -> Option<Arc<OwnedFd>> {
+    pub(crate) fn keep_fd(&self, n: &Node) -> Option<Arc<OwnedFd>> {
         if n.is_dir() {
             return None;
         }

@@ -110,8 +110,9 @@ fn metadata_changes_copy_up_no_data_and_writes_bring_it_up_as_the_kernel_does() 
     assert_eq!(lb.blocks(), lower_blocks);
     assert_eq!(read_all(&p.lmnt().join("big")), read_all(&lower_big));
 
-    // A reader open before the first write follows the data copy-up.
-    p.same("reader follows the data copy-up", |m| {
+    // A reader open before the first write: the kernel switches it to the copied-up data;
+    // through passthrough (the default as root) it keeps reading the lower data.
+    let reader_then_append = |m: &Path| {
         let mut r = fs::File::open(m.join("big")).unwrap();
         let mut head = vec![0u8; 100];
         r.read_exact(&mut head).unwrap();
@@ -124,6 +125,17 @@ fn metadata_changes_copy_up_no_data_and_writes_bring_it_up_as_the_kernel_does() 
         let mut rest = Vec::new();
         r.read_to_end(&mut rest).unwrap();
         (head, rest.len(), rest[rest.len() - 8..].to_vec())
+    };
+    let (k, l) = (reader_then_append(p.kmnt()), reader_then_append(p.lmnt()));
+    assert_eq!(k.2, b"appended");
+    assert_eq!(
+        (k.0, k.1),
+        (l.0, l.1 + 8),
+        "layerfs' early reader reads the lower data"
+    );
+    assert_ne!(l.2, b"appended");
+    p.same("a later reader sees the copied-up data", |m| {
+        read_all(&m.join("big"))
     });
     p.same("truncate a metacopy file", |m| {
         outcome(

@@ -11,16 +11,6 @@ use serde_json::Value;
 use crate::require_fuse;
 use crate::support::*;
 
-fn json_of(args: &[&str], p: &Path) -> Value {
-    let (ok, out, err) = run_timeout(Command::new(BIN).args(args).arg(p), 30);
-    assert!(ok, "layerfs {args:?} {}: {err}", p.display());
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
-fn stats(mnt: &Path) -> Value {
-    json_of(&["stats", "--format", "json"], mnt)
-}
-
 /// `layerfs events --format json` in the background; killed on drop.
 struct Watcher {
     child: Child,

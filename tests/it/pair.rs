@@ -16,6 +16,8 @@ pub struct Pair {
     pub l: Option<Layerfs>,
     /// Mount options given to both (e.g. `metacopy=on`).
     pub extra: String,
+    /// Mount options given to layerfs only (e.g. `passthrough=upper`).
+    pub ours: String,
 }
 
 /// An operation's outcome, comparable across the two mounts: a value or an errno.
@@ -32,6 +34,15 @@ impl Pair {
 
     /// A pair whose two mounts both also get `extra` options.
     pub fn with_options(build: impl FnOnce(&Scratch) -> Vec<PathBuf>, extra: &str) -> Pair {
+        Pair::with_ours(build, extra, "")
+    }
+
+    /// A pair whose mounts both get `extra` options, and layerfs also `ours`.
+    pub fn with_ours(
+        build: impl FnOnce(&Scratch) -> Vec<PathBuf>,
+        extra: &str,
+        ours: &str,
+    ) -> Pair {
         let s = Scratch::new();
         let lowers = build(&s);
         for d in ["ku", "kw", "lu", "lw"] {
@@ -43,6 +54,7 @@ impl Pair {
             k: None,
             l: None,
             extra: extra.to_string(),
+            ours: ours.to_string(),
         };
         p.k = Some(Kernel::mount(
             &p.kernel_opts(&p.s.path("ku"), &p.s.path("kw")),
@@ -80,11 +92,16 @@ impl Pair {
 
     pub fn layerfs_opts(&self, upper: &Path, work: &Path) -> String {
         format!(
-            "lowerdir={},upperdir={},workdir={}{}",
+            "lowerdir={},upperdir={},workdir={}{}{}",
             lowerdir(&self.lowers),
             upper.display(),
             work.display(),
-            self.extra_opts()
+            self.extra_opts(),
+            if self.ours.is_empty() {
+                String::new()
+            } else {
+                format!(",{}", self.ours)
+            }
         )
     }
 

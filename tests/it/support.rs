@@ -533,3 +533,15 @@ pub fn fixture(name: &str) -> PathBuf {
 pub fn lfs(root: &Path, args: &[&str]) -> (bool, String, String) {
     run_timeout(Command::new(BIN).arg("--root").arg(root).args(args), 120)
 }
+
+/// `layerfs ARGS PATH` printing JSON, parsed.
+pub fn json_of(args: &[&str], p: &Path) -> serde_json::Value {
+    let (ok, out, err) = run_timeout(Command::new(BIN).args(args).arg(p), 30);
+    assert!(ok, "layerfs {args:?} {}: {err}", p.display());
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// The counters of the mount at `mnt` (`layerfs stats --format json`).
+pub fn stats(mnt: &Path) -> serde_json::Value {
+    json_of(&["stats", "--format", "json"], mnt)
+}

@@ -350,7 +350,8 @@ fn links_symlinks_and_special_files() {
 #[test]
 fn readers_see_a_later_copy_up_and_unlinked_files_stay_usable() {
     require_fuse!();
-    let p = Pair::new(stack);
+    // Lower files read through the daemon: an early reader follows, as in the kernel.
+    let p = Pair::with_ours(stack, "", "passthrough=upper");
     p.same("reader follows copy-up", |m| {
         let mut r = fs::File::open(m.join("a")).unwrap();
         append(&m.join("a"), b"appended\n").unwrap();
@@ -596,6 +597,64 @@ fn passthrough_mode_serves_reads_writes_and_shared_opens() {
     drop(w);
     let text = fs::read_to_string(&log).unwrap();
     assert!(text.contains("data path: FUSE passthrough"), "{text}");
+}
+
+/// Lower files are read through passthrough too. The kernel binds an inode to one backing
+/// file, so a reader open on the lower file before a copy-up keeps reading it, and the node
+/// is reissued: every later open reaches the copied-up file (see docs/SEMANTICS.md).
+#[test]
+fn a_reader_open_before_a_copy_up_keeps_the_lower_data_under_passthrough() {
+    require_fuse!();
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    write(low.join("f"), b"lower data\n");
+    write(low.join("g"), &vec![5u8; 1 << 20]);
+    let (up, work) = (s.mkdir("up"), s.mkdir("work"));
+    let l = Layerfs::mount(
+        &format!(
+            "lowerdir={},upperdir={},workdir={}",
+            low.display(),
+            up.display(),
+            work.display()
+        ),
+        &s.path("mnt"),
+    );
+    let m = l.mnt.clone();
+    let mut r = fs::File::open(m.join("f")).unwrap();
+    let mut head = [0u8; 6];
+    r.read_exact(&mut head).unwrap();
+    let ino_before = fs::metadata(m.join("f")).unwrap().ino();
+    // The write opens succeed (the first after the kernel retries its path walk).
+    append(&m.join("f"), b"appended\n").unwrap();
+    append(&m.join("f"), b"again\n").unwrap();
+    let mut rest = String::new();
+    r.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "data\n", "the early reader keeps the lower data");
+    assert_eq!(
+        fs::read_to_string(m.join("f")).unwrap(),
+        "lower data\nappended\nagain\n"
+    );
+    let ino_after = fs::metadata(m.join("f")).unwrap().ino();
+    assert_eq!(ino_after, fs::metadata(up.join("f")).unwrap().ino());
+    assert_ne!(ino_before, ino_after);
+    let st = stats(&m);
+    assert_eq!(st["reissued"], 1, "{st}");
+    assert_eq!(st["cached_opens"], 0, "{st}");
+    drop(r);
+    // Once copied up, readers and writers share the upper file: a reader sees writes at once.
+    let mut w = OpenOptions::new().write(true).open(m.join("g")).unwrap();
+    let mut r = fs::File::open(m.join("g")).unwrap();
+    w.write_all(b"xyz").unwrap();
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"xyz\x05");
+    let st = stats(&m);
+    assert_eq!(
+        st["reissued"], 1,
+        "no reissue without an early lower reader: {st}"
+    );
+    assert_eq!(st["cached_opens"], 0, "{st}");
+    assert!(st["passthrough_opens"].as_u64().unwrap() >= 6, "{st}");
 }
 
 /// Found by the differential harness (seed 21): a redirect longer than the kernel's 256 bytes.

@@ -99,6 +99,8 @@ pub const SLOTS: usize = 4;
 pub struct Side {
     pub root: PathBuf,
     pub fds: Vec<Option<File>>,
+    /// What each kept fd read when it was opened (a `ReadKept` result).
+    pub at_open: Vec<Option<String>>,
 }
 
 impl Side {
@@ -106,8 +108,23 @@ impl Side {
         Side {
             root: root.to_path_buf(),
             fds: (0..SLOTS).map(|_| None).collect(),
+            at_open: (0..SLOTS).map(|_| None).collect(),
         }
     }
+
+    /// Expected difference: a reader open on a lower file before a copy-up keeps reading
+    /// the lower data under passthrough (the kernel switches it to the copy), so a kept fd
+    /// may read what it read when opened.
+    pub fn kept_as_opened(&self, op: &Op, out: &str) -> bool {
+        matches!(op, Op::ReadKept { slot } if self.at_open[*slot].as_deref() == Some(out))
+    }
+}
+
+fn read_kept(f: &mut File) -> String {
+    let mut buf = Vec::new();
+    let r =
+        std::io::Seek::seek(f, std::io::SeekFrom::Start(0)).and_then(|_| f.read_to_end(&mut buf));
+    res(r, |n| format!("ok:{n}:{}", hash(&buf)))
 }
 
 fn errno(e: std::io::Error) -> String {
@@ -255,19 +272,15 @@ pub fn apply(side: &mut Side, op: &Op) -> String {
                 }
                 File::open(at(path))
             });
-            res(r, |f| {
+            res(r, |mut f| {
+                side.at_open[*slot] = Some(read_kept(&mut f));
                 side.fds[*slot] = Some(f);
                 "ok".into()
             })
         }
         Op::ReadKept { slot } => match &mut side.fds[*slot] {
             None => "none".into(),
-            Some(f) => {
-                let mut buf = Vec::new();
-                let r = std::io::Seek::seek(f, std::io::SeekFrom::Start(0))
-                    .and_then(|_| f.read_to_end(&mut buf));
-                res(r, |n| format!("ok:{n}:{}", hash(&buf)))
-            }
+            Some(f) => read_kept(f),
         },
         Op::ListDir { path } => {
             let r = std::fs::read_dir(at(path)).and_then(|rd| {
