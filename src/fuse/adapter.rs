@@ -88,16 +88,14 @@ impl Adapter {
         open_backing: impl FnOnce(&OwnedFd) -> io::Result<BackingId>,
     ) -> Served {
         let st = &self.fs.obs.stats;
-        // Lower data never changes, so its page cache stays good across opens.
-        let keep = Served::Daemon(FopenFlags::FOPEN_KEEP_CACHE);
-        let Some((fd, layer, upper)) = self.fs.backing_of(fh) else {
-            bump(&st.cached_opens);
-            return keep;
+        let (fd, layer, upper) = match self.fs.backing_of(fh) {
+            Some(b) if self.passthrough != Passthrough::Off => b,
+            _ => {
+                bump(&st.cached_opens);
+                // Nothing bypasses the page cache: it stays good across opens.
+                return Served::Daemon(FopenFlags::FOPEN_KEEP_CACHE);
+            }
         };
-        if self.passthrough == Passthrough::Off {
-            bump(&st.cached_opens);
-            return keep;
-        }
         let mut guard = self.backing.lock().expect("backing lock");
         let b = &mut *guard;
         let served = match b.by_node.get_mut(&ino) {
@@ -133,7 +131,7 @@ impl Adapter {
                 bump(&st.passthrough_opens);
                 b.by_handle.insert(fh, (ino, false));
             }
-            Served::Stale => bump(&st.reissued),
+            Served::Stale => {}
             Served::Daemon(_) => {
                 bump(&st.cached_opens);
                 *b.cached.entry(ino).or_default() += 1;

@@ -92,7 +92,8 @@ pub struct Stats {
     pub unlinks: AtomicU64,
     pub passthrough_opens: AtomicU64,
     pub cached_opens: AtomicU64,
-    /// Opens sent back for a new path walk: the node was reissued (see `NodeTable::reissue`).
+    /// Nodes reissued after a copy-up because an early reader bound them to the lower file
+    /// (see `NodeTable::reissue`); the open that found it is sent back for a new path walk.
     pub reissued: AtomicU64,
     pub events_dropped: AtomicU64,
 }

@@ -161,16 +161,17 @@ impl Union {
         let Some(old) = self.nodes.get(id) else {
             return;
         };
-        // Its top object is in the upper layer now: that is the number a lookup would give it.
-        let natural = match self.real(&old).and_then(|r| r.stat()) {
-            Ok(st) => self.layers.union_ino(old.top_layer(), st.st_ino),
-            Err(_) => 0,
-        };
         // The old node keeps reaching this object whatever later happens to its names.
         let keep = self.keep_fd(&old);
+        // Its top object is in the upper layer now: that is the number a lookup would give it.
+        let natural = keep
+            .as_ref()
+            .and_then(|fd| sys::fstat(fd.as_fd()).ok())
+            .map_or(0, |st| self.layers.union_ino(old.top_layer(), st.st_ino));
         let Some(new) = self.nodes.reissue(&old, natural) else {
             return;
         };
+        crate::observe::stats::bump(&self.obs.stats.reissued);
         if keep.is_some() {
             old.state.write().expect("node state lock").detached = keep;
         }

@@ -277,10 +277,6 @@ impl NodeTable {
     /// numbers, so the id may be known already: another name of a hard link (the name becomes
     /// an alias), or a number reused after an unlink (the node is revived in place).
     pub fn insert(&self, mut node: Node) -> Inserted {
-        if self.get(node.id).is_some_and(|n| n.is_retired()) {
-            // The kernel still holds the retired node under this number: a new one.
-            node.id = self.next_reissued.fetch_add(1, Ordering::Relaxed);
-        }
         let (parent, name) = {
             let s = node.state.read().expect("node state lock");
             (s.parent, s.name.clone())
@@ -294,9 +290,16 @@ impl NodeTable {
         {
             return Inserted::Existing(n);
         }
-        let id = node.id;
+        let mut id = node.id;
         let mut stale: Vec<(u64, OsString)> = Vec::new();
         let mut t = self.shard(id).write().expect("table lock");
+        if t.get(&id).is_some_and(|n| n.is_retired()) {
+            // The kernel still holds the retired node under this number: a new one.
+            drop(t);
+            id = self.next_reissued.fetch_add(1, Ordering::Relaxed);
+            node.id = id;
+            t = self.shard(id).write().expect("table lock");
+        }
         let result = match t.get(&id) {
             Some(old) if old.kind == node.kind => {
                 old.lookups.fetch_add(1, Ordering::Relaxed);
