@@ -282,7 +282,6 @@ impl Filesystem for Adapter {
         let want = InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let have = config.capabilities();
         let _ = config.add_capabilities(want & have);

@@ -233,7 +233,10 @@ impl Union {
             Some(Some((sst.st_atime, sst.st_atime_nsec))),
             Some(Some((sst.st_mtime, sst.st_mtime_nsec))),
         )?;
-        if let (Some(f), true) = (file, self.cfg.fsync) {
+        // Only copied data needs its fsync before the rename (as the kernel): metadata reaches
+        // the journal in order, so a crash shows the lower object or the whole copy.
+        let copied = matches!(fill, Fill::Data(_)) && sst.st_size > 0;
+        if let (Some(f), true) = (file, self.cfg.fsync && copied) {
             sys::fsync(f.as_fd(), false)?;
         }
         Ok(())
@@ -282,7 +285,7 @@ impl Union {
             Some(Some((before.st_atime, before.st_atime_nsec))),
             Some(Some((before.st_mtime, before.st_mtime_nsec))),
         )?;
-        if self.cfg.fsync {
+        if self.cfg.fsync && bytes.is_some() {
             sys::fsync(dst.as_fd(), false)?;
         }
         let ns = self.cfg.marker_ns;
