@@ -314,6 +314,20 @@ pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
     .map(drop)
 }
 
+/// Start writeback of a byte range without waiting for it (sync_file_range WRITE).
+pub fn start_writeback(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe {
+        libc::sync_file_range(
+            fd.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    })
+    .map(drop)
+}
+
 pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: plain syscall on a valid fd.
     check(unsafe {
@@ -1064,6 +1078,33 @@ pub fn wait_child(pid: i32) -> String {
 pub fn sigpipe_default() {
     // SAFETY: installing the default disposition has no preconditions.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+/// Load and lock the executable's code in memory (best effort; needs CAP_IPC_LOCK or room
+/// under RLIMIT_MEMLOCK). A page fault in the daemon stalls every process using the mount:
+/// after a cache drop or under memory pressure, the first lookups would read the daemon's
+/// own code from disk. Returns the bytes locked.
+pub fn lock_own_code() -> io::Result<usize> {
+    let exe = std::fs::read_link("/proc/self/exe")?;
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let mut locked = 0;
+    for line in maps.lines() {
+        // "start-end perms offset dev inode path"
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || !f[1].contains('x') || std::path::Path::new(f[5]) != exe {
+            continue;
+        }
+        let Some((a, b)) = f[0].split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
+            continue;
+        };
+        // SAFETY: mlock only pins pages of a range mapped in this process; it reads no memory.
+        check(unsafe { libc::mlock(a as *const libc::c_void, b - a) })?;
+        locked += b - a;
+    }
+    Ok(locked)
 }
 
 /// SIGPIPE ignored: a daemon writing to a client that went away gets EPIPE, never dies.

@@ -179,7 +179,7 @@ impl Union {
                 match fill {
                     Fill::Data(from) if sst.st_size > 0 => {
                         let sfd = from.open(libc::O_RDONLY, false)?;
-                        copy_data(sfd.as_fd(), dst.as_fd(), sst.st_size as u64)?;
+                        copy_data(sfd.as_fd(), dst.as_fd(), sst.st_size as u64, self.cfg.fsync)?;
                     }
                     // A hole of the file's size, as the kernel writes it: stat shows the size.
                     Fill::Meta(_) => sys::ftruncate(dst.as_fd(), sst.st_size as u64)?,
@@ -272,7 +272,7 @@ impl Union {
         let size = before.st_size as u64;
         let bytes = if data == Data::All && size > 0 {
             let src = self.data_real(&d)?.open(libc::O_RDONLY, false)?;
-            copy_data(src.as_fd(), dst.as_fd(), size)?;
+            copy_data(src.as_fd(), dst.as_fd(), size, self.cfg.fsync)?;
             sys::ftruncate(dst.as_fd(), size)?;
             Some(size)
         } else {
@@ -365,8 +365,15 @@ pub(crate) fn copy_xattrs(src: XTarget<'_>, dst: XTarget<'_>) -> Result<()> {
 }
 
 /// Copy `size` bytes: reflink if the filesystem can, else copy_file_range over the data
-/// extents only (holes stay holes), else plain reads and writes.
-pub(crate) fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> Result<()> {
+/// extents only (holes stay holes), else plain reads and writes. With `durable` (an fsync
+/// follows), each copied chunk is sent to the disk at once, so the disk writes the copy
+/// while the rest is copied instead of all of it during the final fsync.
+pub(crate) fn copy_data(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    size: u64,
+    durable: bool,
+) -> Result<()> {
     if sys::ficlone(dst, src).is_ok() {
         return Ok(());
     }
@@ -381,7 +388,7 @@ pub(crate) fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> 
             Ok(h) => (h as u64).min(size),
             Err(_) => size,
         };
-        copy_range(src, dst, data, end)?;
+        copy_range(src, dst, data, end, durable)?;
         if end <= off {
             break; // no progress: a filesystem with odd SEEK_* answers
         }
@@ -391,15 +398,29 @@ pub(crate) fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> 
     Ok(())
 }
 
-fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, mut off: u64, end: u64) -> Result<()> {
+/// Chunk of a data copy-up: small enough that the disk starts early, large enough that the
+/// syscalls cost nothing against the copy.
+const COPY_CHUNK: usize = 8 << 20;
+
+fn copy_range(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    mut off: u64,
+    end: u64,
+    durable: bool,
+) -> Result<()> {
     let mut use_cfr = true;
     let mut buf = Vec::new();
     while off < end {
-        let len = ((end - off) as usize).min(64 << 20);
+        let len = ((end - off) as usize).min(COPY_CHUNK);
         if use_cfr {
             match sys::copy_file_range(src, off, dst, off, len) {
                 Ok(0) => return Ok(()), // source shorter than it said
                 Ok(n) => {
+                    if durable {
+                        // Best effort: the fsync at the end is what makes the copy durable.
+                        let _ = sys::start_writeback(dst, off, n as u64);
+                    }
                     off += n as u64;
                     continue;
                 }
@@ -425,6 +446,9 @@ fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, mut off: u64, end: u64) 
         let mut w = 0;
         while w < n {
             w += sys::pwrite(dst, &buf[w..n], off + w as u64)?;
+        }
+        if durable {
+            let _ = sys::start_writeback(dst, off, n as u64);
         }
         off += n as u64;
     }

@@ -44,7 +44,7 @@ pub struct Config {
     pub upper: Option<PathBuf>,
     pub work: Option<PathBuf>,
     pub lowers: Vec<PathBuf>,
-    /// fsync copied-up files and their directory before they become visible.
+    /// fsync copied-up data before it becomes visible (metadata-only copies need none).
     pub fsync: bool,
     /// `metacopy=on`: chmod, chown, utimes, xattr changes and renames of a lower file copy up
     /// its metadata only; the data follows at the first open for writing.
