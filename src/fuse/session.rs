@@ -76,10 +76,6 @@ fn report(ready: &mut Option<OwnedFd>, msg: &str) {
 pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
     // A control client that goes away must cost an EPIPE, never the daemon.
     sys::sigpipe_ignore();
-    match sys::lock_own_code() {
-        Ok(n) => log::debug!("locked {} KiB of code in memory", n >> 10),
-        Err(e) => log::debug!("code not locked in memory: {e}"),
-    }
     let r = start(&spec);
     let (mut session, invalidations, fs) = match r {
         Ok((s, rx, fs)) => (s, Some(rx), fs),
@@ -146,6 +142,14 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
         }
     );
     report(&mut ready, "ok\n");
+    // Off the mount's critical path: faulting the code in takes about a millisecond.
+    let _ =
+        std::thread::Builder::new()
+            .name("lock-code".into())
+            .spawn(|| match sys::lock_own_code() {
+                Ok(n) => log::debug!("locked {} KiB of code in memory", n >> 10),
+                Err(e) => log::debug!("code not locked in memory: {e}"),
+            });
     session.run().ctx("serving the mount")?;
     info!("unmounted {}; exiting", spec.mountpoint.display());
     Ok(())

@@ -121,15 +121,19 @@ fn mount_program_form_and_every_way_to_unmount() {
     let pid = daemon_pid(&mnt).expect("daemon running");
     // As root the daemon's code is locked in memory: a cache drop or memory pressure must not
     // make the first lookups afterwards read the daemon itself from disk.
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let locked_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmLck:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmLck in /proc/PID/status");
+    // (It happens just after the mount is live, off its critical path.)
+    let locked_kib = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmLck:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmLck in /proc/PID/status")
+    };
     assert!(
-        locked_kib > 1024,
-        "daemon code locked: VmLck {locked_kib} kB"
+        wait_until(10, || locked_kib() > 1024),
+        "daemon code locked: VmLck {} kB",
+        locked_kib()
     );
     let (ok, err) = layerfs(&["umount", mnt.to_str().unwrap()]);
     assert!(ok, "{err}");
