@@ -1080,6 +1080,19 @@ pub fn sigpipe_default() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
+/// CPUs this process may run on. (std's available_parallelism also reads the cgroup's CPU
+/// quota from /sys: a third of a millisecond on every mount, for a thread count.)
+pub fn cpus_allowed() -> usize {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return 1;
+        }
+        libc::CPU_COUNT(&set) as usize
+    }
+}
+
 /// Load and lock the executable's code in memory (best effort; needs CAP_IPC_LOCK or room
 /// under RLIMIT_MEMLOCK). A page fault in the daemon stalls every process using the mount:
 /// after a cache drop or under memory pressure, the first lookups would read the daemon's

@@ -342,9 +342,7 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
         allow_other: r.allow_other.unwrap_or(root),
         default_permissions: r.default_permissions.unwrap_or(true),
         kernel_opts: kernel,
-        threads: std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .max(2),
+        threads: sys::cpus_allowed().max(2),
         // Passthrough needs CAP_SYS_ADMIN; unprivileged mounts use the page cache.
         passthrough: match r.passthrough {
             _ if !root => Passthrough::Off,
