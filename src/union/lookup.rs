@@ -358,30 +358,32 @@ impl Union {
         Err(err(libc::EIO))
     }
 
-    /// The path of directory `p` in the lower layers: its redirect target, else its union path.
+    /// The path of directory `p` in the lower layers: its redirect target, else its parent's
+    /// lower path and its name, up to the nearest redirected ancestor (as the kernel builds
+    /// redirects: a directory inside a renamed one lives under the rename's target).
     pub(crate) fn lower_path_of(&self, p: &Node, ps: &NodeState) -> Result<Vec<OsString>> {
         if let Some(lp) = &ps.lower_path {
             return Ok(lp.as_ref().clone());
         }
-        self.union_path(p.id, ps)
-    }
-
-    /// Components of a node's path in the union, from the root.
-    pub(crate) fn union_path(&self, id: u64, st: &NodeState) -> Result<Vec<OsString>> {
-        let mut out = Vec::new();
-        if id == ROOT_ID {
-            return Ok(out);
+        if p.id == ROOT_ID {
+            return Ok(Vec::new());
         }
-        out.push(st.name.clone());
-        let mut cur = st.parent;
+        let mut names = vec![ps.name.clone()];
+        let mut cur = ps.parent;
+        let mut prefix = Vec::new();
         while cur != ROOT_ID {
             let n = self.node(cur)?;
             let s = n.state.read().expect("node state lock");
-            out.push(s.name.clone());
+            if let Some(lp) = &s.lower_path {
+                prefix = lp.as_ref().clone();
+                break;
+            }
+            names.push(s.name.clone());
             cur = s.parent;
         }
-        out.reverse();
-        Ok(out)
+        names.reverse();
+        prefix.extend(names);
+        Ok(prefix)
     }
 }
 

@@ -309,6 +309,43 @@ fn renames_of_files_and_directories_match_kernel() {
     p.check_interop();
 }
 
+/// Found by the soak (seed 1330): a directory renamed inside a renamed lower directory must be
+/// redirected to where it lives in the lower layers (under the outer rename's target), not to
+/// its union path, or it stops merging with its lower copy after a remount.
+#[test]
+fn a_dir_renamed_inside_a_renamed_lower_dir_keeps_merging_after_remount() {
+    require_fuse!();
+    let mut p = Pair::new(|s: &Scratch| {
+        let l1 = s.mkdir("l1");
+        write(l1.join("f3/a0/dir2/dir5/x"), b"x");
+        write(l1.join("f3/a0/keep"), b"k");
+        s.mkdir("l1/f0/f1/a3");
+        vec![l1]
+    });
+    p.same("rename the outer dir", |m| {
+        outcome(fs::rename(m.join("f3"), m.join("f0/f1/a3/c4")))
+    });
+    p.same("rename a dir inside it to another parent", |m| {
+        outcome(fs::rename(
+            m.join("f0/f1/a3/c4/a0/dir2/dir5"),
+            m.join("f0/f1/a3/c4/a0/dir5"),
+        ))
+    });
+    p.same("rename one inside its own parent", |m| {
+        outcome(fs::rename(
+            m.join("f0/f1/a3/c4/a0/dir5"),
+            m.join("f0/f1/a3/c4/a0/dir6"),
+        ))
+    });
+    p.check("after the renames");
+    p.check_interop();
+    let redirect = get_xattr(
+        p.upper().join("f0/f1/a3/c4/a0/dir6"),
+        "trusted.overlay.redirect",
+    );
+    assert_eq!(redirect.as_deref(), Some(&b"/f3/a0/dir2/dir5"[..]));
+}
+
 #[test]
 fn links_symlinks_and_special_files() {
     require_fuse!();
