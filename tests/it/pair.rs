@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use crate::support::*;
 
 pub struct Pair {
-    pub s: Scratch,
     pub lowers: Vec<PathBuf>,
     pub k: Option<Kernel>,
     pub l: Option<Layerfs>,
@@ -18,6 +17,8 @@ pub struct Pair {
     pub extra: String,
     /// Mount options given to layerfs only (e.g. `passthrough=upper`).
     pub ours: String,
+    /// Last: fields drop in order, so the mounts above are gone before their directories.
+    pub s: Scratch,
 }
 
 /// An operation's outcome, comparable across the two mounts: a value or an errno.
