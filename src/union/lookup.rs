@@ -257,24 +257,26 @@ impl Union {
         };
         'layers: for l in from + 1..self.layers.len() {
             let mut fd = self.layers.layers[l].root.clone();
+            // As the kernel walks a redirect: an opaque directory on the way still lets this
+            // layer's copy in, but no layer below it (found by the soak, seed 2004).
+            let mut last_layer = false;
             for c in dirs {
                 match sys::statat(fd.as_fd(), c) {
                     Ok(st) if Kind::from_mode(st.st_mode) == Kind::Dir => {
-                        fd = Arc::new(sys::openat(
-                            fd.as_fd(),
-                            c,
-                            libc::O_PATH | libc::O_DIRECTORY,
-                            0,
-                        )?);
+                        let next = sys::openat(fd.as_fd(), c, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+                        last_layer |=
+                            format::dir_markers_of(XTarget::At(fd.as_fd(), c), next.as_fd()).opaque;
+                        fd = Arc::new(next);
                     }
                     Ok(_) => return Ok(()),
+                    Err(_) if format::has_oci_whiteout(fd.as_fd(), c) => return Ok(()),
                     Err(_) => continue 'layers,
                 }
             }
             let st = match sys::statat(fd.as_fd(), last) {
                 Ok(st) => st,
                 Err(_) => {
-                    if format::has_oci_whiteout(fd.as_fd(), last) {
+                    if last_layer || format::has_oci_whiteout(fd.as_fd(), last) {
                         return Ok(());
                     }
                     continue;
@@ -282,8 +284,8 @@ impl Union {
             };
             let before = found.as_ref().map(|f| f.redirect_layer);
             match self.step(found, l, &fd, last, st, None)? {
-                Step::Continue => {}
-                Step::Stop => return Ok(()),
+                Step::Continue if !last_layer => {}
+                _ => return Ok(()),
             }
             // A nested redirect inside step() already merged the rest.
             if found.as_ref().map(|f| f.redirect_layer) != before {

@@ -309,6 +309,36 @@ fn renames_of_files_and_directories_match_kernel() {
     p.check_interop();
 }
 
+/// Found by the soak (seed 2004): a redirect is followed layer by layer along its path, and
+/// an opaque directory on that path lets its own layer in but hides every layer below, as in
+/// the kernel; after a remount the renamed directory must not show what the opaque one hid.
+#[test]
+fn a_redirect_through_an_opaque_lower_dir_stops_below_it() {
+    require_fuse!();
+    let mut p = Pair::new(|s: &Scratch| {
+        let (l0, l1) = (s.mkdir("l0"), s.mkdir("l1"));
+        write(l0.join("b0/b5/dir1/x"), b"x");
+        set_xattr(l0.join("b0"), "trusted.overlay.opaque", b"y");
+        s.mkdir("l0/a3");
+        write(l1.join("b0/b5/b2"), b"hidden by the opaque b0");
+        write(l1.join("b0/b5/f5"), b"hidden too");
+        vec![l0, l1]
+    });
+    p.same("list before", |m| {
+        let mut v: Vec<_> = fs::read_dir(m.join("b0/b5"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    });
+    p.same("move it", |m| {
+        outcome(fs::rename(m.join("b0/b5"), m.join("a3/b5")))
+    });
+    p.check("after the move");
+    p.check_interop();
+}
+
 /// Found by the soak (seed 1330): a directory renamed inside a renamed lower directory must be
 /// redirected to where it lives in the lower layers (under the outer rename's target), not to
 /// its union path, or it stops merging with its lower copy after a remount.
