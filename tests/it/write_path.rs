@@ -38,6 +38,16 @@ fn stack(s: &Scratch) -> Vec<PathBuf> {
     vec![l1, l2]
 }
 
+/// A directory's names, sorted.
+fn listing(dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    v.sort();
+    v
+}
+
 fn tree_of(p: &Path) -> Tree {
     snapshot(p)
 }
@@ -257,14 +267,7 @@ fn renames_of_files_and_directories_match_kernel() {
     p.same("lower dir rename (redirect)", |m| {
         outcome(fs::rename(m.join("mv/src"), m.join("mv/moved")))
     });
-    p.same("list moved", |m| {
-        let mut v: Vec<_> = fs::read_dir(m.join("mv/moved"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        v.sort();
-        v
-    });
+    p.same("list moved", |m| listing(&m.join("mv/moved")));
     p.same("dir across dirs", |m| {
         outcome(fs::rename(m.join("mv/moved"), m.join("d/sub/deep/m2")))
     });
@@ -324,14 +327,7 @@ fn a_redirect_through_an_opaque_lower_dir_stops_below_it() {
         write(l1.join("b0/b5/f5"), b"hidden too");
         vec![l0, l1]
     });
-    p.same("list before", |m| {
-        let mut v: Vec<_> = fs::read_dir(m.join("b0/b5"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        v.sort();
-        v
-    });
+    p.same("list before", |m| listing(&m.join("b0/b5")));
     p.same("move it", |m| {
         outcome(fs::rename(m.join("b0/b5"), m.join("a3/b5")))
     });
