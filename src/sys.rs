@@ -186,6 +186,35 @@ pub fn linkat(
     .map(drop)
 }
 
+/// The filesystem's persistent handle of `dir/name` (not following a symlink): its type and
+/// bytes (for ext4: inode number and generation), stable across remounts and reboots.
+pub fn file_handle_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<(i32, Vec<u8>)> {
+    const MAX_HANDLE_SZ: usize = 128;
+    let c = cstr(name)?;
+    // Header (handle_bytes, handle_type) then the bytes; u32 storage keeps it aligned.
+    let mut buf = [0u32; 2 + MAX_HANDLE_SZ / 4];
+    buf[0] = MAX_HANDLE_SZ as u32;
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: buf is a file_handle header followed by MAX_HANDLE_SZ bytes, as handle_bytes
+    // says; the kernel writes no more than that.
+    check(unsafe {
+        libc::name_to_handle_at(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            buf.as_mut_ptr().cast::<libc::file_handle>(),
+            &mut mount_id,
+            0,
+        )
+    })?;
+    let len = (buf[0] as usize).min(MAX_HANDLE_SZ);
+    let bytes: Vec<u8> = buf[2..]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .take(len)
+        .collect();
+    Ok((buf[1] as i32, bytes))
+}
+
 pub fn unlinkat(dir: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> io::Result<()> {
     let c = cstr(name)?;
     let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };

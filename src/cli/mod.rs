@@ -18,7 +18,9 @@ const MOUNT_HELP: &str = "\
 Mount OPTIONS (comma-separated; -o may be repeated):
   lowerdir=TOP:...:BOTTOM  read-only layers, top first (kernel overlayfs order); \\: escapes a colon
   upperdir=DIR             writable layer (all changes land here); needs workdir
-  workdir=DIR              scratch dir on the same filesystem as upperdir (emptied at mount)
+  workdir=DIR              on the same filesystem as upperdir: work/ (scratch, emptied at
+                           mount) and layerfs-index/ (copied-up lower hard links); keep it
+                           with the upper
   fsync=0 | volatile       don't fsync copy-ups (faster; a crash may lose recent copy-ups)
   passthrough=1|upper|0    reads and writes of open files go straight to the real file (FUSE
                            passthrough; default 1 as root, needs kernel 6.9+). A reader open

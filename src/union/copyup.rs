@@ -120,6 +120,9 @@ impl Union {
             let _ = super::workdir::remove_tree(wfd.as_fd(), &tmp, 0);
             return Err(e);
         }
+        if node.kind == Kind::File {
+            self.index_copy(&src, &sst, wfd.as_fd(), &tmp);
+        }
         if let Err(e) = sys::renameat2(
             wfd.as_fd(),
             &tmp,

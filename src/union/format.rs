@@ -42,6 +42,13 @@ impl MarkerNs {
             MarkerNs::User => c"user.overlay.redirect",
         }
     }
+    /// A link count relative to the real one ("U-1": one link is the index's).
+    pub fn nlink(self) -> &'static CStr {
+        match self {
+            MarkerNs::Trusted => c"trusted.overlay.nlink",
+            MarkerNs::User => c"user.overlay.nlink",
+        }
+    }
     /// Marks a metadata-only copy whose data is in a lower layer.
     pub fn metacopy(self) -> &'static CStr {
         match self {

@@ -52,6 +52,10 @@ impl Union {
             });
         }
         let found = self.resolve(&p, name)?.ok_or_else(|| err(libc::ENOENT))?;
+        let found = match self.linked_from_index(&p, name, &found)? {
+            Some(copy) => copy,
+            None => found,
+        };
         let node = self.node_from(parent, name, found)?;
         let attr = self.attr_of(&node)?;
         Ok(Entry { id: node.id, attr })

@@ -7,6 +7,7 @@ pub mod files;
 pub mod format;
 pub mod handle;
 pub mod ids;
+pub mod index;
 pub mod layer;
 pub mod lookup;
 pub mod names;

@@ -8,12 +8,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::index::Index;
 use super::layer::Layer;
 use crate::error::{Context, Error, Result, err};
 use crate::sys;
 
 pub struct WorkDir {
     pub fd: Arc<OwnedFd>,
+    /// Copied-up lower hard links, by lower inode (`workdir/layerfs-index`).
+    pub index: Index,
     counter: AtomicU64,
     /// Name (in the work dir) of the shared whiteout inode new whiteouts are linked to.
     shared_whiteout: Mutex<Option<OsString>>,
@@ -48,8 +51,10 @@ impl WorkDir {
             0,
         )
         .ctx(format!("{}/work", path.display()))?;
+        let index = Index::open(base.as_fd()).ctx(format!("{}", path.display()))?;
         let w = WorkDir {
             fd: Arc::new(fd),
+            index,
             counter: AtomicU64::new(0),
             shared_whiteout: Mutex::new(None),
         };

@@ -1,0 +1,154 @@
+//! The hard-link index (`workdir/layerfs-index`): a copied-up lower hard link is also linked
+//! here, named by its lower inode's file handle, so every other name of that inode reaches the
+//! one copy when it is first looked up — after the copied name was unlinked, and after a
+//! remount (what the kernel gives with `index=on`). Kept apart from the kernel's `index`
+//! directory, whose entries the kernel verifies against origin xattrs layerfs doesn't write.
+//!
+//! The copy carries `overlay.nlink = "U-1"` (the kernel's own format), so its reported link
+//! count leaves out the index's link.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::Union;
+use super::copyup::{Data, restore_times};
+use super::lookup::Found;
+use super::node::{Kind, Node};
+use super::real::Real;
+use crate::error::{Context, Result};
+use crate::sys::{self, Stat, XTarget};
+
+const DIR: &str = "layerfs-index";
+
+pub struct Index {
+    fd: Arc<OwnedFd>,
+    /// False while the index is empty: lookups of lower hard links then skip it.
+    in_use: AtomicBool,
+}
+
+impl Index {
+    /// Open (creating) the index beside the work directory in `base` (the workdir).
+    pub fn open(base: BorrowedFd<'_>) -> Result<Index> {
+        match sys::mkdirat(base, OsStr::new(DIR), 0o700) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e).ctx(DIR),
+        }
+        let list =
+            sys::openat(base, OsStr::new(DIR), libc::O_RDONLY | libc::O_DIRECTORY, 0).ctx(DIR)?;
+        let in_use = !sys::read_dir_fd(list.as_fd()).ctx(DIR)?.is_empty();
+        let fd =
+            sys::openat(base, OsStr::new(DIR), libc::O_PATH | libc::O_DIRECTORY, 0).ctx(DIR)?;
+        Ok(Index {
+            fd: Arc::new(fd),
+            in_use: AtomicBool::new(in_use),
+        })
+    }
+
+    /// The index name of lower object `dir/name`: its device and file handle. None where the
+    /// filesystem has no handles (that inode is then not indexed).
+    fn key(dir: BorrowedFd<'_>, name: &OsStr, st: &Stat) -> Option<OsString> {
+        let (kind, bytes) = sys::file_handle_at(dir, name).ok()?;
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Some(format!("{:x}-{:x}-{hex}", st.st_dev, kind).into())
+    }
+
+    /// Link `work/tmp` (a finished copy) into the index as `key`, replacing a stale entry.
+    fn add(&self, work: BorrowedFd<'_>, tmp: &OsStr, key: &OsStr) -> Result<()> {
+        match sys::linkat(work, tmp, self.fd.as_fd(), key) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                sys::unlinkat(self.fd.as_fd(), key, false)?;
+                sys::linkat(work, tmp, self.fd.as_fd(), key)?;
+            }
+            r => r?,
+        }
+        self.in_use.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Union {
+    fn index(&self) -> Option<&Index> {
+        self.work.as_ref().map(|w| &w.index)
+    }
+
+    /// During a copy-up of lower file `src` (built as `work/tmp`, not yet in place): if it is
+    /// a hard link, index the copy. Best effort: without an entry, names not yet looked up
+    /// keep showing the lower file.
+    pub(crate) fn index_copy(&self, src: &Real, sst: &Stat, work: BorrowedFd<'_>, tmp: &OsStr) {
+        let (Some(ix), Real::At(dir, name)) = (self.index(), src) else {
+            return;
+        };
+        if sst.st_nlink <= 1 || sst.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return;
+        }
+        let Some(key) = Index::key(dir.as_fd(), name, sst) else {
+            return;
+        };
+        let nlink = self.cfg.marker_ns.nlink();
+        let r = sys::setxattr(XTarget::At(work, tmp), nlink, b"U-1", 0)
+            .map_err(Into::into)
+            .and_then(|()| ix.add(work, tmp, &key));
+        if let Err(e) = r {
+            log::warn!("copy-up of hard link {name:?}: not indexed: {e}");
+            let _ = sys::removexattr(XTarget::At(work, tmp), nlink);
+        }
+    }
+
+    /// For a name that resolved to a lower hard link: if another of its names was copied up
+    /// (indexed), link this name up to that copy and return it instead.
+    pub(crate) fn linked_from_index(
+        &self,
+        p: &Arc<Node>,
+        name: &OsStr,
+        f: &Found,
+    ) -> Result<Option<Found>> {
+        let Some(ix) = self.index() else {
+            return Ok(None);
+        };
+        let l = f.layers[0];
+        if f.kind != Kind::File
+            || f.top.st_nlink <= 1
+            || self.layers.is_upper(l)
+            || !ix.in_use.load(Ordering::Relaxed)
+        {
+            return Ok(None);
+        }
+        // A live node of this inode answers for it: its copy-up links the new name up.
+        if let Some(n) = self.nodes.get(self.node_id(f))
+            && !n.is_retired()
+            && !n.state.read().expect("node state lock").unlinked
+        {
+            return Ok(None);
+        }
+        let lower = self.dir_fd(p, l)?;
+        let Some(key) = Index::key(lower.as_fd(), name, &f.top) else {
+            return Ok(None);
+        };
+        if sys::statat(ix.fd.as_fd(), &key).is_err() {
+            return Ok(None);
+        }
+        self.copy_up(p, Data::All)?;
+        let up = self.dir_fd(p, 0)?;
+        let times = sys::fstat(up.as_fd())?;
+        match sys::linkat(ix.fd.as_fd(), &key, up.as_fd(), name) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        restore_times(up.as_fd(), &times);
+        log::debug!("linked {name:?} up from the hard-link index");
+        Ok(Some(Found {
+            kind: Kind::File,
+            layers: vec![0],
+            top: sys::statat(up.as_fd(), name)?,
+            lower_path: None,
+            redirect_layer: 0,
+            lower_ino: None,
+            fds: Vec::new(),
+            data: None,
+        }))
+    }
+}
