@@ -33,6 +33,17 @@ enum Step {
     Stop,
 }
 
+/// How the directories of a lower path look in one layer.
+enum LayerWalk {
+    /// All there: the last one, and whether one on the way was opaque (then no layer below
+    /// this one counts).
+    Dir(Arc<OwnedFd>, bool),
+    /// One is missing here: look in the next layer.
+    Missing,
+    /// A whiteout or a non-directory on the way: no layer below counts.
+    Blocked,
+}
+
 impl Union {
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Entry> {
         check_name(name)?;
@@ -259,24 +270,14 @@ impl Union {
         let Some((last, dirs)) = path.split_last() else {
             return Ok(());
         };
-        'layers: for l in from + 1..self.layers.len() {
-            let mut fd = self.layers.layers[l].root.clone();
+        for l in from + 1..self.layers.len() {
             // As the kernel walks a redirect: an opaque directory on the way still lets this
             // layer's copy in, but no layer below it (found by the soak, seed 2004).
-            let mut last_layer = false;
-            for c in dirs {
-                match sys::statat(fd.as_fd(), c) {
-                    Ok(st) if Kind::from_mode(st.st_mode) == Kind::Dir => {
-                        let next = sys::openat(fd.as_fd(), c, libc::O_PATH | libc::O_DIRECTORY, 0)?;
-                        last_layer |=
-                            format::dir_markers_of(XTarget::At(fd.as_fd(), c), next.as_fd()).opaque;
-                        fd = Arc::new(next);
-                    }
-                    Ok(_) => return Ok(()),
-                    Err(_) if format::has_oci_whiteout(fd.as_fd(), c) => return Ok(()),
-                    Err(_) => continue 'layers,
-                }
-            }
+            let (fd, last_layer) = match self.walk_dirs(l, dirs)? {
+                LayerWalk::Dir(fd, opaque) => (fd, opaque),
+                LayerWalk::Missing => continue,
+                LayerWalk::Blocked => return Ok(()),
+            };
             let st = match sys::statat(fd.as_fd(), last) {
                 Ok(st) => st,
                 Err(_) => {
@@ -334,21 +335,27 @@ impl Union {
         let Some((last, dirs)) = path.split_last() else {
             return Err(err(libc::EIO));
         };
-        'layers: for l in above + 1..self.layers.len() {
-            let mut fd = self.layers.layers[l].root.clone();
-            for c in dirs {
-                match sys::openat(fd.as_fd(), c, libc::O_PATH | libc::O_DIRECTORY, 0) {
-                    Ok(f) => fd = Arc::new(f),
-                    Err(_) => continue 'layers,
-                }
-            }
-            let Ok(st) = sys::statat(fd.as_fd(), last) else {
-                continue;
+        for l in above + 1..self.layers.len() {
+            // The same walk as a redirect's: the data is the file the lower layers' union
+            // shows at `path`, so a whiteout, a non-directory or an opaque directory on the
+            // way ends the search as it ends a lookup.
+            let (fd, last_layer) = match self.walk_dirs(l, dirs)? {
+                LayerWalk::Dir(fd, opaque) => (fd, opaque),
+                LayerWalk::Missing => continue,
+                LayerWalk::Blocked => break,
+            };
+            let st = match sys::statat(fd.as_fd(), last) {
+                Ok(st) => st,
+                Err(_) if last_layer || format::has_oci_whiteout(fd.as_fd(), last) => break,
+                Err(_) => continue,
             };
             if Kind::from_mode(st.st_mode) != Kind::File {
                 break; // a whiteout or another kind of object: the data is gone
             }
             if sys::has_xattr_at(fd.as_fd(), last, self.cfg.marker_ns.metacopy())? {
+                if last_layer {
+                    break;
+                }
                 continue; // metadata only here too: the data is further down
             }
             return Ok(Arc::new(DataSrc {
@@ -362,6 +369,27 @@ impl Union {
             format::show_path(&path)
         );
         Err(err(libc::EIO))
+    }
+
+    /// Walk the directories of lower path `dirs` in layer `l`, as the kernel's
+    /// ovl_lookup_layer does.
+    fn walk_dirs(&self, l: usize, dirs: &[OsString]) -> Result<LayerWalk> {
+        let mut fd = self.layers.layers[l].root.clone();
+        let mut opaque = false;
+        for c in dirs {
+            match sys::statat(fd.as_fd(), c) {
+                Ok(st) if Kind::from_mode(st.st_mode) == Kind::Dir => {
+                    let next = sys::openat(fd.as_fd(), c, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+                    opaque |=
+                        format::dir_markers_of(XTarget::At(fd.as_fd(), c), next.as_fd()).opaque;
+                    fd = Arc::new(next);
+                }
+                Ok(_) => return Ok(LayerWalk::Blocked),
+                Err(_) if format::has_oci_whiteout(fd.as_fd(), c) => return Ok(LayerWalk::Blocked),
+                Err(_) => return Ok(LayerWalk::Missing),
+            }
+        }
+        Ok(LayerWalk::Dir(fd, opaque))
     }
 
     /// The path of directory `p` in the lower layers: its redirect target, else its parent's

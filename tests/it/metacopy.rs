@@ -201,3 +201,49 @@ fn a_metacopy_upper_is_refused_without_metacopy_on_as_the_kernel_does() {
     assert_eq!(kernel, Err(Some(libc::EPERM)));
     assert_eq!(ours, kernel, "never the hole where the data should be");
 }
+
+/// The data of a metadata-only copy is looked up as a lookup walks: a whiteout hiding its
+/// directory in a layer between the copy and the data ends the search (EIO, as the kernel),
+/// never reaching a file further down that the union doesn't show.
+#[test]
+fn a_metacopy_whose_data_is_whited_out_on_the_way_fails_as_the_kernel_does() {
+    require_fuse!();
+    let s = Scratch::new();
+    let bottom = s.mkdir("bottom");
+    write(bottom.join("d/f"), b"data the union no longer shows");
+    write(bottom.join("d/g"), b"g");
+    let (up, work) = (s.mkdir("meta"), s.mkdir("w"));
+    {
+        let m = Layerfs::mount(
+            &format!("{},metacopy=on", rw_opts(&bottom, &up, &work)),
+            &s.path("m"),
+        );
+        fs::set_permissions(m.mnt.join("d/f"), fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    assert!(xattr_names(&up.join("d/f")).contains(&"trusted.overlay.metacopy".to_string()));
+    // A middle layer deletes d: the metadata copy above it has no data left to show.
+    let middle = s.mkdir("middle");
+    whiteout(middle.join("d"));
+    let ro = format!(
+        "lowerdir={}:{}:{},metacopy=on,redirect_dir=on",
+        up.display(),
+        middle.display(),
+        bottom.display()
+    );
+    let read = |mnt: &Path| {
+        (
+            fs::read(mnt.join("d/f")).map_err(|e| e.raw_os_error()),
+            fs::read(mnt.join("d/g")).map_err(|e| e.raw_os_error()),
+        )
+    };
+    let kernel = {
+        let k = Kernel::mount(&ro, &s.path("k"));
+        read(&k.mnt)
+    };
+    let ours = {
+        let m = Layerfs::mount(&ro, &s.path("l"));
+        read(&m.mnt)
+    };
+    assert_eq!(kernel, (Err(Some(libc::EIO)), Err(Some(libc::ENOENT))));
+    assert_eq!(ours, kernel);
+}
