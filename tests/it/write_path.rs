@@ -569,6 +569,7 @@ fn lower_hard_link_names_seen_only_later_share_the_copy() {
     });
     assert_eq!(fs::read(p.lmnt().join("h3")).unwrap(), b"hard more");
     p.check("after the remount");
+    p.check_interop();
 }
 
 /// A v2 file capability granting cap_net_raw (bit 13), effective.
