@@ -120,9 +120,10 @@ impl Union {
             let _ = super::workdir::remove_tree(wfd.as_fd(), &tmp, 0);
             return Err(e);
         }
-        if node.kind == Kind::File {
-            self.index_copy(&src, &sst, wfd.as_fd(), &tmp);
-        }
+        let index_key = match node.kind {
+            Kind::File => self.index_key(&src, &sst, wfd.as_fd(), &tmp),
+            _ => None,
+        };
         if let Err(e) = sys::renameat2(
             wfd.as_fd(),
             &tmp,
@@ -136,6 +137,9 @@ impl Union {
         // The copy's data was fsynced before the rename; the directory is not (as the
         // kernel): a journaling filesystem commits the rename with the next fsync of the file,
         // and until then a crash shows the lower object, never a partial copy.
+        if let Some(key) = index_key {
+            self.index_copy(upper_parent.as_fd(), &st.name, &key);
+        }
         restore_times(upper_parent.as_fd(), &parent_times);
 
         let aliases = {

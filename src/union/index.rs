@@ -55,12 +55,12 @@ impl Index {
         Some(format!("{:x}-{:x}-{hex}", st.st_dev, kind).into())
     }
 
-    /// Link `work/tmp` (a finished copy) into the index as `key`, replacing a stale entry.
-    fn add(&self, work: BorrowedFd<'_>, tmp: &OsStr, key: &OsStr) -> Result<()> {
-        match sys::linkat(work, tmp, self.fd.as_fd(), key) {
+    /// Link `dir/name` (a finished copy) into the index as `key`, replacing a stale entry.
+    fn add(&self, dir: BorrowedFd<'_>, name: &OsStr, key: &OsStr) -> Result<()> {
+        match sys::linkat(dir, name, self.fd.as_fd(), key) {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                 sys::unlinkat(self.fd.as_fd(), key, false)?;
-                sys::linkat(work, tmp, self.fd.as_fd(), key)?;
+                sys::linkat(dir, name, self.fd.as_fd(), key)?;
             }
             r => r?,
         }
@@ -75,25 +75,44 @@ impl Union {
     }
 
     /// During a copy-up of lower file `src` (built as `work/tmp`, not yet in place): if it is
-    /// a hard link, index the copy. Best effort: without an entry, names not yet looked up
-    /// keep showing the lower file.
-    pub(crate) fn index_copy(&self, src: &Real, sst: &Stat, work: BorrowedFd<'_>, tmp: &OsStr) {
-        let (Some(ix), Real::At(dir, name)) = (self.index(), src) else {
-            return;
+    /// a hard link, mark the copy so the index's link is not counted, and return its index
+    /// name for `index_copy` once the copy is in place.
+    pub(crate) fn index_key(
+        &self,
+        src: &Real,
+        sst: &Stat,
+        work: BorrowedFd<'_>,
+        tmp: &OsStr,
+    ) -> Option<OsString> {
+        let (Some(_), Real::At(dir, name)) = (self.index(), src) else {
+            return None;
         };
         if sst.st_nlink <= 1 || sst.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return;
+            return None;
         }
-        let Some(key) = Index::key(dir.as_fd(), name, sst) else {
-            return;
-        };
-        let nlink = self.cfg.marker_ns.nlink();
-        let r = sys::setxattr(XTarget::At(work, tmp), nlink, b"U-1", 0)
-            .map_err(Into::into)
-            .and_then(|()| ix.add(work, tmp, &key));
-        if let Err(e) = r {
+        let key = Index::key(dir.as_fd(), name, sst)?;
+        match sys::setxattr(
+            XTarget::At(work, tmp),
+            self.cfg.marker_ns.nlink(),
+            b"U-1",
+            0,
+        ) {
+            Ok(()) => Some(key),
+            Err(e) => {
+                log::warn!("copy-up of hard link {name:?}: not indexed: {e}");
+                None
+            }
+        }
+    }
+
+    /// Link the copy, now in place as `dir/name`, into the index. After the copy is visible,
+    /// so the index never holds what the upper doesn't show; best effort: without an entry,
+    /// names not yet looked up keep showing the lower file.
+    pub(crate) fn index_copy(&self, dir: BorrowedFd<'_>, name: &OsStr, key: &OsStr) {
+        if let Some(ix) = self.index()
+            && let Err(e) = ix.add(dir, name, key)
+        {
             log::warn!("copy-up of hard link {name:?}: not indexed: {e}");
-            let _ = sys::removexattr(XTarget::At(work, tmp), nlink);
         }
     }
 
