@@ -189,6 +189,11 @@ impl Pair {
         }
     }
 
+    /// The directory every layer and mount of this pair lives in.
+    pub fn scratch_root(&self) -> PathBuf {
+        self.s.path("")
+    }
+
     pub fn upper(&self) -> PathBuf {
         self.s.path("lu")
     }

@@ -2,12 +2,14 @@
 //! sequence run in lockstep on kernel overlayfs (redirect_dir=on) and layerfs; every outcome and
 //! errno is compared, the whole tree periodically, and at the end persistence and interop.
 //!
-//! A mismatch prints the seed, the operation index and a shrunk reproduction. Replay with
+//! A mismatch prints the seed, the operation index and a shrunk reproduction; a stuck
+//! operation ends the process the same way (see `watchdog`). Replay with
 //! `LAYERFS_SEED=<seed> [LAYERFS_OPS=<n>] cargo test --test it differential::replay -- --ignored`.
 //! CI runs `LAYERFS_SEEDS` seeds (default 10) of `LAYERFS_OPS` operations (default 120).
 
 mod generate;
 mod ops;
+mod watchdog;
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -50,6 +52,7 @@ fn run(seed: u64, ops: Option<&[Op]>, n: usize) -> (Vec<Op>, Option<Mismatch>) {
             None => ops::random_op(&mut rng, &ops::listing(p.kmnt())),
         };
         done.push(op.clone());
+        watchdog::beat(format!("seed {seed}, op {i}: {op:?}"), p.scratch_root());
         let (ko, lo) = (ops::apply(&mut k, &op), ops::apply(&mut l, &op));
         if ko != lo && !l.kept_as_opened(&op, &lo) {
             return (
@@ -76,6 +79,10 @@ fn run(seed: u64, ops: Option<&[Op]>, n: usize) -> (Vec<Op>, Option<Mismatch>) {
         }
     }
     drop((k, l));
+    watchdog::beat(
+        format!("seed {seed}, remount and interop"),
+        p.scratch_root(),
+    );
     let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
         p.assert_no_panic();
         p.check_interop();

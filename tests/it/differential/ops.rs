@@ -120,6 +120,15 @@ impl Side {
     }
 }
 
+/// Open for writing without blocking: the path may be a FIFO by now (opening one for
+/// writing would wait for a reader forever; this way both sides get ENXIO).
+fn write_nonblocking(p: &std::path::Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(p)
+}
+
 fn read_kept(f: &mut File) -> String {
     let mut buf = Vec::new();
     let r =
@@ -171,7 +180,7 @@ pub fn apply(side: &mut Side, op: &Op) -> String {
             let r = OpenOptions::new()
                 .read(acc != libc::O_WRONLY)
                 .write(acc != libc::O_RDONLY)
-                .custom_flags(flags & !libc::O_ACCMODE)
+                .custom_flags((flags & !libc::O_ACCMODE) | libc::O_NONBLOCK)
                 .mode(0o644)
                 .open(at(path));
             res(r, |f| {
@@ -186,14 +195,11 @@ pub fn apply(side: &mut Side, op: &Op) -> String {
             })
         }
         Op::Truncate { path, size } => res(
-            OpenOptions::new()
-                .write(true)
-                .open(at(path))
-                .and_then(|f| f.set_len(*size)),
+            write_nonblocking(&at(path)).and_then(|f| f.set_len(*size)),
             |_| "ok".into(),
         ),
         Op::Punch { path, off, len } => res(
-            OpenOptions::new().write(true).open(at(path)).and_then(|f| {
+            write_nonblocking(&at(path)).and_then(|f| {
                 sys::fallocate(
                     f.as_fd(),
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
