@@ -5,7 +5,8 @@
 //! A mismatch prints the seed, the operation index and a shrunk reproduction; a stuck
 //! operation ends the process the same way (see `watchdog`). Replay with
 //! `LAYERFS_SEED=<seed> [LAYERFS_OPS=<n>] cargo test --test it differential::replay -- --ignored`.
-//! CI runs `LAYERFS_SEEDS` seeds (default 10) of `LAYERFS_OPS` operations (default 120).
+//! CI runs `LAYERFS_SEEDS` seeds (default 10) of `LAYERFS_OPS` operations (default 120);
+//! `LAYERFS_DIFF_OPTIONS` adds mount options to both sides (e.g. `metacopy=on`).
 
 mod generate;
 mod ops;
@@ -33,8 +34,11 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Both mounts of a run; `LAYERFS_DIFF_OPTIONS` adds mount options to both (say
+/// `metacopy=on`, to soak metadata-only copy-up against the kernel's).
 fn pair_for(seed: u64) -> Pair {
-    Pair::new(|s| generate::layers(&mut Rng::new(seed), s))
+    let extra = std::env::var("LAYERFS_DIFF_OPTIONS").unwrap_or_default();
+    Pair::with_options(|s| generate::layers(&mut Rng::new(seed), s), &extra)
 }
 
 /// Run `ops` (or generate `n` of them when `ops` is None) on a fresh pair for `seed`.
