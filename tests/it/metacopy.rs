@@ -247,3 +247,33 @@ fn a_metacopy_whose_data_is_whited_out_on_the_way_fails_as_the_kernel_does() {
     assert_eq!(kernel, (Err(Some(libc::EIO)), Err(Some(libc::ENOENT))));
     assert_eq!(ours, kernel);
 }
+
+/// Renaming a metadata-only copy whose data path is longer than the kernel's redirect_max
+/// (256): within its directory the redirect is the data's name, so it moves; to another
+/// directory it would need the whole path, so it fails with EXDEV and `mv` copies (soak seed
+/// 8121 with metacopy=on: layerfs copied the data up and renamed instead).
+#[test]
+fn renaming_a_metacopy_with_a_long_data_path_does_what_the_kernel_does() {
+    require_fuse!();
+    let deep = format!("a/{}/{}", "L".repeat(200), "M".repeat(200));
+    let mut p = Pair::with_options(
+        |s| {
+            let v = stack(s);
+            write(v[1].join(&deep).join("f"), b"deep data");
+            fs::create_dir_all(v[1].join("b")).unwrap();
+            v
+        },
+        "metacopy=on",
+    );
+    p.same("rename within its directory", |m| {
+        let d = m.join(&deep);
+        let r = outcome(fs::rename(d.join("f"), d.join("g")));
+        (r, fs::read(d.join("g")).ok())
+    });
+    p.same("rename to another directory", |m| {
+        let r = outcome(fs::rename(m.join(&deep).join("g"), m.join("b/g")));
+        (r, fs::read(m.join(&deep).join("g")).ok())
+    });
+    p.check("after the renames");
+    p.check_interop();
+}
