@@ -282,6 +282,16 @@ impl Union {
         }
         let np = self.dir_node(newparent)?;
         self.copy_up(&np, Data::All)?;
+        if self.cfg.metacopy {
+            // The kernel links a metadata-only copy that points at its data with an absolute
+            // redirect, and refuses (EXDEV) where that path exceeds redirect_max (soak seed
+            // 8123). We bring the data up instead, but refuse where the kernel does.
+            self.copy_up(&src, Data::Meta)?;
+            let data = src.state().data.filter(|_| src.kind == Kind::File);
+            if data.is_some_and(|d| format::absolute_path(&d.path).len() > REDIRECT_MAX) {
+                return Err(err(libc::EXDEV));
+            }
+        }
         self.copy_up(&src, Data::All)?;
         let _g = np.dir_lock.write().expect("dir lock");
         if self.child(&np, newname)?.is_some() {

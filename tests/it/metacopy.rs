@@ -251,7 +251,8 @@ fn a_metacopy_whose_data_is_whited_out_on_the_way_fails_as_the_kernel_does() {
 /// Renaming a metadata-only copy whose data path is longer than the kernel's redirect_max
 /// (256): within its directory the redirect is the data's name, so it moves; to another
 /// directory it would need the whole path, so it fails with EXDEV and `mv` copies (soak seed
-/// 8121 with metacopy=on: layerfs copied the data up and renamed instead).
+/// 8121 with metacopy=on: layerfs copied the data up and renamed instead). A hard link needs
+/// the whole path too (seed 8123).
 #[test]
 fn renaming_a_metacopy_with_a_long_data_path_does_what_the_kernel_does() {
     require_fuse!();
@@ -273,6 +274,9 @@ fn renaming_a_metacopy_with_a_long_data_path_does_what_the_kernel_does() {
     p.same("rename to another directory", |m| {
         let r = outcome(fs::rename(m.join(&deep).join("g"), m.join("b/g")));
         (r, fs::read(m.join(&deep).join("g")).ok())
+    });
+    p.same("hard link elsewhere (soak seed 8123)", |m| {
+        outcome(fs::hard_link(m.join(&deep).join("g"), m.join("b/h")))
     });
     p.check("after the renames");
     p.check_interop();
