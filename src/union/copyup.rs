@@ -120,10 +120,7 @@ impl Union {
             let _ = super::workdir::remove_tree(wfd.as_fd(), &tmp, 0);
             return Err(e);
         }
-        let index_key = match node.kind {
-            Kind::File => self.index_key(&src, &sst, wfd.as_fd(), &tmp),
-            _ => None,
-        };
+        let index_key = self.index_key(&src, &sst, wfd.as_fd(), &tmp);
         if let Err(e) = sys::renameat2(
             wfd.as_fd(),
             &tmp,

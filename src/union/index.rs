@@ -36,11 +36,10 @@ impl Index {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e).ctx(DIR),
         }
-        let list =
-            sys::openat(base, OsStr::new(DIR), libc::O_RDONLY | libc::O_DIRECTORY, 0).ctx(DIR)?;
-        let in_use = !sys::read_dir_fd(list.as_fd()).ctx(DIR)?.is_empty();
+        // Readable (to list it once here); the *at calls take it as their directory.
         let fd =
-            sys::openat(base, OsStr::new(DIR), libc::O_PATH | libc::O_DIRECTORY, 0).ctx(DIR)?;
+            sys::openat(base, OsStr::new(DIR), libc::O_RDONLY | libc::O_DIRECTORY, 0).ctx(DIR)?;
+        let in_use = !sys::read_dir_fd(fd.as_fd()).ctx(DIR)?.is_empty();
         Ok(Index {
             fd: Arc::new(fd),
             in_use: AtomicBool::new(in_use),
@@ -74,8 +73,8 @@ impl Union {
         self.work.as_ref().map(|w| &w.index)
     }
 
-    /// During a copy-up of lower file `src` (built as `work/tmp`, not yet in place): if it is
-    /// a hard link, mark the copy so the index's link is not counted, and return its index
+    /// During a copy-up of lower object `src` (built as `work/tmp`, not yet in place): if it
+    /// is a hard-linked regular file, mark the copy so the index's link is not counted, and return its index
     /// name for `index_copy` once the copy is in place.
     pub(crate) fn index_key(
         &self,

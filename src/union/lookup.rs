@@ -377,14 +377,17 @@ impl Union {
         let mut fd = self.layers.layers[l].root.clone();
         let mut opaque = false;
         for c in dirs {
-            match sys::statat(fd.as_fd(), c) {
-                Ok(st) if Kind::from_mode(st.st_mode) == Kind::Dir => {
-                    let next = sys::openat(fd.as_fd(), c, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            // One open per component: ENOTDIR is a non-directory (a whiteout, a symlink:
+            // O_NOFOLLOW) standing there.
+            match sys::openat(fd.as_fd(), c, libc::O_PATH | libc::O_DIRECTORY, 0) {
+                Ok(next) => {
                     opaque |=
                         format::dir_markers_of(XTarget::At(fd.as_fd(), c), next.as_fd()).opaque;
                     fd = Arc::new(next);
                 }
-                Ok(_) => return Ok(LayerWalk::Blocked),
+                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                    return Ok(LayerWalk::Blocked);
+                }
                 Err(_) if format::has_oci_whiteout(fd.as_fd(), c) => return Ok(LayerWalk::Blocked),
                 Err(_) => return Ok(LayerWalk::Missing),
             }

@@ -287,8 +287,11 @@ impl Union {
             // redirect, and refuses (EXDEV) where that path exceeds redirect_max (soak seed
             // 8123). We bring the data up instead, but refuse where the kernel does.
             self.copy_up(&src, Data::Meta)?;
-            let data = src.state().data.filter(|_| src.kind == Kind::File);
-            if data.is_some_and(|d| format::absolute_path(&d.path).len() > REDIRECT_MAX) {
+            if src
+                .state()
+                .data
+                .is_some_and(|d| format::absolute_path(&d.path).len() > REDIRECT_MAX)
+            {
                 return Err(err(libc::EXDEV));
             }
         }
