@@ -27,6 +27,10 @@ Mount OPTIONS (comma-separated; -o may be repeated):
                            on a lower file before a copy-up keeps its lower data (the kernel
                            switches it); `upper`: lower files go through the page cache and
                            such readers follow, as in the kernel; 0: everything through it
+  io_uring=1|0             take requests over FUSE io_uring (per-CPU queues, served on the
+                           caller's CPU: cheaper round trips, see docs/BENCHMARKS.md) when
+                           the kernel offers it: kernel 6.14+ with fuse.enable_uring=Y (echo Y >
+                           /sys/module/fuse/parameters/enable_uring). Default 1; 0: /dev/fuse
   userxattr                write markers as user.overlay.* (default when not root)
   metacopy=on|off          chmod/chown/touch/setfattr/mv of a lower file copy up its metadata
                            only (as kernel overlayfs metacopy=on; root); the data follows at

@@ -100,6 +100,14 @@ fn stats_text(mp: &Path, v: &Value, prev: Option<(&Value, Duration)>) -> String 
     line(
         &mut s,
         format!(
+            "transport  {} requests over io_uring, {} over /dev/fuse",
+            n(&v["transport"]["io_uring"]),
+            n(&v["transport"]["dev_fuse"])
+        ),
+    );
+    line(
+        &mut s,
+        format!(
             "\n{:<12} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "operation", "count", "per s", "mean µs", "p50 µs", "p90 µs", "p99 µs"
         ),

@@ -128,6 +128,7 @@ struct Raw {
     kernel: Vec<MountOption>,
     ro: bool,
     passthrough: Option<Passthrough>,
+    io_uring: Option<bool>,
     ids: Ids,
 }
 
@@ -169,6 +170,17 @@ fn parse_raw(opts: &[String]) -> Result<Raw> {
                     Some(x) => {
                         return Err(Error::msg(format!(
                             "passthrough={x}: expected passthrough=0, 1 or upper"
+                        )));
+                    }
+                }
+            }
+            "io_uring" => {
+                r.io_uring = match v.as_deref() {
+                    Some("1") | Some("on") | None => Some(true),
+                    Some("0") | Some("off") => Some(false),
+                    Some(x) => {
+                        return Err(Error::msg(format!(
+                            "io_uring={x}: expected io_uring=0 or io_uring=1"
                         )));
                     }
                 }
@@ -349,6 +361,7 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
             None => Passthrough::All,
             Some(p) => p,
         },
+        io_uring: r.io_uring.unwrap_or(true),
     })
 }
 

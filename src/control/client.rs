@@ -69,6 +69,11 @@ impl Client {
     }
 
     fn broken(&self, e: std::io::Error) -> Error {
+        // A daemon killed while its socket still had our connection queued resets it
+        // unanswered: that is a dead daemon, not a hang-up.
+        if e.kind() == std::io::ErrorKind::ConnectionReset {
+            return dead(&self.mount);
+        }
         Error::msg(format!(
             "the layerfs daemon for {} hung up: {e}",
             self.mount.mountpoint.display()

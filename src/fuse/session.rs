@@ -27,6 +27,8 @@ pub struct MountSpec {
     pub threads: usize,
     /// Which files' data goes through FUSE passthrough when the kernel allows it.
     pub passthrough: Passthrough,
+    /// `io_uring=`: use FUSE over io_uring when the kernel offers it.
+    pub io_uring: bool,
 }
 
 /// `passthrough=`: which open files the kernel serves straight from the real file.
@@ -187,8 +189,9 @@ fn start(spec: &MountSpec) -> Result<Started> {
     };
     config.n_threads = Some(spec.threads.max(1));
     config.clone_fd = true;
+    config.io_uring = spec.io_uring.then(fuser::UringConfig::default);
     let session = fuser::Session::new(
-        Adapter::new(fs.clone(), spec.passthrough),
+        Adapter::new(fs.clone(), spec.passthrough, spec.io_uring),
         &spec.mountpoint,
         &config,
     )

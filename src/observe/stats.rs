@@ -96,6 +96,9 @@ pub struct Stats {
     /// (see `NodeTable::reissue`); the open that found it is sent back for a new path walk.
     pub reissued: AtomicU64,
     pub events_dropped: AtomicU64,
+    /// Requests served by an io_uring queue thread / by a /dev/fuse reader.
+    pub via_io_uring: AtomicU64,
+    pub via_dev_fuse: AtomicU64,
 }
 
 impl Default for Stats {
@@ -116,8 +119,21 @@ impl Default for Stats {
             cached_opens: z(),
             reissued: z(),
             events_dropped: z(),
+            via_io_uring: z(),
+            via_dev_fuse: z(),
         }
     }
+}
+
+thread_local! {
+    /// fuser names the threads serving its io_uring queues `fuser-uring-<cpu>-<n>`.
+    static URING_THREAD: bool = std::thread::current()
+        .name()
+        .is_some_and(|n| n.starts_with("fuser-uring-"));
+}
+
+fn on_io_uring_thread() -> bool {
+    URING_THREAD.with(|u| *u)
 }
 
 /// Add one to a counter.
@@ -141,6 +157,11 @@ impl Stats {
         s.count.fetch_add(1, Relaxed);
         s.total_ns.fetch_add(ns, Relaxed);
         s.hist[bucket(ns)].fetch_add(1, Relaxed);
+        bump(if on_io_uring_thread() {
+            &self.via_io_uring
+        } else {
+            &self.via_dev_fuse
+        });
     }
 
     pub fn record_copy_up(&self, bytes: Option<u64>, d: Duration) {
@@ -182,6 +203,10 @@ impl Stats {
             "cached_opens": g(&self.cached_opens),
             "reissued": g(&self.reissued),
             "events_dropped": g(&self.events_dropped),
+            "transport": {
+                "io_uring": g(&self.via_io_uring),
+                "dev_fuse": g(&self.via_dev_fuse),
+            },
             "ops": ops,
         })
     }

@@ -15,4 +15,5 @@ mod read_side;
 mod rootless;
 mod runtime;
 mod store;
+mod transport;
 mod write_path;

@@ -6,7 +6,8 @@
 //! operation ends the process the same way (see `watchdog`). Replay with
 //! `LAYERFS_SEED=<seed> [LAYERFS_OPS=<n>] cargo test --test it differential::replay -- --ignored`.
 //! CI runs `LAYERFS_SEEDS` seeds (default 10) of `LAYERFS_OPS` operations (default 120);
-//! `LAYERFS_DIFF_OPTIONS` adds mount options to both sides (e.g. `metacopy=on`).
+//! `LAYERFS_DIFF_OPTIONS` adds mount options to both sides (e.g. `metacopy=on`); odd seeds
+//! run layerfs over /dev/fuse (`io_uring=0`), even ones over io_uring where the kernel offers it.
 
 mod generate;
 mod ops;
@@ -35,10 +36,14 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 /// Both mounts of a run; `LAYERFS_DIFF_OPTIONS` adds mount options to both (say
-/// `metacopy=on`, to soak metadata-only copy-up against the kernel's).
+/// `metacopy=on`, to soak metadata-only copy-up against the kernel's). Odd seeds mount
+/// layerfs with `io_uring=0`, so both transports are covered wherever the kernel offers
+/// io_uring; `LAYERFS_DIFF_OURS` replaces that with options for layerfs alone.
 fn pair_for(seed: u64) -> Pair {
     let extra = std::env::var("LAYERFS_DIFF_OPTIONS").unwrap_or_default();
-    Pair::with_options(|s| generate::layers(&mut Rng::new(seed), s), &extra)
+    let ours = std::env::var("LAYERFS_DIFF_OURS")
+        .unwrap_or_else(|_| if seed % 2 == 1 { "io_uring=0" } else { "" }.into());
+    Pair::with_ours(|s| generate::layers(&mut Rng::new(seed), s), &extra, &ours)
 }
 
 /// Run `ops` (or generate `n` of them when `ops` is None) on a fresh pair for `seed`.

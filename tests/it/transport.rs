@@ -1,0 +1,142 @@
+//! The two ways requests reach the daemon: FUSE over io_uring (per-CPU queues, when the
+//! kernel offers it) and /dev/fuse. Both must give the same filesystem.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use crate::require_fuse;
+use crate::support::*;
+
+const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Why this kernel will not offer FUSE over io_uring, if it won't.
+fn uring_unavailable() -> Option<String> {
+    match std::fs::read_to_string(URING_PARAM) {
+        Err(_) => Some(format!(
+            "{URING_PARAM} is missing (kernel without CONFIG_FUSE_IO_URING)"
+        )),
+        Ok(v) if v.trim() != "Y" => Some(format!(
+            "fuse.enable_uring is off (echo Y > {URING_PARAM}; .ci/run does)"
+        )),
+        Ok(_) => None,
+    }
+}
+
+/// A workload touching every kind of request that carries a payload: names (lookup,
+/// create, mkdir, symlink, rename, unlink), data both ways through the daemon
+/// (`passthrough=0`: 1 MiB writes and reads, the largest a ring entry carries),
+/// directory listings of a few pages, xattrs, and copy-up of a lower file.
+fn workload(m: &Path) {
+    let big: Vec<u8> = (0..3 * 1024 * 1024 + 123)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(m.join("big"), &big).unwrap();
+    assert!(
+        std::fs::read(m.join("big")).unwrap() == big,
+        "big file read back"
+    );
+    std::fs::create_dir(m.join("many")).unwrap();
+    for i in 0..600 {
+        std::fs::write(
+            m.join(format!("many/entry-with-a-longish-name-{i:04}")),
+            b"x",
+        )
+        .unwrap();
+    }
+    let n = std::fs::read_dir(m.join("many")).unwrap().count();
+    assert_eq!(n, 600, "listing of 600 entries");
+    for i in 0..600 {
+        if i % 3 == 0 {
+            std::fs::remove_file(m.join(format!("many/entry-with-a-longish-name-{i:04}"))).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink("big", m.join("link")).unwrap();
+    assert_eq!(
+        std::fs::read_link(m.join("link")).unwrap(),
+        Path::new("big")
+    );
+    std::fs::rename(m.join("big"), m.join("big2")).unwrap();
+    set_xattr(m.join("big2"), "user.k", b"value");
+    assert_eq!(
+        get_xattr(m.join("big2"), "user.k").as_deref(),
+        Some(&b"value"[..])
+    );
+    // Copy-up of a lower file by appending, and by chmod.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(m.join("lower/a"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b" appended").unwrap();
+    drop(f);
+    chmod(m.join("lower/b"), 0o600);
+    assert_eq!(
+        std::fs::read(m.join("lower/a")).unwrap(),
+        b"lower a appended"
+    );
+    assert_eq!(
+        std::fs::metadata(m.join("lower/b"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    std::fs::remove_file(m.join("lower/c")).unwrap();
+}
+
+fn layers(s: &Scratch) -> String {
+    let l = s.mkdir("l");
+    std::fs::create_dir(l.join("lower")).unwrap();
+    write(l.join("lower/a"), b"lower a");
+    write(l.join("lower/b"), b"lower b");
+    write(l.join("lower/c"), b"lower c");
+    rw_opts(&l, &s.mkdir("u"), &s.mkdir("w"))
+}
+
+#[test]
+fn io_uring_and_dev_fuse_serve_the_same_filesystem() {
+    require_fuse!();
+    if let Some(r) = uring_unavailable() {
+        eprintln!("SKIPPED {}: {r}", module_path!());
+        return;
+    }
+    let mut trees = Vec::new();
+    for uring in [true, false] {
+        let s = Scratch::new();
+        let opts = format!("{},passthrough=0,io_uring={}", layers(&s), u8::from(uring));
+        let m = Layerfs::mount(&opts, &s.path("m"));
+        workload(&m.mnt);
+        let st = stats(&m.mnt);
+        let (via_uring, via_dev) = (
+            st["transport"]["io_uring"].as_u64().unwrap(),
+            st["transport"]["dev_fuse"].as_u64().unwrap(),
+        );
+        if uring {
+            // FORGETs (and requests made before every queue registered) still use
+            // /dev/fuse; everything else goes over the rings.
+            assert!(
+                via_uring > 9 * via_dev,
+                "io_uring mount: {via_uring} requests over io_uring, {via_dev} over /dev/fuse"
+            );
+        } else {
+            assert_eq!(via_uring, 0, "io_uring=0 mount used io_uring");
+            assert!(via_dev > 1000, "{via_dev} requests over /dev/fuse");
+        }
+        trees.push((snapshot(&m.mnt), snapshot(&s.path("u"))));
+        m.unmount();
+    }
+    assert_same_tree("union (io_uring vs /dev/fuse)", &trees[1].0, &trees[0].0);
+    assert_same_tree(
+        "upper layer (io_uring vs /dev/fuse)",
+        &trees[1].1,
+        &trees[0].1,
+    );
+}
+
+#[test]
+fn io_uring_option_is_checked() {
+    assert_one_line_error(
+        &["mount", "-o", "lowerdir=/tmp,io_uring=maybe", "/tmp"],
+        "io_uring=maybe: expected io_uring=0 or io_uring=1",
+    );
+}

@@ -1,0 +1,383 @@
+//! FUSE over io_uring (layerfs addition; Linux 6.14+, `fuse.enable_uring=Y`).
+//!
+//! The kernel keeps one request queue per possible CPU and puts each request on the queue
+//! of the CPU its caller runs on. Each queue here is served by threads pinned to that CPU,
+//! each with its own ring: a request and its reply cost no cross-CPU wake-up, and a reply
+//! and the fetch of the next request are one `io_uring_enter`. FORGET and INTERRUPT still
+//! arrive on /dev/fuse, as do all requests until every queue has registered.
+//!
+//! Entry buffer layout (one allocation per ring entry, 8-byte aligned):
+//! `[fuse_uring_req_header: 288][gap: 256][payload: payload_size]`.
+//! The kernel writes `fuse_in_header` at 0, the op header at 128 and the rest (names, data)
+//! into the payload; before dispatch the header and op header are copied into the gap so
+//! that they end where the payload starts, giving the contiguous request fuser parses.
+
+use std::io;
+use std::io::IoSlice;
+use std::os::fd::AsFd;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::Condvar;
+use std::sync::Mutex;
+
+use io_uring::IoUring;
+use io_uring::cqueue;
+use io_uring::opcode;
+use io_uring::squeue;
+use io_uring::types;
+use log::debug;
+use log::warn;
+
+use crate::Filesystem;
+use crate::UringConfig;
+use crate::channel::ChannelSender;
+use crate::ll::Operation;
+use crate::reply::ReplyEmpty;
+use crate::reply::ReplySender;
+use crate::request::RequestWithSender;
+use crate::session::SessionEventLoop;
+
+const CMD_REGISTER: u32 = 1;
+const CMD_COMMIT_AND_FETCH: u32 = 2;
+/// `struct fuse_in_header`.
+const IN_HEADER: usize = 40;
+/// `struct fuse_out_header`.
+const OUT_HEADER: usize = 16;
+/// Offsets in `struct fuse_uring_req_header`: in_out[128], op_in[128], ring_ent_in_out.
+const OP_IN: usize = 128;
+const ENT_IN_OUT: usize = 256;
+const REQ_HEADER: usize = 288;
+/// Room before the payload for the in header and the largest op header (128).
+const GAP: usize = 256;
+const PAYLOAD: usize = REQ_HEADER + GAP;
+
+/// One ring entry's buffer. Only the thread that owns the entry touches it between a
+/// completion and the commit that hands it back, except through `UringReply::send`.
+#[derive(Debug)]
+struct EntryBuf {
+    base: *mut u64,
+    words: usize,
+    payload_size: usize,
+    iov: [libc::iovec; 2],
+}
+
+// SAFETY: the buffer is owned by one entry; access is serialized by the entry's protocol
+// (kernel owns it until a completion; then the serving thread or one reply writes it).
+unsafe impl Send for EntryBuf {}
+unsafe impl Sync for EntryBuf {}
+
+impl EntryBuf {
+    fn new(payload_size: usize) -> Box<EntryBuf> {
+        let words = (PAYLOAD + payload_size).div_ceil(8);
+        let base = Box::into_raw(vec![0u64; words].into_boxed_slice()) as *mut u64;
+        let bytes = base as *mut u8;
+        let mut b = Box::new(EntryBuf {
+            base,
+            words,
+            payload_size,
+            iov: [
+                libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                },
+                libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                },
+            ],
+        });
+        b.iov[0] = libc::iovec {
+            iov_base: bytes.cast(),
+            iov_len: REQ_HEADER,
+        };
+        b.iov[1] = libc::iovec {
+            // SAFETY: PAYLOAD + payload_size bytes were allocated.
+            iov_base: unsafe { bytes.add(PAYLOAD) }.cast(),
+            iov_len: payload_size,
+        };
+        b
+    }
+
+    fn bytes(&self) -> *mut u8 {
+        self.base as *mut u8
+    }
+
+    fn read_u32(&self, off: usize) -> u32 {
+        let mut v = [0u8; 4];
+        // SAFETY: off + 4 is inside the header area.
+        unsafe { std::ptr::copy_nonoverlapping(self.bytes().add(off), v.as_mut_ptr(), 4) };
+        u32::from_ne_bytes(v)
+    }
+
+    fn read_u64(&self, off: usize) -> u64 {
+        let mut v = [0u8; 8];
+        // SAFETY: off + 8 is inside the header area.
+        unsafe { std::ptr::copy_nonoverlapping(self.bytes().add(off), v.as_mut_ptr(), 8) };
+        u64::from_ne_bytes(v)
+    }
+
+    /// The request the kernel put in this entry, as one contiguous `/dev/fuse` message.
+    /// None if the sizes the kernel wrote don't add up.
+    fn request(&self) -> Option<&[u8]> {
+        let len = self.read_u32(0) as usize;
+        let payload_sz = self.read_u32(ENT_IN_OUT + 16) as usize;
+        let op = len.checked_sub(IN_HEADER)?.checked_sub(payload_sz)?;
+        if op > OP_IN || payload_sz > self.payload_size {
+            return None;
+        }
+        let start = PAYLOAD - op - IN_HEADER;
+        // SAFETY: all ranges are inside the allocation; the kernel is done writing (we hold
+        // a completion for this entry), and the gap is ours alone.
+        unsafe {
+            let b = self.bytes();
+            std::ptr::copy_nonoverlapping(b, b.add(start), IN_HEADER);
+            std::ptr::copy_nonoverlapping(b.add(OP_IN), b.add(start + IN_HEADER), op);
+            Some(std::slice::from_raw_parts(b.add(start), len))
+        }
+    }
+
+    /// Write a reply (out header + payload) where the kernel's commit reads it.
+    fn write_reply(&self, data: &[IoSlice<'_>]) -> io::Result<()> {
+        let total: usize = data.iter().map(|s| s.len()).sum();
+        if total < OUT_HEADER || total - OUT_HEADER > self.payload_size {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut pos = 0usize;
+        for s in data {
+            let mut src: &[u8] = s;
+            while !src.is_empty() {
+                let (dst_off, room) = if pos < OUT_HEADER {
+                    (pos, OUT_HEADER - pos)
+                } else {
+                    (PAYLOAD + pos - OUT_HEADER, usize::MAX)
+                };
+                let n = src.len().min(room);
+                // SAFETY: bounds checked above (header area / payload capacity).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), self.bytes().add(dst_off), n)
+                };
+                pos += n;
+                src = &src[n..];
+            }
+        }
+        let payload_sz = ((total - OUT_HEADER) as u32).to_ne_bytes();
+        // SAFETY: inside the header area.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                payload_sz.as_ptr(),
+                self.bytes().add(ENT_IN_OUT + 16),
+                4,
+            )
+        };
+        Ok(())
+    }
+}
+
+impl Drop for EntryBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this length; the kernel no longer uses it once
+        // its thread (and ring) is gone.
+        unsafe {
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.base, self.words,
+            )))
+        };
+    }
+}
+
+/// A ring entry as replies see it.
+#[derive(Debug)]
+pub(crate) struct UringSlot {
+    buf: Box<EntryBuf>,
+    replied: Mutex<bool>,
+    cv: Condvar,
+}
+
+/// Reply sender for a request that came through io_uring: writes the reply into the
+/// entry; the entry's thread commits it.
+#[derive(Clone, Debug)]
+pub(crate) struct UringReply {
+    slot: Arc<UringSlot>,
+    /// For passthrough backing ids, which are /dev/fuse ioctls.
+    pub(crate) ch: ChannelSender,
+}
+
+impl UringReply {
+    pub(crate) fn send(&self, data: &[IoSlice<'_>]) -> io::Result<()> {
+        let mut replied = self.slot.replied.lock().unwrap_or_else(|e| e.into_inner());
+        if *replied {
+            return Err(io::Error::from_raw_os_error(libc::EALREADY));
+        }
+        let r = self.slot.buf.write_reply(data);
+        if r.is_err() {
+            // Never leave the caller hanging: answer EIO instead.
+            let h = error_header(libc::EIO, self.unique());
+            self.slot.buf.write_reply(&[IoSlice::new(&h)])?;
+        }
+        *replied = true;
+        self.slot.cv.notify_all();
+        r
+    }
+
+    fn unique(&self) -> u64 {
+        self.slot.buf.read_u64(8)
+    }
+}
+
+fn error_header(errno: i32, unique: u64) -> [u8; OUT_HEADER] {
+    let mut h = [0u8; OUT_HEADER];
+    h[0..4].copy_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
+    h[4..8].copy_from_slice(&(-errno).to_ne_bytes());
+    h[8..16].copy_from_slice(&unique.to_ne_bytes());
+    h
+}
+
+/// The CPUs the kernel makes queues for (`num_possible_cpus`, ids 0..n).
+pub(crate) fn possible_cpus() -> usize {
+    let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
+    let last = s
+        .trim()
+        .split(',')
+        .filter_map(|r| r.rsplit('-').next())
+        .filter_map(|n| n.parse::<usize>().ok())
+        .max();
+    last.map_or(1, |n| n + 1)
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: plain syscall on a zeroed cpu_set_t owned here.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            debug!(
+                "io_uring queue {cpu}: not pinned: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+fn uring_cmd(fd: i32, op: u32, qid: u16, commit_id: u64, user_data: u64) -> squeue::Entry128 {
+    let mut cmd = [0u8; 80];
+    // struct fuse_uring_cmd_req { u64 flags; u64 commit_id; u16 qid; u8 padding[6]; }
+    cmd[8..16].copy_from_slice(&commit_id.to_ne_bytes());
+    cmd[16..18].copy_from_slice(&qid.to_ne_bytes());
+    opcode::UringCmd80::new(types::Fd(fd), op)
+        .cmd(cmd)
+        .build()
+        .user_data(user_data)
+}
+
+fn register_cmd(fd: i32, qid: u16, buf: &EntryBuf, user_data: u64) -> squeue::Entry128 {
+    let e = uring_cmd(fd, CMD_REGISTER, qid, 0, user_data);
+    // The io-uring crate has no setter for `len` on a uring command; REGISTER passes the
+    // iovec array in addr/len (sqe offsets 16 and 24).
+    // SAFETY: Entry128 is repr(C), 128 bytes: a 64-byte io_uring_sqe then 64 bytes of cmd.
+    let mut raw: [u8; 128] = unsafe { std::mem::transmute(e) };
+    raw[16..24].copy_from_slice(&(buf.iov.as_ptr() as u64).to_ne_bytes());
+    raw[24..28].copy_from_slice(&2u32.to_ne_bytes());
+    // SAFETY: same layout as above.
+    unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
+}
+
+/// Serve queue `qid` until the connection ends. Returns Err only if the queue could not
+/// be set up (the kernel then keeps using /dev/fuse).
+pub(crate) fn serve_queue<FS: Filesystem>(
+    se: &SessionEventLoop<FS>,
+    qid: usize,
+    cfg: UringConfig,
+    payload_size: usize,
+) -> io::Result<()> {
+    pin_to_cpu(qid);
+    let fd = se.ch.as_fd().as_raw_fd();
+    let n = cfg.entries.max(1);
+    let slots: Vec<Arc<UringSlot>> = (0..n)
+        .map(|_| {
+            Arc::new(UringSlot {
+                buf: EntryBuf::new(payload_size),
+                replied: Mutex::new(false),
+                cv: Condvar::new(),
+            })
+        })
+        .collect();
+    // Declared after `slots`, so dropped before them: the kernel lets go of the buffers
+    // when the ring goes.
+    let mut ring: IoUring<squeue::Entry128, cqueue::Entry> = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_coop_taskrun()
+        .build((n as u32).next_power_of_two().max(2))?;
+    for (i, s) in slots.iter().enumerate() {
+        let sqe = register_cmd(fd, qid as u16, &s.buf, i as u64);
+        // SAFETY: the iovecs and buffers in `slots` outlive the ring.
+        unsafe { ring.submission().push(&sqe) }
+            .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+    }
+    let sender = se.ch.sender();
+    let mut done = Vec::with_capacity(n);
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+        done.clear();
+        done.extend(ring.completion().map(|c| (c.user_data() as usize, c.result())));
+        for &(i, res) in &done {
+            if res < 0 {
+                let err = io::Error::from_raw_os_error(-res);
+                return match -res {
+                    libc::ENOTCONN | libc::ECANCELED | libc::ENODEV | libc::ECONNABORTED => {
+                        debug!("io_uring queue {qid}: connection ended ({err})");
+                        Ok(())
+                    }
+                    _ => {
+                        warn!("io_uring queue {qid}: {err}");
+                        Err(err)
+                    }
+                };
+            }
+            let slot = &slots[i];
+            *slot.replied.lock().unwrap_or_else(|e| e.into_inner()) = false;
+            let reply = ReplySender::Uring(UringReply {
+                slot: slot.clone(),
+                ch: sender.clone(),
+            });
+            let unique = slot.buf.read_u64(8);
+            match slot.buf.request() {
+                Some(data) => match RequestWithSender::new(reply.clone(), data) {
+                    Some(req) => {
+                        if let Ok(Operation::Destroy(_)) = req.request.operation() {
+                            req.reply::<ReplyEmpty>().ok();
+                        } else {
+                            req.dispatch(se);
+                        }
+                    }
+                    None => {
+                        let _ = reply.send(&[IoSlice::new(&error_header(libc::EIO, unique))]);
+                    }
+                },
+                None => {
+                    warn!("io_uring queue {qid}: malformed request {unique}");
+                    let _ = reply.send(&[IoSlice::new(&error_header(libc::EIO, unique))]);
+                }
+            }
+            // A filesystem may answer from another thread; the entry waits for it.
+            let mut replied = slot.replied.lock().unwrap_or_else(|e| e.into_inner());
+            while !*replied {
+                replied = slot.cv.wait(replied).unwrap_or_else(|e| e.into_inner());
+            }
+            drop(replied);
+            let sqe = uring_cmd(fd, CMD_COMMIT_AND_FETCH, qid as u16, unique, i as u64);
+            // SAFETY: as for the registration above.
+            if unsafe { ring.submission().push(&sqe) }.is_err() {
+                ring.submit()?;
+                // SAFETY: as above.
+                unsafe { ring.submission().push(&sqe) }
+                    .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+            }
+        }
+    }
+}
+
