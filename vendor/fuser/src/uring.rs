@@ -51,12 +51,12 @@ const REQ_HEADER: usize = 288;
 const GAP: usize = 256;
 const PAYLOAD: usize = REQ_HEADER + GAP;
 
-/// One ring entry's buffer. Only the thread that owns the entry touches it between a
-/// completion and the commit that hands it back, except through `UringReply::send`.
+/// One ring entry's buffer, never freed (the kernel holds its address; see serve_queue).
+/// Only the thread that owns the entry touches it between a completion and the commit that
+/// hands it back, except through `UringReply::send`.
 #[derive(Debug)]
 struct EntryBuf {
     base: *mut u64,
-    words: usize,
     payload_size: usize,
     iov: [libc::iovec; 2],
 }
@@ -73,7 +73,6 @@ impl EntryBuf {
         let bytes = base as *mut u8;
         let mut b = Box::new(EntryBuf {
             base,
-            words,
             payload_size,
             iov: [
                 libc::iovec {
@@ -136,52 +135,23 @@ impl EntryBuf {
         }
     }
 
-    /// Write a reply (out header + payload) where the kernel's commit reads it.
-    fn write_reply(&self, data: &[IoSlice<'_>]) -> io::Result<()> {
-        let total: usize = data.iter().map(|s| s.len()).sum();
-        if total < OUT_HEADER || total - OUT_HEADER > self.payload_size {
+    /// Write a reply (out header + payload) where the kernel's commit reads it. Only once
+    /// the request (which lives in the same buffer) is no longer borrowed.
+    fn write_reply(&self, reply: &[u8]) -> io::Result<()> {
+        if reply.len() < OUT_HEADER || reply.len() - OUT_HEADER > self.payload_size {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let mut pos = 0usize;
-        for s in data {
-            let mut src: &[u8] = s;
-            while !src.is_empty() {
-                let (dst_off, room) = if pos < OUT_HEADER {
-                    (pos, OUT_HEADER - pos)
-                } else {
-                    (PAYLOAD + pos - OUT_HEADER, usize::MAX)
-                };
-                let n = src.len().min(room);
-                // SAFETY: bounds checked above (header area / payload capacity).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(src.as_ptr(), self.bytes().add(dst_off), n)
-                };
-                pos += n;
-                src = &src[n..];
-            }
+        let payload = reply.len() - OUT_HEADER;
+        // SAFETY: the header fits the header area and the rest the payload (checked above);
+        // the kernel does not touch the entry until we commit it.
+        unsafe {
+            let b = self.bytes();
+            std::ptr::copy_nonoverlapping(reply.as_ptr(), b, OUT_HEADER);
+            std::ptr::copy_nonoverlapping(reply.as_ptr().add(OUT_HEADER), b.add(PAYLOAD), payload);
+            let sz = (payload as u32).to_ne_bytes();
+            std::ptr::copy_nonoverlapping(sz.as_ptr(), b.add(ENT_IN_OUT + 16), 4);
         }
-        let payload_sz = ((total - OUT_HEADER) as u32).to_ne_bytes();
-        // SAFETY: inside the header area.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                payload_sz.as_ptr(),
-                self.bytes().add(ENT_IN_OUT + 16),
-                4,
-            )
-        };
         Ok(())
-    }
-}
-
-impl Drop for EntryBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this length; the kernel no longer uses it once
-        // its thread (and ring) is gone.
-        unsafe {
-            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                self.base, self.words,
-            )))
-        };
     }
 }
 
@@ -189,12 +159,20 @@ impl Drop for EntryBuf {
 #[derive(Debug)]
 pub(crate) struct UringSlot {
     buf: Box<EntryBuf>,
-    replied: Mutex<bool>,
+    reply: Mutex<Staged>,
     cv: Condvar,
 }
 
-/// Reply sender for a request that came through io_uring: writes the reply into the
-/// entry; the entry's thread commits it.
+/// A reply waits here until the request is done with: the request's names and data live
+/// in the payload area the reply goes to.
+#[derive(Debug, Default)]
+struct Staged {
+    replied: bool,
+    bytes: Vec<u8>,
+}
+
+/// Reply sender for a request that came through io_uring: stages the reply for the
+/// entry's thread, which writes it into the entry and commits it.
 #[derive(Clone, Debug)]
 pub(crate) struct UringReply {
     slot: Arc<UringSlot>,
@@ -204,23 +182,17 @@ pub(crate) struct UringReply {
 
 impl UringReply {
     pub(crate) fn send(&self, data: &[IoSlice<'_>]) -> io::Result<()> {
-        let mut replied = self.slot.replied.lock().unwrap_or_else(|e| e.into_inner());
-        if *replied {
+        let mut st = self.slot.reply.lock().unwrap_or_else(|e| e.into_inner());
+        if st.replied {
             return Err(io::Error::from_raw_os_error(libc::EALREADY));
         }
-        let r = self.slot.buf.write_reply(data);
-        if r.is_err() {
-            // Never leave the caller hanging: answer EIO instead.
-            let h = error_header(libc::EIO, self.unique());
-            self.slot.buf.write_reply(&[IoSlice::new(&h)])?;
+        st.bytes.clear();
+        for d in data {
+            st.bytes.extend_from_slice(d);
         }
-        *replied = true;
+        st.replied = true;
         self.slot.cv.notify_all();
-        r
-    }
-
-    fn unique(&self) -> u64 {
-        self.slot.buf.read_u64(8)
+        Ok(())
     }
 }
 
@@ -290,30 +262,44 @@ pub(crate) fn serve_queue<FS: Filesystem>(
     payload_size: usize,
 ) -> io::Result<()> {
     pin_to_cpu(qid);
-    let fd = se.ch.as_fd().as_raw_fd();
     let n = cfg.entries.max(1);
     let slots: Vec<Arc<UringSlot>> = (0..n)
         .map(|_| {
             Arc::new(UringSlot {
                 buf: EntryBuf::new(payload_size),
-                replied: Mutex::new(false),
+                reply: Mutex::new(Staged::default()),
                 cv: Condvar::new(),
             })
         })
         .collect();
-    // Declared after `slots`, so dropped before them: the kernel lets go of the buffers
-    // when the ring goes.
-    let mut ring: IoUring<squeue::Entry128, cqueue::Entry> = IoUring::builder()
+    let r = IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
         .setup_coop_taskrun()
-        .build((n as u32).next_power_of_two().max(2))?;
+        .build((n as u32).next_power_of_two().max(2))
+        .and_then(|mut ring| serve_ring(se, qid, &mut ring, &slots));
+    // The buffers stay allocated: after a queue ends (the connection is going away) the
+    // kernel may still be tearing down other entries of this ring asynchronously, and the
+    // process ends soon after anyway.
+    std::mem::forget(slots);
+    r
+}
+
+fn serve_ring<FS: Filesystem>(
+    se: &SessionEventLoop<FS>,
+    qid: usize,
+    ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
+    slots: &[Arc<UringSlot>],
+) -> io::Result<()> {
+    let fd = se.ch.as_fd().as_raw_fd();
+    let n = slots.len();
     for (i, s) in slots.iter().enumerate() {
         let sqe = register_cmd(fd, qid as u16, &s.buf, i as u64);
-        // SAFETY: the iovecs and buffers in `slots` outlive the ring.
+        // SAFETY: the iovecs and buffers in `slots` are never freed (see serve_queue).
         unsafe { ring.submission().push(&sqe) }
             .map_err(|_| io::Error::other("io_uring submission queue full"))?;
     }
+    let mut register_retries = 0;
     let sender = se.ch.sender();
     let mut done = Vec::with_capacity(n);
     loop {
@@ -325,6 +311,16 @@ pub(crate) fn serve_queue<FS: Filesystem>(
         done.clear();
         done.extend(ring.completion().map(|c| (c.user_data() as usize, c.result())));
         for &(i, res) in &done {
+            if res == -libc::EAGAIN && register_retries < 100 {
+                // REGISTER before the kernel finished processing INIT: try again shortly.
+                register_retries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                let sqe = register_cmd(fd, qid as u16, &slots[i].buf, i as u64);
+                // SAFETY: as above.
+                unsafe { ring.submission().push(&sqe) }
+                    .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+                continue;
+            }
             if res < 0 {
                 let err = io::Error::from_raw_os_error(-res);
                 return match -res {
@@ -339,7 +335,7 @@ pub(crate) fn serve_queue<FS: Filesystem>(
                 };
             }
             let slot = &slots[i];
-            *slot.replied.lock().unwrap_or_else(|e| e.into_inner()) = false;
+            slot.reply.lock().unwrap_or_else(|e| e.into_inner()).replied = false;
             let reply = ReplySender::Uring(UringReply {
                 slot: slot.clone(),
                 ch: sender.clone(),
@@ -364,11 +360,15 @@ pub(crate) fn serve_queue<FS: Filesystem>(
                 }
             }
             // A filesystem may answer from another thread; the entry waits for it.
-            let mut replied = slot.replied.lock().unwrap_or_else(|e| e.into_inner());
-            while !*replied {
-                replied = slot.cv.wait(replied).unwrap_or_else(|e| e.into_inner());
+            let mut st = slot.reply.lock().unwrap_or_else(|e| e.into_inner());
+            while !st.replied {
+                st = slot.cv.wait(st).unwrap_or_else(|e| e.into_inner());
             }
-            drop(replied);
+            if slot.buf.write_reply(&st.bytes).is_err() {
+                warn!("io_uring queue {qid}: reply to {unique} too large for the entry");
+                slot.buf.write_reply(&error_header(libc::EIO, unique))?;
+            }
+            drop(st);
             let sqe = uring_cmd(fd, CMD_COMMIT_AND_FETCH, qid as u16, unique, i as u64);
             // SAFETY: as for the registration above.
             if unsafe { ring.submission().push(&sqe) }.is_err() {
