@@ -296,6 +296,7 @@ impl<FS: Filesystem> Session<FS> {
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
+        let uring_live = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
         for (i, ch) in channels.into_iter().enumerate() {
             let thread_name = format!("fuser-{i}");
@@ -305,6 +306,7 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
+                uring_live: uring_live.clone(),
             };
             threads.push(
                 thread::Builder::new()
@@ -326,6 +328,7 @@ impl<FS: Filesystem> Session<FS> {
                         ch: uring_ch.clone(),
                         allowed,
                         session_owner,
+                        uring_live: uring_live.clone(),
                     };
                     threads.push(thread::Builder::new().name(thread_name).spawn(move || {
                         if let Err(e) =
@@ -560,6 +563,9 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
+    /// Set once a request has arrived over io_uring: from then on /dev/fuse carries only
+    /// FORGETs and INTERRUPTs (layerfs addition).
+    pub(crate) uring_live: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
@@ -575,11 +581,19 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                 Ok(size) => match RequestWithSender::new(ReplySender::Channel(self.ch.sender()), &buf[..size]) {
                     // Dispatch request
                     Some(req) => {
-                        if let Ok(Operation::Destroy(_)) = req.request.operation() {
+                        let op = req.request.operation();
+                        if let Ok(Operation::Destroy(_)) = op {
                             req.reply::<ReplyEmpty>().ok();
                             return Ok(());
-                        } else {
-                            req.dispatch(self)
+                        }
+                        let forget =
+                            matches!(op, Ok(Operation::Forget(_) | Operation::BatchForget(_)));
+                        req.dispatch(self);
+                        // With io_uring live, a FORGET here costs a wake-up of this thread
+                        // (often on another CPU) per unlinked or evicted inode. Reading the
+                        // next one a little later lets the kernel batch them (BATCH_FORGET).
+                        if forget && self.uring_live.load(std::sync::atomic::Ordering::Relaxed) {
+                            thread::sleep(std::time::Duration::from_millis(5));
                         }
                     }
                     // Quit loop on illegal request

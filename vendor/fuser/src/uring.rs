@@ -334,6 +334,8 @@ fn serve_ring<FS: Filesystem>(
                     }
                 };
             }
+            se.uring_live
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             let slot = &slots[i];
             slot.reply.lock().unwrap_or_else(|e| e.into_inner()).replied = false;
             let reply = ReplySender::Uring(UringReply {
