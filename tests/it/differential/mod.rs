@@ -40,10 +40,16 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// layerfs with `io_uring=0`, so both transports are covered wherever the kernel offers
 /// io_uring; `LAYERFS_DIFF_OURS` replaces that with options for layerfs alone.
 fn pair_for(seed: u64) -> Pair {
+    let (extra, ours) = options_for(seed);
+    Pair::with_ours(|s| generate::layers(&mut Rng::new(seed), s), &extra, &ours)
+}
+
+/// (options for both mounts, options for layerfs alone) of a run from `seed`.
+fn options_for(seed: u64) -> (String, String) {
     let extra = std::env::var("LAYERFS_DIFF_OPTIONS").unwrap_or_default();
     let ours = std::env::var("LAYERFS_DIFF_OURS")
         .unwrap_or_else(|_| if seed % 2 == 1 { "io_uring=0" } else { "" }.into());
-    Pair::with_ours(|s| generate::layers(&mut Rng::new(seed), s), &extra, &ours)
+    (extra, ours)
 }
 
 /// Run `ops` (or generate `n` of them when `ops` is None) on a fresh pair for `seed`.
@@ -221,27 +227,32 @@ fn soak_shared_mount() {
     let secs = env_u64("LAYERFS_SOAK_SECONDS", 60);
     let workers = env_u64("LAYERFS_SOAK_WORKERS", 4);
     let seed = env_u64("LAYERFS_FIRST_SEED", 5000);
-    let p = Pair::new(|s| {
-        let v = generate::layers(&mut Rng::new(seed), s);
-        // Give every worker a subtree in each layer (moved from a fresh random tree).
-        for (i, layer) in v.iter().enumerate() {
-            for w in 0..workers {
-                let sub = crate::support::Scratch::new();
-                let t = generate::layers(&mut Rng::new(seed * 100 + w * 10 + i as u64), &sub);
-                let src = t.last().unwrap();
-                let dst = layer.join(format!("w{w}"));
-                let (ok, _o, e) = crate::support::run_timeout(
-                    std::process::Command::new("cp")
-                        .arg("-a")
-                        .arg(src)
-                        .arg(&dst),
-                    60,
-                );
-                assert!(ok, "{e}");
+    let (extra, ours) = options_for(seed);
+    let p = Pair::with_ours(
+        |s| {
+            let v = generate::layers(&mut Rng::new(seed), s);
+            // Give every worker a subtree in each layer (moved from a fresh random tree).
+            for (i, layer) in v.iter().enumerate() {
+                for w in 0..workers {
+                    let sub = crate::support::Scratch::new();
+                    let t = generate::layers(&mut Rng::new(seed * 100 + w * 10 + i as u64), &sub);
+                    let src = t.last().unwrap();
+                    let dst = layer.join(format!("w{w}"));
+                    let (ok, _o, e) = crate::support::run_timeout(
+                        std::process::Command::new("cp")
+                            .arg("-a")
+                            .arg(src)
+                            .arg(&dst),
+                        60,
+                    );
+                    assert!(ok, "{e}");
+                }
             }
-        }
-        v
-    });
+            v
+        },
+        &extra,
+        &ours,
+    );
     let start = Instant::now();
     let total = std::sync::atomic::AtomicU64::new(0);
     std::thread::scope(|sc| {
