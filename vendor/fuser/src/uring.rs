@@ -52,8 +52,8 @@ const GAP: usize = 256;
 const PAYLOAD: usize = REQ_HEADER + GAP;
 
 /// One ring entry's buffer, never freed (the kernel holds its address; see serve_queue).
-/// Only the thread that owns the entry touches it between a completion and the commit that
-/// hands it back, except through `UringReply::send`.
+/// Only the thread that owns the entry touches it, between a completion and the commit that
+/// hands it back (replies are staged in `UringSlot` and copied in by that thread).
 #[derive(Debug)]
 struct EntryBuf {
     base: *mut u64,
@@ -61,8 +61,8 @@ struct EntryBuf {
     iov: [libc::iovec; 2],
 }
 
-// SAFETY: the buffer is owned by one entry; access is serialized by the entry's protocol
-// (kernel owns it until a completion; then the serving thread or one reply writes it).
+// SAFETY: the buffer belongs to one entry; the kernel uses it until a completion, then only
+// the entry's thread reads and writes it until the commit.
 unsafe impl Send for EntryBuf {}
 unsafe impl Sync for EntryBuf {}
 
