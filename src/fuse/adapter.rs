@@ -35,8 +35,6 @@ pub struct Adapter {
     /// Asked for at mount; in effect only if the kernel agreed at init.
     pub want_passthrough: Passthrough,
     passthrough: Passthrough,
-    /// Asked for at mount: serve requests over FUSE io_uring if the kernel offers it.
-    pub want_io_uring: bool,
     backing: Mutex<Backing>,
 }
 
@@ -73,12 +71,11 @@ enum Served {
 }
 
 impl Adapter {
-    pub fn new(fs: Arc<Union>, want_passthrough: Passthrough, want_io_uring: bool) -> Adapter {
+    pub fn new(fs: Arc<Union>, want_passthrough: Passthrough) -> Adapter {
         Adapter {
             fs,
             want_passthrough,
             passthrough: Passthrough::Off,
-            want_io_uring,
             backing: Mutex::new(Backing::default()),
         }
     }
@@ -296,23 +293,6 @@ impl Filesystem for Adapter {
             {
                 self.passthrough = self.want_passthrough;
             }
-        }
-        // Requests arrive on per-CPU io_uring queues, served on the caller's CPU: no
-        // cross-CPU wake-up per round trip. The kernel sizes every ring entry for
-        // max_write, and never sends more than max_pages (256 by default) pages anyway.
-        let uring = self.want_io_uring
-            && have.contains(InitFlags::FUSE_OVER_IO_URING)
-            && config
-                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
-                .is_ok()
-            && config.set_max_write(1 << 20).is_ok();
-        if uring {
-            log::info!("transport: FUSE over io_uring, one queue per CPU");
-        } else if self.want_io_uring {
-            log::info!(
-                "transport: /dev/fuse (the kernel offers no FUSE over io_uring; \
-                 it needs fuse.enable_uring=Y: /sys/module/fuse/parameters/enable_uring)"
-            );
         }
         log::info!(
             "data path: {}",

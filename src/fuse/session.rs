@@ -189,9 +189,10 @@ fn start(spec: &MountSpec) -> Result<Started> {
     };
     config.n_threads = Some(spec.threads.max(1));
     config.clone_fd = true;
+    // fuser asks the kernel for it at INIT and serves the queues (vendor/fuser/LAYERFS.md).
     config.io_uring = spec.io_uring.then(fuser::UringConfig::default);
     let session = fuser::Session::new(
-        Adapter::new(fs.clone(), spec.passthrough, spec.io_uring),
+        Adapter::new(fs.clone(), spec.passthrough),
         &spec.mountpoint,
         &config,
     )

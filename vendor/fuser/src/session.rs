@@ -505,13 +505,30 @@ impl<FS: Filesystem> Session<FS> {
                 config.max_write
             );
 
-            if (init.capabilities() & config.requested).contains(InitFlags::FUSE_OVER_IO_URING) {
+            // Config::io_uring asks for FUSE over io_uring where the kernel offers it. The
+            // kernel sizes every ring entry for max_write and never sends more than
+            // max_pages (256 by default) pages anyway: 1 MiB.
+            if self.config.io_uring.is_some()
+                && init
+                    .capabilities()
+                    .contains(InitFlags::FUSE_OVER_IO_URING)
+                && config
+                    .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                    .is_ok()
+                && config.set_max_write(1 << 20).is_ok()
+            {
+                info!("transport: FUSE over io_uring, one queue per CPU");
                 // The kernel refuses ring entries smaller than this (fuse_uring_create).
                 let page = page_size::get();
                 self.uring_payload = Some(
                     (config.max_write as usize)
                         .max(8192)
                         .max(config.max_pages() as usize * page),
+                );
+            } else if self.config.io_uring.is_some() {
+                info!(
+                    "transport: /dev/fuse (the kernel offers no FUSE over io_uring; it needs \
+                     fuse.enable_uring=Y: /sys/module/fuse/parameters/enable_uring)"
                 );
             }
             let response = init.reply(&config);

@@ -31,7 +31,11 @@ use log::warn;
 use crate::Filesystem;
 use crate::UringConfig;
 use crate::channel::ChannelSender;
+use crate::ll::Errno;
 use crate::ll::Operation;
+use crate::ll::RequestId;
+use crate::ll::ResponseErrno;
+use crate::ll::reply::Response;
 use crate::reply::ReplyEmpty;
 use crate::reply::ReplySender;
 use crate::request::RequestWithSender;
@@ -196,12 +200,11 @@ impl UringReply {
     }
 }
 
-fn error_header(errno: i32, unique: u64) -> [u8; OUT_HEADER] {
-    let mut h = [0u8; OUT_HEADER];
-    h[0..4].copy_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
-    h[4..8].copy_from_slice(&(-errno).to_ne_bytes());
-    h[8..16].copy_from_slice(&unique.to_ne_bytes());
-    h
+/// An EIO reply to `unique`, as fuser encodes replies.
+fn eio(unique: u64) -> Vec<u8> {
+    ResponseErrno(Errno::EIO).with_iovec(RequestId(unique), |iov| {
+        iov.iter().flat_map(|s| s.iter().copied()).collect()
+    })
 }
 
 /// The CPUs the kernel makes queues for (`num_possible_cpus`, ids 0..n).
@@ -353,12 +356,12 @@ fn serve_ring<FS: Filesystem>(
                         }
                     }
                     None => {
-                        let _ = reply.send(&[IoSlice::new(&error_header(libc::EIO, unique))]);
+                        let _ = reply.send(&[IoSlice::new(&eio(unique))]);
                     }
                 },
                 None => {
                     warn!("io_uring queue {qid}: malformed request {unique}");
-                    let _ = reply.send(&[IoSlice::new(&error_header(libc::EIO, unique))]);
+                    let _ = reply.send(&[IoSlice::new(&eio(unique))]);
                 }
             }
             // A filesystem may answer from another thread; the entry waits for it.
@@ -368,7 +371,7 @@ fn serve_ring<FS: Filesystem>(
             }
             if slot.buf.write_reply(&st.bytes).is_err() {
                 warn!("io_uring queue {qid}: reply to {unique} too large for the entry");
-                slot.buf.write_reply(&error_header(libc::EIO, unique))?;
+                slot.buf.write_reply(&eio(unique))?;
             }
             drop(st);
             let sqe = uring_cmd(fd, CMD_COMMIT_AND_FETCH, qid as u16, unique, i as u64);
