@@ -258,6 +258,7 @@ pub fn run_image(root: &Path, cmd: ImageCmd) -> Result<i32> {
                     .join("images")
                     .join(format!("{}.json", img.id.hex())),
             )?;
+            let _ = fs::remove_file(store.catalog_path(&img));
             let still: Vec<Digest> = store
                 .images()?
                 .iter()
@@ -445,11 +446,16 @@ pub(crate) fn mount_container(store: &Store, name: &str, mountpoint: &Path) -> R
         .iter()
         .map(|p| p.to_string_lossy().replace(':', "\\:").replace(',', "\\,"))
         .collect();
+    // Image layers never change: their containers' mounts share one lower catalog.
     let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
+        "lowerdir={},upperdir={},workdir={},catalog={}",
         low.join(":"),
         dir.join("upper").display(),
-        dir.join("work").display()
+        dir.join("work").display(),
+        store
+            .catalog_path(&img)
+            .to_string_lossy()
+            .replace(',', "\\,")
     );
     let args = super::MountArgs {
         options: vec![opts],

@@ -31,6 +31,12 @@ Mount OPTIONS (comma-separated; -o may be repeated):
                            caller's CPU: cheaper round trips, see docs/BENCHMARKS.md) when
                            the kernel offers it: kernel 6.14+ with fuse.enable_uring=Y (echo Y >
                            /sys/module/fuse/parameters/enable_uring). Default 1; 0: /dev/fuse
+  catalog=FILE             keep what lookups learn about directories merged over more than 8
+                           lower layers in FILE (written at unmount, read at the next mount
+                           of the same layers): a cold lookup through 100 layers then reads
+                           one layer, not 100. Only for lower layers that never change (as
+                           image-store layers; its containers use one per image); a catalog
+                           of other layers, or a damaged one, is ignored and rebuilt
   userxattr                write markers as user.overlay.* (default when not root)
   metacopy=on|off          chmod/chown/touch/setfattr/mv of a lower file copy up its metadata
                            only (as kernel overlayfs metacopy=on; root); the data follows at

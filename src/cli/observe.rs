@@ -97,6 +97,18 @@ fn stats_text(mp: &Path, v: &Value, prev: Option<(&Value, Duration)>) -> String 
             pct(&v["cache"]["dir_names_hit_rate"])
         ),
     );
+    if v["catalog"].is_object() {
+        let c = &v["catalog"];
+        line(
+            &mut s,
+            format!(
+                "catalog    {} deep directories, {} subdirectories known; {} lookups answered",
+                n(&c["directories"]),
+                n(&c["subdirectories"]),
+                n(&c["answers"])
+            ),
+        );
+    }
     line(
         &mut s,
         format!(

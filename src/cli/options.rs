@@ -129,6 +129,7 @@ struct Raw {
     ro: bool,
     passthrough: Option<Passthrough>,
     io_uring: Option<bool>,
+    catalog: Option<String>,
     ids: Ids,
 }
 
@@ -185,6 +186,7 @@ fn parse_raw(opts: &[String]) -> Result<Raw> {
                     }
                 }
             }
+            "catalog" => r.catalog = Some(need(v)?),
             "userxattr" => r.userxattr = true,
             "metacopy" => {
                 r.metacopy = match v.as_deref() {
@@ -243,6 +245,25 @@ fn parse_id(k: &str, v: &str) -> Result<u32> {
         .map_err(|_| Error::msg(format!("{k}={v}: expected a number")))
 }
 
+/// `catalog=FILE`: an absolute path whose directory exists (the file need not).
+fn catalog_file(p: &str) -> Result<PathBuf> {
+    let path = Path::new(p);
+    let name = path
+        .file_name()
+        .filter(|_| !p.ends_with('/'))
+        .ok_or_else(|| Error::msg(format!("catalog={p}: expected a file path")))?;
+    let parent = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = existing_dir("catalog directory", &parent.to_string_lossy())?;
+    let file = dir.join(name);
+    if file.is_dir() {
+        return Err(Error::msg(format!("catalog={p} is a directory")));
+    }
+    Ok(file)
+}
+
 fn existing_dir(what: &str, p: &str) -> Result<PathBuf> {
     let path = Path::new(p);
     match std::fs::metadata(path) {
@@ -283,6 +304,30 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
         }
         (None, Some(_), _) => return Err(Error::msg("workdir given without an upperdir")),
     };
+    let catalog = r.catalog.as_deref().map(catalog_file).transpose()?;
+    // The catalog is written into none of the layers (they would change under it) nor the mount.
+    if let Some(c) = &catalog
+        && let Some(l) = lowers
+            .iter()
+            .chain(&upper)
+            .chain(&work)
+            .find(|l| c.starts_with(l))
+    {
+        return Err(Error::msg(format!(
+            "catalog {} is inside layer directory {} (keep it outside the layers)",
+            c.display(),
+            l.display()
+        )));
+    }
+    if let Some(c) = &catalog
+        && c.starts_with(&mp)
+    {
+        return Err(Error::msg(format!(
+            "catalog {} is inside the mountpoint {}",
+            c.display(),
+            mp.display()
+        )));
+    }
     // A layer inside the mount would make the daemon call into itself (and hang).
     let mut layers: Vec<(&str, &PathBuf)> = lowers.iter().map(|l| ("lowerdir", l)).collect();
     if let Some(u) = &upper {
@@ -344,6 +389,7 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
             lowers,
             fsync: r.fsync,
             metacopy,
+            catalog,
             ids: r.ids,
             marker_ns: if r.userxattr || !root {
                 MarkerNs::User

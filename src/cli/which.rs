@@ -123,6 +123,7 @@ pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
             metacopy: true,
             marker_ns: crate::union::format::MarkerNs::Trusted,
             ids: Default::default(),
+            catalog: None,
         })?;
         let rel = abs.strip_prefix(&mp).unwrap_or(Path::new(""));
         let comps: Vec<&OsStr> = rel

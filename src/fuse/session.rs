@@ -50,6 +50,9 @@ static EXIT_GUARD: OnceLock<(OwnedFd, PathBuf)> = OnceLock::new();
 /// This mount's control socket, removed on the way out.
 static CONTROL: OnceLock<Control> = OnceLock::new();
 
+/// The union, for what it keeps on the way out (its catalog).
+static UNION: OnceLock<Arc<Union>> = OnceLock::new();
+
 /// Called when the session ends (from `destroy`). fuser 0.18's drop guard would unmount the
 /// mountpoint *path* even after someone else unmounted us — taking down a new mount made there
 /// meanwhile (its connection check reads POLLERR the wrong way round). So exit here, before that
@@ -57,6 +60,9 @@ static CONTROL: OnceLock<Control> = OnceLock::new();
 pub fn exit_after_unmount() -> ! {
     if let Some(c) = CONTROL.get() {
         let _ = std::fs::remove_file(&c.path);
+    }
+    if let Some(u) = UNION.get() {
+        u.save_catalog();
     }
     if let Some((fd, mp)) = EXIT_GUARD.get() {
         if !sys::fuse_disconnected(fd.as_fd()) {
@@ -126,6 +132,7 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
                 };
             }
         })?;
+    let _ = UNION.set(fs.clone());
     // Seeing copy-on-write is a convenience: a mount without its control socket still serves.
     match control::server::start(fs, spec.mountpoint.clone()) {
         Ok(c) => {
@@ -153,6 +160,9 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
                 Err(e) => log::debug!("code not locked in memory: {e}"),
             });
     session.run().ctx("serving the mount")?;
+    if let Some(u) = UNION.get() {
+        u.save_catalog();
+    }
     info!("unmounted {}; exiting", spec.mountpoint.display());
     Ok(())
 }

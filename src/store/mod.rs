@@ -96,7 +96,14 @@ impl Store {
 
     /// Open (creating) the store; `write` takes the writer lock.
     pub fn open(root: &Path, write: bool) -> Result<Store> {
-        for d in ["blobs/sha256", "layers", "images", "containers", "tmp"] {
+        for d in [
+            "blobs/sha256",
+            "layers",
+            "images",
+            "containers",
+            "catalogs",
+            "tmp",
+        ] {
             fs::create_dir_all(root.join(d)).ctx(format!("store {}", root.display()))?;
         }
         let v = root.join("VERSION");
@@ -142,6 +149,11 @@ impl Store {
 
     pub fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
         self.root.join("layers").join(diff_id.hex())
+    }
+
+    /// The lower catalog of `img`'s layer stack (`catalog=` of its containers' mounts).
+    pub fn catalog_path(&self, img: &Image) -> PathBuf {
+        self.root.join("catalogs").join(img.id.hex())
     }
 
     pub fn has_layer(&self, diff_id: &Digest) -> bool {

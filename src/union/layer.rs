@@ -86,4 +86,18 @@ impl LayerStack {
         // Node ids are these numbers, and FUSE reserves 1 for the root.
         if ino <= 1 { ino | 1 << 63 } else { ino }
     }
+
+    /// The real inode number behind `union_ino(layer, real)`.
+    pub fn real_ino(&self, layer: usize, union_ino: u64) -> u64 {
+        let ino = if union_ino & !(1 << 63) <= 1 {
+            union_ino & !(1 << 63)
+        } else {
+            union_ino
+        };
+        if self.multi_fs {
+            (self.layers[layer].fs_index << 56) ^ ino
+        } else {
+            ino
+        }
+    }
 }

@@ -5,6 +5,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
+use super::catalog::{DirKey, ROOT_KEY};
 use super::format;
 use super::names::{MERGE_MIN_LAYERS, Merged, Probe};
 use super::node::{DataSrc, Inserted, Kind, Node, NodeState, ROOT_ID};
@@ -26,6 +27,22 @@ pub(crate) struct Found {
     pub fds: Vec<(usize, Arc<OwnedFd>)>,
     /// A metadata-only copy's data.
     pub data: Option<Arc<DataSrc>>,
+}
+
+impl Found {
+    /// A directory whose top copy has stat `st` (layers added as they are merged).
+    fn dir(st: Stat) -> Found {
+        Found {
+            kind: Kind::Dir,
+            layers: Vec::new(),
+            top: st,
+            lower_path: None,
+            redirect_layer: 0,
+            lower_ino: None,
+            fds: Vec::new(),
+            data: None,
+        }
+    }
 }
 
 enum Step {
@@ -67,8 +84,15 @@ impl Union {
             Some(copy) => copy,
             None => found,
         };
+        let (top, layer) = (found.top, found.layers[0]);
         let node = self.node_from(parent, name, found)?;
-        let attr = self.attr_of(&node)?;
+        // The resolve just stat'ed the node's top object: no second fstatat, unless the
+        // node's top moved meanwhile (an alias of a copied-up hard link was linked up).
+        let attr = if node.top_layer() == layer {
+            self.present(&node, None, top)?
+        } else {
+            self.attr_of(&node)?
+        };
         Ok(Entry { id: node.id, attr })
     }
 
@@ -117,8 +141,19 @@ impl Union {
         let pstate = p.state();
         let mut found: Option<Found> = None;
         let merged = self.merged_names(p, &pstate.layers)?;
+        // A deep directory's subdirectory whose lower copies the catalog knows: no need to
+        // visit every layer to find them.
+        let known = match (&self.catalog, &merged) {
+            (Some(c), Some(m)) => c.child(self.catalog_key(p, m.lowers()), m.lowers(), name),
+            _ => None,
+        };
         for &l in &pstate.layers {
             if !self.layers.is_upper(l) {
+                if let Some(lowers) = &known
+                    && self.known_dir(&mut found, p, name, lowers)?
+                {
+                    break;
+                }
                 // Lower layers never change: answer misses from their listings.
                 match self.probe_lower(p, merged.as_deref(), l, name)? {
                     Probe::Absent => continue,
@@ -142,7 +177,62 @@ impl Union {
                 Step::Stop => break,
             }
         }
+        if let (Some(c), Some(m), None, Some(f)) = (&self.catalog, &merged, &known, &found)
+            && f.kind == Kind::Dir
+            && f.lower_path.is_none()
+        {
+            let lowers: Vec<usize> = f
+                .layers
+                .iter()
+                .copied()
+                .filter(|&l| !self.layers.is_upper(l))
+                .collect();
+            if !lowers.is_empty() {
+                c.record_child(self.catalog_key(p, m.lowers()), m.lowers(), name, &lowers);
+            }
+        }
         Ok(found)
+    }
+
+    /// Merge the lower copies of directory `name` that the catalog lists (`lowers`) into
+    /// `found`; false (nothing changed) if the top one is not a directory there after all.
+    fn known_dir(
+        &self,
+        found: &mut Option<Found>,
+        p: &Node,
+        name: &OsStr,
+        lowers: &[usize],
+    ) -> Result<bool> {
+        if found
+            .as_ref()
+            .is_some_and(|f| f.kind != Kind::Dir || f.lower_path.is_some())
+        {
+            return Ok(false);
+        }
+        let top = lowers[0];
+        let st = match sys::statat(self.dir_fd(p, top)?.as_fd(), name) {
+            Ok(st) if Kind::from_mode(st.st_mode) == Kind::Dir => st,
+            _ => {
+                log::warn!("catalog out of date at {name:?}: looking it up in every layer");
+                return Ok(false);
+            }
+        };
+        let f = found.get_or_insert_with(|| Found::dir(st));
+        f.lower_ino = Some(self.layers.union_ino(top, st.st_ino));
+        f.layers.extend_from_slice(lowers);
+        Ok(true)
+    }
+
+    /// Directory `p` as the catalog names it across mounts (its top lower copy).
+    fn catalog_key(&self, p: &Node, lowers: &[usize]) -> DirKey {
+        if p.id == ROOT_ID {
+            return ROOT_KEY;
+        }
+        let top = lowers[0];
+        (
+            (top - self.layers.first_lower()) as u32,
+            self.layers.real_ino(top, p.id),
+        )
     }
 
     /// For a directory merged over many lower layers, its merged name index (a lookup then
@@ -153,9 +243,20 @@ impl Union {
             return Ok(None);
         }
         let lowers: Vec<usize> = layers.iter().copied().filter(lower).collect();
-        Ok(Some(
-            self.names.merged(p.id, &lowers, |l| self.dir_fd(p, l))?,
-        ))
+        let build = || {
+            let key = self.catalog.as_ref().map(|_| self.catalog_key(p, &lowers));
+            if let (Some(c), Some(k)) = (&self.catalog, key)
+                && let Some(m) = c.merged(k, &lowers)
+            {
+                return Ok(m);
+            }
+            let m = Arc::new(Merged::read(&lowers, |l| self.dir_fd(p, l))?);
+            if let (Some(c), Some(k)) = (&self.catalog, key) {
+                c.record_merged(k, &m);
+            }
+            Ok(m)
+        };
+        Ok(Some(self.names.merged(p.id, &lowers, build)?))
     }
 
     /// What lower layer `l` of directory `p` lists for `name` (no syscall once read).
@@ -218,16 +319,7 @@ impl Union {
             0,
         )?);
         let markers = format::dir_markers_of(XTarget::At(pfd.as_fd(), name), dfd.as_fd());
-        let f = found.get_or_insert_with(|| Found {
-            kind: Kind::Dir,
-            layers: Vec::new(),
-            top: st,
-            lower_path: None,
-            redirect_layer: 0,
-            lower_ino: None,
-            fds: Vec::new(),
-            data: None,
-        });
+        let f = found.get_or_insert_with(|| Found::dir(st));
         if f.lower_ino.is_none() && !self.layers.is_upper(l) {
             f.lower_ino = Some(self.layers.union_ino(l, st.st_ino));
         }

@@ -1,6 +1,7 @@
 //! The union engine, free of FUSE: a layer stack seen as one tree. The FUSE adapter (and the
 //! tests) call these methods with node ids and names and get stats, entries and errnos back.
 
+pub mod catalog;
 pub mod copyup;
 pub mod fdcache;
 pub mod files;
@@ -54,6 +55,8 @@ pub struct Config {
     pub marker_ns: MarkerNs,
     /// Owner translation (uidmapping, squash_to_*, xattr_permissions).
     pub ids: ids::Ids,
+    /// `catalog=FILE`: keep what lookups learn about deep lower directories across mounts.
+    pub catalog: Option<PathBuf>,
 }
 
 /// A node returned to the kernel: its id and attributes.
@@ -75,6 +78,7 @@ pub struct Union {
     pub(crate) nodes: NodeTable,
     pub(crate) fds: FdCache,
     pub(crate) names: names::NameIndex,
+    pub(crate) catalog: Option<catalog::Catalog>,
     pub(crate) handles: HandleTable,
     pub(crate) work: Option<WorkDir>,
     pub cfg: Config,
@@ -117,6 +121,10 @@ impl Union {
         let u = Union {
             fds: FdCache::new((limit / 2).max(256)),
             names: names::NameIndex::new(8192),
+            catalog: cfg
+                .catalog
+                .as_deref()
+                .map(|p| catalog::Catalog::open(p, &layers)),
             nodes: NodeTable::new(),
             handles: HandleTable::new(),
             layers,
@@ -127,6 +135,15 @@ impl Union {
         };
         u.build_root()?;
         Ok(u)
+    }
+
+    /// Write what this mount added to its catalog (once the mount is gone).
+    pub fn save_catalog(&self) {
+        if let Some(c) = &self.catalog
+            && let Err(e) = c.save()
+        {
+            log::warn!("{e}");
+        }
     }
 
     fn build_root(&self) -> Result<()> {
@@ -279,8 +296,25 @@ impl Union {
     /// Attributes as the union shows them.
     pub(crate) fn attr_of(&self, node: &Node) -> Result<Stat> {
         let real = self.real(node)?;
-        let mut st = real.stat()?;
-        if !node.is_dir() && st.st_nlink > 1 && self.layers.is_upper(node.top_layer()) {
+        let st = real.stat()?;
+        self.present(node, Some(&real), st)
+    }
+
+    /// The attributes the union shows for `node`, given the real stat of its top object.
+    /// `real` is that object when the caller has it at hand; it is built only if needed.
+    pub(crate) fn present(&self, node: &Node, real: Option<&Real>, mut st: Stat) -> Result<Stat> {
+        let linked = !node.is_dir() && st.st_nlink > 1 && self.layers.is_upper(node.top_layer());
+        let mapped = !self.cfg.ids.is_identity();
+        let built;
+        let real = match real {
+            Some(r) => Some(r),
+            None if linked || mapped => {
+                built = self.real(node)?;
+                Some(&built)
+            }
+            None => None,
+        };
+        if let (true, Some(real)) = (linked, real) {
             st.st_nlink = format::adjusted_nlink(real.xtarget(), st.st_nlink);
         }
         st.st_ino = node.st_ino();
@@ -290,7 +324,7 @@ impl Union {
             // A metadata-only copy is a hole; its blocks are its data's (as the kernel).
             st.st_blocks = d.blocks;
         }
-        if !self.cfg.ids.is_identity() {
+        if let (true, Some(real)) = (mapped, real) {
             let ov = self
                 .cfg
                 .ids

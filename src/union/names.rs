@@ -88,6 +88,30 @@ impl Merged {
         }
     }
 
+    /// Read each lower layer's listing of a directory (`dir` gives a layer's fd) and merge.
+    pub fn read(
+        lowers: &[usize],
+        dir: impl Fn(usize) -> Result<Arc<std::os::fd::OwnedFd>>,
+    ) -> Result<Merged> {
+        let mut sets = Vec::with_capacity(lowers.len());
+        for &l in lowers {
+            sets.push(LayerNames::read(dir(l)?.as_fd())?);
+        }
+        Ok(Merged::build(lowers, sets))
+    }
+
+    pub fn from_parts(lowers: Vec<usize>, at: HashMap<OsString, Vec<(usize, bool)>>) -> Merged {
+        Merged { lowers, at }
+    }
+
+    pub fn lowers(&self) -> &[usize] {
+        &self.lowers
+    }
+
+    pub fn names(&self) -> &HashMap<OsString, Vec<(usize, bool)>> {
+        &self.at
+    }
+
     /// What layer `l`'s listing says about `name` (as `LayerNames::probe` would).
     pub fn probe(&self, name: &OsStr, l: usize) -> Probe {
         match self.at.get(name).and_then(|v| v.iter().find(|e| e.0 == l)) {
@@ -155,12 +179,12 @@ impl NameIndex {
     }
 
     /// The merged index of directory `node` over lower layers `lowers` (top first), built
-    /// once from each layer's listing (`dir` gives a layer's fd).
+    /// once by `build` (from each layer's listing, or from the catalog).
     pub fn merged(
         &self,
         node: u64,
         lowers: &[usize],
-        dir: impl Fn(usize) -> Result<Arc<std::os::fd::OwnedFd>>,
+        build: impl FnOnce() -> Result<Arc<Merged>>,
     ) -> Result<Arc<Merged>> {
         let shard = &self.merged[(node as usize) % SHARDS];
         let now = self.clock.fetch_add(1, Ordering::Relaxed);
@@ -172,11 +196,7 @@ impl NameIndex {
             return Ok(m.clone());
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let mut sets = Vec::with_capacity(lowers.len());
-        for &l in lowers {
-            sets.push(LayerNames::read(dir(l)?.as_fd())?);
-        }
-        let m = Arc::new(Merged::build(lowers, sets));
+        let m = build()?;
         let mut s = shard.lock().expect("names lock");
         // Few directories have many layers; a small bound keeps memory flat.
         if s.len() >= (self.per_shard / 8).max(8) {

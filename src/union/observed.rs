@@ -150,6 +150,17 @@ impl Union {
             "dir_fd_hit_rate": ratio(g(&self.fds.hits), g(&self.fds.misses)),
             "dir_names_hit_rate": ratio(g(&self.names.hits), g(&self.names.misses)),
         });
+        v["catalog"] = match &self.catalog {
+            Some(c) => {
+                let (dirs, subdirs) = c.size();
+                serde_json::json!({
+                    "directories": dirs,
+                    "subdirectories": subdirs,
+                    "answers": g(&c.answers),
+                })
+            }
+            None => Value::Null,
+        };
         let (rss, peak) = memory();
         v["rss_bytes"] = rss.into();
         v["peak_rss_bytes"] = peak.into();

@@ -5,6 +5,7 @@ mod pair;
 mod podman;
 mod support;
 
+mod catalog;
 mod cli;
 mod crash;
 mod differential;

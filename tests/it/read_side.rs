@@ -361,15 +361,11 @@ fn readdir_of_a_dir_with_fifos_never_blocks() {
     assert!(std::os::unix::fs::FileTypeExt::is_fifo(&st.file_type()));
 }
 
-#[test]
-fn deep_stacks_resolve_as_shallow_ones() {
-    // Past 8 lower layers a directory's lookups go through a merged name index: the same
-    // stack with empty filler layers (holding some of the same directories) between its layers
-    // must still match the kernel, and OCI whiteouts must still hide what is below them.
-    require_fuse!();
-    let s = Scratch::new();
+/// `build_stack` with four filler layers after each of its layers (holding some of the same
+/// directories, and files of their own): 15 lower layers.
+pub(crate) fn build_deep_stack(s: &Scratch) -> Vec<PathBuf> {
     let mut lowers = Vec::new();
-    for (i, l) in build_stack(&s).into_iter().enumerate() {
+    for (i, l) in build_stack(s).into_iter().enumerate() {
         lowers.push(l);
         for j in 0..4 {
             let f = s.mkdir(&format!("fill{i}{j}"));
@@ -381,6 +377,17 @@ fn deep_stacks_resolve_as_shallow_ones() {
         }
     }
     assert!(lowers.len() > 8);
+    lowers
+}
+
+#[test]
+fn deep_stacks_resolve_as_shallow_ones() {
+    // Past 8 lower layers a directory's lookups go through a merged name index: the same
+    // stack with empty filler layers (holding some of the same directories) between its layers
+    // must still match the kernel, and OCI whiteouts must still hide what is below them.
+    require_fuse!();
+    let s = Scratch::new();
+    let lowers = build_deep_stack(&s);
     let k = Kernel::mount(&format!("lowerdir={}", lowerdir(&lowers)), &s.path("kmnt"));
     let l = Layerfs::mount(&format!("lowerdir={}", lowerdir(&lowers)), &s.path("lmnt"));
     let kt = snapshot(&k.mnt);

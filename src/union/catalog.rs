@@ -1,0 +1,378 @@
+//! The lower catalog (`catalog=FILE`): what lookups learned about directories merged over many
+//! lower layers, kept across mounts. Lower layers never change, so which layers list each name
+//! of such a directory, and in which layers a subdirectory's lower copies are, is the same at
+//! every mount of the same stack. With the catalog, a lookup in a directory merged over 100
+//! layers reads the one layer that has the name instead of 100 directories from a cold disk.
+//!
+//! Only directories with more than `MERGE_MIN_LAYERS` lower layers are kept (shallower ones
+//! cost little to read). The file names the lower layers it was built over (each root's device
+//! and inode); at a mount over other layers it is ignored and rebuilt. It is written when the
+//! daemon exits (temp file + fsync + rename) and ends in a SHA-256 of its contents, so a torn
+//! or damaged file is ignored, never trusted. It trusts the lower layers not to change while
+//! it exists, as image-store layers never do (`catalog=` is for immutable layers).
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::io::Write;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use sha2::{Digest, Sha256};
+
+use super::layer::LayerStack;
+use super::names::Merged;
+use crate::error::{Context, Error, Result};
+
+const MAGIC: &[u8; 16] = b"LAYERFS-CATALOG1";
+
+/// A directory, as stable across mounts: its topmost lower copy's layer (counted from the top
+/// lower layer) and that copy's inode number. The root is `ROOT_KEY`.
+pub type DirKey = (u32, u64);
+pub const ROOT_KEY: DirKey = (u32::MAX, 0);
+
+/// A subdirectory's lower copies, with the parent's lower layers they were resolved under.
+struct Child {
+    parent_lowers: Vec<usize>,
+    lowers: Vec<usize>,
+}
+
+pub struct Catalog {
+    path: PathBuf,
+    /// Each lower layer root's (st_dev, st_ino): what the catalog was built over.
+    stamp: Vec<(u64, u64)>,
+    /// Layer index of the top lower layer in this mount (1 with an upper layer, else 0).
+    base: usize,
+    dirs: RwLock<HashMap<DirKey, Arc<Merged>>>,
+    children: RwLock<HashMap<(DirKey, OsString), Child>>,
+    dirty: AtomicBool,
+    /// Lookups answered from the catalog (for `layerfs stats`).
+    pub answers: AtomicU64,
+}
+
+impl Catalog {
+    /// The catalog at `path` for this stack: what the file holds if it was built over these
+    /// lower layers, else empty (a missing, stale or damaged file is not an error).
+    pub fn open(path: &Path, layers: &LayerStack) -> Catalog {
+        let base = layers.first_lower();
+        let stamp = layers.layers[base..]
+            .iter()
+            .map(|l| {
+                let ino = crate::sys::fstat(std::os::fd::AsFd::as_fd(&*l.root))
+                    .map(|s| s.st_ino)
+                    .unwrap_or(0);
+                (l.dev, ino)
+            })
+            .collect();
+        let mut c = Catalog {
+            path: path.to_path_buf(),
+            stamp,
+            base,
+            dirs: RwLock::new(HashMap::new()),
+            children: RwLock::new(HashMap::new()),
+            dirty: AtomicBool::new(false),
+            answers: AtomicU64::new(0),
+        };
+        match std::fs::read(path) {
+            Ok(data) => match c.decode(&data) {
+                Ok(()) => log::info!(
+                    "catalog {}: {} directories, {} subdirectories",
+                    path.display(),
+                    c.dirs.read().expect("catalog lock").len(),
+                    c.children.read().expect("catalog lock").len()
+                ),
+                Err(e) => {
+                    log::info!("catalog {} not used ({e}); rebuilding it", path.display());
+                    c.dirs.write().expect("catalog lock").clear();
+                    c.children.write().expect("catalog lock").clear();
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                log::info!("catalog {}: new", path.display())
+            }
+            Err(e) => log::warn!("catalog {} not read: {e}", path.display()),
+        }
+        c
+    }
+
+    /// The merged index of directory `key` over `lowers`, if known.
+    pub fn merged(&self, key: DirKey, lowers: &[usize]) -> Option<Arc<Merged>> {
+        let d = self.dirs.read().expect("catalog lock");
+        let m = d.get(&key).filter(|m| m.lowers() == lowers).cloned();
+        self.answered(m.is_some());
+        m
+    }
+
+    fn answered(&self, yes: bool) {
+        if yes {
+            self.answers.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many directories and subdirectories it knows.
+    pub fn size(&self) -> (usize, usize) {
+        (
+            self.dirs.read().expect("catalog lock").len(),
+            self.children.read().expect("catalog lock").len(),
+        )
+    }
+
+    pub fn record_merged(&self, key: DirKey, m: &Arc<Merged>) {
+        let mut d = self.dirs.write().expect("catalog lock");
+        if d.get(&key).is_none_or(|old| old.lowers() != m.lowers()) {
+            d.insert(key, m.clone());
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The lower layers of subdirectory `name` of directory `key` (whose lower layers are
+    /// `parent_lowers`), if known.
+    pub fn child(&self, key: DirKey, parent_lowers: &[usize], name: &OsStr) -> Option<Vec<usize>> {
+        let c = self.children.read().expect("catalog lock");
+        let l = c
+            .get(&(key, name.to_os_string()))
+            .filter(|c| c.parent_lowers == parent_lowers)
+            .map(|c| c.lowers.clone());
+        self.answered(l.is_some());
+        l
+    }
+
+    pub fn record_child(
+        &self,
+        key: DirKey,
+        parent_lowers: &[usize],
+        name: &OsStr,
+        lowers: &[usize],
+    ) {
+        let mut c = self.children.write().expect("catalog lock");
+        let k = (key, name.to_os_string());
+        if c.get(&k)
+            .is_none_or(|o| o.parent_lowers != parent_lowers || o.lowers != lowers)
+        {
+            c.insert(
+                k,
+                Child {
+                    parent_lowers: parent_lowers.to_vec(),
+                    lowers: lowers.to_vec(),
+                },
+            );
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Write the catalog if this mount learned something new. Called once, at exit.
+    pub fn save(&self) -> Result<()> {
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let data = self.encode();
+        let name = self
+            .path
+            .file_name()
+            .ok_or_else(|| Error::msg("catalog path has no file name"))?;
+        let mut tmp_name = OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        let tmp = self.path.with_file_name(tmp_name);
+        let write = || -> std::io::Result<()> {
+            // The daemon runs with umask 0: say the mode.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o644)
+                .open(&tmp)?;
+            f.write_all(&data)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        let r = write().ctx(format!("writing catalog {}", self.path.display()));
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        } else {
+            log::info!(
+                "catalog {} written ({} bytes)",
+                self.path.display(),
+                data.len()
+            );
+        }
+        r
+    }
+
+    fn rel(&self, l: usize) -> u32 {
+        (l - self.base) as u32
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Vec::new();
+        w.extend_from_slice(MAGIC);
+        put_u32(&mut w, self.stamp.len() as u32);
+        for &(dev, ino) in &self.stamp {
+            put_u64(&mut w, dev);
+            put_u64(&mut w, ino);
+        }
+        let dirs = self.dirs.read().expect("catalog lock");
+        put_u32(&mut w, dirs.len() as u32);
+        for (key, m) in dirs.iter() {
+            put_key(&mut w, *key);
+            self.put_layers(&mut w, m.lowers());
+            put_u32(&mut w, m.names().len() as u32);
+            for (name, at) in m.names() {
+                put_bytes(&mut w, name.as_bytes());
+                put_u32(&mut w, at.len() as u32);
+                for &(l, listed) in at {
+                    put_u32(&mut w, self.rel(l));
+                    w.push(u8::from(listed));
+                }
+            }
+        }
+        let children = self.children.read().expect("catalog lock");
+        put_u32(&mut w, children.len() as u32);
+        for ((key, name), c) in children.iter() {
+            put_key(&mut w, *key);
+            put_bytes(&mut w, name.as_bytes());
+            self.put_layers(&mut w, &c.parent_lowers);
+            self.put_layers(&mut w, &c.lowers);
+        }
+        let sum = Sha256::digest(&w);
+        w.extend_from_slice(&sum);
+        w
+    }
+
+    fn put_layers(&self, w: &mut Vec<u8>, ls: &[usize]) {
+        put_u32(w, ls.len() as u32);
+        for &l in ls {
+            put_u32(w, self.rel(l));
+        }
+    }
+
+    fn decode(&mut self, data: &[u8]) -> std::result::Result<(), &'static str> {
+        if data.len() < MAGIC.len() + 32 || &data[..MAGIC.len()] != MAGIC {
+            return Err("not a layerfs catalog");
+        }
+        let (body, sum) = data.split_at(data.len() - 32);
+        if Sha256::digest(body).as_slice() != sum {
+            return Err("checksum mismatch");
+        }
+        let mut r = Reader {
+            b: &body[MAGIC.len()..],
+        };
+        let n = r.u32()? as usize;
+        let mut stamp = Vec::new();
+        for _ in 0..n {
+            stamp.push((r.u64()?, r.u64()?));
+        }
+        if stamp != self.stamp {
+            return Err("built over other lower layers");
+        }
+        let layers = self.stamp.len();
+        let base = self.base;
+        let layer = |rel: u32| -> std::result::Result<usize, &'static str> {
+            if (rel as usize) < layers {
+                Ok(rel as usize + base)
+            } else {
+                Err("layer out of range")
+            }
+        };
+        let layer_list = |r: &mut Reader| -> std::result::Result<Vec<usize>, &'static str> {
+            let n = r.u32()? as usize;
+            (0..n).map(|_| layer(r.u32()?)).collect()
+        };
+        let mut dirs = HashMap::new();
+        for _ in 0..r.u32()? {
+            let key = r.key()?;
+            let lowers = layer_list(&mut r)?;
+            let mut at = HashMap::new();
+            for _ in 0..r.u32()? {
+                let name = OsString::from_vec(r.bytes()?.to_vec());
+                let mut v = Vec::new();
+                for _ in 0..r.u32()? {
+                    let l = layer(r.u32()?)?;
+                    v.push((l, r.u8()? != 0));
+                }
+                at.insert(name, v);
+            }
+            dirs.insert(key, Arc::new(Merged::from_parts(lowers, at)));
+        }
+        let mut children = HashMap::new();
+        for _ in 0..r.u32()? {
+            let key = r.key()?;
+            let name = OsString::from_vec(r.bytes()?.to_vec());
+            let parent_lowers = layer_list(&mut r)?;
+            let lowers = layer_list(&mut r)?;
+            children.insert(
+                (key, name),
+                Child {
+                    parent_lowers,
+                    lowers,
+                },
+            );
+        }
+        if !r.b.is_empty() {
+            return Err("trailing bytes");
+        }
+        *self.dirs.get_mut().expect("catalog lock") = dirs;
+        *self.children.get_mut().expect("catalog lock") = children;
+        Ok(())
+    }
+}
+
+fn put_u32(w: &mut Vec<u8>, v: u32) {
+    w.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(w: &mut Vec<u8>, v: u64) {
+    w.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_key(w: &mut Vec<u8>, (l, ino): DirKey) {
+    put_u32(w, l);
+    put_u64(w, ino);
+}
+
+fn put_bytes(w: &mut Vec<u8>, b: &[u8]) {
+    put_u32(w, b.len() as u32);
+    w.extend_from_slice(b);
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], &'static str> {
+        if self.b.len() < n {
+            return Err("truncated");
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+
+    fn u8(&mut self) -> std::result::Result<u8, &'static str> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> std::result::Result<u32, &'static str> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn u64(&mut self) -> std::result::Result<u64, &'static str> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    fn key(&mut self) -> std::result::Result<DirKey, &'static str> {
+        Ok((self.u32()?, self.u64()?))
+    }
+
+    fn bytes(&mut self) -> std::result::Result<&'a [u8], &'static str> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+}
