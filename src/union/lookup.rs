@@ -147,7 +147,20 @@ impl Union {
             (Some(c), Some(m)) => c.child(self.catalog_key(p, m.lowers()), m.lowers(), name),
             _ => None,
         };
-        for &l in &pstate.layers {
+        // Through a merged index only the layers that list the name are visited (lookup cost
+        // flat in the depth of the stack); else every layer, misses answered by its listing.
+        let hits = merged.as_deref().map(|m| m.hits(name));
+        let visit: std::borrow::Cow<[usize]> = match hits {
+            Some(h) => pstate
+                .layers
+                .iter()
+                .copied()
+                .filter(|&l| self.layers.is_upper(l))
+                .chain(h.iter().map(|e| e.0))
+                .collect(),
+            None => std::borrow::Cow::Borrowed(&pstate.layers),
+        };
+        for &l in visit.iter() {
             if !self.layers.is_upper(l) {
                 if let Some(lowers) = &known
                     && self.known_dir(&mut found, p, name, lowers)?
@@ -155,7 +168,14 @@ impl Union {
                     break;
                 }
                 // Lower layers never change: answer misses from their listings.
-                match self.probe_lower(p, merged.as_deref(), l, name)? {
+                let probe = match hits {
+                    Some(h) => match h.iter().find(|e| e.0 == l) {
+                        Some((_, true)) => Probe::Present,
+                        _ => Probe::WhitedOut,
+                    },
+                    None => self.probe_lower(p, None, l, name)?,
+                };
+                match probe {
                     Probe::Absent => continue,
                     Probe::WhitedOut => break,
                     Probe::Present => {}

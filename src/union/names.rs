@@ -112,6 +112,12 @@ impl Merged {
         &self.at
     }
 
+    /// The layers whose listings hold `name` or its `.wh.` whiteout, top first (`true`: the
+    /// name itself).
+    pub fn hits(&self, name: &OsStr) -> &[(usize, bool)] {
+        self.at.get(name).map_or(&[], |v| v.as_slice())
+    }
+
     /// What layer `l`'s listing says about `name` (as `LayerNames::probe` would).
     pub fn probe(&self, name: &OsStr, l: usize) -> Probe {
         match self.at.get(name).and_then(|v| v.iter().find(|e| e.0 == l)) {
