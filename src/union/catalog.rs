@@ -66,15 +66,7 @@ impl Catalog {
                 (l.dev, ino)
             })
             .collect();
-        let mut c = Catalog {
-            path: path.to_path_buf(),
-            stamp,
-            base,
-            dirs: RwLock::new(HashMap::new()),
-            children: RwLock::new(HashMap::new()),
-            dirty: AtomicBool::new(false),
-            answers: AtomicU64::new(0),
-        };
+        let mut c = Catalog::empty(path.to_path_buf(), stamp, base);
         match std::fs::read(path) {
             Ok(data) => match c.decode(&data) {
                 Ok(()) => log::info!(
@@ -95,6 +87,18 @@ impl Catalog {
             Err(e) => log::warn!("catalog {} not read: {e}", path.display()),
         }
         c
+    }
+
+    fn empty(path: PathBuf, stamp: Vec<(u64, u64)>, base: usize) -> Catalog {
+        Catalog {
+            path,
+            stamp,
+            base,
+            dirs: RwLock::new(HashMap::new()),
+            children: RwLock::new(HashMap::new()),
+            dirty: AtomicBool::new(false),
+            answers: AtomicU64::new(0),
+        }
     }
 
     /// The merged index of directory `key` over `lowers`, if known.
@@ -167,6 +171,7 @@ impl Catalog {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return Ok(());
         }
+        self.merge_from_disk();
         let data = self.encode();
         let name = self
             .path
@@ -199,6 +204,27 @@ impl Catalog {
             );
         }
         r
+    }
+
+    /// Keep what another mount of the same layers wrote meanwhile (containers of one image
+    /// run side by side): entries this mount does not have are taken from the file.
+    fn merge_from_disk(&self) {
+        let Ok(data) = std::fs::read(&self.path) else {
+            return;
+        };
+        let mut other = Catalog::empty(self.path.clone(), self.stamp.clone(), self.base);
+        if other.decode(&data).is_err() {
+            return;
+        }
+        let mut dirs = self.dirs.write().expect("catalog lock");
+        for (k, m) in other.dirs.into_inner().expect("catalog lock") {
+            dirs.entry(k).or_insert(m);
+        }
+        drop(dirs);
+        let mut children = self.children.write().expect("catalog lock");
+        for (k, c) in other.children.into_inner().expect("catalog lock") {
+            children.entry(k).or_insert(c);
+        }
     }
 
     fn rel(&self, l: usize) -> u32 {

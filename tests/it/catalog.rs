@@ -251,3 +251,28 @@ fn catalog_option_is_checked() {
     let empty = format!("lowerdir={},catalog=", l.display());
     assert_one_line_error(&["mount", "-o", &empty, m], "needs a value");
 }
+
+#[test]
+fn mounts_of_one_stack_side_by_side_keep_what_each_learned() {
+    // Containers of one image share its catalog: the second to exit keeps the first's entries.
+    require_fuse!();
+    let s = Scratch::new();
+    let lowers = build_deep_stack(&s);
+    let cat = s.path("stack.catalog");
+    let ro = format!("lowerdir={},catalog={}", lowerdir(&lowers), cat.display());
+    let a = Layerfs::mount(&ro, &s.path("a"));
+    let b = Layerfs::mount(&ro, &s.path("b"));
+    assert_eq!(std::fs::read(a.mnt.join("m/deep/x")).unwrap(), b"deep");
+    assert_eq!(std::fs::read(b.mnt.join("fresh/f23")).unwrap(), b"filler");
+    let (in_a, _) = catalog_stats(&a.mnt);
+    let (in_b, _) = catalog_stats(&b.mnt);
+    assert!(in_a >= 3 && in_b >= 2, "a knows {in_a}, b knows {in_b}");
+    unmount_and_wait(a);
+    unmount_and_wait(b);
+    let c = Layerfs::mount(&ro, &s.path("c"));
+    // The root is the one directory both learned.
+    assert_eq!(catalog_stats(&c.mnt), (in_a + in_b - 1, 0));
+    assert_eq!(std::fs::read(c.mnt.join("m/deep/x")).unwrap(), b"deep");
+    assert_eq!(std::fs::read(c.mnt.join("fresh/f23")).unwrap(), b"filler");
+    assert!(catalog_stats(&c.mnt).1 > 0, "catalog unused");
+}
