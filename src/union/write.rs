@@ -405,6 +405,19 @@ impl Union {
             return Err(err(libc::EROFS));
         }
         let p = self.dir_node(parent)?;
+        if p.top_layer() != 0 {
+            // As the kernel, a failing rmdir changes nothing: check before copying the parent
+            // up (found by the soak, seed 10487), and again below under the write lock.
+            let _g = p.dir_lock.read().expect("dir lock");
+            let n = self.child(&p, name)?.ok_or_else(|| err(libc::ENOENT))?;
+            if !n.is_dir() {
+                return Err(err(libc::ENOTDIR));
+            }
+            let _cg = n.dir_lock.read().expect("dir lock");
+            if !self.is_empty_dir(&n)? {
+                return Err(err(libc::ENOTEMPTY));
+            }
+        }
         self.copy_up(&p, Data::All)?;
         let _g = p.dir_lock.write().expect("dir lock");
         let n = self.child(&p, name)?.ok_or_else(|| err(libc::ENOENT))?;

@@ -844,3 +844,39 @@ fn unprivileged_writes_drop_set_id_bits_as_the_kernel_does() {
         "the kernel's answer"
     );
 }
+
+#[test]
+fn a_failing_rmdir_copies_nothing_up() {
+    // As the kernel: rmdir of a non-empty directory inside a lower directory gives ENOTEMPTY
+    // and leaves the upper layer untouched (the parent stays unmerged: its nlink is the
+    // lower one). Found by the differential soak, seed 10487.
+    require_fuse!();
+    let s = Scratch::new();
+    let lower = s.mkdir("lower");
+    write(lower.join("d/sub/f"), b"x");
+    let mut seen = Vec::new();
+    for (who, up, wk) in [("kernel", "ku", "kw"), ("layerfs", "lu", "lw")] {
+        let (up, wk) = (s.mkdir(up), s.mkdir(wk));
+        let opts = rw_opts(&lower, &up, &wk);
+        let mnt = s.path(&format!("{who}-mnt"));
+        let (r, nlink) = {
+            let _k;
+            let _l;
+            if who == "kernel" {
+                _k = Kernel::mount(&format!("{opts},redirect_dir=on"), &mnt);
+            } else {
+                _l = Layerfs::mount(&opts, &mnt);
+            }
+            let r = std::fs::remove_dir(mnt.join("d/sub")).map_err(|e| e.raw_os_error());
+            (r, std::fs::metadata(mnt.join("d")).unwrap().nlink())
+        };
+        assert!(
+            listing(&up).is_empty(),
+            "{who}: upper after a failed rmdir: {:?}",
+            listing(&up)
+        );
+        seen.push((r, nlink));
+    }
+    assert_eq!(seen[0], (Err(Some(libc::ENOTEMPTY)), 3), "kernel");
+    assert_eq!(seen[1], seen[0], "layerfs vs kernel");
+}
