@@ -137,7 +137,12 @@ impl Pair {
 
     /// The two visible trees must be identical.
     pub fn check(&self, what: &str) {
-        assert_same_tree(what, &snapshot(self.kmnt()), &snapshot(self.lmnt()));
+        assert_same_tree_linked(
+            what,
+            &snapshot(self.kmnt()),
+            &snapshot(self.lmnt()),
+            &linked_up_dirs(&self.upper()),
+        );
     }
 
     pub fn remount_layerfs(&mut self) {
@@ -153,7 +158,13 @@ impl Pair {
     pub fn check_interop(&mut self) {
         let expected = snapshot(self.kmnt());
         self.remount_layerfs();
-        assert_same_tree("layerfs after remount", &expected, &snapshot(self.lmnt()));
+        let linked = linked_up_dirs(&self.upper());
+        assert_same_tree_linked(
+            "layerfs after remount",
+            &expected,
+            &snapshot(self.lmnt()),
+            &linked,
+        );
         self.l = None;
         self.k = None;
         let (kw2, kw3, lw2) = (
@@ -166,10 +177,11 @@ impl Pair {
                 &self.kernel_opts(&self.s.path("lu"), &kw2),
                 &self.s.path("x1"),
             );
-            assert_same_tree(
+            assert_same_tree_linked(
                 "kernel on layerfs's upper",
                 &expected,
                 &snapshot(&k_on_ours.mnt),
+                &linked,
             );
         }
         let kernel_view = {

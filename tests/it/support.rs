@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CString, OsStr, OsString};
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
@@ -391,7 +391,16 @@ pub fn snapshot(root: &Path) -> Tree {
 ///   directory up, which makes it a merged directory (nlink 1) before the kernel's would be.
 ///
 /// Everything else about the entry (type, content, mode, owner...) must still match.
-fn expected_difference(path: &[u8], kernel: &Info, ours: &Info, kernel_tree: &Tree) -> bool {
+/// `linked` names directories of our upper layer that hold a linked-up hard link (its
+/// `overlay.nlink` xattr says so): they stay merged after the kernel's count of the links
+/// dropped to one (the other names deleted).
+fn expected_difference(
+    path: &[u8],
+    kernel: &Info,
+    ours: &Info,
+    kernel_tree: &Tree,
+    linked: &BTreeSet<Vec<u8>>,
+) -> bool {
     let only_nlink = {
         let mut k = kernel.clone();
         k.nlink = ours.nlink;
@@ -402,6 +411,7 @@ fn expected_difference(path: &[u8], kernel: &Info, ours: &Info, kernel_tree: &Tr
     }
     match kernel.kind {
         'f' => kernel.nlink > 1 || ours.nlink > 1,
+        'd' if ours.nlink == 1 && linked.contains(path) => true,
         'd' if ours.nlink == 1 => {
             let mut prefix = path.to_vec();
             prefix.push(b'/');
@@ -414,18 +424,59 @@ fn expected_difference(path: &[u8], kernel: &Info, ours: &Info, kernel_tree: &Tr
     }
 }
 
+/// Directories (relative paths) of upper layer `upper` that directly hold a file carrying
+/// an `overlay.nlink` xattr: a lower hard link that layerfs linked up beside its copy.
+pub fn linked_up_dirs(upper: &Path) -> BTreeSet<Vec<u8>> {
+    let mut out = BTreeSet::new();
+    let mut todo = vec![upper.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => todo.push(p),
+                Ok(t) if t.is_file() => {
+                    let linked = ["trusted.overlay.nlink", "user.overlay.nlink"]
+                        .iter()
+                        .any(|x| get_xattr(&p, x).is_some());
+                    if linked && let Ok(rel) = d.strip_prefix(upper) {
+                        out.insert(rel.as_os_str().as_bytes().to_vec());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
 /// Assert two trees are equal, listing the differences readably.
 pub fn assert_same_tree(what: &str, expected: &Tree, actual: &Tree) {
+    assert_same_tree_linked(what, expected, actual, &BTreeSet::new());
+}
+
+/// `assert_same_tree`, also accepting the nlink of directories in `linked` (see
+/// `linked_up_dirs`).
+pub fn assert_same_tree_linked(
+    what: &str,
+    expected: &Tree,
+    actual: &Tree,
+    linked: &BTreeSet<Vec<u8>>,
+) {
     let mut diffs = Vec::new();
     for (k, v) in expected {
         match actual.get(k) {
             // Expected difference (docs/SEMANTICS.md): layerfs never lists a whiteout.
             None if v.kind == 'W' => {}
             None => diffs.push(format!("missing: {}", String::from_utf8_lossy(k))),
-            Some(a) if a != v && !expected_difference(k, v, a, expected) => diffs.push(format!(
-                "differs: {}\n   expected {v:?}\n   actual   {a:?}",
-                String::from_utf8_lossy(k)
-            )),
+            Some(a) if a != v && !expected_difference(k, v, a, expected, linked) => {
+                diffs.push(format!(
+                    "differs: {}\n   expected {v:?}\n   actual   {a:?}",
+                    String::from_utf8_lossy(k)
+                ))
+            }
             _ => {}
         }
     }

@@ -162,3 +162,40 @@ fn walk_files(root: &Path) -> Vec<PathBuf> {
         .map(|(p, _)| p)
         .collect()
 }
+
+/// `layers` (top first) with `n` filler layers below each: the same directories, nothing else,
+/// so directories merge over many layers.
+pub fn with_fillers(layers: Vec<PathBuf>, s: &Scratch, n: usize) -> Vec<PathBuf> {
+    if n == 0 {
+        return layers;
+    }
+    let mut out = Vec::new();
+    for (i, l) in layers.into_iter().enumerate() {
+        let dirs = walk_dirs(&l);
+        out.push(l);
+        for j in 0..n {
+            let f = s.mkdir(&format!("filler{i}-{j}"));
+            for d in &dirs {
+                std::fs::create_dir_all(f.join(d)).unwrap();
+            }
+            out.push(f);
+        }
+    }
+    out
+}
+
+/// Every directory under `root` (relative), parents first.
+fn walk_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        for e in std::fs::read_dir(root.join(&rel)).unwrap().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let r = rel.join(e.file_name());
+                out.push(r.clone());
+                todo.push(r);
+            }
+        }
+    }
+    out
+}

@@ -8,6 +8,9 @@
 //! CI runs `LAYERFS_SEEDS` seeds (default 10) of `LAYERFS_OPS` operations (default 120);
 //! `LAYERFS_DIFF_OPTIONS` adds mount options to both sides (e.g. `metacopy=on`); odd seeds
 //! run layerfs over /dev/fuse (`io_uring=0`), even ones over io_uring where the kernel offers it.
+//! `LAYERFS_DIFF_FILLERS=N` puts N layers holding only the directories of each layer below
+//! it, so directories merge over more than 8 layers (the merged name index; with
+//! `LAYERFS_DIFF_OURS=catalog=FILE` the catalog too, across the remount at the end).
 
 mod generate;
 mod ops;
@@ -41,7 +44,12 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// io_uring; `LAYERFS_DIFF_OURS` replaces that with options for layerfs alone.
 fn pair_for(seed: u64) -> Pair {
     let (extra, ours) = options_for(seed);
-    Pair::with_ours(|s| generate::layers(&mut Rng::new(seed), s), &extra, &ours)
+    let fillers = env_u64("LAYERFS_DIFF_FILLERS", 0) as usize;
+    Pair::with_ours(
+        |s| generate::with_fillers(generate::layers(&mut Rng::new(seed), s), s, fillers),
+        &extra,
+        &ours,
+    )
 }
 
 /// (options for both mounts, options for layerfs alone) of a run from `seed`.
