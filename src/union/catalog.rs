@@ -46,7 +46,8 @@ pub struct Catalog {
     /// Layer index of the top lower layer in this mount (1 with an upper layer, else 0).
     base: usize,
     dirs: RwLock<HashMap<DirKey, Arc<Merged>>>,
-    children: RwLock<HashMap<(DirKey, OsString), Child>>,
+    /// By parent directory, then name (looked up without building a key).
+    children: RwLock<HashMap<DirKey, HashMap<OsString, Child>>>,
     dirty: AtomicBool,
     /// Lookups answered from the catalog (for `layerfs stats`).
     pub answers: AtomicU64,
@@ -69,12 +70,13 @@ impl Catalog {
         let mut c = Catalog::empty(path.to_path_buf(), stamp, base);
         match std::fs::read(path) {
             Ok(data) => match c.decode(&data) {
-                Ok(()) => log::info!(
-                    "catalog {}: {} directories, {} subdirectories",
-                    path.display(),
-                    c.dirs.read().expect("catalog lock").len(),
-                    c.children.read().expect("catalog lock").len()
-                ),
+                Ok(()) => {
+                    let (dirs, subdirs) = c.size();
+                    log::info!(
+                        "catalog {}: {dirs} directories, {subdirs} subdirectories",
+                        path.display()
+                    )
+                }
                 Err(e) => {
                     log::info!("catalog {} not used ({e}); rebuilding it", path.display());
                     c.dirs.write().expect("catalog lock").clear();
@@ -119,7 +121,12 @@ impl Catalog {
     pub fn size(&self) -> (usize, usize) {
         (
             self.dirs.read().expect("catalog lock").len(),
-            self.children.read().expect("catalog lock").len(),
+            self.children
+                .read()
+                .expect("catalog lock")
+                .values()
+                .map(HashMap::len)
+                .sum(),
         )
     }
 
@@ -136,7 +143,8 @@ impl Catalog {
     pub fn child(&self, key: DirKey, parent_lowers: &[usize], name: &OsStr) -> Option<Vec<usize>> {
         let c = self.children.read().expect("catalog lock");
         let l = c
-            .get(&(key, name.to_os_string()))
+            .get(&key)
+            .and_then(|m| m.get(name))
             .filter(|c| c.parent_lowers == parent_lowers)
             .map(|c| c.lowers.clone());
         self.answered(l.is_some());
@@ -150,20 +158,23 @@ impl Catalog {
         name: &OsStr,
         lowers: &[usize],
     ) {
-        let mut c = self.children.write().expect("catalog lock");
-        let k = (key, name.to_os_string());
-        if c.get(&k)
-            .is_none_or(|o| o.parent_lowers != parent_lowers || o.lowers != lowers)
-        {
-            c.insert(
-                k,
-                Child {
-                    parent_lowers: parent_lowers.to_vec(),
-                    lowers: lowers.to_vec(),
-                },
-            );
-            self.dirty.store(true, Ordering::Relaxed);
+        let same = |c: &HashMap<DirKey, HashMap<OsString, Child>>| {
+            c.get(&key)
+                .and_then(|m| m.get(name))
+                .is_some_and(|o| o.parent_lowers == parent_lowers && o.lowers == lowers)
+        };
+        if same(&self.children.read().expect("catalog lock")) {
+            return;
         }
+        let mut c = self.children.write().expect("catalog lock");
+        c.entry(key).or_default().insert(
+            name.to_os_string(),
+            Child {
+                parent_lowers: parent_lowers.to_vec(),
+                lowers: lowers.to_vec(),
+            },
+        );
+        self.dirty.store(true, Ordering::Relaxed);
     }
 
     /// Write the catalog if this mount learned something new. Called once, at exit.
@@ -222,8 +233,11 @@ impl Catalog {
         }
         drop(dirs);
         let mut children = self.children.write().expect("catalog lock");
-        for (k, c) in other.children.into_inner().expect("catalog lock") {
-            children.entry(k).or_insert(c);
+        for (k, names) in other.children.into_inner().expect("catalog lock") {
+            let mine = children.entry(k).or_default();
+            for (n, c) in names {
+                mine.entry(n).or_insert(c);
+            }
         }
     }
 
@@ -255,12 +269,17 @@ impl Catalog {
             }
         }
         let children = self.children.read().expect("catalog lock");
-        put_u32(&mut w, children.len() as u32);
-        for ((key, name), c) in children.iter() {
-            put_key(&mut w, *key);
-            put_bytes(&mut w, name.as_bytes());
-            self.put_layers(&mut w, &c.parent_lowers);
-            self.put_layers(&mut w, &c.lowers);
+        put_u32(
+            &mut w,
+            children.values().map(HashMap::len).sum::<usize>() as u32,
+        );
+        for (key, names) in children.iter() {
+            for (name, c) in names {
+                put_key(&mut w, *key);
+                put_bytes(&mut w, name.as_bytes());
+                self.put_layers(&mut w, &c.parent_lowers);
+                self.put_layers(&mut w, &c.lowers);
+            }
         }
         let sum = Sha256::digest(&w);
         w.extend_from_slice(&sum);
@@ -322,14 +341,14 @@ impl Catalog {
             }
             dirs.insert(key, Arc::new(Merged::from_parts(lowers, at)));
         }
-        let mut children = HashMap::new();
+        let mut children: HashMap<DirKey, HashMap<OsString, Child>> = HashMap::new();
         for _ in 0..r.u32()? {
             let key = r.key()?;
             let name = OsString::from_vec(r.bytes()?.to_vec());
             let parent_lowers = layer_list(&mut r)?;
             let lowers = layer_list(&mut r)?;
-            children.insert(
-                (key, name),
+            children.entry(key).or_default().insert(
+                name,
                 Child {
                     parent_lowers,
                     lowers,
