@@ -392,8 +392,8 @@ pub fn snapshot(root: &Path) -> Tree {
 ///
 /// Everything else about the entry (type, content, mode, owner...) must still match.
 /// `linked` names directories of our upper layer that hold a linked-up hard link (its
-/// `overlay.nlink` xattr says so): they stay merged after the kernel's count of the links
-/// dropped to one (the other names deleted).
+/// `overlay.nlink` xattr says so), or an ancestor of one: they are merged where the kernel's
+/// are not (the kernel copies up only the name written).
 fn expected_difference(
     path: &[u8],
     kernel: &Info,
@@ -424,8 +424,9 @@ fn expected_difference(
     }
 }
 
-/// Directories (relative paths) of upper layer `upper` that directly hold a file carrying
-/// an `overlay.nlink` xattr: a lower hard link that layerfs linked up beside its copy.
+/// Directories (relative paths) of upper layer `upper` that hold, directly or further down,
+/// a file carrying an `overlay.nlink` xattr: a lower hard link that layerfs linked up beside
+/// its copy (which copies up its directory and the directory's ancestors).
 pub fn linked_up_dirs(upper: &Path) -> BTreeSet<Vec<u8>> {
     let mut out = BTreeSet::new();
     let mut todo = vec![upper.to_path_buf()];
@@ -441,8 +442,11 @@ pub fn linked_up_dirs(upper: &Path) -> BTreeSet<Vec<u8>> {
                     let linked = ["trusted.overlay.nlink", "user.overlay.nlink"]
                         .iter()
                         .any(|x| get_xattr(&p, x).is_some());
+                    // Its directory and every ancestor were copied up to hold it.
                     if linked && let Ok(rel) = d.strip_prefix(upper) {
-                        out.insert(rel.as_os_str().as_bytes().to_vec());
+                        for a in rel.ancestors() {
+                            out.insert(a.as_os_str().as_bytes().to_vec());
+                        }
                     }
                 }
                 _ => {}
