@@ -60,12 +60,7 @@ impl Catalog {
         let base = layers.first_lower();
         let stamp = layers.layers[base..]
             .iter()
-            .map(|l| {
-                let ino = crate::sys::fstat(std::os::fd::AsFd::as_fd(&*l.root))
-                    .map(|s| s.st_ino)
-                    .unwrap_or(0);
-                (l.dev, ino)
-            })
+            .map(|l| (l.dev, l.ino))
             .collect();
         let mut c = Catalog::empty(path.to_path_buf(), stamp, base);
         match std::fs::read(path) {

@@ -13,6 +13,8 @@ pub struct Layer {
     pub path: PathBuf,
     pub root: Arc<OwnedFd>,
     pub dev: u64,
+    /// The root's inode number (with `dev`, what the lower catalog was built over).
+    pub ino: u64,
     /// Small index of this layer's filesystem among the stack's distinct filesystems.
     pub fs_index: u64,
 }
@@ -48,6 +50,7 @@ impl LayerStack {
                 path: p.to_path_buf(),
                 root: Arc::new(root),
                 dev: st.st_dev,
+                ino: st.st_ino,
                 fs_index,
             });
         }
