@@ -780,6 +780,24 @@ pub fn raise_nofile_limit() -> u64 {
     }
 }
 
+/// Grow this process's fd table to hold `n` descriptors now. The kernel grows it on demand by
+/// doubling, and in a multi-threaded process each growth waits out an RCU grace period
+/// (`expand_fdtable` calls `synchronize_rcu`): milliseconds during which the request that
+/// opened the descriptor stalls. Called before any thread exists, the growth costs nothing.
+/// Best effort: Err only says the table kept its size.
+pub fn reserve_fds(n: u32) -> io::Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let nul = std::fs::File::open("/dev/null")?;
+    // SAFETY: F_DUPFD on a valid fd returns a new fd (>= n - 1) or -1; the new fd is owned
+    // here and closed at once.
+    let fd = check(unsafe { libc::fcntl(nul.as_raw_fd(), libc::F_DUPFD_CLOEXEC, (n - 1) as i32) })?;
+    // SAFETY: fd was just returned by fcntl and is owned by nothing else.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    Ok(())
+}
+
 pub fn geteuid() -> u32 {
     // SAFETY: always succeeds.
     unsafe { libc::geteuid() }

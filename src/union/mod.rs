@@ -107,9 +107,23 @@ pub(crate) fn check_name(name: &OsStr) -> Result<()> {
     Ok(())
 }
 
+/// The most descriptors the fd table is grown for at start (a 128 KiB table).
+const MAX_RESERVED_FDS: usize = 16384;
+
 impl Union {
     /// Open the layers, clean the workdir and build the root node.
     pub fn new(cfg: Config) -> Result<Union> {
+        let limit = sys::raise_nofile_limit() as usize;
+        let fd_cache = (limit / 2).max(256);
+        // Room for the layer roots and the fd cache up front (the daemon has no threads yet),
+        // so no request later waits for the kernel to grow the fd table (see reserve_fds);
+        // capped, as a table for a million fds would cost megabytes of kernel memory.
+        let want = (fd_cache + cfg.lowers.len() + 64)
+            .min(limit)
+            .min(MAX_RESERVED_FDS);
+        if let Err(e) = sys::reserve_fds(want as u32) {
+            log::debug!("fd table not grown to {want}: {e}");
+        }
         let layers = LayerStack::open(cfg.upper.as_deref(), &cfg.lowers)?;
         let work = match (&cfg.upper, &cfg.work) {
             (Some(_), Some(w)) => Some(WorkDir::open(w, &layers.layers[0])?),
@@ -117,9 +131,8 @@ impl Union {
             (None, Some(_)) => return Err(Error::msg("workdir given without an upperdir")),
             (None, None) => None,
         };
-        let limit = sys::raise_nofile_limit() as usize;
         let u = Union {
-            fds: FdCache::new((limit / 2).max(256)),
+            fds: FdCache::new(fd_cache),
             names: names::NameIndex::new(8192),
             catalog: cfg
                 .catalog
