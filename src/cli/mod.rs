@@ -21,7 +21,10 @@ Mount OPTIONS (comma-separated; -o may be repeated):
   workdir=DIR              on the same filesystem as upperdir: work/ (scratch, emptied at
                            mount) and layerfs-index/ (copied-up lower hard links); keep it
                            with the upper
-  fsync=0 | volatile       don't fsync copy-ups (faster; a crash may lose recent copy-ups)
+  fsync=0 | volatile       don't fsync copy-ups (faster; a crash may lose recent copy-ups).
+                           As the kernel's volatile: leaves workdir/work/incompat/volatile,
+                           and every later mount refuses that workdir until it is removed
+                           (remove it once the upper is known to be on disk, e.g. after sync)
   passthrough=1|upper|0    reads and writes of open files go straight to the real file (FUSE
                            passthrough; default 1 as root, needs kernel 6.9+). A reader open
                            on a lower file before a copy-up keeps its lower data (the kernel

@@ -23,7 +23,10 @@ pub struct WorkDir {
 }
 
 impl WorkDir {
-    pub fn open(path: &Path, upper: &Layer) -> Result<WorkDir> {
+    /// Open (creating `work` if need be) and empty the work directory. A `volatile` mount
+    /// (copy-ups not fsynced) leaves the kernel's marker behind, and any mount refuses a
+    /// workdir that holds one, as the kernel does.
+    pub fn open(path: &Path, upper: &Layer, volatile: bool) -> Result<WorkDir> {
         let base = sys::open_dir_path(path).ctx(format!("workdir {}", path.display()))?;
         let st = sys::fstat(base.as_fd())?;
         if st.st_dev != upper.dev {
@@ -58,8 +61,41 @@ impl WorkDir {
             counter: AtomicU64::new(0),
             shared_whiteout: Mutex::new(None),
         };
+        check_incompat(w.fd.as_fd(), path)?;
         w.clean().ctx(format!("cleaning {}/work", path.display()))?;
+        if volatile {
+            w.mark_volatile()
+                .ctx(format!("{}/work/{INCOMPAT}/{VOLATILE}", path.display()))?;
+        }
         Ok(w)
+    }
+
+    /// `work/incompat/volatile/dirty`, as the kernel makes it at a `volatile` mount. Never
+    /// removed by a mount (nor by the kernel): whoever knows the upper layer reached the disk
+    /// removes it, so a crash can't leave a half-written upper layer that mounts silently.
+    fn mark_volatile(&self) -> Result<()> {
+        let mut dir = self.fd.clone();
+        for name in [INCOMPAT, VOLATILE] {
+            match sys::mkdirat(dir.as_fd(), OsStr::new(name), 0o700) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            dir = Arc::new(sys::openat(
+                dir.as_fd(),
+                OsStr::new(name),
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+            )?);
+        }
+        let dirty = sys::openat(
+            dir.as_fd(),
+            OsStr::new("dirty"),
+            libc::O_WRONLY | libc::O_CREAT,
+            0o644,
+        )?;
+        drop(dirty);
+        Ok(())
     }
 
     /// Remove everything a previous run left in the work directory.
@@ -107,6 +143,39 @@ impl WorkDir {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         OsString::from(format!("#{:x}-{:x}", std::process::id(), n))
     }
+}
+
+/// `work/incompat/<feature>`: the kernel refuses to mount a workdir holding any such entry.
+const INCOMPAT: &str = "incompat";
+const VOLATILE: &str = "volatile";
+
+/// Refuse a work directory whose `incompat` directory holds a feature (the kernel's
+/// ovl_workdir_cleanup answers EINVAL): after a `volatile` mount, writes may not have reached
+/// the disk, and emptying the work directory would hide that from the next mount.
+fn check_incompat(work: BorrowedFd<'_>, path: &Path) -> Result<()> {
+    let dir = match sys::openat(
+        work,
+        OsStr::new(INCOMPAT),
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        0,
+    ) {
+        Ok(d) => d,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => return Ok(()),
+        Err(e) => return Err(Error::from(e).context(format!("{}/work/{INCOMPAT}", path.display()))),
+    };
+    let names = sys::read_dir_fd(dir.as_fd())?;
+    let Some(feature) = names.first() else {
+        return Ok(());
+    };
+    Err(Error::msg(format!(
+        "workdir {}: an upper layer with incompat feature '{}' cannot be mounted (a volatile \
+         mount left {}/work/{INCOMPAT}, and a crash since may have lost its writes); remove \
+         that directory if the upper layer is intact, else start from an empty upperdir and \
+         workdir",
+        path.display(),
+        feature.name.to_string_lossy(),
+        path.display()
+    )))
 }
 
 /// Remove `name` in `dir` and everything below it, by fd (no path length limit).

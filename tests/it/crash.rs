@@ -124,3 +124,61 @@ fn kill_9_during_copy_ups_and_deletes_leaves_a_consistent_upper() {
         assert_same_tree("kernel after crash", &before, &snapshot(&k.mnt));
     }
 }
+
+#[test]
+fn a_volatile_upper_is_refused_until_its_marker_is_removed_as_by_the_kernel() {
+    require_fuse!();
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    write(low.join("f"), b"lower");
+    // `volatile` skips the fsync of copy-ups: a crash can leave a copied-up file empty over
+    // the lower data. The kernel marks such a workdir (work/incompat/volatile/dirty) and then
+    // refuses it until someone who knows the upper reached the disk removes the marker.
+    for (n, by_kernel) in [(0, true), (1, false)] {
+        let (up, work) = (s.mkdir(&format!("up{n}")), s.mkdir(&format!("work{n}")));
+        let opts = rw_opts(&low, &up, &work);
+        let volatile = format!("{opts},volatile");
+        let mnt = s.path(&format!("mnt{n}"));
+        let who = if by_kernel { "the kernel" } else { "layerfs" };
+        {
+            let (_k, _l);
+            let m = if by_kernel {
+                _k = Kernel::mount(&volatile, &mnt);
+                &_k.mnt
+            } else {
+                _l = Layerfs::mount(&volatile, &mnt);
+                &_l.mnt
+            };
+            let mut f = OpenOptions::new().append(true).open(m.join("f")).unwrap();
+            f.write_all(b"+up").unwrap();
+        }
+        assert!(
+            work.join("work/incompat/volatile/dirty").is_file(),
+            "a volatile mount by {who} leaves its marker"
+        );
+        let refused = Kernel::try_mount(&opts, &mnt);
+        assert!(refused.is_err(), "the kernel refuses what {who} left");
+        for o in [&opts, &volatile] {
+            let e = Layerfs::try_mount(o, &mnt)
+                .err()
+                .unwrap_or_else(|| panic!("layerfs mounted what {who} left ({o})"));
+            assert!(
+                e.contains("incompat feature 'volatile'") && !e.contains('\n'),
+                "one-line error: {e}"
+            );
+        }
+        assert!(
+            work.join("work/incompat/volatile/dirty").is_file(),
+            "a refused mount keeps the marker"
+        );
+        // What a runtime does once it knows the upper reached the disk.
+        fs::remove_dir_all(work.join("work/incompat")).unwrap();
+        let m = Layerfs::mount(&opts, &mnt);
+        assert_eq!(fs::read(m.mnt.join("f")).unwrap(), b"lower+up");
+        drop(m);
+        assert!(
+            !work.join("work/incompat").exists(),
+            "a mount without volatile leaves no marker"
+        );
+    }
+}

@@ -147,6 +147,12 @@ pub struct Kernel {
 
 impl Kernel {
     pub fn mount(opts: &str, mnt: &Path) -> Kernel {
+        Self::try_mount(opts, mnt)
+            .unwrap_or_else(|e| panic!("kernel overlay mount failed ({opts}): {e}"))
+    }
+
+    /// The mount, or mount(8)'s complaint (for what the kernel refuses).
+    pub fn try_mount(opts: &str, mnt: &Path) -> Result<Kernel, String> {
         std::fs::create_dir_all(mnt).unwrap();
         let (ok, _o, err) = run_timeout(
             Command::new("mount")
@@ -154,9 +160,12 @@ impl Kernel {
                 .arg(mnt),
             30,
         );
-        assert!(ok, "kernel overlay mount failed ({opts}): {err}");
-        Kernel {
-            mnt: mnt.to_path_buf(),
+        if ok {
+            Ok(Kernel {
+                mnt: mnt.to_path_buf(),
+            })
+        } else {
+            Err(err.trim().to_string())
         }
     }
 }
