@@ -880,3 +880,53 @@ fn a_failing_rmdir_copies_nothing_up() {
     assert_eq!(seen[0], (Err(Some(libc::ENOTEMPTY)), 3), "kernel");
     assert_eq!(seen[1], seen[0], "layerfs vs kernel");
 }
+
+#[test]
+fn markers_on_the_bottom_layer_point_nowhere_as_in_the_kernel() {
+    // A redirect (or opaque) marker on a directory of the bottom layer has nothing below it
+    // to point at, and the kernel doesn't read it (ovl_lookup_single stops at the last
+    // layer). Once we followed it: renaming such a directory wrote the marker's target as the
+    // new redirect, and after a remount the directory showed nothing of its lower contents.
+    require_fuse!();
+    let s = Scratch::new();
+    let lower = s.mkdir("lower");
+    write(lower.join("d/f"), b"lower f");
+    set_xattr(lower.join("d"), "trusted.overlay.redirect", b"/nowhere");
+    write(lower.join("o/g"), b"lower g");
+    set_xattr(lower.join("o"), "trusted.overlay.opaque", b"y");
+    let mut seen = Vec::new();
+    for who in ["kernel", "layerfs"] {
+        let (up, wk) = (s.mkdir(&format!("{who}-up")), s.mkdir(&format!("{who}-wk")));
+        let opts = rw_opts(&lower, &up, &wk);
+        let mnt = s.path(&format!("{who}-mnt"));
+        let look = |mnt: &Path| {
+            (
+                fs::read(mnt.join("e/f")).map_err(|e| e.raw_os_error()),
+                fs::read(mnt.join("o/g")).map_err(|e| e.raw_os_error()),
+                listing(&mnt.join("e")),
+            )
+        };
+        let mut got = Vec::new();
+        for round in 0..2 {
+            let _k;
+            let _l;
+            if who == "kernel" {
+                _k = Kernel::mount(&format!("{opts},redirect_dir=on"), &mnt);
+            } else {
+                _l = Layerfs::mount(&opts, &mnt);
+            }
+            if round == 0 {
+                fs::rename(mnt.join("d"), mnt.join("e")).unwrap();
+            }
+            got.push(look(&mnt));
+        }
+        seen.push(got);
+    }
+    let kernel = &seen[0];
+    assert_eq!(kernel[1].0, Ok(b"lower f".to_vec()), "kernel after remount");
+    assert_eq!(kernel[1].1, Ok(b"lower g".to_vec()), "kernel");
+    assert_eq!(
+        seen[1], seen[0],
+        "layerfs vs kernel (before and after a remount)"
+    );
+}
