@@ -176,6 +176,23 @@ impl Drop for Kernel {
     }
 }
 
+/// One mount of the same options on the kernel (with `redirect_dir=on`, the reference) or
+/// on layerfs, for tests that run one sequence on both; unmounted on drop.
+pub enum Either {
+    Kernel(Kernel),
+    Layerfs(Layerfs),
+}
+
+impl Either {
+    pub fn mount(kernel: bool, opts: &str, mnt: &Path) -> Either {
+        if kernel {
+            Either::Kernel(Kernel::mount(&format!("{opts},redirect_dir=on"), mnt))
+        } else {
+            Either::Layerfs(Layerfs::mount(opts, mnt))
+        }
+    }
+}
+
 /// A scratch area with a layers/ dir and helpers to fill layers.
 pub struct Scratch {
     pub dir: tempfile::TempDir,

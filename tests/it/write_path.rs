@@ -860,13 +860,7 @@ fn a_failing_rmdir_copies_nothing_up() {
         let opts = rw_opts(&lower, &up, &wk);
         let mnt = s.path(&format!("{who}-mnt"));
         let (r, nlink) = {
-            let _k;
-            let _l;
-            if who == "kernel" {
-                _k = Kernel::mount(&format!("{opts},redirect_dir=on"), &mnt);
-            } else {
-                _l = Layerfs::mount(&opts, &mnt);
-            }
+            let _m = Either::mount(who == "kernel", &opts, &mnt);
             let r = std::fs::remove_dir(mnt.join("d/sub")).map_err(|e| e.raw_os_error());
             (r, std::fs::metadata(mnt.join("d")).unwrap().nlink())
         };
@@ -908,13 +902,7 @@ fn markers_on_the_bottom_layer_point_nowhere_as_in_the_kernel() {
         };
         let mut got = Vec::new();
         for round in 0..2 {
-            let _k;
-            let _l;
-            if who == "kernel" {
-                _k = Kernel::mount(&format!("{opts},redirect_dir=on"), &mnt);
-            } else {
-                _l = Layerfs::mount(&opts, &mnt);
-            }
+            let _m = Either::mount(who == "kernel", &opts, &mnt);
             if round == 0 {
                 fs::rename(mnt.join("d"), mnt.join("e")).unwrap();
             }
