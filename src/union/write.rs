@@ -454,6 +454,33 @@ impl Union {
         Ok(())
     }
 
+    /// ENOTEMPTY before anything is copied up, as ovl_rename checks a directory target that
+    /// is merged or lower (not pure upper) first: a failing rename then changes nothing.
+    fn refuse_unemptiable_target(
+        &self,
+        p: &Arc<Node>,
+        name: &OsStr,
+        np: &Arc<Node>,
+        newname: &OsStr,
+    ) -> Result<()> {
+        let (first, second) = if p.id <= np.id { (p, np) } else { (np, p) };
+        let _g1 = first.dir_lock.read().expect("dir lock");
+        let _g2 = (p.id != np.id).then(|| second.dir_lock.read().expect("dir lock"));
+        let (Some(src), Some(dst)) = (self.child(p, name)?, self.child(np, newname)?) else {
+            return Ok(());
+        };
+        // (A target that is one of the parents is the kernel's to refuse, and the main path's.)
+        if !src.is_dir() || !dst.is_dir() || [src.id, p.id, np.id].contains(&dst.id) {
+            return Ok(());
+        }
+        let pure_upper = dst.state().layers.iter().all(|&l| self.layers.is_upper(l));
+        let _cg = dst.dir_lock.read().expect("dir lock");
+        if !pure_upper && !self.is_empty_dir(&dst)? {
+            return Err(err(libc::ENOTEMPTY));
+        }
+        Ok(())
+    }
+
     pub fn rename(
         &self,
         parent: u64,
@@ -474,6 +501,9 @@ impl Union {
         }
         let p = self.dir_node(parent)?;
         let np = self.dir_node(newparent)?;
+        if !exchange {
+            self.refuse_unemptiable_target(&p, name, &np, newname)?;
+        }
         self.copy_up(&p, Data::All)?;
         self.copy_up(&np, Data::All)?;
         // Two directory locks: lower id first.
@@ -508,6 +538,10 @@ impl Union {
                 return Err(err(libc::EISDIR));
             }
             if d.is_dir() && !self.is_empty_dir(d)? {
+                // A pure-upper target (merged ones were refused above, before any copy-up):
+                // the kernel copies the source up, then the upper filesystem refuses the
+                // rename (soak seed 11041).
+                self.copy_up(&src, Data::Meta)?;
                 return Err(err(libc::ENOTEMPTY));
             }
         }

@@ -918,3 +918,52 @@ fn markers_on_the_bottom_layer_point_nowhere_as_in_the_kernel() {
         "layerfs vs kernel (before and after a remount)"
     );
 }
+
+#[test]
+fn a_rename_over_a_non_empty_directory_copies_up_what_the_kernel_does() {
+    // ovl_rename refuses a merged or lower directory target that is not empty before it
+    // copies anything up; over a pure-upper target it copies the source up first and the
+    // upper filesystem then refuses. Found by the soak (seed 11041): we checked every target
+    // first, so the source stayed unmerged where the kernel's was copied up.
+    require_fuse!();
+    let s = Scratch::new();
+    let lower = s.mkdir("lower");
+    fs::create_dir_all(lower.join("b5/a2")).unwrap();
+    fs::create_dir_all(lower.join("c/src")).unwrap();
+    write(lower.join("f4/keep"), b"x");
+    write(lower.join("full/f"), b"x");
+    let mut seen = Vec::new();
+    for who in ["kernel", "layerfs"] {
+        let (up, wk) = (s.mkdir(&format!("{who}-up")), s.mkdir(&format!("{who}-wk")));
+        let mnt = s.path(&format!("{who}-mnt"));
+        let m = Either::mount(who == "kernel", &rw_opts(&lower, &up, &wk), &mnt);
+        // A lower, non-empty target: refused with nothing copied up.
+        let lower_target =
+            fs::rename(mnt.join("c/src"), mnt.join("full")).map_err(|e| e.raw_os_error());
+        let untouched = listing(&up);
+        // A pure-upper, non-empty target.
+        fs::create_dir_all(mnt.join("f4/a4/b0")).unwrap();
+        let upper_target =
+            fs::rename(mnt.join("b5/a2"), mnt.join("f4/a4")).map_err(|e| e.raw_os_error());
+        let nlink = |p: &str| fs::metadata(mnt.join(p)).unwrap().nlink();
+        seen.push((
+            lower_target,
+            untouched,
+            upper_target,
+            nlink("b5/a2"),
+            nlink("b5"),
+            up.join("b5/a2").is_dir(),
+        ));
+        drop(m);
+    }
+    let kernel = &seen[0];
+    assert_eq!(kernel.0, Err(Some(libc::ENOTEMPTY)), "kernel");
+    assert!(
+        kernel.1.is_empty(),
+        "kernel copies nothing up: {:?}",
+        kernel.1
+    );
+    assert_eq!(kernel.2, Err(Some(libc::ENOTEMPTY)), "kernel");
+    assert!(kernel.5, "the kernel copied the source up");
+    assert_eq!(seen[1], seen[0], "layerfs vs kernel");
+}
