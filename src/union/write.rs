@@ -473,8 +473,10 @@ impl Union {
         if !src.is_dir() || !dst.is_dir() || [src.id, p.id, np.id].contains(&dst.id) {
             return Ok(());
         }
+        // Not dst's own lock (the main path takes none either): it re-checks under the
+        // parents' write locks, so a listing that races a change only decides which check
+        // refuses.
         let pure_upper = dst.state().layers.iter().all(|&l| self.layers.is_upper(l));
-        let _cg = dst.dir_lock.read().expect("dir lock");
         if !pure_upper && !self.is_empty_dir(&dst)? {
             return Err(err(libc::ENOTEMPTY));
         }
