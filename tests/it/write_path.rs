@@ -946,6 +946,9 @@ fn a_rename_over_a_non_empty_directory_copies_up_what_the_kernel_does() {
         let upper_target =
             fs::rename(mnt.join("b5/a2"), mnt.join("f4/a4")).map_err(|e| e.raw_os_error());
         let nlink = |p: &str| fs::metadata(mnt.join(p)).unwrap().nlink();
+        // The copy-up merged b5/a2 and b5 (nlink 1) without a reply that carries their
+        // attributes: layerfs tells the kernel from its invalidation thread, a moment later.
+        wait_until(5, || nlink("b5/a2") == 1 && nlink("b5") == 1);
         seen.push((
             lower_target,
             untouched,
