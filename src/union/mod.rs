@@ -160,13 +160,9 @@ impl Union {
     }
 
     fn build_root(&self) -> Result<()> {
-        let mut merged = Vec::new();
-        for (i, l) in self.layers.layers.iter().enumerate() {
-            merged.push(i);
-            if format::dir_markers(l.root.as_fd()).opaque {
-                break;
-            }
-        }
+        // Every layer's root merges: as in the kernel, a layer root is never opaque (an
+        // opaque marker on it, of any format, hides nothing below).
+        let merged: Vec<usize> = (0..self.layers.len()).collect();
         let top = sys::fstat(self.layers.layers[merged[0]].root.as_fd())?;
         let st_ino = self.layers.union_ino(merged[0], top.st_ino);
         let state = NodeState::new(ROOT_ID, OsStr::new(""), merged);

@@ -414,3 +414,43 @@ fn deep_stacks_resolve_as_shallow_ones() {
     let gone = std::fs::symlink_metadata(l.mnt.join("d/deleted")).map_err(|e| e.raw_os_error());
     assert_eq!(gone.map(|_| ()), Err(Some(libc::ENOENT)));
 }
+
+#[test]
+fn a_layer_root_is_never_opaque_as_in_the_kernel() {
+    // The kernel merges every layer's root whatever markers it carries (it never looks a
+    // root up); layerfs stopped the merge at an opaque root and hid the layers below.
+    require_fuse!();
+    let s = Scratch::new();
+    let (a, b, c) = (s.mkdir("a"), s.mkdir("b"), s.mkdir("c"));
+    write(a.join("fa"), b"a");
+    write(b.join("fb"), b"b");
+    write(c.join("fc"), b"c");
+    set_xattr(&b, "trusted.overlay.opaque", b"y");
+    let (up, wk) = (s.mkdir("up"), s.mkdir("wk"));
+    write(up.join("fu"), b"u");
+    set_xattr(&up, "trusted.overlay.opaque", b"y");
+    let names = |m: &std::path::Path| {
+        let mut v: Vec<String> = std::fs::read_dir(m)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let opts = format!(
+        "lowerdir={}:{}:{},upperdir={},workdir={}",
+        a.display(),
+        b.display(),
+        c.display(),
+        up.display(),
+        wk.display()
+    );
+    let kernel = names(&Kernel::mount(&opts, &s.path("k")).mnt);
+    assert_eq!(kernel, ["fa", "fb", "fc", "fu"], "the kernel");
+    let ours = names(&Layerfs::mount(&opts, &s.path("l")).mnt);
+    assert_eq!(ours, kernel, "layerfs vs kernel");
+    // The OCI file marker at a root (not a kernel format): hidden, and hiding nothing.
+    write(a.join(".wh..wh..opq"), b"");
+    let ro = format!("lowerdir={}:{}", a.display(), c.display());
+    assert_eq!(names(&Layerfs::mount(&ro, &s.path("l2")).mnt), ["fa", "fc"]);
+}
