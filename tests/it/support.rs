@@ -337,7 +337,13 @@ pub fn snapshot(root: &Path) -> Tree {
             0,
         )
         .unwrap_or_else(|e| panic!("open dir {:?}: {e}", String::from_utf8_lossy(&prefix)));
-        for e in sys::read_dir_fd(rfd.as_fd()).unwrap() {
+        for e in sys::read_dir_fd(rfd.as_fd()).unwrap_or_else(|e| {
+            panic!(
+                "list dir {:?} of {}: {e}",
+                String::from_utf8_lossy(&prefix),
+                root.display()
+            )
+        }) {
             let mut path = prefix.clone();
             if !path.is_empty() {
                 path.push(b'/');
