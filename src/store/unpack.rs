@@ -92,11 +92,8 @@ impl Ctx<'_> {
             Some((_, dirs)) => self.dir(dirs)?,
         };
         let name = path.last().expect("non-empty");
-        match sys::mkdirat(parent.as_fd(), name, 0o755) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(Error::from(e).context(format!("creating {}", show(path)))),
-        }
+        sys::mkdirat_if_missing(parent.as_fd(), name, 0o755)
+            .map_err(|e| Error::from(e).context(format!("creating {}", show(path))))?;
         let fd = sys::openat(parent.as_fd(), name, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(
             |e| {
                 if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) {

@@ -31,11 +31,7 @@ pub struct Index {
 impl Index {
     /// Open (creating) the index beside the work directory in `base` (the workdir).
     pub fn open(base: BorrowedFd<'_>) -> Result<Index> {
-        match sys::mkdirat(base, OsStr::new(DIR), 0o700) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(e).ctx(DIR),
-        }
+        sys::mkdirat_if_missing(base, OsStr::new(DIR), 0o700).ctx(DIR)?;
         // Readable (to list it once here); the *at calls take it as their directory.
         let fd =
             sys::openat(base, OsStr::new(DIR), libc::O_RDONLY | libc::O_DIRECTORY, 0).ctx(DIR)?;

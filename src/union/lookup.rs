@@ -343,16 +343,16 @@ impl Union {
             f.lower_ino = Some(self.layers.union_ino(l, st.st_ino));
         }
         f.layers.push(l);
-        if l + 1 == self.layers.len() {
-            // The bottom layer: an opaque or redirect marker there hides or points at nothing,
-            // so the kernel doesn't read them (ovl_lookup_single, d->last), nor do we. That
-            // saves an xattr read and a lookup inside every bottom-layer subdirectory (a read
-            // of its directory block on a cold cache, for a stat of the directory alone).
-            f.fds.push((l, dfd));
-            return Ok(Step::Stop);
-        }
-        let markers = format::dir_markers_of(XTarget::At(pfd.as_fd(), name), dfd.as_fd());
+        // The bottom layer: an opaque or redirect marker there hides or points at nothing, so
+        // the kernel doesn't read them (ovl_lookup_single, d->last), nor do we. That saves an
+        // xattr read and a lookup inside every bottom-layer subdirectory (a read of its
+        // directory block on a cold cache, for a stat of the directory alone).
+        let markers = (l + 1 < self.layers.len())
+            .then(|| format::dir_markers_of(XTarget::At(pfd.as_fd(), name), dfd.as_fd()));
         f.fds.push((l, dfd));
+        let Some(markers) = markers else {
+            return Ok(Step::Stop);
+        };
         if markers.opaque {
             return Ok(Step::Stop);
         }

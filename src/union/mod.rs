@@ -163,8 +163,7 @@ impl Union {
         // Every layer's root merges: as in the kernel, a layer root is never opaque (an
         // opaque marker on it, of any format, hides nothing below).
         let merged: Vec<usize> = (0..self.layers.len()).collect();
-        let top = sys::fstat(self.layers.layers[merged[0]].root.as_fd())?;
-        let st_ino = self.layers.union_ino(merged[0], top.st_ino);
+        let st_ino = self.layers.union_ino(0, self.layers.layers[0].ino);
         let state = NodeState::new(ROOT_ID, OsStr::new(""), merged);
         self.nodes
             .insert_root(Node::new(ROOT_ID, Kind::Dir, st_ino, state));

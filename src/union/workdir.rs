@@ -36,11 +36,8 @@ impl WorkDir {
                 upper.path.display()
             )));
         }
-        match sys::mkdirat(base.as_fd(), OsStr::new("work"), 0) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(Error::from(e).context(format!("workdir {}", path.display()))),
-        }
+        sys::mkdirat_if_missing(base.as_fd(), OsStr::new("work"), 0)
+            .map_err(|e| Error::from(e).context(format!("workdir {}", path.display())))?;
         // Mode 0 keeps others out, as the kernel does; an unprivileged daemon (no
         // CAP_DAC_OVERRIDE) needs to enter it itself.
         if sys::geteuid() != 0 {
@@ -76,11 +73,7 @@ impl WorkDir {
     fn mark_volatile(&self) -> Result<()> {
         let mut dir = self.fd.clone();
         for name in [INCOMPAT, VOLATILE] {
-            match sys::mkdirat(dir.as_fd(), OsStr::new(name), 0o700) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(e.into()),
-            }
+            sys::mkdirat_if_missing(dir.as_fd(), OsStr::new(name), 0o700)?;
             dir = Arc::new(sys::openat(
                 dir.as_fd(),
                 OsStr::new(name),

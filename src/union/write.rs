@@ -454,8 +454,13 @@ impl Union {
         Ok(())
     }
 
-    /// ENOTEMPTY before anything is copied up, as ovl_rename checks a directory target that
-    /// is merged or lower (not pure upper) first: a failing rename then changes nothing.
+    /// Only in the upper layer: ovl_pure_upper, whose emptiness the upper filesystem checks.
+    fn is_pure_upper(&self, n: &Node) -> bool {
+        n.state().layers.iter().all(|&l| self.layers.is_upper(l))
+    }
+
+    /// ENOTEMPTY before the parents are copied up, as ovl_rename checks a directory target
+    /// that is merged or lower (not pure upper) first: a failing rename then changes nothing.
     fn refuse_unemptiable_target(
         &self,
         p: &Arc<Node>,
@@ -476,8 +481,7 @@ impl Union {
         // Not dst's own lock (the main path takes none either): it re-checks under the
         // parents' write locks, so a listing that races a change only decides which check
         // refuses.
-        let pure_upper = dst.state().layers.iter().all(|&l| self.layers.is_upper(l));
-        if !pure_upper && !self.is_empty_dir(&dst)? {
+        if !self.is_pure_upper(&dst) && !self.is_empty_dir(&dst)? {
             return Err(err(libc::ENOTEMPTY));
         }
         Ok(())
@@ -503,7 +507,8 @@ impl Union {
         }
         let p = self.dir_node(parent)?;
         let np = self.dir_node(newparent)?;
-        if !exchange {
+        // (With both parents in the upper already nothing is copied up before the check below.)
+        if !exchange && (p.top_layer() != 0 || np.top_layer() != 0) {
             self.refuse_unemptiable_target(&p, name, &np, newname)?;
         }
         self.copy_up(&p, Data::All)?;
@@ -540,10 +545,12 @@ impl Union {
                 return Err(err(libc::EISDIR));
             }
             if d.is_dir() && !self.is_empty_dir(d)? {
-                // A pure-upper target (merged ones were refused above, before any copy-up):
-                // the kernel copies the source up, then the upper filesystem refuses the
-                // rename (soak seed 11041).
-                self.copy_up(&src, Data::Meta)?;
+                // Over a pure-upper target the kernel copies the source up, then the upper
+                // filesystem refuses the rename (soak seed 11041); a merged or lower one is
+                // refused first.
+                if self.is_pure_upper(d) {
+                    self.copy_up(&src, Data::Meta)?;
+                }
                 return Err(err(libc::ENOTEMPTY));
             }
         }

@@ -429,14 +429,6 @@ fn a_layer_root_is_never_opaque_as_in_the_kernel() {
     let (up, wk) = (s.mkdir("up"), s.mkdir("wk"));
     write(up.join("fu"), b"u");
     set_xattr(&up, "trusted.overlay.opaque", b"y");
-    let names = |m: &std::path::Path| {
-        let mut v: Vec<String> = std::fs::read_dir(m)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    };
     let opts = format!(
         "lowerdir={}:{}:{},upperdir={},workdir={}",
         a.display(),
@@ -445,12 +437,15 @@ fn a_layer_root_is_never_opaque_as_in_the_kernel() {
         up.display(),
         wk.display()
     );
-    let kernel = names(&Kernel::mount(&opts, &s.path("k")).mnt);
+    let kernel = listing(&Kernel::mount(&opts, &s.path("k")).mnt);
     assert_eq!(kernel, ["fa", "fb", "fc", "fu"], "the kernel");
-    let ours = names(&Layerfs::mount(&opts, &s.path("l")).mnt);
+    let ours = listing(&Layerfs::mount(&opts, &s.path("l")).mnt);
     assert_eq!(ours, kernel, "layerfs vs kernel");
     // The OCI file marker at a root (not a kernel format): hidden, and hiding nothing.
     write(a.join(".wh..wh..opq"), b"");
     let ro = format!("lowerdir={}:{}", a.display(), c.display());
-    assert_eq!(names(&Layerfs::mount(&ro, &s.path("l2")).mnt), ["fa", "fc"]);
+    assert_eq!(
+        listing(&Layerfs::mount(&ro, &s.path("l2")).mnt),
+        ["fa", "fc"]
+    );
 }

@@ -579,6 +579,16 @@ pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// A directory's names, sorted.
+pub fn listing(dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    v.sort();
+    v
+}
+
 /// Mount options for one lower layer with an upper and a workdir.
 pub fn rw_opts(lower: &Path, upper: &Path, work: &Path) -> String {
     format!(

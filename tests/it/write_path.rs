@@ -38,16 +38,6 @@ fn stack(s: &Scratch) -> Vec<PathBuf> {
     vec![l1, l2]
 }
 
-/// A directory's names, sorted.
-fn listing(dir: &Path) -> Vec<std::ffi::OsString> {
-    let mut v: Vec<_> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    v.sort();
-    v
-}
-
 fn tree_of(p: &Path) -> Tree {
     snapshot(p)
 }
