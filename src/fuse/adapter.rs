@@ -246,13 +246,16 @@ fn ttl_for(st: &Stat) -> Duration {
     }
 }
 
-/// fuser sends `attr.ino` as the node id too; the engine makes them one number (st_ino).
+/// The node id is st_ino, except for an object that got a fresh id because the kernel still
+/// holds a removed one under its number (`NodeTable::id_for`).
 fn reply_entry(reply: ReplyEntry, r: Result<Entry, Error>) {
     match r {
-        Ok(e) => {
-            debug_assert_eq!(e.id, e.attr.st_ino);
-            reply.entry(&ttl_for(&e.attr), &attr(&e.attr), Generation(0));
-        }
+        Ok(e) => reply.entry_node(
+            INodeNo(e.id),
+            &ttl_for(&e.attr),
+            &attr(&e.attr),
+            Generation(0),
+        ),
         Err(e) => reply.error(errno(&e)),
     }
 }
@@ -819,7 +822,8 @@ impl Filesystem for Adapter {
             Ok((e, fh)) => {
                 let (ttl, a) = (ttl_for(&e.attr), attr(&e.attr));
                 match self.choose(e.id, fh, |f| reply.open_backing(f)) {
-                    Served::Passthrough(id) => reply.created_passthrough(
+                    Served::Passthrough(id) => reply.created_passthrough_node(
+                        INodeNo(e.id),
                         &ttl,
                         &a,
                         Generation(0),
@@ -827,9 +831,14 @@ impl Filesystem for Adapter {
                         FopenFlags::empty(),
                         &id,
                     ),
-                    Served::Daemon(flags) => {
-                        reply.created(&ttl, &a, Generation(0), FileHandle(fh), flags)
-                    }
+                    Served::Daemon(flags) => reply.created_node(
+                        INodeNo(e.id),
+                        &ttl,
+                        &a,
+                        Generation(0),
+                        FileHandle(fh),
+                        flags,
+                    ),
                     // A new file is bound to nothing.
                     Served::Stale => {
                         self.fs.release(fh);

@@ -131,10 +131,7 @@ impl Union {
             return Ok(None);
         }
         // A live node of this inode answers for it: its copy-up links the new name up.
-        if let Some(n) = self.nodes.get(self.node_id(f))
-            && !n.is_retired()
-            && !n.state.read().expect("node state lock").unlinked
-        {
+        if self.nodes.live(self.node_id(f)).is_some() {
             return Ok(None);
         }
         let lower = self.dir_fd(p, l)?;

@@ -106,7 +106,8 @@ impl Union {
 
     /// A node for a resolved name, not registered anywhere.
     pub(crate) fn node_of(&self, parent: u64, name: &OsStr, f: Found) -> Node {
-        let id = self.node_id(&f);
+        let natural = self.node_id(&f);
+        let id = self.nodes.id_for(natural);
         let mut state = NodeState::new(parent, name, f.layers);
         state.lower_path = f.lower_path;
         state.redirect_layer = f.redirect_layer;
@@ -118,7 +119,7 @@ impl Union {
                 self.fds.put(id, l, fd);
             }
         }
-        Node::new(id, f.kind, id, state)
+        Node::new(id, f.kind, natural, state)
     }
 
     /// Register a resolved name as a node (or as one more name of a known node).
@@ -251,7 +252,7 @@ impl Union {
         let top = lowers[0];
         (
             (top - self.layers.first_lower()) as u32,
-            self.layers.real_ino(top, p.id),
+            self.layers.real_ino(top, p.st_ino()),
         )
     }
 

@@ -167,6 +167,11 @@ impl Node {
         self.retired.load(Ordering::Relaxed)
     }
 
+    /// Neither retired nor removed from the union: new names of its object may join it.
+    pub fn is_live(&self) -> bool {
+        !self.is_retired() && !self.state.read().expect("node state lock").unlinked
+    }
+
     pub fn st_ino(&self) -> u64 {
         self.st_ino
     }
@@ -192,6 +197,9 @@ pub struct NodeTable {
     index: Vec<Index>,
     /// Ids for reissued nodes, outside the inode numbers real filesystems hand out.
     next_reissued: AtomicU64,
+    /// Natural id (st_ino) -> the fresh id its object was given because a removed object the
+    /// kernel still holds was registered under that number (see `id_for`).
+    moved: Mutex<HashMap<u64, u64>>,
 }
 
 const REISSUED_BASE: u64 = 1 << 62;
@@ -237,7 +245,49 @@ impl NodeTable {
             table: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             index: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             next_reissued: AtomicU64::new(REISSUED_BASE),
+            moved: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// True for an id handed out in place of an inode number (its st_ino differs).
+    pub fn is_reissued(id: u64) -> bool {
+        id >= REISSUED_BASE
+    }
+
+    /// The node id for an object whose inode number (natural id) is `natural`: that number,
+    /// unless the node under it is a removed object the kernel still holds (an unlinked file
+    /// still open, a removed directory pinned by an open file in it) or a retired one. The
+    /// kernel would take a reply with that id for its old inode (a dead directory lists
+    /// ENOENT: soak seed 23029), so the new object gets a fresh id, the same one for each of
+    /// its names while it lives.
+    pub fn id_for(&self, natural: u64) -> u64 {
+        let mut moved = self.moved.lock().expect("moved lock");
+        if let Some(&f) = moved.get(&natural) {
+            if self.get(f).is_some_and(|n| n.is_live()) {
+                return f;
+            }
+            moved.remove(&natural);
+        }
+        match self.get(natural) {
+            Some(n) if !n.is_live() => {
+                let f = self.next_reissued.fetch_add(1, Ordering::Relaxed);
+                moved.insert(natural, f);
+                f
+            }
+            _ => natural,
+        }
+    }
+
+    /// The live node of the object whose inode number is `natural`, if any.
+    pub fn live(&self, natural: u64) -> Option<Arc<Node>> {
+        let id = self
+            .moved
+            .lock()
+            .expect("moved lock")
+            .get(&natural)
+            .copied()
+            .unwrap_or(natural);
+        self.get(id).filter(|n| n.is_live())
     }
 
     fn shard(&self, id: u64) -> &Table {
@@ -359,14 +409,15 @@ impl NodeTable {
         if old.retired.swap(true, Ordering::Relaxed) {
             return None;
         }
-        let id = if self.get(natural).is_none() {
-            natural
-        } else {
-            self.next_reissued.fetch_add(1, Ordering::Relaxed)
+        let id = match self.id_for(natural) {
+            id if id == 0 || self.get(id).is_some() => {
+                self.next_reissued.fetch_add(1, Ordering::Relaxed)
+            }
+            id => id,
         };
         let state = old.state();
         let names: Vec<(u64, OsString)> = state.names().map(|(p, n)| (p, n.to_owned())).collect();
-        let node = Arc::new(Node::new(id, old.kind, id, state));
+        let node = Arc::new(Node::new(id, old.kind, natural, state));
         self.shard(id)
             .write()
             .expect("table lock")
@@ -399,6 +450,12 @@ impl NodeTable {
                 let s = node.state();
                 for (p, name) in s.names() {
                     self.unindex_if(p, name, id);
+                }
+                if id != node.st_ino {
+                    let mut moved = self.moved.lock().expect("moved lock");
+                    if moved.get(&node.st_ino) == Some(&id) {
+                        moved.remove(&node.st_ino);
+                    }
                 }
                 true
             }

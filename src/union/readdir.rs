@@ -7,7 +7,7 @@ use std::os::fd::AsFd;
 
 use super::Union;
 use super::format;
-use super::node::{Kind, Node, ROOT_ID};
+use super::node::{Kind, Node, NodeTable, ROOT_ID};
 use crate::error::Result;
 use crate::sys;
 
@@ -105,7 +105,8 @@ impl Union {
                 }
             };
             let ino = match self.nodes.peek(node.id, &e.name) {
-                Some(id) => id,
+                Some(id) if !NodeTable::is_reissued(id) => id,
+                Some(id) => self.nodes.get(id).map_or(id, |n| n.st_ino()),
                 // An upper directory's st_ino is its lower copy's: resolve it as lookup would.
                 None if kind == Kind::Dir && self.layers.is_upper(l) => {
                     match self.resolve(node, &e.name)? {

@@ -264,12 +264,13 @@ impl Union {
     }
 
     fn new_upper_node(&self, parent: u64, name: &OsStr, st: &Stat) -> Arc<Node> {
-        let id = self.layers.union_ino(0, st.st_ino);
+        let natural = self.layers.union_ino(0, st.st_ino);
+        let id = self.nodes.id_for(natural);
         let kind = Kind::from_mode(st.st_mode);
         if kind == Kind::Dir {
             self.fds.drop_node(id);
         }
-        let node = Node::new(id, kind, id, NodeState::new(parent, name, vec![0]));
+        let node = Node::new(id, kind, natural, NodeState::new(parent, name, vec![0]));
         self.nodes.insert(node).node().clone()
     }
 
@@ -321,7 +322,7 @@ impl Union {
         let alias = Node::new(
             src.id,
             src.kind,
-            src.id,
+            src.st_ino(),
             NodeState::new(newparent, newname, vec![0]),
         );
         let node = self.nodes.insert(alias).node().clone();

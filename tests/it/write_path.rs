@@ -960,3 +960,54 @@ fn a_rename_over_a_non_empty_directory_copies_up_what_the_kernel_does() {
     assert!(kernel.5, "the kernel copied the source up");
     assert_eq!(seen[1], seen[0], "layerfs vs kernel");
 }
+
+#[test]
+fn a_new_directory_on_the_inode_number_of_a_removed_one_still_held_works() {
+    // A removed directory the kernel still holds (a file open through a name inside pins it)
+    // has given up its upper inode, and the upper filesystem hands that number to the next
+    // directory. Node ids were inode numbers: the new directory got the old id, the kernel
+    // took the reply for its dead inode, and listing the new one failed ENOENT (soak seed
+    // 23029). The file is a hard link whose other name is outside, so nothing on the upper
+    // filesystem pins the removed directory and its number is free at once.
+    require_fuse!();
+    let s = Scratch::new();
+    let lower = s.mkdir("lower");
+    write(lower.join("keep"), b"x");
+    for who in ["kernel", "layerfs"] {
+        let (up, wk) = (s.mkdir(&format!("{who}-up")), s.mkdir(&format!("{who}-wk")));
+        let mnt = s.path(&format!("{who}-mnt"));
+        let _m = Either::mount(who == "kernel", &rw_opts(&lower, &up, &wk), &mnt);
+        fs::create_dir(mnt.join("p")).unwrap();
+        let mut reused = false;
+        let mut held_all = Vec::new();
+        for round in 0..8 {
+            let g = mnt.join(format!("p/g{round}"));
+            write(&g, b"");
+            let d = mnt.join(format!("p/d{round}"));
+            fs::create_dir(&d).unwrap();
+            let old = fs::metadata(up.join(format!("p/d{round}"))).unwrap().ino();
+            fs::hard_link(&g, d.join("f")).unwrap();
+            let held = OpenOptions::new().write(true).open(d.join("f")).unwrap();
+            fs::remove_file(d.join("f")).unwrap();
+            fs::remove_dir(&d).unwrap();
+            let n = mnt.join(format!("p/n{round}"));
+            fs::create_dir(&n).unwrap();
+            reused |= fs::metadata(up.join(format!("p/n{round}"))).unwrap().ino() == old;
+            write(n.join("h"), b"h");
+            assert_eq!(listing(&n), vec![os(b"h")], "{who}: round {round}");
+            // The held file still works, through its other name too.
+            (&held).write_all(b"still").unwrap();
+            assert_eq!(fs::read(&g).unwrap(), b"still", "{who}: round {round}");
+            held_all.push(held);
+            if reused {
+                break;
+            }
+        }
+        if who == "layerfs" {
+            assert!(
+                reused,
+                "the upper filesystem never reused a directory's inode number"
+            );
+        }
+    }
+}

@@ -243,8 +243,19 @@ impl Reply for ReplyEntry {
 impl ReplyEntry {
     /// Reply to a request with the given entry
     pub fn entry(self, ttl: &Duration, attr: &FileAttr, generation: Generation) {
+        self.entry_node(attr.ino, ttl, attr, generation);
+    }
+
+    /// Reply with an entry whose node id is not its st_ino (`attr.ino`). (layerfs)
+    pub fn entry_node(
+        self,
+        node: INodeNo,
+        ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+    ) {
         self.reply.send_ll(&ll::ResponseStruct::new_entry(
-            attr.ino,
+            node,
             generation,
             &attr.into(),
             *ttl,
@@ -516,8 +527,24 @@ impl ReplyCreate {
         fh: ll::FileHandle,
         flags: FopenFlags,
     ) {
+        self.created_node(attr.ino, ttl, attr, generation, fh, flags);
+    }
+
+    /// `created` for a node id that is not its st_ino (`attr.ino`). (layerfs)
+    /// # Panics
+    /// When attempting to use kernel passthrough.
+    pub fn created_node(
+        self,
+        node: INodeNo,
+        ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+        fh: ll::FileHandle,
+        flags: FopenFlags,
+    ) {
         assert!(!flags.contains(FopenFlags::FOPEN_PASSTHROUGH));
         self.reply.send_ll(&ll::ResponseStruct::new_create(
+            node,
             ttl,
             &attr.into(),
             generation,
@@ -570,7 +597,23 @@ impl ReplyCreate {
         flags: FopenFlags,
         backing_id: &BackingId,
     ) {
+        self.created_passthrough_node(attr.ino, ttl, attr, generation, fh, flags, backing_id);
+    }
+
+    /// `created_passthrough` for a node id that is not its st_ino (`attr.ino`). (layerfs)
+    #[allow(clippy::too_many_arguments)]
+    pub fn created_passthrough_node(
+        self,
+        node: INodeNo,
+        ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+        fh: ll::FileHandle,
+        flags: FopenFlags,
+        backing_id: &BackingId,
+    ) {
         self.reply.send_ll(&ll::ResponseStruct::new_create(
+            node,
             ttl,
             &attr.into(),
             generation,
