@@ -905,6 +905,33 @@ pub fn set_umask(mask: u32) -> u32 {
     unsafe { libc::umask(mask) }
 }
 
+thread_local! {
+    static OWN_FS: std::cell::OnceCell<bool> = const { std::cell::OnceCell::new() };
+}
+
+/// The calling thread's umask set to `mask` until dropped (then 0 again), so the filesystem
+/// applies it as for the caller: not where the parent directory has a default ACL. Each
+/// thread first gets a umask of its own (unshare CLONE_FS); None where it cannot.
+pub struct ThreadUmask(());
+
+impl ThreadUmask {
+    pub fn set(mask: u32) -> Option<ThreadUmask> {
+        // SAFETY: unsharing CLONE_FS only detaches this thread's cwd/root/umask.
+        let own = OWN_FS.with(|o| *o.get_or_init(|| unsafe { libc::unshare(libc::CLONE_FS) } == 0));
+        if !own {
+            return None;
+        }
+        set_umask(mask);
+        Some(ThreadUmask(()))
+    }
+}
+
+impl Drop for ThreadUmask {
+    fn drop(&mut self) {
+        set_umask(0);
+    }
+}
+
 /// A pipe whose write end survives exec (for the daemon's readiness report) and whose read end
 /// does not.
 pub fn ready_pipe() -> io::Result<(OwnedFd, OwnedFd)> {

@@ -52,11 +52,13 @@ Mount OPTIONS (comma-separated; -o may be repeated):
                            security.fuseoverlayfs.override_stat, 2: user.containers.override_stat),
                            so an unprivileged store can hold root-owned files
   ro                       read-only even with an upperdir
+  acl, noacl               POSIX ACLs checked (and cached) by the kernel, as in overlayfs: the
+                           default, except with the id options above; noacl: mode bits only
   allow_other, default_permissions, dev, nodev, suid, nosuid, noexec, noatime, sync, dirsync
                            (as root, allow_other, default_permissions, dev and suid are on)
 Accepted for compatibility and ignored (fuse-overlayfs, mount(8), kernel overlayfs):
   rw atime relatime strictatime nodiratime async exec defaults context= fscontext= defcontext=
-  rootcontext= xino= index= redirect_dir= nfs_export= uuid= acl noacl ...
+  rootcontext= xino= index= redirect_dir= nfs_export= uuid= posix_acl ...
 
 Examples:
   layerfs mount -o lowerdir=/img/l2:/img/l1,upperdir=/c/up,workdir=/c/work /c/rootfs

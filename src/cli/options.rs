@@ -36,8 +36,6 @@ pub const IGNORED: &[&str] = &[
     "nolazytime",
     "silent",
     "loud",
-    "noacl",
-    "acl",
     "context",
     "fscontext",
     "defcontext",
@@ -129,6 +127,7 @@ struct Raw {
     ro: bool,
     passthrough: Option<Passthrough>,
     io_uring: Option<bool>,
+    acl: Option<bool>,
     catalog: Option<String>,
     ids: Ids,
 }
@@ -186,6 +185,8 @@ fn parse_raw(opts: &[String]) -> Result<Raw> {
                     }
                 }
             }
+            "acl" => r.acl = Some(true),
+            "noacl" => r.acl = Some(false),
             "catalog" => r.catalog = Some(need(v)?),
             "userxattr" => r.userxattr = true,
             "metacopy" => {
@@ -416,6 +417,11 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
             kernel.push(MountOption::Suid);
         }
     }
+    // ACL entries name host ids: the kernel would check and show them untranslated.
+    let posix_acl = r.acl.unwrap_or(true) && r.ids.is_identity();
+    if r.acl == Some(true) && !posix_acl {
+        log::warn!("acl: off with uidmapping/gidmapping/squash_*/xattr_permissions");
+    }
     Ok(MountSpec {
         mountpoint: mp,
         union: Config {
@@ -443,6 +449,7 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
             Some(p) => p,
         },
         io_uring: r.io_uring.unwrap_or(true),
+        posix_acl,
     })
 }
 

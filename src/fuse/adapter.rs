@@ -35,6 +35,9 @@ pub struct Adapter {
     /// Asked for at mount; in effect only if the kernel agreed at init.
     pub want_passthrough: Passthrough,
     passthrough: Passthrough,
+    posix_acl: bool,
+    /// FUSE_DONT_MASK in effect: creates carry the caller's umask for us to apply.
+    dont_mask: bool,
     backing: Mutex<Backing>,
 }
 
@@ -71,11 +74,21 @@ enum Served {
 }
 
 impl Adapter {
-    pub fn new(fs: Arc<Union>, want_passthrough: Passthrough) -> Adapter {
+    /// The caller of a create, with the umask left to us under FUSE_DONT_MASK.
+    fn creator(&self, req: &Request, umask: u32) -> Caller {
+        Caller {
+            umask: if self.dont_mask { umask & 0o777 } else { 0 },
+            ..caller(req)
+        }
+    }
+
+    pub fn new(fs: Arc<Union>, want_passthrough: Passthrough, posix_acl: bool) -> Adapter {
         Adapter {
             fs,
             want_passthrough,
             passthrough: Passthrough::Off,
+            posix_acl,
+            dont_mask: false,
             backing: Mutex::new(Backing::default()),
         }
     }
@@ -275,6 +288,7 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        umask: 0,
     }
 }
 
@@ -288,6 +302,19 @@ impl Filesystem for Adapter {
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let have = config.capabilities();
         let _ = config.add_capabilities(want & have);
+        // The kernel then checks permissions against ACLs, as overlayfs does (mode bits alone
+        // refused what an ACL grants), and caches them: `ls -l` asks for
+        // system.posix_acl_access of every entry, a round trip each without the cache.
+        if self.posix_acl
+            && have.contains(InitFlags::FUSE_POSIX_ACL)
+            && config.add_capabilities(InitFlags::FUSE_POSIX_ACL).is_ok()
+        {
+            log::info!("POSIX ACLs: checked and cached by the kernel");
+            // With ACLs the umask is not applied under a default ACL: leave it to us (the
+            // kernel would apply it to every create).
+            self.dont_mask = have.contains(InitFlags::FUSE_DONT_MASK)
+                && config.add_capabilities(InitFlags::FUSE_DONT_MASK).is_ok();
+        }
         if self.want_passthrough != Passthrough::Off {
             // Backing files live on plain filesystems: one level of stacking is enough.
             if have.contains(InitFlags::FUSE_PASSTHROUGH)
@@ -396,7 +423,7 @@ impl Filesystem for Adapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
@@ -409,7 +436,7 @@ impl Filesystem for Adapter {
         reply_entry(
             reply,
             self.fs
-                .create_obj(parent.0, name, obj, caller(req))
+                .create_obj(parent.0, name, obj, self.creator(req, umask))
                 .map(|r| r.0),
         );
     }
@@ -420,7 +447,7 @@ impl Filesystem for Adapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         let _op = self.fs.obs.begin(Op::Mkdir, req.pid());
@@ -428,7 +455,12 @@ impl Filesystem for Adapter {
         reply_entry(
             reply,
             self.fs
-                .create_obj(parent.0, name, NewObj::Dir { mode }, caller(req))
+                .create_obj(
+                    parent.0,
+                    name,
+                    NewObj::Dir { mode },
+                    self.creator(req, umask),
+                )
                 .map(|r| r.0),
         );
     }
@@ -812,13 +844,16 @@ impl Filesystem for Adapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         let _op = self.fs.obs.begin(Op::Create, req.pid());
         debug!("create {} {:?} {mode:o} {flags:#x}", parent.0, name);
-        match self.fs.create(parent.0, name, mode, flags, caller(req)) {
+        match self
+            .fs
+            .create(parent.0, name, mode, flags, self.creator(req, umask))
+        {
             Ok((e, fh)) => {
                 let (ttl, a) = (ttl_for(&e.attr), attr(&e.attr));
                 match self.choose(e.id, fh, |f| reply.open_backing(f)) {

@@ -29,6 +29,8 @@ pub struct MountSpec {
     pub passthrough: Passthrough,
     /// `io_uring=`: use FUSE over io_uring when the kernel offers it.
     pub io_uring: bool,
+    /// `acl`/`noacl`: the kernel checks POSIX ACLs and caches them (FUSE_POSIX_ACL).
+    pub posix_acl: bool,
 }
 
 /// `passthrough=`: which open files the kernel serves straight from the real file.
@@ -202,7 +204,7 @@ fn start(spec: &MountSpec) -> Result<Started> {
     // fuser asks the kernel for it at INIT and serves the queues (vendor/fuser/LAYERFS.md).
     config.io_uring = spec.io_uring.then(fuser::UringConfig::default);
     let session = fuser::Session::new(
-        Adapter::new(fs.clone(), spec.passthrough),
+        Adapter::new(fs.clone(), spec.passthrough, spec.posix_acl),
         &spec.mountpoint,
         &config,
     )

@@ -19,11 +19,15 @@ use crate::sys::{self, Stat, TimeSpec, XTarget};
 /// Longest redirect kernel overlayfs writes or follows (its `redirect_max` default).
 const REDIRECT_MAX: usize = 256;
 
+const DEFAULT_ACL: &std::ffi::CStr = c"system.posix_acl_default";
+
 /// Who asks: new objects are owned by the caller, as through the kernel's overlayfs.
 #[derive(Clone, Copy, Debug)]
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
+    /// The caller's umask where the kernel left it to us (FUSE_DONT_MASK), else 0.
+    pub umask: u32,
 }
 
 /// What to create.
@@ -32,6 +36,26 @@ pub enum NewObj<'a> {
     Dir { mode: u32 },
     Node { mode: u32, rdev: u64 },
     Symlink { target: &'a OsStr },
+}
+
+impl NewObj<'_> {
+    /// The same object with `umask` taken off its mode.
+    fn masked(self, umask: u32) -> Self {
+        match self {
+            NewObj::File { mode, flags } => NewObj::File {
+                mode: mode & !umask,
+                flags,
+            },
+            NewObj::Dir { mode } => NewObj::Dir {
+                mode: mode & !umask,
+            },
+            NewObj::Node { mode, rdev } => NewObj::Node {
+                mode: mode & !umask,
+                rdev,
+            },
+            s @ NewObj::Symlink { .. } => s,
+        }
+    }
 }
 
 /// setattr's arguments, engine-side.
@@ -181,12 +205,28 @@ impl Union {
         let (uid, gid) = Self::new_owner(&pst, c);
         let setgid = pst.st_mode & libc::S_ISGID != 0;
         let is_dir = matches!(obj, NewObj::Dir { .. });
+        // FUSE_DONT_MASK: the caller's umask is ours to apply, and the upper filesystem
+        // applies it as for the kernel's overlayfs: not under a default ACL, whose entries
+        // it turns into the new object's ACLs.
         let fd = if over_whiteout {
             // Build aside, then replace the whiteout in one rename: never a moment where the
             // deleted lower object shows through.
             let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
             let tmp = work.temp_name();
-            let wfd = work.fd.clone();
+            // Under a default ACL, aside means in a work subdirectory carrying the same one
+            // (the kernel sets the ACLs on its work-dir copy, ovl_set_upper_acl).
+            let (wfd, sub) = match sys::getxattr(XTarget::Fd(upper.as_fd()), DEFAULT_ACL)? {
+                Some(acl) => {
+                    let sub = work.temp_name();
+                    (self.acl_dir(work.fd.as_fd(), &sub, &acl)?, Some(sub))
+                }
+                None => (work.fd.clone(), None),
+            };
+            let obj = if sub.is_none() {
+                obj.masked(c.umask)
+            } else {
+                obj
+            };
             let built = (|| -> Result<Option<OwnedFd>> {
                 let fd = self.make_obj(wfd.as_fd(), &tmp, &obj, setgid)?;
                 self.finish_owner(wfd.as_fd(), &tmp, &obj, uid, gid)?;
@@ -208,9 +248,23 @@ impl Union {
             if built.is_err() {
                 let _ = remove_tree(wfd.as_fd(), &tmp, 0);
             }
+            if let Some(sub) = sub {
+                let _ = remove_tree(work.fd.as_fd(), &sub, 0);
+            }
             built?
         } else {
-            let fd = self.make_obj(upper.as_fd(), name, &obj, setgid)?;
+            let umask = (c.umask != 0)
+                .then(|| sys::ThreadUmask::set(c.umask))
+                .flatten();
+            // A thread that can't have a umask of its own masks the mode here.
+            let obj = if c.umask != 0 && umask.is_none() {
+                obj.masked(c.umask)
+            } else {
+                obj
+            };
+            let fd = self.make_obj(upper.as_fd(), name, &obj, setgid);
+            drop(umask);
+            let fd = fd?;
             if let Err(e) = self.finish_owner(upper.as_fd(), name, &obj, uid, gid) {
                 let _ = sys::unlinkat(upper.as_fd(), name, is_dir);
                 return Err(e);
@@ -224,6 +278,20 @@ impl Union {
         let node = self.new_upper_node(parent, name, &st);
         let attr = self.attr_of(&node)?;
         Ok((Entry { id: node.id, attr }, fd))
+    }
+
+    /// A work subdirectory `sub` with default ACL `acl`, to build new objects in.
+    fn acl_dir(&self, work: BorrowedFd<'_>, sub: &OsStr, acl: &[u8]) -> Result<Arc<OwnedFd>> {
+        sys::mkdirat(work, sub, 0o700)?;
+        let made = sys::setxattr(XTarget::At(work, sub), DEFAULT_ACL, acl, 0)
+            .and_then(|()| sys::openat(work, sub, libc::O_RDONLY | libc::O_DIRECTORY, 0));
+        match made {
+            Ok(fd) => Ok(Arc::new(fd)),
+            Err(e) => {
+                let _ = remove_tree(work, sub, 0);
+                Err(e.into())
+            }
+        }
     }
 
     fn finish_owner(
@@ -252,13 +320,17 @@ impl Union {
             }
             sys::chownat(dir, name, uid, gid)?;
         }
-        // chown clears set-id bits; put back what was asked for.
-        let mode = match *obj {
-            NewObj::File { mode, .. } | NewObj::Node { mode, .. } => mode & 0o7777,
+        // chown clears set-id bits; put back what was asked for (on the permissions the
+        // umask or a default ACL left).
+        let setid = match *obj {
+            NewObj::File { mode, .. } | NewObj::Node { mode, .. } => {
+                mode & (libc::S_ISUID | libc::S_ISGID)
+            }
             NewObj::Dir { .. } | NewObj::Symlink { .. } => 0,
         };
-        if mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
-            sys::chmodat(dir, name, mode)?;
+        if setid != 0 {
+            let st = sys::statat(dir, name)?;
+            sys::chmodat(dir, name, (st.st_mode & 0o1777) | setid)?;
         }
         Ok(())
     }

@@ -767,6 +767,21 @@ fn renaming_a_lower_dir_whose_redirect_would_be_too_long_gives_exdev() {
     p.check_interop();
 }
 
+/// `sh -c cmd` as user and group 65534 (nobody).
+fn as_nobody(cmd: &str) -> (bool, String, String) {
+    run_timeout(
+        std::process::Command::new("setpriv").args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            cmd,
+        ]),
+        10,
+    )
+}
+
 /// Writes, truncates and O_TRUNC opens by an unprivileged process drop set-id bits (set-group-ID
 /// also without group execute when the writer is not of the group), as on the
 /// kernel (layerfs takes FUSE_HANDLE_KILLPRIV_V2 so writes need no getxattr round trip, and
@@ -800,17 +815,7 @@ fn unprivileged_writes_drop_set_id_bits_as_the_kernel_does() {
                         10,
                     )
                 } else {
-                    run_timeout(
-                        std::process::Command::new("setpriv").args([
-                            "--reuid=65534",
-                            "--regid=65534",
-                            "--clear-groups",
-                            "sh",
-                            "-c",
-                            &cmd.replace('F', &format!("'{}'", f.display())),
-                        ]),
-                        10,
-                    )
+                    as_nobody(&cmd.replace('F', &format!("'{}'", f.display())))
                 };
                 assert!(ok, "{name}: {err}");
                 fs::metadata(&f).unwrap().mode() & 0o7777
@@ -1010,4 +1015,124 @@ fn a_new_directory_on_the_inode_number_of_a_removed_one_still_held_works() {
             );
         }
     }
+}
+
+/// A POSIX ACL xattr value: owner, named user `uid`, group, mask (= the user's), other.
+fn acl_value(owner: u16, uid: u32, perm: u16, group: u16, other: u16) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (0x01u16, owner, u32::MAX),
+        (0x02, perm, uid),
+        (0x04, group, u32::MAX),
+        (0x10, perm, u32::MAX),
+        (0x20, other, u32::MAX),
+    ] {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+/// Owner `owner`, user `uid` gets `perm`, group and other nothing.
+fn acl_granting(owner: u16, uid: u32, perm: u16) -> Vec<u8> {
+    acl_value(owner, uid, perm, 0, 0)
+}
+
+#[test]
+fn posix_acls_grant_and_revoke_access_as_in_the_kernel() {
+    // The kernel checks permissions against POSIX ACLs on overlayfs. With mode bits alone
+    // (default_permissions without FUSE_POSIX_ACL) layerfs refused what an ACL grants; now
+    // the kernel checks ACLs and caches them, and a new ACL set through the mount applies
+    // at once.
+    require_fuse!();
+    let s = Scratch::new();
+    fs::set_permissions(s.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let lower = s.mkdir("lower");
+    write(lower.join("secret"), b"for 65534\n");
+    chmod(lower.join("secret"), 0o600);
+    set_xattr(
+        lower.join("secret"),
+        "system.posix_acl_access",
+        &acl_granting(6, 65534, 4),
+    );
+    fs::create_dir(lower.join("drop")).unwrap();
+    chmod(lower.join("drop"), 0o700);
+    set_xattr(
+        lower.join("drop"),
+        "system.posix_acl_access",
+        &acl_granting(7, 65534, 7),
+    );
+    // New objects under a default ACL take it instead of the umask, made in place or over a
+    // whiteout (built in the work dir).
+    write(lower.join("dd/w"), b"w");
+    fs::create_dir(lower.join("dd/wd")).unwrap();
+    set_xattr(
+        lower.join("dd"),
+        "system.posix_acl_default",
+        &acl_value(7, 65534, 7, 5, 5),
+    );
+    let made = [
+        "f", "d", "dd/f", "dd/d", "dd/w", "dd/wd", "dd/d/f", "setid", "dd/setid",
+    ];
+    let mut seen = Vec::new();
+    for who in ["kernel", "layerfs", "noacl"] {
+        let (up, wk) = (s.mkdir(&format!("{who}-up")), s.mkdir(&format!("{who}-wk")));
+        let mnt = s.path(&format!("{who}-mnt"));
+        let o = rw_opts(&lower, &up, &wk) + if who == "noacl" { ",noacl" } else { "" };
+        let _m = Either::mount(who == "kernel", &o, &mnt);
+        chmod(&mnt, 0o755);
+        let secret = mnt.join("secret");
+        let read = || as_nobody(&format!("cat '{}' >/dev/null", secret.display())).0;
+        let mut got = vec![read()];
+        got.push(as_nobody(&format!("echo x > '{}/drop/new'", mnt.display())).0);
+        // Revoke through the mount: the cached ACL must not keep granting.
+        set_xattr(
+            &secret,
+            "system.posix_acl_access",
+            &acl_granting(6, 65534, 0),
+        );
+        got.push(read());
+        set_xattr(
+            &secret,
+            "system.posix_acl_access",
+            &acl_granting(6, 65534, 4),
+        );
+        got.push(read());
+        // chmod rewrites the ACL's mask: group (the mask) to nothing revokes the grant.
+        chmod(&secret, 0o600);
+        got.push(read());
+        let (ok, _, err) = run_timeout(
+            std::process::Command::new("sh").current_dir(&mnt).args([
+                "-c",
+                "umask 027 && touch f dd/f && mkdir d dd/d && touch dd/d/f && rm dd/w && \
+                 touch dd/w && rmdir dd/wd && mkdir dd/wd && \
+                 install -m 6777 /dev/null setid && install -m 6777 /dev/null dd/setid",
+            ]),
+            10,
+        );
+        assert!(ok, "{who}: {err}");
+        let made: Vec<_> = made
+            .iter()
+            .map(|p| {
+                let q = mnt.join(p);
+                (
+                    fs::symlink_metadata(&q).unwrap().mode(),
+                    get_xattr(&q, "system.posix_acl_access"),
+                    get_xattr(&q, "system.posix_acl_default"),
+                )
+            })
+            .collect();
+        seen.push((
+            got,
+            get_xattr(&secret, "system.posix_acl_access"),
+            fs::metadata(&secret).unwrap().mode(),
+            made,
+        ));
+    }
+    assert_eq!(seen[0].0, vec![true, true, false, true, false], "kernel");
+    assert_eq!(seen[1], seen[0], "layerfs vs kernel");
+    // `noacl`: mode bits only (the ACL is still stored and shown).
+    assert_eq!(seen[2].0, vec![false; 5], "noacl");
+    assert_eq!(seen[2].1, seen[0].1, "noacl");
 }
