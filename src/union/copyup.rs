@@ -39,8 +39,13 @@ impl Union {
     pub(crate) fn copy_up(&self, node: &Arc<Node>, data: Data) -> Result<()> {
         self.require_upper()?;
         if node.top_layer() == 0 {
-            if data != Data::Meta && node.state.read().expect("node state lock").data.is_some() {
-                return self.copy_up_data(node, data);
+            if data != Data::Meta {
+                let mut s = node.state.write().expect("node state lock");
+                s.kernel_meta = false;
+                if s.data.is_some() {
+                    drop(s);
+                    return self.copy_up_data(node, data);
+                }
             }
             return Ok(());
         }
@@ -86,6 +91,9 @@ impl Union {
             && node.kind == Kind::File
             && sst.st_size > 0
             && sst.st_nlink == 1;
+        // The kernel would have copied it metadata-only all the same.
+        let kernel_meta =
+            data == Data::Meta && self.cfg.metacopy && node.kind == Kind::File && !meta;
         let data = if data == Data::Meta && !meta {
             Data::All
         } else {
@@ -147,6 +155,7 @@ impl Union {
                 s.layers = vec![0];
             }
             s.data = meta_src;
+            s.kernel_meta = kernel_meta;
             s.aliases.clone()
         };
         // Other names of a lower hard link stay one file: link them up beside the copy.

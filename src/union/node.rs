@@ -60,6 +60,10 @@ pub struct NodeState {
     pub aliases: Vec<(u64, OsString)>,
     /// For a metadata-only copy (metacopy): where its data lives.
     pub data: Option<Arc<DataSrc>>,
+    /// Copied up whole (empty, or a hard link) where the kernel's copy would still be
+    /// metadata-only (metacopy=on): moves and links refuse where its redirect would be too
+    /// long. Known within a mount only.
+    pub kernel_meta: bool,
 }
 
 /// The data of a metadata-only copy: a regular file in a lower layer (which never changes,
@@ -85,6 +89,7 @@ impl NodeState {
             detached: None,
             aliases: Vec::new(),
             data: None,
+            kernel_meta: false,
         }
     }
 

@@ -359,12 +359,11 @@ impl Union {
             // The kernel links a metadata-only copy that points at its data with an absolute
             // redirect, and refuses (EXDEV) where that path exceeds redirect_max (soak seed
             // 8123). We bring the data up instead, but refuse where the kernel does.
+            let s = src.state();
+            let sp = self.node(s.parent)?;
+            let kernels = self.kernel_meta_data(&src, &sp, &s.name)?;
             self.copy_up(&src, Data::Meta)?;
-            if src
-                .state()
-                .data
-                .is_some_and(|d| format::absolute_path(&d.path).len() > REDIRECT_MAX)
-            {
+            if kernels.is_some_and(|d| format::absolute_path(&d).len() > REDIRECT_MAX) {
                 return Err(err(libc::EXDEV));
             }
         }
@@ -627,12 +626,14 @@ impl Union {
                 return Err(err(libc::ENOTEMPTY));
             }
         }
-        self.copy_up(&src, Data::Meta)?;
         let samedir = p.id == np.id;
-        self.prepare_file_move(&src, &p, name, samedir)?;
+        let kernels = self.kernel_meta_data(&src, &p, name)?;
+        self.copy_up(&src, Data::Meta)?;
+        self.prepare_file_move(&src, &p, name, samedir, kernels)?;
         if let (Some(d), true) = (&dst, exchange) {
+            let kernels = self.kernel_meta_data(d, &np, newname)?;
             self.copy_up(d, Data::Meta)?;
-            self.prepare_file_move(d, &np, newname, samedir)?;
+            self.prepare_file_move(d, &np, newname, samedir, kernels)?;
         }
         let up = self.dir_fd(&p, 0)?;
         let unp = self.dir_fd(&np, 0)?;
@@ -729,30 +730,54 @@ impl Union {
         Ok(())
     }
 
+    /// With metacopy=on, the path of the data the kernel's copy-up of lower file `n`, named
+    /// `name` in `p`, would point at: the kernel copies any lower regular file up
+    /// metadata-only, ours comes up whole when empty or hard-linked, but the kernel's
+    /// redirect (the path of the name used) and its refusal where too long must hold for it
+    /// too (soak seed 40012). Taken before the copy-up.
+    fn kernel_meta_data(&self, n: &Node, p: &Node, name: &OsStr) -> Result<Option<Vec<OsString>>> {
+        let s = n.state();
+        if let Some(d) = &s.data {
+            return Ok(Some(d.path.clone()));
+        }
+        if !self.cfg.metacopy || n.kind != Kind::File || (s.layers[0] == 0 && !s.kernel_meta) {
+            return Ok(None);
+        }
+        let mut here = self.lower_path_of(p, &p.state())?;
+        here.push(name.to_os_string());
+        Ok(Some(here))
+    }
+
     /// Before moving a metadata-only copy: point it at its data with a redirect, as the
     /// kernel's ovl_set_redirect does: the data's name when it stays in a directory whose
     /// lower path holds the data, else the absolute path, and EXDEV (`mv` then copies) when
     /// that is longer than the kernel's redirect_max (soak seed 8121 with metacopy=on: we
-    /// brought the data up and renamed, the kernel refused).
+    /// brought the data up and renamed, the kernel refused). `kernels`: where the kernel's
+    /// copy would point (`kernel_meta_data`); a copy of ours that came up whole writes no
+    /// redirect but refuses where the kernel's would.
     fn prepare_file_move(
         &self,
         n: &Arc<Node>,
         p: &Node,
         name: &OsStr,
         samedir: bool,
+        kernels: Option<Vec<OsString>>,
     ) -> Result<()> {
-        let Some(d) = n.state().data.filter(|_| !n.is_dir()) else {
+        let Some(path) = kernels.filter(|_| !n.is_dir()) else {
             return Ok(());
         };
-        let relative = match d.path.split_last() {
+        let relative = match path.split_last() {
             Some((last, dir)) if samedir && *dir == self.lower_path_of(p, &p.state())? => {
                 Some(last.as_bytes().to_vec())
             }
             _ => None,
         };
-        let value = relative.unwrap_or_else(|| format::absolute_path(&d.path));
+        let value = relative.unwrap_or_else(|| format::absolute_path(&path));
         if value.len() > REDIRECT_MAX {
             return Err(err(libc::EXDEV));
+        }
+        if n.state().data.is_none() {
+            return Ok(());
         }
         let up = self.dir_fd(p, 0)?;
         sys::setxattr(

@@ -252,7 +252,9 @@ fn a_metacopy_whose_data_is_whited_out_on_the_way_fails_as_the_kernel_does() {
 /// (256): within its directory the redirect is the data's name, so it moves; to another
 /// directory it would need the whole path, so it fails with EXDEV and `mv` copies (soak seed
 /// 8121 with metacopy=on: layerfs copied the data up and renamed instead). A hard link needs
-/// the whole path too (seed 8123).
+/// the whole path too (seed 8123). The kernel copies an empty or hard-linked lower file up
+/// metadata-only too, so the same holds where layerfs brings those up whole, before and after
+/// that copy-up (seed 40012).
 #[test]
 fn renaming_a_metacopy_with_a_long_data_path_does_what_the_kernel_does() {
     require_fuse!();
@@ -261,6 +263,10 @@ fn renaming_a_metacopy_with_a_long_data_path_does_what_the_kernel_does() {
         |s| {
             let v = stack(s);
             write(v[1].join(&deep).join("f"), b"deep data");
+            write(v[1].join(&deep).join("empty"), b"");
+            write(v[1].join(&deep).join("empty2"), b"");
+            write(v[1].join(&deep).join("linked"), b"linked data");
+            fs::hard_link(v[1].join(&deep).join("linked"), v[1].join("other")).unwrap();
             fs::create_dir_all(v[1].join("b")).unwrap();
             v
         },
@@ -278,6 +284,20 @@ fn renaming_a_metacopy_with_a_long_data_path_does_what_the_kernel_does() {
     p.same("hard link elsewhere (soak seed 8123)", |m| {
         outcome(fs::hard_link(m.join(&deep).join("g"), m.join("b/h")))
     });
+    p.same(
+        "empty and hard-linked files to another directory (seed 40012)",
+        |m| {
+            let d = m.join(&deep);
+            (
+                outcome(fs::rename(d.join("empty"), m.join("b/e"))),
+                outcome(fs::rename(d.join("linked"), m.join("b/l"))),
+                outcome(fs::hard_link(d.join("empty2"), m.join("b/e2"))),
+                // Copied up by the failed rename: the kernel's copy is still metadata-only.
+                outcome(fs::hard_link(d.join("empty"), m.join("b/e4"))),
+                outcome(fs::rename(d.join("empty"), d.join("e3"))),
+            )
+        },
+    );
     p.check("after the renames");
     p.check_interop();
 }
