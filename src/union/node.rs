@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::hash::{Hash, Hasher};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 pub const ROOT_ID: u64 = 1;
@@ -205,6 +205,8 @@ pub struct NodeTable {
     /// Natural id (st_ino) -> the fresh id its object was given because a removed object the
     /// kernel still holds was registered under that number (see `id_for`).
     moved: Mutex<HashMap<u64, u64>>,
+    /// Entries in `moved`: while none, `id_for` takes no lock.
+    moved_len: AtomicUsize,
 }
 
 const REISSUED_BASE: u64 = 1 << 62;
@@ -251,6 +253,7 @@ impl NodeTable {
             index: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             next_reissued: AtomicU64::new(REISSUED_BASE),
             moved: Mutex::new(HashMap::new()),
+            moved_len: AtomicUsize::new(0),
         }
     }
 
@@ -266,6 +269,12 @@ impl NodeTable {
     /// ENOENT: soak seed 23029), so the new object gets a fresh id, the same one for each of
     /// its names while it lives.
     pub fn id_for(&self, natural: u64) -> u64 {
+        // Nearly always: nothing moved, the number free or live. No lookup waits on a lock.
+        if self.moved_len.load(Ordering::Acquire) == 0
+            && self.get(natural).is_none_or(|n| n.is_live())
+        {
+            return natural;
+        }
         let mut moved = self.moved.lock().expect("moved lock");
         if let Some(&f) = moved.get(&natural) {
             if self.get(f).is_some_and(|n| n.is_live()) {
@@ -273,25 +282,26 @@ impl NodeTable {
             }
             moved.remove(&natural);
         }
-        match self.get(natural) {
+        let id = match self.get(natural) {
             Some(n) if !n.is_live() => {
                 let f = self.next_reissued.fetch_add(1, Ordering::Relaxed);
                 moved.insert(natural, f);
                 f
             }
             _ => natural,
-        }
+        };
+        self.moved_len.store(moved.len(), Ordering::Release);
+        id
     }
 
     /// The live node of the object whose inode number is `natural`, if any.
     pub fn live(&self, natural: u64) -> Option<Arc<Node>> {
-        let id = self
-            .moved
-            .lock()
-            .expect("moved lock")
-            .get(&natural)
-            .copied()
-            .unwrap_or(natural);
+        let id = if self.moved_len.load(Ordering::Acquire) == 0 {
+            natural
+        } else {
+            let moved = self.moved.lock().expect("moved lock");
+            moved.get(&natural).copied().unwrap_or(natural)
+        };
         self.get(id).filter(|n| n.is_live())
     }
 
@@ -460,6 +470,7 @@ impl NodeTable {
                     let mut moved = self.moved.lock().expect("moved lock");
                     if moved.get(&node.st_ino) == Some(&id) {
                         moved.remove(&node.st_ino);
+                        self.moved_len.store(moved.len(), Ordering::Release);
                     }
                 }
                 true
