@@ -3,6 +3,7 @@
 //!
 //! Lock order: a directory's `dir_lock` (two at once: lower node id first) -> `copy_lock`s from
 //! the root down -> index shard -> table shard -> `state` (held briefly, never across the others).
+//! `moved` is taken with no shard held, before a table shard.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
