@@ -616,12 +616,22 @@ impl Union {
             if !src.is_dir() && d.is_dir() {
                 return Err(err(libc::EISDIR));
             }
+            // A directory with lower layers can't move at all without redirects (ovl_can_move).
+            if src.is_dir()
+                && self.cfg.marker_ns == format::MarkerNs::User
+                && !self.is_pure_upper(&src)
+            {
+                return Err(err(libc::EXDEV));
+            }
             if d.is_dir() && !self.is_empty_dir(d)? {
-                // Over a pure-upper target the kernel copies the source up, then the upper
-                // filesystem refuses the rename (soak seed 11041); a merged or lower one is
-                // refused first.
+                // Over a pure-upper target the kernel copies the source up and sets its
+                // redirect (EXDEV where too long: soak seed 70177), then the upper filesystem
+                // refuses the rename (soak seed 11041); a merged or lower one is refused first.
                 if self.is_pure_upper(d) {
                     self.copy_up(&src, Data::Meta)?;
+                    if src.is_dir() && !self.is_pure_upper(&src) {
+                        self.dir_redirect(&src, &p, name, p.id == np.id)?;
+                    }
                 }
                 return Err(err(libc::ENOTEMPTY));
             }
@@ -791,6 +801,42 @@ impl Union {
 
     /// Before moving directory `n` (named `name` in `p`): write its redirect (it has lower
     /// layers) or opaque marker (it is upper-only and lands where a lower entry exists).
+    /// The redirect directory `n` (named `name` in `p`, with lower layers) needs when moved,
+    /// and its path in the layers below; EXDEV where the kernel refuses the move.
+    fn dir_redirect(
+        &self,
+        n: &Node,
+        p: &Node,
+        name: &OsStr,
+        samedir: bool,
+    ) -> Result<(Vec<u8>, Vec<OsString>)> {
+        // Kernel overlayfs never follows redirects in the userxattr format (rootless), so
+        // refuse as it does with redirect_dir=off: `mv` then copies the tree.
+        if self.cfg.marker_ns == format::MarkerNs::User {
+            return Err(err(libc::EXDEV));
+        }
+        let st = n.state();
+        let lower_path = match &st.lower_path {
+            Some(lp) => lp.as_ref().clone(),
+            None => {
+                let mut v = self.lower_path_of(p, &p.state())?;
+                v.push(name.to_os_string());
+                v
+            }
+        };
+        let value: Vec<u8> = if samedir && st.lower_path.is_none() {
+            name.as_bytes().to_vec()
+        } else {
+            format::absolute_path(&lower_path)
+        };
+        // The kernel's redirect_max (256): a longer redirect could not be followed by kernel
+        // overlayfs, so refuse as it does (EXDEV: `mv` then copies the tree instead).
+        if value.len() > REDIRECT_MAX {
+            return Err(err(libc::EXDEV));
+        }
+        Ok((value, lower_path))
+    }
+
     fn prepare_dir_move(
         &self,
         n: &Node,
@@ -816,29 +862,7 @@ impl Union {
             }
             return Ok((None, lands_over_lower));
         }
-        // Kernel overlayfs never follows redirects in the userxattr format (rootless), so
-        // refuse as it does with redirect_dir=off: `mv` then copies the tree.
-        if self.cfg.marker_ns == format::MarkerNs::User {
-            return Err(err(libc::EXDEV));
-        }
-        let lower_path = match &st.lower_path {
-            Some(lp) => lp.as_ref().clone(),
-            None => {
-                let mut v = self.lower_path_of(p, &p.state())?;
-                v.push(name.to_os_string());
-                v
-            }
-        };
-        let value: Vec<u8> = if samedir && st.lower_path.is_none() {
-            name.as_bytes().to_vec()
-        } else {
-            format::absolute_path(&lower_path)
-        };
-        // The kernel's redirect_max (256): a longer redirect could not be followed by kernel
-        // overlayfs, so refuse as it does (EXDEV: `mv` then copies the tree instead).
-        if value.len() > REDIRECT_MAX {
-            return Err(err(libc::EXDEV));
-        }
+        let (value, lower_path) = self.dir_redirect(n, p, name, samedir)?;
         sys::setxattr(
             XTarget::Fd(dfd.as_fd()),
             self.cfg.marker_ns.redirect(),

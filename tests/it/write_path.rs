@@ -919,10 +919,14 @@ fn a_rename_over_a_non_empty_directory_copies_up_what_the_kernel_does() {
     // ovl_rename refuses a merged or lower directory target that is not empty before it
     // copies anything up; over a pure-upper target it copies the source up first and the
     // upper filesystem then refuses. Found by the soak (seed 11041): we checked every target
-    // first, so the source stayed unmerged where the kernel's was copied up.
+    // first, so the source stayed unmerged where the kernel's was copied up. Between the two
+    // the kernel sets the source's redirect, and refuses with EXDEV where it is too long
+    // (seed 70177: we answered ENOTEMPTY).
     require_fuse!();
     let s = Scratch::new();
     let lower = s.mkdir("lower");
+    let long = format!("{}/{}", "L".repeat(200), "M".repeat(100));
+    fs::create_dir_all(lower.join(&long).join("d")).unwrap();
     fs::create_dir_all(lower.join("b5/a2")).unwrap();
     fs::create_dir_all(lower.join("c/src")).unwrap();
     write(lower.join("f4/keep"), b"x");
@@ -940,6 +944,7 @@ fn a_rename_over_a_non_empty_directory_copies_up_what_the_kernel_does() {
         fs::create_dir_all(mnt.join("f4/a4/b0")).unwrap();
         let upper_target =
             fs::rename(mnt.join("b5/a2"), mnt.join("f4/a4")).map_err(|e| e.raw_os_error());
+        let too_long = fs::rename(mnt.join(&long), mnt.join("f4/a4")).map_err(|e| e.raw_os_error());
         let nlink = |p: &str| fs::metadata(mnt.join(p)).unwrap().nlink();
         // The copy-up merged b5/a2 and b5 (nlink 1) without a reply that carries their
         // attributes: layerfs tells the kernel from its invalidation thread, a moment later.
@@ -951,6 +956,7 @@ fn a_rename_over_a_non_empty_directory_copies_up_what_the_kernel_does() {
             nlink("b5/a2"),
             nlink("b5"),
             up.join("b5/a2").is_dir(),
+            too_long,
         ));
         drop(m);
     }
@@ -963,6 +969,7 @@ fn a_rename_over_a_non_empty_directory_copies_up_what_the_kernel_does() {
     );
     assert_eq!(kernel.2, Err(Some(libc::ENOTEMPTY)), "kernel");
     assert!(kernel.5, "the kernel copied the source up");
+    assert_eq!(kernel.6, Err(Some(libc::EXDEV)), "kernel");
     assert_eq!(seen[1], seen[0], "layerfs vs kernel");
 }
 
