@@ -526,6 +526,42 @@ impl Union {
         Ok(())
     }
 
+    /// ovl_can_move: without redirects (the userxattr format) a directory with lower layers
+    /// cannot move, and the kernel refuses (EXDEV) before it copies anything up; the VFS's
+    /// own checks (EEXIST, ENOTDIR, EISDIR, ENOENT) come first.
+    fn refuse_immovable(
+        &self,
+        p: &Arc<Node>,
+        name: &OsStr,
+        np: &Arc<Node>,
+        newname: &OsStr,
+        exchange: bool,
+        noreplace: bool,
+    ) -> Result<()> {
+        if self.cfg.marker_ns != format::MarkerNs::User || (p.id == np.id && name == newname) {
+            return Ok(());
+        }
+        let src = {
+            let _g = p.dir_lock.read().expect("dir lock");
+            self.child(p, name)?
+        };
+        let dst = {
+            let _g = np.dir_lock.read().expect("dir lock");
+            self.child(np, newname)?
+        };
+        let Some(src) = src else { return Ok(()) };
+        let vfs_refuses = match &dst {
+            Some(_) if noreplace => true,
+            Some(d) => !exchange && d.is_dir() != src.is_dir(),
+            None => exchange,
+        };
+        let immovable = |n: &Node| n.is_dir() && !self.is_pure_upper(n);
+        if !vfs_refuses && (immovable(&src) || (exchange && dst.is_some_and(|d| immovable(&d)))) {
+            return Err(err(libc::EXDEV));
+        }
+        Ok(())
+    }
+
     /// Only in the upper layer: ovl_pure_upper, whose emptiness the upper filesystem checks.
     fn is_pure_upper(&self, n: &Node) -> bool {
         n.state().layers.iter().all(|&l| self.layers.is_upper(l))
@@ -579,6 +615,7 @@ impl Union {
         }
         let p = self.dir_node(parent)?;
         let np = self.dir_node(newparent)?;
+        self.refuse_immovable(&p, name, &np, newname, exchange, noreplace)?;
         // (With both parents in the upper already nothing is copied up before the check below.)
         if !exchange && (p.top_layer() != 0 || np.top_layer() != 0) {
             self.refuse_unemptiable_target(&p, name, &np, newname)?;
@@ -615,13 +652,6 @@ impl Union {
             }
             if !src.is_dir() && d.is_dir() {
                 return Err(err(libc::EISDIR));
-            }
-            // A directory with lower layers can't move at all without redirects (ovl_can_move).
-            if src.is_dir()
-                && self.cfg.marker_ns == format::MarkerNs::User
-                && !self.is_pure_upper(&src)
-            {
-                return Err(err(libc::EXDEV));
             }
             if d.is_dir() && !self.is_empty_dir(d)? {
                 // Over a pure-upper target the kernel copies the source up and sets its

@@ -1143,3 +1143,41 @@ fn posix_acls_grant_and_revoke_access_as_in_the_kernel() {
     assert_eq!(seen[2].0, vec![false; 5], "noacl");
     assert_eq!(seen[2].1, seen[0].1, "noacl");
 }
+
+#[test]
+fn a_lower_directory_cannot_move_in_the_userxattr_format_and_nothing_is_copied_up() {
+    // Without redirects (userxattr, as rootless) a directory with lower layers cannot move:
+    // the kernel refuses with EXDEV (`mv` then copies) before it copies anything up, after
+    // the VFS's own checks. We copied the source and its parents up first.
+    require_fuse!();
+    let s = Scratch::new();
+    let lower = s.mkdir("lower");
+    write(lower.join("a/b/dir/f"), b"x");
+    fs::create_dir_all(lower.join("a/c")).unwrap();
+    write(lower.join("a/file"), b"y");
+    let mut seen = Vec::new();
+    for who in ["kernel", "layerfs"] {
+        let (up, wk) = (s.mkdir(&format!("{who}-up")), s.mkdir(&format!("{who}-wk")));
+        let mnt = s.path(&format!("{who}-mnt"));
+        let opts = format!("{},userxattr", rw_opts(&lower, &up, &wk));
+        let _m: Box<dyn std::any::Any> = if who == "kernel" {
+            Box::new(Kernel::mount(&opts, &mnt))
+        } else {
+            Box::new(Layerfs::mount(&opts, &mnt))
+        };
+        let mv =
+            |a: &str, b: &str| fs::rename(mnt.join(a), mnt.join(b)).map_err(|e| e.raw_os_error());
+        let got = (
+            mv("a/b/dir", "a/x"),
+            mv("a/b/dir", "a/file"),
+            mv("a/b/dir", "a/c"),
+            tree_of(&up),
+            fs::metadata(mnt.join("a/b")).unwrap().nlink(),
+            mv("a/file", "a/b/f2"),
+        );
+        seen.push(got);
+    }
+    assert_eq!(seen[0].0, Err(Some(libc::EXDEV)), "kernel");
+    assert!(seen[0].3.is_empty(), "the kernel copies nothing up");
+    assert_eq!(seen[1], seen[0], "layerfs vs kernel");
+}
