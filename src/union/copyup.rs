@@ -40,10 +40,15 @@ impl Union {
         self.require_upper()?;
         if node.top_layer() == 0 {
             if data != Data::Meta {
-                let mut s = node.state.write().expect("node state lock");
-                s.kernel_meta = false;
-                if s.data.is_some() {
-                    drop(s);
+                // Every change in a directory asks this of it: a read lock, a write one rarely.
+                let (meta, kernel_meta) = {
+                    let s = node.state.read().expect("node state lock");
+                    (s.data.is_some(), s.kernel_meta)
+                };
+                if kernel_meta {
+                    node.state.write().expect("node state lock").kernel_meta = false;
+                }
+                if meta {
                     return self.copy_up_data(node, data);
                 }
             }

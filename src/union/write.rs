@@ -526,10 +526,13 @@ impl Union {
         Ok(())
     }
 
-    /// ovl_can_move: without redirects (the userxattr format) a directory with lower layers
-    /// cannot move, and the kernel refuses (EXDEV) before it copies anything up; the VFS's
-    /// own checks (EEXIST, ENOTDIR, EISDIR, ENOENT) come first.
-    fn refuse_immovable(
+    /// What ovl_rename refuses before it copies anything up, checked before the parents are
+    /// copied: without redirects (the userxattr format) a directory with lower layers cannot
+    /// move (ovl_can_move: EXDEV, after the VFS's own EEXIST, ENOTDIR, EISDIR, ENOENT), and a
+    /// directory target that is merged or lower (not pure upper) must be empty (ENOTEMPTY): a
+    /// failing rename then changes nothing. The main path re-checks under the parents' write
+    /// locks, so a listing that races a change only decides which check refuses.
+    fn rename_precheck(
         &self,
         p: &Arc<Node>,
         name: &OsStr,
@@ -538,61 +541,55 @@ impl Union {
         exchange: bool,
         noreplace: bool,
     ) -> Result<()> {
-        if self.cfg.marker_ns != format::MarkerNs::User || (p.id == np.id && name == newname) {
+        let movability = self.cfg.marker_ns == format::MarkerNs::User;
+        // (With both parents in the upper already nothing is copied up before the main path.)
+        let emptiness = !exchange && (p.top_layer() != 0 || np.top_layer() != 0);
+        if (!movability && !emptiness) || (p.id == np.id && name == newname) {
             return Ok(());
         }
-        let src = {
-            let _g = p.dir_lock.read().expect("dir lock");
-            self.child(p, name)?
+        let (first, second) = if p.id <= np.id { (p, np) } else { (np, p) };
+        let _g1 = first.dir_lock.read().expect("dir lock");
+        let _g2 = (p.id != np.id).then(|| second.dir_lock.read().expect("dir lock"));
+        let Some(src) = self.child(p, name)? else {
+            return Ok(());
         };
-        let dst = {
-            let _g = np.dir_lock.read().expect("dir lock");
-            self.child(np, newname)?
+        let dst = self.child(np, newname)?;
+        if movability {
+            let vfs_refuses = match &dst {
+                Some(_) if noreplace => true,
+                Some(d) => !exchange && d.is_dir() != src.is_dir(),
+                None => exchange,
+            };
+            let dst_immovable = exchange && dst.as_ref().is_some_and(|d| self.is_immovable(d));
+            if !vfs_refuses && (self.is_immovable(&src) || dst_immovable) {
+                return Err(err(libc::EXDEV));
+            }
+        }
+        // (A target that is the source or one of the parents is the kernel's to refuse, and
+        // the main path's.)
+        let Some(dst) = dst.filter(|d| ![src.id, p.id, np.id].contains(&d.id)) else {
+            return Ok(());
         };
-        let Some(src) = src else { return Ok(()) };
-        let vfs_refuses = match &dst {
-            Some(_) if noreplace => true,
-            Some(d) => !exchange && d.is_dir() != src.is_dir(),
-            None => exchange,
-        };
-        let immovable = |n: &Node| n.is_dir() && !self.is_pure_upper(n);
-        if !vfs_refuses && (immovable(&src) || (exchange && dst.is_some_and(|d| immovable(&d)))) {
-            return Err(err(libc::EXDEV));
+        // Not dst's own lock (the main path takes none either).
+        if emptiness
+            && src.is_dir()
+            && dst.is_dir()
+            && !self.is_pure_upper(&dst)
+            && !self.is_empty_dir(&dst)?
+        {
+            return Err(err(libc::ENOTEMPTY));
         }
         Ok(())
+    }
+
+    /// A directory with lower layers: it cannot move without redirects.
+    fn is_immovable(&self, n: &Node) -> bool {
+        n.is_dir() && !self.is_pure_upper(n)
     }
 
     /// Only in the upper layer: ovl_pure_upper, whose emptiness the upper filesystem checks.
     fn is_pure_upper(&self, n: &Node) -> bool {
         n.state().layers.iter().all(|&l| self.layers.is_upper(l))
-    }
-
-    /// ENOTEMPTY before the parents are copied up, as ovl_rename checks a directory target
-    /// that is merged or lower (not pure upper) first: a failing rename then changes nothing.
-    fn refuse_unemptiable_target(
-        &self,
-        p: &Arc<Node>,
-        name: &OsStr,
-        np: &Arc<Node>,
-        newname: &OsStr,
-    ) -> Result<()> {
-        let (first, second) = if p.id <= np.id { (p, np) } else { (np, p) };
-        let _g1 = first.dir_lock.read().expect("dir lock");
-        let _g2 = (p.id != np.id).then(|| second.dir_lock.read().expect("dir lock"));
-        let (Some(src), Some(dst)) = (self.child(p, name)?, self.child(np, newname)?) else {
-            return Ok(());
-        };
-        // (A target that is one of the parents is the kernel's to refuse, and the main path's.)
-        if !src.is_dir() || !dst.is_dir() || [src.id, p.id, np.id].contains(&dst.id) {
-            return Ok(());
-        }
-        // Not dst's own lock (the main path takes none either): it re-checks under the
-        // parents' write locks, so a listing that races a change only decides which check
-        // refuses.
-        if !self.is_pure_upper(&dst) && !self.is_empty_dir(&dst)? {
-            return Err(err(libc::ENOTEMPTY));
-        }
-        Ok(())
     }
 
     pub fn rename(
@@ -615,11 +612,7 @@ impl Union {
         }
         let p = self.dir_node(parent)?;
         let np = self.dir_node(newparent)?;
-        self.refuse_immovable(&p, name, &np, newname, exchange, noreplace)?;
-        // (With both parents in the upper already nothing is copied up before the check below.)
-        if !exchange && (p.top_layer() != 0 || np.top_layer() != 0) {
-            self.refuse_unemptiable_target(&p, name, &np, newname)?;
-        }
+        self.rename_precheck(&p, name, &np, newname, exchange, noreplace)?;
         self.copy_up(&p, Data::All)?;
         self.copy_up(&np, Data::All)?;
         // Two directory locks: lower id first.
@@ -829,8 +822,6 @@ impl Union {
         Ok(())
     }
 
-    /// Before moving directory `n` (named `name` in `p`): write its redirect (it has lower
-    /// layers) or opaque marker (it is upper-only and lands where a lower entry exists).
     /// The redirect directory `n` (named `name` in `p`, with lower layers) needs when moved,
     /// and its path in the layers below; EXDEV where the kernel refuses the move.
     fn dir_redirect(
@@ -867,6 +858,8 @@ impl Union {
         Ok((value, lower_path))
     }
 
+    /// Before moving directory `n` (named `name` in `p`): write its redirect (it has lower
+    /// layers) or opaque marker (it is upper-only and lands where a lower entry exists).
     fn prepare_dir_move(
         &self,
         n: &Node,
