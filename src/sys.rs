@@ -817,6 +817,12 @@ pub fn getegid() -> u32 {
     unsafe { libc::getegid() }
 }
 
+/// This process's (euid, egid), read once: the daemon never changes its credentials.
+pub fn own_ids() -> (u32, u32) {
+    static IDS: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *IDS.get_or_init(|| (geteuid(), getegid()))
+}
+
 pub fn umask_current() -> u32 {
     // SAFETY: umask has no failure mode; set it back immediately.
     unsafe {

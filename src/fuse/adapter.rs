@@ -94,10 +94,13 @@ impl Adapter {
     }
 
     /// Decide how handle `fh` of node `ino` is served.
+    /// `fresh`: the file was created by this very request without set-id bits, so it has no
+    /// privileges to look for.
     fn choose(
         &self,
         ino: u64,
         fh: u64,
+        fresh: bool,
         open_backing: impl FnOnce(&OwnedFd) -> io::Result<BackingId>,
     ) -> Served {
         let st = &self.fs.obs.stats;
@@ -121,7 +124,7 @@ impl Adapter {
             None if b.cached.contains_key(&ino) => cached(upper),
             None if !upper && self.passthrough == Passthrough::Upper => cached(upper),
             // Writes through passthrough would keep set-id bits and capabilities.
-            None if upper && self.fs.has_privs(fh) => cached(upper),
+            None if upper && !fresh && self.fs.has_privs(fh) => cached(upper),
             None => match open_backing(&fd) {
                 Ok(id) => {
                     let id = Arc::new(id);
@@ -554,7 +557,7 @@ impl Filesystem for Adapter {
                     self.fs.release(fh);
                     return reply.error(errno(&e));
                 }
-                match self.choose(ino.0, fh, |f| reply.open_backing(f)) {
+                match self.choose(ino.0, fh, false, |f| reply.open_backing(f)) {
                     Served::Passthrough(id) => {
                         reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
                     }
@@ -856,7 +859,8 @@ impl Filesystem for Adapter {
         {
             Ok((e, fh)) => {
                 let (ttl, a) = (ttl_for(&e.attr), attr(&e.attr));
-                match self.choose(e.id, fh, |f| reply.open_backing(f)) {
+                let fresh = e.attr.st_mode & (libc::S_ISUID | libc::S_ISGID) == 0;
+                match self.choose(e.id, fh, fresh, |f| reply.open_backing(f)) {
                     Served::Passthrough(id) => reply.created_passthrough_node(
                         INodeNo(e.id),
                         &ttl,

@@ -161,12 +161,23 @@ impl Union {
                 .collect(),
             None => std::borrow::Cow::Borrowed(&pstate.layers),
         };
+        // A layer that misses the name may still delete it with an OCI `.wh.` file; that
+        // costs a syscall, so it is asked only once a layer below turns out to hold the name.
+        let mut missed: Option<Arc<OwnedFd>> = None;
+        let whited_out = |missed: &mut Option<Arc<OwnedFd>>| {
+            missed
+                .take()
+                .is_some_and(|fd| format::has_oci_whiteout(fd.as_fd(), name))
+        };
         for &l in visit.iter() {
             if !self.layers.is_upper(l) {
-                if let Some(lowers) = &known
-                    && self.known_dir(&mut found, p, name, lowers)?
-                {
-                    break;
+                if let Some(lowers) = &known {
+                    if whited_out(&mut missed) {
+                        break;
+                    }
+                    if self.known_dir(&mut found, p, name, lowers)? {
+                        break;
+                    }
                 }
                 // Lower layers never change: answer misses from their listings.
                 let probe = match hits {
@@ -181,14 +192,15 @@ impl Union {
                     Probe::WhitedOut => break,
                     Probe::Present => {}
                 }
+                if whited_out(&mut missed) {
+                    break;
+                }
             }
             let pfd = self.dir_fd(p, l)?;
             let st = match sys::statat(pfd.as_fd(), name) {
                 Ok(st) => st,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    if format::has_oci_whiteout(pfd.as_fd(), name) {
-                        break;
-                    }
+                    missed = Some(pfd);
                     continue;
                 }
                 Err(e) => return Err(e.into()),

@@ -18,6 +18,8 @@ pub struct WorkDir {
     /// Copied-up lower hard links, by lower inode (`workdir/layerfs-index`).
     pub index: Index,
     counter: AtomicU64,
+    /// The daemon's pid, read at the first temp name (after any fork into the background).
+    pid: std::sync::OnceLock<u32>,
     /// Name (in the work dir) of the shared whiteout inode new whiteouts are linked to.
     shared_whiteout: Mutex<Option<OsString>>,
 }
@@ -56,6 +58,7 @@ impl WorkDir {
             fd: Arc::new(fd),
             index,
             counter: AtomicU64::new(0),
+            pid: std::sync::OnceLock::new(),
             shared_whiteout: Mutex::new(None),
         };
         check_incompat(w.fd.as_fd(), path)?;
@@ -134,7 +137,8 @@ impl WorkDir {
     /// A fresh name for a temporary object; callers create it exclusively.
     pub fn temp_name(&self) -> OsString {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        OsString::from(format!("#{:x}-{:x}", std::process::id(), n))
+        let pid = *self.pid.get_or_init(std::process::id);
+        OsString::from(format!("#{pid:x}-{n:x}"))
     }
 }
 

@@ -194,10 +194,18 @@ impl Union {
             Ok(st) if sys::is_whiteout_stat(&st) => true,
             Ok(_) => return Err(err(libc::EEXIST)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                if self.exists_below(&p, name)? {
+                if !self.exists_below(&p, name)? {
+                    false
+                } else if format::has_oci_whiteout(upper.as_fd(), name) {
+                    // An OCI `.wh.` file deletes it (fuse-overlayfs without CAP_MKNOD writes
+                    // them): the kernel's marker first, so the name stays deleted throughout,
+                    // then create over that as over any whiteout.
+                    self.whiteout(upper.as_fd(), name, false)?;
+                    sys::unlinkat(upper.as_fd(), &format::oci_whiteout_name(name), false)?;
+                    true
+                } else {
                     return Err(err(libc::EEXIST));
                 }
-                false
             }
             Err(e) => return Err(e.into()),
         };
@@ -276,7 +284,7 @@ impl Union {
         }
         let st = sys::statat(upper.as_fd(), name)?;
         let node = self.new_upper_node(parent, name, &st);
-        let attr = self.attr_of(&node)?;
+        let attr = self.present(&node, None, st)?;
         Ok((Entry { id: node.id, attr }, fd))
     }
 
@@ -305,7 +313,7 @@ impl Union {
         // The caller's ids are the mount's; the disk has host ids. A caller outside the
         // mapping gets the daemon's own ids (all an unprivileged daemon can give).
         let ids = &self.cfg.ids;
-        let me = (sys::geteuid(), sys::getegid());
+        let me = sys::own_ids();
         let (uid, gid) = (
             ids.uid.to_host(uid).unwrap_or(me.0),
             ids.gid.to_host(gid).unwrap_or(me.1),

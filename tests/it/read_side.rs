@@ -144,6 +144,9 @@ fn oci_whiteouts_and_every_opaque_format_are_read() {
         "fo", "fo/new", "kept", "oci", "oci/new", "same", "tr", "tr/new", "us", "us/new",
     ];
     assert_eq!(got, want);
+    // Looked up by name, not only left out of listings.
+    assert!(std::fs::symlink_metadata(l.mnt.join("deleted")).is_err());
+    assert_eq!(std::fs::read(l.mnt.join("same")).unwrap(), b"same layer");
     // Markers never show, not even by name.
     assert!(std::fs::symlink_metadata(l.mnt.join(".wh.deleted")).is_err());
     assert!(std::fs::symlink_metadata(l.mnt.join("oci/.wh..wh..opq")).is_err());
@@ -448,4 +451,37 @@ fn a_layer_root_is_never_opaque_as_in_the_kernel() {
         listing(&Layerfs::mount(&ro, &s.path("l2")).mnt),
         ["fa", "fc"]
     );
+}
+
+#[test]
+fn an_oci_whiteout_in_the_upper_layer_hides_the_lower_name_it_misses() {
+    // fuse-overlayfs without CAP_MKNOD writes `.wh.NAME` files into the upper layer. A lookup
+    // asks for that file only once a layer below holds the name (a name found nowhere costs
+    // one fstatat); the answer must not change.
+    require_fuse!();
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    write(low.join("gone"), b"lower");
+    write(low.join("kept"), b"lower");
+    write(low.join("d/gone"), b"lower");
+    let (up, wk) = (s.mkdir("up"), s.mkdir("wk"));
+    write(up.join(".wh.gone"), b"");
+    write(up.join("d/.wh.gone"), b"");
+    write(up.join(".wh.nowhere"), b"");
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        low.display(),
+        up.display(),
+        wk.display()
+    );
+    let l = Layerfs::mount(&opts, &s.path("l"));
+    for gone in ["gone", "d/gone", "nowhere", "never"] {
+        let e = std::fs::symlink_metadata(l.mnt.join(gone)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{gone}");
+    }
+    assert_eq!(std::fs::read(l.mnt.join("kept")).unwrap(), b"lower");
+    assert_eq!(listing(&l.mnt), ["d", "kept"]);
+    // Created over the OCI whiteout: the new file, not the deleted lower one.
+    write(l.mnt.join("gone"), b"new");
+    assert_eq!(std::fs::read(l.mnt.join("gone")).unwrap(), b"new");
 }
