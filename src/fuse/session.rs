@@ -202,7 +202,13 @@ fn start(spec: &MountSpec) -> Result<Started> {
     config.n_threads = Some(spec.threads.max(1));
     config.clone_fd = true;
     // fuser asks the kernel for it at INIT and serves the queues (vendor/fuser/LAYERFS.md).
-    config.io_uring = spec.io_uring.then(fuser::UringConfig::default);
+    // LAYERFS_IDLE_COMMIT=0 turns off the SCHED_IDLE reply commit (an A/B knob for
+    // scripts/bench; docs/ARCHITECTURE.md, "Transport").
+    let idle_commit = std::env::var_os("LAYERFS_IDLE_COMMIT").is_none_or(|v| v != "0");
+    config.io_uring = spec.io_uring.then(|| fuser::UringConfig {
+        idle_commit,
+        ..Default::default()
+    });
     let session = fuser::Session::new(
         Adapter::new(fs.clone(), spec.passthrough, spec.posix_acl),
         &spec.mountpoint,

@@ -112,6 +112,15 @@ fn io_uring_and_dev_fuse_serve_the_same_filesystem() {
             st["transport"]["dev_fuse"].as_u64().unwrap(),
         );
         if uring {
+            // Replies are committed at SCHED_IDLE; a queue thread waiting for the next
+            // request must be back at SCHED_OTHER (else it would serve it idle).
+            let pid = daemon_pid(&m.mnt).expect("daemon pid");
+            let policies = uring_thread_policies(pid);
+            assert!(!policies.is_empty(), "no fuser-uring threads in {pid}");
+            assert!(
+                policies.iter().all(|(_, p)| *p == libc::SCHED_OTHER),
+                "queue threads not at SCHED_OTHER while waiting: {policies:?}"
+            );
             // FORGETs (and requests made before every queue registered) still use
             // /dev/fuse; everything else goes over the rings.
             assert!(
@@ -131,6 +140,23 @@ fn io_uring_and_dev_fuse_serve_the_same_filesystem() {
         &trees[1].1,
         &trees[0].1,
     );
+}
+
+/// (thread name, scheduling policy) of each io_uring queue thread of process `pid`.
+fn uring_thread_policies(pid: i32) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap();
+        let (head, rest) = stat.rsplit_once(") ").unwrap();
+        let name = head.split_once(" (").unwrap().1.to_string();
+        if !name.starts_with("fuser-uring") {
+            continue;
+        }
+        // Field 41 (policy); `rest` starts at field 3.
+        let policy = rest.split(' ').nth(41 - 3).unwrap().parse().unwrap();
+        out.push((name, policy));
+    }
+    out
 }
 
 #[test]

@@ -41,6 +41,9 @@ use crate::reply::ReplySender;
 use crate::request::RequestWithSender;
 use crate::session::SessionEventLoop;
 
+/// Opcodes the kernel sends in the background (nobody waits for their reply).
+const FUSE_RELEASE: u32 = 18;
+const FUSE_RELEASEDIR: u32 = 29;
 const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
 /// `struct fuse_in_header`.
@@ -219,6 +222,33 @@ pub(crate) fn possible_cpus() -> usize {
     last.map_or(1, |n| n + 1)
 }
 
+fn set_policy(policy: i32) -> bool {
+    // SAFETY: plain syscall on a zeroed sched_param owned here (pid 0: this thread).
+    unsafe {
+        let p: libc::sched_param = std::mem::zeroed();
+        libc::sched_setscheduler(0, policy, &p) == 0
+    }
+}
+
+/// May a queue thread drop to SCHED_IDLE for its commits? Only if it runs SCHED_OTHER (a
+/// real-time or batch daemon keeps its policy) and may switch back, which takes
+/// CAP_SYS_NICE or RLIMIT_NICE >= 20: tried once on a throwaway thread, never on a queue
+/// thread that could be left idle.
+fn idle_commit_possible() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        // SAFETY: plain syscall.
+        if unsafe { libc::sched_getscheduler(0) } != libc::SCHED_OTHER {
+            return false;
+        }
+        let ok = std::thread::spawn(|| set_policy(libc::SCHED_IDLE) && set_policy(libc::SCHED_OTHER))
+            .join()
+            .unwrap_or(false);
+        debug!("io_uring: replies committed at SCHED_IDLE: {ok}");
+        ok
+    })
+}
+
 fn pin_to_cpu(cpu: usize) {
     // SAFETY: plain syscall on a zeroed cpu_set_t owned here.
     unsafe {
@@ -280,7 +310,10 @@ pub(crate) fn serve_queue<FS: Filesystem>(
         .setup_defer_taskrun()
         .setup_coop_taskrun()
         .build((n as u32).next_power_of_two().max(2))
-        .and_then(|mut ring| serve_ring(se, qid, &mut ring, &slots));
+        .and_then(|mut ring| {
+            let idle_commit = cfg.idle_commit && idle_commit_possible();
+            serve_ring(se, qid, &mut ring, &slots, idle_commit)
+        });
     // The buffers stay allocated: after a queue ends (the connection is going away) the
     // kernel may still be tearing down other entries of this ring asynchronously, and the
     // process ends soon after anyway.
@@ -293,6 +326,7 @@ fn serve_ring<FS: Filesystem>(
     qid: usize,
     ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
     slots: &[Arc<UringSlot>],
+    idle_commit: bool,
 ) -> io::Result<()> {
     let fd = se.ch.as_fd().as_raw_fd();
     let n = slots.len();
@@ -305,7 +339,22 @@ fn serve_ring<FS: Filesystem>(
     let mut register_retries = 0;
     let sender = se.ch.sender();
     let mut done = Vec::with_capacity(n);
+    // Does a commit waiting in the submission queue wake a caller? (RELEASE, sent in the
+    // background, wakes nobody: no need to go idle for it.)
+    let mut wakes = false;
     loop {
+        if idle_commit && std::mem::take(&mut wakes) && !ring.submission().is_empty() {
+            // The commit wakes the caller while this thread still runs; at SCHED_IDLE this
+            // CPU counts as free, so the caller stays (preempting us) rather than move to an
+            // idle CPU. Back to SCHED_OTHER before waiting: a request is never served idle.
+            set_policy(libc::SCHED_IDLE);
+            let r = ring.submit();
+            set_policy(libc::SCHED_OTHER);
+            match r {
+                Err(e) if e.raw_os_error() != Some(libc::EINTR) => return Err(e),
+                _ => {}
+            }
+        }
         match ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -346,6 +395,7 @@ fn serve_ring<FS: Filesystem>(
                 ch: sender.clone(),
             });
             let unique = slot.buf.read_u64(8);
+            wakes |= !matches!(slot.buf.read_u32(4), FUSE_RELEASE | FUSE_RELEASEDIR);
             match slot.buf.request() {
                 Some(data) => match RequestWithSender::new(reply.clone(), data) {
                     Some(req) => {

@@ -31,6 +31,10 @@ pub struct UringConfig {
     pub threads_per_queue: usize,
     /// Ring entries per thread: requests the kernel can hand over before a reply.
     pub entries: usize,
+    /// Commit each reply at SCHED_IDLE (only where the thread may switch back): the woken
+    /// caller then preempts the queue thread on this CPU instead of being moved to an idle
+    /// one, whose wake-up costs far more than the round trip itself.
+    pub idle_commit: bool,
 }
 
 impl Default for UringConfig {
@@ -40,6 +44,7 @@ impl Default for UringConfig {
             // One entry per thread: a request never waits behind a busy thread's other
             // entry while its sibling is idle.
             entries: 1,
+            idle_commit: true,
         }
     }
 }
