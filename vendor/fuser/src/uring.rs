@@ -326,7 +326,7 @@ fn serve_ring<FS: Filesystem>(
     qid: usize,
     ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
     slots: &[Arc<UringSlot>],
-    idle_commit: bool,
+    mut idle_commit: bool,
 ) -> io::Result<()> {
     let fd = se.ch.as_fd().as_raw_fd();
     let n = slots.len();
@@ -349,7 +349,14 @@ fn serve_ring<FS: Filesystem>(
             // idle CPU. Back to SCHED_OTHER before waiting: a request is never served idle.
             set_policy(libc::SCHED_IDLE);
             let r = ring.submit();
-            set_policy(libc::SCHED_OTHER);
+            if !set_policy(libc::SCHED_OTHER) {
+                // Allowed at the probe, refused now (a lowered RLIMIT_NICE?): stop switching.
+                warn!(
+                    "io_uring queue {qid}: cannot leave SCHED_IDLE: {}",
+                    io::Error::last_os_error()
+                );
+                idle_commit = false;
+            }
             match r {
                 Err(e) if e.raw_os_error() != Some(libc::EINTR) => return Err(e),
                 _ => {}
