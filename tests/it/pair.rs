@@ -82,11 +82,14 @@ impl Pair {
     }
 
     pub fn kernel_opts(&self, upper: &Path, work: &Path) -> String {
+        // The userxattr format has no redirects (the kernel refuses redirect_dir=on with it).
+        let userxattr = self.extra.split(',').any(|o| o == "userxattr");
         format!(
-            "lowerdir={},upperdir={},workdir={},redirect_dir=on,index=on{}",
+            "lowerdir={},upperdir={},workdir={},{}index=on{}",
             lowerdir(&self.lowers),
             upper.display(),
             work.display(),
+            if userxattr { "" } else { "redirect_dir=on," },
             self.extra_opts()
         )
     }

@@ -64,6 +64,17 @@ fn content(r: &mut Rng) -> Vec<u8> {
     (0..len).map(|i| b.wrapping_add((i / 97) as u8)).collect()
 }
 
+/// The opaque marker of the format under test: with `userxattr` in LAYERFS_DIFF_OPTIONS the
+/// kernel reads only `user.overlay.*` markers.
+fn opaque_xattr() -> &'static str {
+    let opts = std::env::var("LAYERFS_DIFF_OPTIONS").unwrap_or_default();
+    if opts.split(',').any(|o| o == "userxattr") {
+        "user.overlay.opaque"
+    } else {
+        "trusted.overlay.opaque"
+    }
+}
+
 /// Fill `n` (1-6) lower layers with random trees. Returns them, top first.
 pub fn layers(r: &mut Rng, s: &Scratch) -> Vec<PathBuf> {
     let n = 1 + r.below(6) as usize;
@@ -79,7 +90,7 @@ pub fn layers(r: &mut Rng, s: &Scratch) -> Vec<PathBuf> {
                 std::fs::create_dir_all(root.join(p)).unwrap();
                 dirs.push(p.clone());
                 if r.chance(10) {
-                    set_xattr(root.join(p), "trusted.overlay.opaque", b"y");
+                    set_xattr(root.join(p), opaque_xattr(), b"y");
                 }
             }
         }

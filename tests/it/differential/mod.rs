@@ -6,7 +6,9 @@
 //! operation ends the process the same way (see `watchdog`). Replay with
 //! `LAYERFS_SEED=<seed> [LAYERFS_OPS=<n>] cargo test --test it differential::replay -- --ignored`.
 //! CI runs `LAYERFS_SEEDS` seeds (default 10) of `LAYERFS_OPS` operations (default 120);
-//! `LAYERFS_DIFF_OPTIONS` adds mount options to both sides (e.g. `metacopy=on`); odd seeds
+//! `LAYERFS_DIFF_OPTIONS` adds mount options to both sides (e.g. `metacopy=on`; `userxattr`
+//! soaks the rootless format: no redirects on the kernel's side, `user.overlay.*` markers in
+//! the generated layers); odd seeds
 //! run layerfs over /dev/fuse (`io_uring=0`), even ones over io_uring where the kernel offers it.
 //! `LAYERFS_DIFF_FILLERS=N` puts N layers holding only the directories of each layer below
 //! it, so directories merge over more than 8 layers (the merged name index; with
