@@ -468,13 +468,7 @@ fn an_oci_whiteout_in_the_upper_layer_hides_the_lower_name_it_misses() {
     write(up.join(".wh.gone"), b"");
     write(up.join("d/.wh.gone"), b"");
     write(up.join(".wh.nowhere"), b"");
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        low.display(),
-        up.display(),
-        wk.display()
-    );
-    let l = Layerfs::mount(&opts, &s.path("l"));
+    let l = Layerfs::mount(&rw_opts(&low, &up, &wk), &s.path("l"));
     for gone in ["gone", "d/gone", "nowhere", "never"] {
         let e = std::fs::symlink_metadata(l.mnt.join(gone)).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{gone}");

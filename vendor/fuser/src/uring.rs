@@ -35,15 +35,13 @@ use crate::ll::Errno;
 use crate::ll::Operation;
 use crate::ll::RequestId;
 use crate::ll::ResponseErrno;
+use crate::ll::fuse_abi::fuse_opcode;
 use crate::ll::reply::Response;
 use crate::reply::ReplyEmpty;
 use crate::reply::ReplySender;
 use crate::request::RequestWithSender;
 use crate::session::SessionEventLoop;
 
-/// Opcodes the kernel sends in the background (nobody waits for their reply).
-const FUSE_RELEASE: u32 = 18;
-const FUSE_RELEASEDIR: u32 = 29;
 const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
 /// `struct fuse_in_header`.
@@ -241,9 +239,10 @@ fn idle_commit_possible() -> bool {
         if unsafe { libc::sched_getscheduler(0) } != libc::SCHED_OTHER {
             return false;
         }
-        let ok = std::thread::spawn(|| set_policy(libc::SCHED_IDLE) && set_policy(libc::SCHED_OTHER))
-            .join()
-            .unwrap_or(false);
+        let ok =
+            std::thread::spawn(|| set_policy(libc::SCHED_IDLE) && set_policy(libc::SCHED_OTHER))
+                .join()
+                .unwrap_or(false);
         debug!("io_uring: replies committed at SCHED_IDLE: {ok}");
         ok
     })
@@ -402,7 +401,10 @@ fn serve_ring<FS: Filesystem>(
                 ch: sender.clone(),
             });
             let unique = slot.buf.read_u64(8);
-            wakes |= !matches!(slot.buf.read_u32(4), FUSE_RELEASE | FUSE_RELEASEDIR);
+            // RELEASE and RELEASEDIR are sent in the background: nobody waits on their reply.
+            let op = slot.buf.read_u32(4);
+            wakes |=
+                op != fuse_opcode::FUSE_RELEASE as u32 && op != fuse_opcode::FUSE_RELEASEDIR as u32;
             match slot.buf.request() {
                 Some(data) => match RequestWithSender::new(reply.clone(), data) {
                     Some(req) => {
