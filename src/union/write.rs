@@ -31,6 +31,7 @@ pub struct Caller {
 }
 
 /// What to create.
+#[derive(Clone, Copy)]
 pub enum NewObj<'a> {
     File { mode: u32, flags: i32 },
     Dir { mode: u32 },
@@ -189,26 +190,11 @@ impl Union {
         self.copy_up(&p, Data::All)?;
         let _g = p.dir_lock.write().expect("dir lock");
         let upper = self.dir_fd(&p, 0)?;
-        // One look at the upper name; the lower layers answer from their name sets.
-        let over_whiteout = match sys::statat(upper.as_fd(), name) {
-            Ok(st) if sys::is_whiteout_stat(&st) => true,
-            Ok(_) => return Err(err(libc::EEXIST)),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                if !self.exists_below(&p, name)? {
-                    false
-                } else if format::has_oci_whiteout(upper.as_fd(), name) {
-                    // An OCI `.wh.` file deletes it (fuse-overlayfs without CAP_MKNOD writes
-                    // them): the kernel's marker first, so the name stays deleted throughout,
-                    // then create over that as over any whiteout.
-                    self.whiteout(upper.as_fd(), name, false)?;
-                    sys::unlinkat(upper.as_fd(), &format::oci_whiteout_name(name), false)?;
-                    true
-                } else {
-                    return Err(err(libc::EEXIST));
-                }
-            }
-            Err(e) => return Err(e.into()),
-        };
+        // The lower layers answer from their name sets. A name none of them holds is
+        // created at once: O_EXCL tells if the upper has it (then one look says whether
+        // that is a whiteout to create over); a lower name needs that look first.
+        let below = self.exists_below(&p, name)?;
+        let mut over_whiteout = below && self.deleted_in_upper(upper.as_fd(), name)?;
         let pst = sys::fstat(upper.as_fd())?;
         let (uid, gid) = Self::new_owner(&pst, c);
         let setgid = pst.st_mode & libc::S_ISGID != 0;
@@ -216,7 +202,34 @@ impl Union {
         // FUSE_DONT_MASK: the caller's umask is ours to apply, and the upper filesystem
         // applies it as for the kernel's overlayfs: not under a default ACL, whose entries
         // it turns into the new object's ACLs.
-        let fd = if over_whiteout {
+        let mut fd = None;
+        if !over_whiteout {
+            let umask = (c.umask != 0)
+                .then(|| sys::ThreadUmask::set(c.umask))
+                .flatten();
+            // A thread that can't have a umask of its own masks the mode here.
+            let obj = if c.umask != 0 && umask.is_none() {
+                obj.masked(c.umask)
+            } else {
+                obj
+            };
+            let made = self.make_obj(upper.as_fd(), name, &obj, setgid);
+            drop(umask);
+            match made {
+                Err(e) if e.errno() == libc::EEXIST && !below => {
+                    // Only a whiteout is created over; anything else stays EEXIST.
+                    over_whiteout = self.deleted_in_upper(upper.as_fd(), name)?;
+                }
+                made => {
+                    fd = made?;
+                    if let Err(e) = self.finish_owner(upper.as_fd(), name, &obj, uid, gid) {
+                        let _ = sys::unlinkat(upper.as_fd(), name, is_dir);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        if over_whiteout {
             // Build aside, then replace the whiteout in one rename: never a moment where the
             // deleted lower object shows through.
             let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
@@ -259,33 +272,39 @@ impl Union {
             if let Some(sub) = sub {
                 let _ = remove_tree(work.fd.as_fd(), &sub, 0);
             }
-            built?
-        } else {
-            let umask = (c.umask != 0)
-                .then(|| sys::ThreadUmask::set(c.umask))
-                .flatten();
-            // A thread that can't have a umask of its own masks the mode here.
-            let obj = if c.umask != 0 && umask.is_none() {
-                obj.masked(c.umask)
-            } else {
-                obj
-            };
-            let fd = self.make_obj(upper.as_fd(), name, &obj, setgid);
-            drop(umask);
-            let fd = fd?;
-            if let Err(e) = self.finish_owner(upper.as_fd(), name, &obj, uid, gid) {
-                let _ = sys::unlinkat(upper.as_fd(), name, is_dir);
-                return Err(e);
+            fd = built?;
+            if is_dir {
+                self.opaque_written(parent, name);
             }
-            fd
-        };
-        if over_whiteout && is_dir {
-            self.opaque_written(parent, name);
         }
-        let st = sys::statat(upper.as_fd(), name)?;
+        let st = match &fd {
+            Some(f) => sys::fstat(f.as_fd())?,
+            None => sys::statat(upper.as_fd(), name)?,
+        };
         let node = self.new_upper_node(parent, name, &st);
         let attr = self.present(&node, None, st)?;
         Ok((Entry { id: node.id, attr }, fd))
+    }
+
+    /// Is upper `name` (of a name that exists below or that O_EXCL found taken) a deletion
+    /// to create over? A whiteout is; an OCI `.wh.` file (fuse-overlayfs without CAP_MKNOD
+    /// writes them) becomes the kernel's marker first, so the name stays deleted throughout.
+    /// Anything else there, or a lower name not deleted, is EEXIST.
+    fn deleted_in_upper(&self, upper: BorrowedFd<'_>, name: &OsStr) -> Result<bool> {
+        match sys::statat(upper, name) {
+            Ok(st) if sys::is_whiteout_stat(&st) => Ok(true),
+            Ok(_) => Err(err(libc::EEXIST)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                if format::has_oci_whiteout(upper, name) {
+                    self.whiteout(upper, name, false)?;
+                    sys::unlinkat(upper, &format::oci_whiteout_name(name), false)?;
+                    Ok(true)
+                } else {
+                    Err(err(libc::EEXIST))
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A work subdirectory `sub` with default ACL `acl`, to build new objects in.

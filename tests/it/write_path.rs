@@ -1181,3 +1181,62 @@ fn a_lower_directory_cannot_move_in_the_userxattr_format_and_nothing_is_copied_u
     assert!(seen[0].3.is_empty(), "the kernel copies nothing up");
     assert_eq!(seen[1], seen[0], "layerfs vs kernel");
 }
+
+#[test]
+fn creating_over_a_whiteout_no_lower_layer_needs_matches_kernel() {
+    // A whiteout left in the upper for a name no lower layer holds (its lower layer was
+    // dropped from the stack, or the kernel wrote it): a create there goes straight to
+    // O_EXCL, which finds the marker taken, and must then replace it as any whiteout; a real
+    // upper object stays EEXIST.
+    require_fuse!();
+    let s = Scratch::new();
+    let lower = s.mkdir("lower");
+    write(lower.join("keep"), b"x");
+    let mut seen = Vec::new();
+    for who in ["kernel", "layerfs"] {
+        let (up, wk) = (s.mkdir(&format!("{who}-up")), s.mkdir(&format!("{who}-wk")));
+        for n in ["wf", "wd", "wl"] {
+            whiteout(up.join(n));
+        }
+        write(up.join("there"), b"upper");
+        let mnt = s.path(&format!("{who}-mnt"));
+        let m = Either::mount(who == "kernel", &rw_opts(&lower, &up, &wk), &mnt);
+        let before = listing(&mnt);
+        let excl = |p: &str| {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(mnt.join(p))
+                .map(drop)
+                .map_err(|e| e.raw_os_error())
+        };
+        let file = excl("wf");
+        fs::write(mnt.join("wf"), b"new").unwrap();
+        let dir = fs::create_dir(mnt.join("wd")).map_err(|e| e.raw_os_error());
+        let link = symlink("keep", mnt.join("wl")).map_err(|e| e.raw_os_error());
+        let taken = excl("there");
+        let taken_dir = fs::create_dir(mnt.join("there")).map_err(|e| e.raw_os_error());
+        seen.push((
+            before,
+            file,
+            dir,
+            link,
+            taken,
+            taken_dir,
+            listing(&mnt),
+            fs::read(mnt.join("wf")).unwrap(),
+            listing(&mnt.join("wd")),
+            fs::read_link(mnt.join("wl")).unwrap(),
+            fs::read(mnt.join("there")).unwrap(),
+        ));
+        drop(m);
+        // On disk: the markers are gone, replaced by the new objects.
+        assert!(up.join("wf").is_file(), "{who}");
+        assert!(up.join("wd").is_dir(), "{who}");
+        assert!(up.join("wl").is_symlink(), "{who}");
+    }
+    let kernel = &seen[0];
+    assert_eq!(kernel.1, Ok(()), "kernel");
+    assert_eq!(kernel.4, Err(Some(libc::EEXIST)), "kernel");
+    assert_eq!(seen[1], seen[0], "layerfs vs kernel");
+}

@@ -173,6 +173,10 @@ pub(crate) struct UringSlot {
 #[derive(Debug, Default)]
 struct Staged {
     replied: bool,
+    /// The entry's thread sleeps on `cv` for a reply from another thread. Replies almost
+    /// always come from the entry's own thread: notify only when someone waits (a futex
+    /// wake is a syscall even with nobody to wake).
+    waiting: bool,
     bytes: Vec<u8>,
 }
 
@@ -196,7 +200,9 @@ impl UringReply {
             st.bytes.extend_from_slice(d);
         }
         st.replied = true;
-        self.slot.cv.notify_all();
+        if st.waiting {
+            self.slot.cv.notify_all();
+        }
         Ok(())
     }
 }
@@ -426,8 +432,10 @@ fn serve_ring<FS: Filesystem>(
             // A filesystem may answer from another thread; the entry waits for it.
             let mut st = slot.reply.lock().unwrap_or_else(|e| e.into_inner());
             while !st.replied {
+                st.waiting = true;
                 st = slot.cv.wait(st).unwrap_or_else(|e| e.into_inner());
             }
+            st.waiting = false;
             if slot.buf.write_reply(&st.bytes).is_err() {
                 warn!("io_uring queue {qid}: reply to {unique} too large for the entry");
                 slot.buf.write_reply(&eio(unique))?;
