@@ -202,11 +202,12 @@ fn start(spec: &MountSpec) -> Result<Started> {
     config.n_threads = Some(spec.threads.max(1));
     config.clone_fd = true;
     // fuser asks the kernel for it at INIT and serves the queues (vendor/fuser/LAYERFS.md).
-    // LAYERFS_IDLE_COMMIT=0 turns off the SCHED_IDLE reply commit (an A/B knob for
-    // scripts/bench; docs/ARCHITECTURE.md, "Transport").
-    let idle_commit = std::env::var_os("LAYERFS_IDLE_COMMIT").is_none_or(|v| v != "0");
+    // LAYERFS_IDLE_COMMIT=0 turns off the SCHED_IDLE reply commit, =always commits every
+    // reply that way (A/B knobs for scripts/bench; docs/ARCHITECTURE.md, "Transport").
+    let knob = std::env::var("LAYERFS_IDLE_COMMIT").unwrap_or_default();
     config.io_uring = spec.io_uring.then(|| fuser::UringConfig {
-        idle_commit,
+        idle_commit: knob != "0",
+        adaptive_commit: knob != "always",
         ..Default::default()
     });
     let session = fuser::Session::new(

@@ -319,8 +319,14 @@ impl<FS: Filesystem> Session<FS> {
         // FORGET and INTERRUPT (and everything until all queues are registered).
         #[cfg(target_os = "linux")]
         if let (Some(cfg), Some(payload)) = (config.io_uring, uring_payload) {
-            for qid in 0..crate::uring::possible_cpus() {
-                for t in 0..cfg.threads_per_queue.max(1) {
+            let per_queue = cfg.threads_per_queue.max(1);
+            let cpus = crate::uring::possible_cpus();
+            let board = Arc::new(crate::uring::MoveBoard::new(
+                (0..cpus * per_queue).map(|i| i / per_queue).collect(),
+            ));
+            for qid in 0..cpus {
+                for t in 0..per_queue {
+                    let board = board.clone();
                     let thread_name = format!("fuser-uring-{qid}-{t}");
                     let event_loop = SessionEventLoop {
                         thread_name: thread_name.clone(),
@@ -331,9 +337,14 @@ impl<FS: Filesystem> Session<FS> {
                         uring_live: uring_live.clone(),
                     };
                     threads.push(thread::Builder::new().name(thread_name).spawn(move || {
-                        if let Err(e) =
-                            crate::uring::serve_queue(&event_loop, qid, cfg, payload)
-                        {
+                        if let Err(e) = crate::uring::serve_queue(
+                            &event_loop,
+                            qid,
+                            qid * per_queue + t,
+                            &board,
+                            cfg,
+                            payload,
+                        ) {
                             warn!("io_uring queue {qid} not served: {e}");
                         }
                         Ok(())
@@ -509,9 +520,7 @@ impl<FS: Filesystem> Session<FS> {
             // kernel sizes every ring entry for max_write and never sends more than
             // max_pages (256 by default) pages anyway: 1 MiB.
             if self.config.io_uring.is_some()
-                && init
-                    .capabilities()
-                    .contains(InitFlags::FUSE_OVER_IO_URING)
+                && init.capabilities().contains(InitFlags::FUSE_OVER_IO_URING)
                 && config
                     .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
                     .is_ok()
@@ -595,7 +604,10 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
             match self.ch.receive_retrying(buf) {
-                Ok(size) => match RequestWithSender::new(ReplySender::Channel(self.ch.sender()), &buf[..size]) {
+                Ok(size) => match RequestWithSender::new(
+                    ReplySender::Channel(self.ch.sender()),
+                    &buf[..size],
+                ) {
                     // Dispatch request
                     Some(req) => {
                         let op = req.request.operation();

@@ -19,6 +19,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::Condvar;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use io_uring::IoUring;
 use io_uring::cqueue;
@@ -254,6 +255,124 @@ fn idle_commit_possible() -> bool {
     })
 }
 
+/// Which queue thread's reply woke each caller last, to tell when a woken caller ran on
+/// another CPU (it moved: the scheduler put it on an idle CPU rather than wait for ours).
+/// A slot per tid hash: `tid << 32 | thread + 1`; a collision only loses a sample.
+pub(crate) struct MoveBoard {
+    last: Vec<AtomicU64>,
+    /// Per queue thread: its callers seen moving, ever (wrapping).
+    moved: Vec<AtomicU32>,
+    /// Per queue thread: its CPU.
+    cpu: Vec<usize>,
+}
+
+impl MoveBoard {
+    const SLOTS: usize = 1024;
+
+    /// A board for queue threads `0..cpus.len()`, thread `i` serving CPU `cpus[i]`.
+    pub(crate) fn new(cpus: Vec<usize>) -> MoveBoard {
+        MoveBoard {
+            last: (0..Self::SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            moved: (0..cpus.len()).map(|_| AtomicU32::new(0)).collect(),
+            cpu: cpus,
+        }
+    }
+
+    fn slot(&self, tid: u32) -> &AtomicU64 {
+        &self.last[tid as usize % Self::SLOTS]
+    }
+
+    /// Thread `me` (serving `cpu`) is about to commit a reply that wakes `tid`.
+    fn woke(&self, tid: u32, me: usize) {
+        if tid != 0 {
+            self.slot(tid)
+                .store(u64::from(tid) << 32 | (me as u64 + 1), Ordering::Relaxed);
+        }
+    }
+
+    /// A request from `tid` arrived on the queue of `cpu`.
+    fn arrived(&self, tid: u32, cpu: usize) {
+        let slot = self.slot(tid);
+        let v = slot.load(Ordering::Relaxed);
+        if tid == 0 || v >> 32 != u64::from(tid) {
+            return;
+        }
+        let waker = (v & 0xffff_ffff) as usize;
+        slot.store(0, Ordering::Relaxed);
+        if let Some(w) = waker.checked_sub(1)
+            && self.cpu.get(w).is_some_and(|&c| c != cpu)
+        {
+            self.moved[w].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn moved(&self, me: usize) -> u32 {
+        self.moved[me].load(Ordering::Relaxed)
+    }
+}
+
+/// Whether a queue thread commits its next waking reply at SCHED_IDLE. The switch there and
+/// back costs about 3 us; it pays only where a caller woken by a plain commit would move to
+/// an idle CPU (a wake-up there costs 20-60 us). Plain commits show that directly (their
+/// callers move or not); idle ones only through a plain probe now and then.
+#[derive(Debug)]
+pub(crate) struct CommitPolicy {
+    idle: bool,
+    /// Waking commits in the current window, and the thread's move count when it began.
+    commits: u32,
+    moved_at_start: Option<u32>,
+}
+
+impl Default for CommitPolicy {
+    fn default() -> Self {
+        // Idle first: a lone caller on a quiet machine (where it pays) is the common case.
+        CommitPolicy {
+            idle: true,
+            commits: 0,
+            moved_at_start: None,
+        }
+    }
+}
+
+impl CommitPolicy {
+    /// Plain commits per look at how many of their callers moved.
+    const PLAIN_WINDOW: u32 = 64;
+    /// More moves than this in a plain window: go idle.
+    const PLAIN_MOVES: u32 = 8;
+    /// In idle mode, one commit in this many is a plain probe...
+    const PROBE_EVERY: u32 = 256;
+    /// ...and after this many probes, fewer than 2 moves among them: go plain.
+    const PROBES: u32 = 8;
+
+    /// Commit the next waking reply idle? `moved` is the thread's move count so far.
+    pub(crate) fn idle_next(&mut self, moved: u32) -> bool {
+        let start = *self.moved_at_start.get_or_insert(moved);
+        self.commits += 1;
+        if self.idle {
+            if self.commits < Self::PROBE_EVERY * Self::PROBES {
+                return self.commits % Self::PROBE_EVERY != 0;
+            }
+            // The window's last commit is its last probe; its caller is still to show
+            // whether it moves, so that probe counts in the next window's look.
+            if moved.wrapping_sub(start) < 2 {
+                self.idle = false;
+                debug!("io_uring: callers stay put after plain commits: committing plainly");
+            }
+        } else {
+            if self.commits < Self::PLAIN_WINDOW {
+                return false;
+            }
+            if moved.wrapping_sub(start) > Self::PLAIN_MOVES {
+                self.idle = true;
+                debug!("io_uring: callers move after plain commits: committing at SCHED_IDLE");
+            }
+        }
+        self.commits = 0;
+        self.moved_at_start = Some(moved);
+        false
+    }
+}
+
 fn pin_to_cpu(cpu: usize) {
     // SAFETY: plain syscall on a zeroed cpu_set_t owned here.
     unsafe {
@@ -296,6 +415,8 @@ fn register_cmd(fd: i32, qid: u16, buf: &EntryBuf, user_data: u64) -> squeue::En
 pub(crate) fn serve_queue<FS: Filesystem>(
     se: &SessionEventLoop<FS>,
     qid: usize,
+    me: usize,
+    board: &MoveBoard,
     cfg: UringConfig,
     payload_size: usize,
 ) -> io::Result<()> {
@@ -317,7 +438,8 @@ pub(crate) fn serve_queue<FS: Filesystem>(
         .build((n as u32).next_power_of_two().max(2))
         .and_then(|mut ring| {
             let idle_commit = cfg.idle_commit && idle_commit_possible();
-            serve_ring(se, qid, &mut ring, &slots, idle_commit)
+            let modes = (idle_commit, cfg.adaptive_commit);
+            serve_ring(se, qid, me, board, &mut ring, &slots, modes)
         });
     // The buffers stay allocated: after a queue ends (the connection is going away) the
     // kernel may still be tearing down other entries of this ring asynchronously, and the
@@ -329,9 +451,11 @@ pub(crate) fn serve_queue<FS: Filesystem>(
 fn serve_ring<FS: Filesystem>(
     se: &SessionEventLoop<FS>,
     qid: usize,
+    me: usize,
+    board: &MoveBoard,
     ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
     slots: &[Arc<UringSlot>],
-    mut idle_commit: bool,
+    (mut idle_commit, adaptive): (bool, bool),
 ) -> io::Result<()> {
     let fd = se.ch.as_fd().as_raw_fd();
     let n = slots.len();
@@ -347,8 +471,15 @@ fn serve_ring<FS: Filesystem>(
     // Does a commit waiting in the submission queue wake a caller? (RELEASE, sent in the
     // background, wakes nobody: no need to go idle for it.)
     let mut wakes = false;
+    // Caller of the reply waiting in the submission queue, and the policy for its commit.
+    let mut woken = 0u32;
+    let mut policy = CommitPolicy::default();
     loop {
-        if idle_commit && std::mem::take(&mut wakes) && !ring.submission().is_empty() {
+        let waking = std::mem::take(&mut wakes) && !ring.submission().is_empty();
+        if waking {
+            board.woke(woken, me);
+        }
+        if idle_commit && waking && (!adaptive || policy.idle_next(board.moved(me))) {
             // The commit wakes the caller while this thread still runs; at SCHED_IDLE this
             // CPU counts as free, so the caller stays (preempting us) rather than move to an
             // idle CPU. Back to SCHED_OTHER before waiting: a request is never served idle.
@@ -373,7 +504,10 @@ fn serve_ring<FS: Filesystem>(
             Err(e) => return Err(e),
         }
         done.clear();
-        done.extend(ring.completion().map(|c| (c.user_data() as usize, c.result())));
+        done.extend(
+            ring.completion()
+                .map(|c| (c.user_data() as usize, c.result())),
+        );
         for &(i, res) in &done {
             if res == -libc::EAGAIN && register_retries < 100 {
                 // REGISTER before the kernel finished processing INIT: try again shortly.
@@ -411,6 +545,10 @@ fn serve_ring<FS: Filesystem>(
             let op = slot.buf.read_u32(4);
             wakes |=
                 op != fuse_opcode::FUSE_RELEASE as u32 && op != fuse_opcode::FUSE_RELEASEDIR as u32;
+            // fuse_in_header.pid: the calling thread. If a reply from another CPU's queue
+            // woke it last, it moved here to run.
+            woken = slot.buf.read_u32(32);
+            board.arrived(woken, qid);
             match slot.buf.request() {
                 Some(data) => match RequestWithSender::new(reply.clone(), data) {
                     Some(req) => {
@@ -453,3 +591,64 @@ fn serve_ring<FS: Filesystem>(
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::{CommitPolicy, MoveBoard};
+
+    /// Drive `n` waking commits, `moves(i, idle)` saying whether commit i's caller moves.
+    fn run(p: &mut CommitPolicy, b: &MoveBoard, n: u32, moves: impl Fn(u32, bool) -> bool) -> u32 {
+        let mut idle = 0;
+        for i in 0..n {
+            let is_idle = p.idle_next(b.moved(0));
+            idle += u32::from(is_idle);
+            b.woke(4242, 0);
+            b.arrived(4242, if moves(i, is_idle) { 1 } else { 0 });
+        }
+        idle
+    }
+
+    #[test]
+    fn callers_that_move_after_plain_commits_keep_idle_commits() {
+        let b = MoveBoard::new(vec![0, 1]);
+        let mut p = CommitPolicy::default();
+        // Every plain commit's caller moves; idle commits keep it.
+        let idle = run(&mut p, &b, 10_000, |_, idle| !idle);
+        assert!(idle > 9_900, "{idle} of 10000 idle");
+    }
+
+    #[test]
+    fn callers_that_stay_put_get_plain_commits_and_moving_ones_bring_idle_back() {
+        let b = MoveBoard::new(vec![0, 1]);
+        let mut p = CommitPolicy::default();
+        // Nobody moves: after one probe window (2048 commits) every commit is plain.
+        let idle = run(&mut p, &b, 2048, |_, _| false);
+        assert!(idle > 2000, "idle first: {idle}");
+        assert_eq!(run(&mut p, &b, 5_000, |_, _| false), 0);
+        // Callers start moving after plain commits: idle again within two plain windows.
+        let mut first_idle = None;
+        for i in 0..1_000 {
+            let idle = p.idle_next(b.moved(0));
+            if idle && first_idle.is_none() {
+                first_idle = Some(i);
+            }
+            b.woke(7, 0);
+            b.arrived(7, if idle { 0 } else { 1 });
+        }
+        assert!(first_idle.is_some_and(|i| i <= 128), "{first_idle:?}");
+    }
+
+    #[test]
+    fn a_move_is_counted_for_the_waker_once_and_only_across_cpus() {
+        // Threads 0 and 1 serve CPU 0, thread 2 CPU 1.
+        let b = MoveBoard::new(vec![0, 0, 1]);
+        b.woke(9, 1);
+        b.arrived(9, 0); // same CPU, other thread: not a move
+        assert_eq!((b.moved(0), b.moved(1), b.moved(2)), (0, 0, 0));
+        b.woke(9, 1);
+        b.arrived(9, 1);
+        b.arrived(9, 1); // counted once
+        assert_eq!((b.moved(0), b.moved(1), b.moved(2)), (0, 1, 0));
+        b.arrived(10, 0); // never woken by anyone
+        assert_eq!(b.moved(1), 1);
+    }
+}

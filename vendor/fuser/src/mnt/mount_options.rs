@@ -35,6 +35,10 @@ pub struct UringConfig {
     /// caller then preempts the queue thread on this CPU instead of being moved to an idle
     /// one, whose wake-up costs far more than the round trip itself.
     pub idle_commit: bool,
+    /// With `idle_commit`: only while callers woken by plain commits are seen moving to
+    /// another CPU (where nothing else runs there, or nothing idle is left, the switch is
+    /// pure cost); checked by a plain commit now and then.
+    pub adaptive_commit: bool,
 }
 
 impl Default for UringConfig {
@@ -45,6 +49,7 @@ impl Default for UringConfig {
             // entry while its sibling is idle.
             entries: 1,
             idle_commit: true,
+            adaptive_commit: true,
         }
     }
 }
