@@ -282,7 +282,7 @@ impl MoveBoard {
         &self.last[tid as usize % Self::SLOTS]
     }
 
-    /// Thread `me` (serving `cpu`) is about to commit a reply that wakes `tid`.
+    /// Queue thread `me` is about to commit a reply that wakes `tid`.
     fn woke(&self, tid: u32, me: usize) {
         if tid != 0 {
             self.slot(tid)
