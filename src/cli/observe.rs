@@ -109,14 +109,26 @@ fn stats_text(mp: &Path, v: &Value, prev: Option<(&Value, Duration)>) -> String 
             ),
         );
     }
+    let t = &v["transport"];
     line(
         &mut s,
         format!(
             "transport  {} requests over io_uring, {} over /dev/fuse",
-            n(&v["transport"]["io_uring"]),
-            n(&v["transport"]["dev_fuse"])
+            n(&t["io_uring"]),
+            n(&t["dev_fuse"])
         ),
     );
+    let (idle, plain) = (n(&t["idle_commits"]), n(&t["plain_commits"]));
+    if idle + plain > 0 {
+        line(
+            &mut s,
+            format!(
+                "           replies waking a caller: {idle} committed at SCHED_IDLE (it stays on \
+                 its CPU), {plain} plainly; {} callers ran on another CPU next",
+                n(&t["caller_moves"])
+            ),
+        );
+    }
     line(
         &mut s,
         format!(

@@ -177,6 +177,8 @@ impl Stats {
     /// The counters as JSON (gauges the engine owns are added by the caller).
     pub fn snapshot(&self) -> Value {
         let g = |c: &AtomicU64| c.load(Relaxed);
+        // Kept by the transport (one mount per daemon process).
+        let commits = fuser::uring_commit_stats();
         let ops: serde_json::Map<String, Value> = Op::ALL
             .iter()
             .filter_map(|&op| {
@@ -206,6 +208,11 @@ impl Stats {
             "transport": {
                 "io_uring": g(&self.via_io_uring),
                 "dev_fuse": g(&self.via_dev_fuse),
+                // Replies over io_uring that woke a caller: committed at SCHED_IDLE (the
+                // caller then stays on its CPU) or plainly, and callers seen moving anyway.
+                "idle_commits": commits.idle,
+                "plain_commits": commits.plain,
+                "caller_moves": commits.moves,
             },
             "ops": ops,
         })

@@ -84,6 +84,12 @@ fn workload(m: &Path) {
     std::fs::remove_file(m.join("lower/c")).unwrap();
 }
 
+/// Replies over io_uring that woke a caller, idle or plain (`layerfs stats`).
+fn commits(st: &serde_json::Value) -> u64 {
+    let t = &st["transport"];
+    t["idle_commits"].as_u64().unwrap() + t["plain_commits"].as_u64().unwrap()
+}
+
 fn layers(s: &Scratch) -> String {
     let l = s.mkdir("l");
     std::fs::create_dir(l.join("lower")).unwrap();
@@ -127,8 +133,15 @@ fn io_uring_and_dev_fuse_serve_the_same_filesystem() {
                 via_uring > 9 * via_dev,
                 "io_uring mount: {via_uring} requests over io_uring, {via_dev} over /dev/fuse"
             );
+            // Every reply that woke a caller was committed one way or the other.
+            let commits = commits(&st);
+            assert!(
+                commits > via_uring / 2 && commits <= via_uring,
+                "{commits} waking commits of {via_uring} requests over io_uring"
+            );
         } else {
             assert_eq!(via_uring, 0, "io_uring=0 mount used io_uring");
+            assert_eq!(commits(&st), 0, "io_uring=0 mount committed on a ring");
             assert!(via_dev > 1000, "{via_dev} requests over /dev/fuse");
         }
         trees.push((snapshot(&m.mnt), snapshot(&s.path("u"))));

@@ -255,6 +255,31 @@ fn idle_commit_possible() -> bool {
     })
 }
 
+/// How the io_uring queue threads of this process committed replies that woke a caller,
+/// and how many woken callers were seen on another CPU next (for a filesystem's statistics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UringCommitStats {
+    /// Committed at SCHED_IDLE.
+    pub idle: u64,
+    /// Committed plainly (idle commits off, not allowed, or not paying).
+    pub plain: u64,
+    /// Callers that ran on another CPU after a reply woke them.
+    pub moves: u64,
+}
+
+static COMMITS_IDLE: AtomicU64 = AtomicU64::new(0);
+static COMMITS_PLAIN: AtomicU64 = AtomicU64::new(0);
+static MOVES: AtomicU64 = AtomicU64::new(0);
+
+/// The counts so far, over every session of this process.
+pub fn uring_commit_stats() -> UringCommitStats {
+    UringCommitStats {
+        idle: COMMITS_IDLE.load(Ordering::Relaxed),
+        plain: COMMITS_PLAIN.load(Ordering::Relaxed),
+        moves: MOVES.load(Ordering::Relaxed),
+    }
+}
+
 /// Which queue thread's reply woke each caller last, to tell when a woken caller ran on
 /// another CPU (it moved: the scheduler put it on an idle CPU rather than wait for ours).
 /// A slot per tid hash: `tid << 32 | thread + 1`; a collision only loses a sample.
@@ -303,6 +328,7 @@ impl MoveBoard {
             && self.cpu.get(w).is_some_and(|&c| c != cpu)
         {
             self.moved[w].fetch_add(1, Ordering::Relaxed);
+            MOVES.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -479,7 +505,12 @@ fn serve_ring<FS: Filesystem>(
         if waking {
             board.woke(woken, me);
         }
-        if idle_commit && waking && (!adaptive || policy.idle_next(board.moved(me))) {
+        let idle_now = idle_commit && waking && (!adaptive || policy.idle_next(board.moved(me)));
+        if waking && !idle_now {
+            COMMITS_PLAIN.fetch_add(1, Ordering::Relaxed);
+        }
+        if idle_now {
+            COMMITS_IDLE.fetch_add(1, Ordering::Relaxed);
             // The commit wakes the caller while this thread still runs; at SCHED_IDLE this
             // CPU counts as free, so the caller stays (preempting us) rather than move to an
             // idle CPU. Back to SCHED_OTHER before waiting: a request is never served idle.
