@@ -317,9 +317,12 @@ impl MoveBoard {
 
     /// A request from `tid` arrived on the queue of `cpu`.
     fn arrived(&self, tid: u32, cpu: usize) {
+        if tid == 0 {
+            return;
+        }
         let slot = self.slot(tid);
         let v = slot.load(Ordering::Relaxed);
-        if tid == 0 || v >> 32 != u64::from(tid) {
+        if v >> 32 != u64::from(tid) {
             return;
         }
         let waker = (v & 0xffff_ffff) as usize;
@@ -502,15 +505,17 @@ fn serve_ring<FS: Filesystem>(
     let mut policy = CommitPolicy::default();
     loop {
         let waking = std::mem::take(&mut wakes) && !ring.submission().is_empty();
+        let idle_now = waking && idle_commit && (!adaptive || policy.idle_next(board.moved(me)));
         if waking {
             board.woke(woken, me);
-        }
-        let idle_now = idle_commit && waking && (!adaptive || policy.idle_next(board.moved(me)));
-        if waking && !idle_now {
-            COMMITS_PLAIN.fetch_add(1, Ordering::Relaxed);
+            let count = if idle_now {
+                &COMMITS_IDLE
+            } else {
+                &COMMITS_PLAIN
+            };
+            count.fetch_add(1, Ordering::Relaxed);
         }
         if idle_now {
-            COMMITS_IDLE.fetch_add(1, Ordering::Relaxed);
             // The commit wakes the caller while this thread still runs; at SCHED_IDLE this
             // CPU counts as free, so the caller stays (preempting us) rather than move to an
             // idle CPU. Back to SCHED_OTHER before waiting: a request is never served idle.
