@@ -609,6 +609,54 @@ impl Union {
         Ok(())
     }
 
+    /// ovl_clear_empty: a merged directory about to be replaced (empty in the union, so its
+    /// upper copy holds only whiteouts) first becomes an upper-only opaque directory, its
+    /// whiteouts gone. The kernel does this before it writes the source's redirect, so where
+    /// that refuses (EXDEV, too long) the target stays opaque: a plain directory, nlink 2,
+    /// not a merged one's 1 (soak seed 900048). Opaque first, so a crash in between never
+    /// shows what the whiteouts hid; the directory keeps its times, as the kernel's copy does.
+    fn clear_empty(&self, d: &Node) -> Result<()> {
+        if d.top_layer() != 0 || d.state().layers.len() < 2 {
+            return Ok(());
+        }
+        let dfd = self.dir_fd(d, 0)?;
+        let r = sys::openat(
+            dfd.as_fd(),
+            OsStr::new("."),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        let entries = sys::read_dir_fd(r.as_fd())?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let times = sys::fstat(dfd.as_fd())?;
+        sys::setxattr(
+            XTarget::Fd(dfd.as_fd()),
+            self.cfg.marker_ns.opaque(),
+            b"y",
+            0,
+        )?;
+        // The kernel's new directory carries none of the old one's markers: no redirect.
+        if let Err(e) = sys::removexattr(XTarget::Fd(dfd.as_fd()), self.cfg.marker_ns.redirect())
+            && e.raw_os_error() != Some(libc::ENODATA)
+        {
+            return Err(e.into());
+        }
+        for e in entries {
+            remove_tree(dfd.as_fd(), &e.name, 0)?;
+        }
+        super::copyup::restore_times(dfd.as_fd(), &times);
+        {
+            let mut s = d.state.write().expect("node state lock");
+            s.layers = vec![0];
+            s.lower_path = None;
+            s.redirect_layer = 0;
+        }
+        self.attrs_changed(d.id);
+        Ok(())
+    }
+
     /// A directory with lower layers: it cannot move without redirects.
     fn is_immovable(&self, n: &Node) -> bool {
         n.is_dir() && !self.is_pure_upper(n)
@@ -690,6 +738,11 @@ impl Union {
         let kernels = self.kernel_meta_data(&src, &p, name)?;
         self.copy_up(&src, Data::Meta)?;
         self.prepare_file_move(&src, &p, name, samedir, kernels)?;
+        if let (Some(d), false) = (&dst, exchange)
+            && d.is_dir()
+        {
+            self.clear_empty(d)?;
+        }
         if let (Some(d), true) = (&dst, exchange) {
             let kernels = self.kernel_meta_data(d, &np, newname)?;
             self.copy_up(d, Data::Meta)?;

@@ -767,6 +767,51 @@ fn renaming_a_lower_dir_whose_redirect_would_be_too_long_gives_exdev() {
     p.check_interop();
 }
 
+/// A rename over a merged directory emptied by deletions first turns the target into an
+/// opaque upper-only directory (ovl_clear_empty), before the source's redirect is written:
+/// where that redirect is too long (EXDEV), the target stays opaque, a plain directory with
+/// nlink 2 (soak seed 900048: layerfs left it merged, nlink 1). And where the rename goes
+/// through, the moved directory replaces it as before.
+#[test]
+fn a_refused_rename_over_an_emptied_merged_dir_leaves_it_opaque_as_the_kernel_does() {
+    require_fuse!();
+    let long = "L".repeat(250);
+    let mut p = Pair::new(|s| {
+        let l = s.mkdir("l1");
+        fs::create_dir_all(l.join("d").join(&long).join("sub")).unwrap();
+        write(l.join("t/g"), b"x");
+        write(l.join("u/g"), b"y");
+        vec![l, s.mkdir("l2")]
+    });
+    p.same("empty t and u", |m| {
+        (
+            outcome(fs::remove_file(m.join("t/g"))),
+            outcome(fs::remove_file(m.join("u/g"))),
+        )
+    });
+    // "/d/" + 250 bytes + "/sub" > 256: refused after the target was cleared.
+    p.same("too-long redirect over t", |m| {
+        outcome(fs::rename(m.join("d").join(&long).join("sub"), m.join("t")))
+    });
+    p.same("t after", |m| {
+        let md = fs::symlink_metadata(m.join("t")).unwrap();
+        format!(
+            "nlink {} entries {}",
+            md.nlink(),
+            fs::read_dir(m.join("t")).unwrap().count()
+        )
+    });
+    p.check("after the refused rename");
+    // A short redirect goes through, replacing the emptied u.
+    p.same("rename d over u", |m| {
+        outcome(fs::rename(m.join("d"), m.join("u")))
+    });
+    p.check("after the rename");
+    p.remount_layerfs();
+    p.check("after remount");
+    p.check_interop();
+}
+
 /// `sh -c cmd` as user and group 65534 (nobody).
 fn as_nobody(cmd: &str) -> (bool, String, String) {
     run_timeout(
