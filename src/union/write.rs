@@ -619,14 +619,7 @@ impl Union {
         if d.top_layer() != 0 || d.state().layers.len() < 2 {
             return Ok(());
         }
-        let dfd = self.dir_fd(d, 0)?;
-        let r = sys::openat(
-            dfd.as_fd(),
-            OsStr::new("."),
-            libc::O_RDONLY | libc::O_DIRECTORY,
-            0,
-        )?;
-        let entries = sys::read_dir_fd(r.as_fd())?;
+        let (dfd, entries) = self.upper_listing(d)?;
         if entries.is_empty() {
             return Ok(());
         }
@@ -655,6 +648,18 @@ impl Union {
         }
         self.attrs_changed(d.id);
         Ok(())
+    }
+
+    /// The entries of directory `d`'s upper copy, with that copy's fd.
+    fn upper_listing(&self, d: &Node) -> Result<(Arc<OwnedFd>, Vec<sys::RawDirent>)> {
+        let dfd = self.dir_fd(d, 0)?;
+        let r = sys::openat(
+            dfd.as_fd(),
+            OsStr::new("."),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        Ok((dfd, sys::read_dir_fd(r.as_fd())?))
     }
 
     /// A directory with lower layers: it cannot move without redirects.
@@ -776,14 +781,8 @@ impl Union {
             {
                 // Only whiteouts can be left in it (it is empty in the union): clear them so
                 // the rename can replace it.
-                let dfd = self.dir_fd(d, 0)?;
-                let r = sys::openat(
-                    dfd.as_fd(),
-                    OsStr::new("."),
-                    libc::O_RDONLY | libc::O_DIRECTORY,
-                    0,
-                )?;
-                for e in sys::read_dir_fd(r.as_fd())? {
+                let (dfd, entries) = self.upper_listing(d)?;
+                for e in entries {
                     remove_tree(dfd.as_fd(), &e.name, 0)?;
                 }
             }
