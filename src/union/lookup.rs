@@ -4,8 +4,10 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::catalog::{DirKey, ROOT_KEY};
+use super::fanout;
 use super::format;
 use super::names::{MERGE_MIN_LAYERS, Merged, Probe};
 use super::node::{DataSrc, Inserted, Kind, Node, NodeState, ROOT_ID};
@@ -161,6 +163,9 @@ impl Union {
                 .collect(),
             None => std::borrow::Cow::Borrowed(&pstate.layers),
         };
+        // Many lower layers to merge: if the first of them turns out cold, the rest are read
+        // side by side first (`warm`).
+        let mut deep = hits.filter(|h| known.is_none() && h.len() > MERGE_MIN_LAYERS);
         // A layer that misses the name may still delete it with an OCI `.wh.` file; that
         // costs a syscall, so it is asked only once a layer below turns out to hold the name.
         let mut missed: Option<Arc<OwnedFd>> = None;
@@ -197,6 +202,7 @@ impl Union {
                 }
             }
             let pfd = self.dir_fd(p, l)?;
+            let started = deep.is_some().then(Instant::now);
             let st = match sys::statat(pfd.as_fd(), name) {
                 Ok(st) => st,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
@@ -205,9 +211,16 @@ impl Union {
                 }
                 Err(e) => return Err(e.into()),
             };
-            match self.step(&mut found, l, &pfd, name, st, Some((p, &pstate)))? {
-                Step::Continue => {}
-                Step::Stop => break,
+            let step = self.step(&mut found, l, &pfd, name, st, Some((p, &pstate)))?;
+            if let (Some(h), Some(t)) = (deep.take(), started)
+                && matches!(step, Step::Continue)
+                && t.elapsed() > fanout::cold()
+            {
+                let below: Vec<(usize, bool)> = h.iter().copied().filter(|e| e.0 > l).collect();
+                self.warm(p, name, &below);
+            }
+            if let Step::Stop = step {
+                break;
             }
         }
         if let (Some(c), Some(m), None, Some(f)) = (&self.catalog, &merged, &known, &found)
@@ -225,6 +238,33 @@ impl Union {
             }
         }
         Ok(found)
+    }
+
+    /// A directory listed by many lower layers whose top copy was cold: make the same reads
+    /// in the layers below side by side, so the walk finds them cached. On a cold cache each
+    /// copy costs an inode read and a read of its block (the `.wh..wh..opq` probe), one after
+    /// another otherwise (a directory in each of 100 layers: 100 disk reads in a row; the
+    /// bench's 1k stats through 100 layers, cold: 233 ms before, 133 ms with this). Only
+    /// when cold: on a warm cache the threads cost more than the walk (46 against 60 ms).
+    /// Reads only; the walk decides as before.
+    fn warm(&self, p: &Node, name: &OsStr, hits: &[(usize, bool)]) {
+        let listed: Vec<usize> = hits.iter().filter(|e| e.1).map(|e| e.0).collect();
+        log::debug!(
+            "cold: reading {name:?} in {} layers side by side",
+            listed.len()
+        );
+        fanout::map(&listed, |&l| {
+            let Ok(pfd) = self.dir_fd(p, l) else {
+                return;
+            };
+            let is_dir = sys::statat(pfd.as_fd(), name)
+                .is_ok_and(|st| Kind::from_mode(st.st_mode) == Kind::Dir);
+            if is_dir
+                && let Ok(dfd) = sys::openat(pfd.as_fd(), name, libc::O_PATH | libc::O_DIRECTORY, 0)
+            {
+                format::dir_markers_of(XTarget::At(pfd.as_fd(), name), dfd.as_fd());
+            }
+        });
     }
 
     /// Merge the lower copies of directory `name` that the catalog lists (`lowers`) into

@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod copyup;
+pub mod fanout;
 pub mod fdcache;
 pub mod files;
 pub mod format;

@@ -8,7 +8,9 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
+use super::fanout;
 use super::format;
 use crate::error::Result;
 use crate::sys;
@@ -93,9 +95,23 @@ impl Merged {
         lowers: &[usize],
         dir: impl Fn(usize) -> Result<Arc<std::os::fd::OwnedFd>>,
     ) -> Result<Merged> {
-        let mut sets = Vec::with_capacity(lowers.len());
-        for &l in lowers {
-            sets.push(LayerNames::read(dir(l)?.as_fd())?);
+        let fds = lowers.iter().map(|&l| dir(l)).collect::<Result<Vec<_>>>()?;
+        let Some((top, rest)) = fds.split_first() else {
+            return Ok(Merged::build(lowers, Vec::new()));
+        };
+        // Many listings, each a disk read on a cold cache: if the first was, the rest are
+        // read side by side.
+        let started = Instant::now();
+        let mut sets = vec![LayerNames::read(top.as_fd())?];
+        let read = |fd: &Arc<std::os::fd::OwnedFd>| LayerNames::read(fd.as_fd());
+        let rest = if started.elapsed() > fanout::cold() {
+            log::debug!("cold: reading {} listings side by side", rest.len());
+            fanout::map(rest, read)
+        } else {
+            rest.iter().map(read).collect()
+        };
+        for set in rest {
+            sets.push(set?);
         }
         Ok(Merged::build(lowers, sets))
     }

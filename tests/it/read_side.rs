@@ -396,6 +396,13 @@ fn deep_stacks_resolve_as_shallow_ones() {
     let kt = snapshot(&k.mnt);
     assert!(kt.contains_key(b"fresh/f23".as_slice()) && kt.contains_key(b"m/deep/x".as_slice()));
     assert_same_tree("deep stack: layerfs vs kernel", &kt, &snapshot(&l.mnt));
+    // The same with every deep merge read side by side, as on a cold cache (fanout.rs).
+    let l = Layerfs::mount_env(
+        &format!("lowerdir={}", lowerdir(&lowers)),
+        &s.path("lmnt-fanout"),
+        &[("LAYERFS_COLD_US", "0")],
+    );
+    assert_same_tree("deep stack read side by side", &kt, &snapshot(&l.mnt));
 
     // OCI whiteouts through the merged index (the kernel does not read them).
     // `d` is in every layer, so it is merged over all 12 (the merged index is used there).

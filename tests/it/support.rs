@@ -111,13 +111,30 @@ impl Layerfs {
 
     /// Mount with the daemon's log (with backtraces on) going to `log`.
     pub fn try_mount_logged(opts: &str, mnt: &Path, log: Option<&Path>) -> Result<Layerfs, String> {
+        Self::try_mount_env(opts, mnt, log, &[])
+    }
+
+    /// Mount with `env` added to the daemon's environment.
+    pub fn mount_env(opts: &str, mnt: &Path, env: &[(&str, &str)]) -> Layerfs {
+        let log = std::env::var_os("LAYERFS_TEST_LOG").map(PathBuf::from);
+        Self::try_mount_env(opts, mnt, log.as_deref(), env)
+            .unwrap_or_else(|e| panic!("layerfs mount failed: {e}"))
+    }
+
+    fn try_mount_env(
+        opts: &str,
+        mnt: &Path,
+        log: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Result<Layerfs, String> {
         std::fs::create_dir_all(mnt).unwrap();
         let mut c = Command::new(BIN);
         c.arg("mount")
             .arg("-o")
             .arg(opts)
             .arg(mnt)
-            .env("RUST_BACKTRACE", "1");
+            .env("RUST_BACKTRACE", "1")
+            .envs(env.iter().copied());
         if let Some(l) = log {
             c.arg("--log-file").arg(l);
         }
