@@ -106,6 +106,12 @@ fn sys_is_mounted(p: &std::path::Path) -> bool {
     layerfs::sys::is_mountpoint(p)
 }
 
+/// Process `pid` is gone (or a zombie).
+fn exited(pid: i32) -> bool {
+    !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
 #[test]
 fn mount_program_form_and_every_way_to_unmount() {
     require_fuse!();
@@ -137,19 +143,19 @@ fn mount_program_form_and_every_way_to_unmount() {
     );
     let (ok, err) = layerfs(&["umount", mnt.to_str().unwrap()]);
     assert!(ok, "{err}");
-    assert!(
-        wait_until(10, || !std::path::Path::new(&format!("/proc/{pid}"))
-            .exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| s.contains(") Z "))),
-        "daemon exits after umount"
-    );
+    assert!(wait_until(10, || exited(pid)), "daemon exits after umount");
 
     // fusermount3 -u
     let _m = Layerfs::mount(&opts, &mnt);
+    let pid = daemon_pid(&mnt).expect("daemon running");
     let (ok, _o, err) = run_timeout(Command::new("fusermount3").arg("-u").arg(&mnt), 20);
     assert!(ok, "{err}");
     assert!(!sys_is_mounted(&mnt));
+    // Gone before the next mount on the same path, which `daemon_pid` must not mistake for it.
+    assert!(
+        wait_until(10, || exited(pid)),
+        "daemon exits after fusermount3 -u"
+    );
 
     // SIGTERM to the daemon unmounts.
     let _m = Layerfs::mount(&opts, &mnt);

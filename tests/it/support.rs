@@ -77,7 +77,9 @@ pub fn run_timeout(cmd: &mut Command, secs: u64) -> (bool, String, String) {
 }
 
 fn unmount(p: &Path) {
-    for _ in 0..50 {
+    // A lazily detached overlay keeps its upper in use until its last user goes, and the
+    // kernel then refuses another mount of that upper (index=on): wait a while first.
+    for _ in 0..250 {
         if !sys::is_mountpoint(p) {
             return;
         }
@@ -86,6 +88,10 @@ fn unmount(p: &Path) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    eprintln!(
+        "unmount: {} still busy after 5 s, detaching it lazily",
+        p.display()
+    );
     let _ = sys::umount(p, true);
 }
 
@@ -171,18 +177,25 @@ impl Kernel {
     /// The mount, or mount(8)'s complaint (for what the kernel refuses).
     pub fn try_mount(opts: &str, mnt: &Path) -> Result<Kernel, String> {
         std::fs::create_dir_all(mnt).unwrap();
-        let (ok, _o, err) = run_timeout(
-            Command::new("mount")
-                .args(["-t", "overlay", "overlay", "-o", opts])
-                .arg(mnt),
-            30,
-        );
-        if ok {
-            Ok(Kernel {
-                mnt: mnt.to_path_buf(),
-            })
-        } else {
-            Err(err.trim().to_string())
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (ok, _o, err) = run_timeout(
+                Command::new("mount")
+                    .args(["-t", "overlay", "overlay", "-o", opts])
+                    .arg(mnt),
+                30,
+            );
+            if ok {
+                return Ok(Kernel {
+                    mnt: mnt.to_path_buf(),
+                });
+            }
+            // An upper still held by a mount of it that is going away (its last file being
+            // closed) is "busy" for a moment; anything else is the kernel's answer.
+            if !err.contains("busy") || std::time::Instant::now() > deadline {
+                return Err(err.trim().to_string());
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
