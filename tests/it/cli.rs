@@ -106,12 +106,6 @@ fn sys_is_mounted(p: &std::path::Path) -> bool {
     layerfs::sys::is_mountpoint(p)
 }
 
-/// Process `pid` is gone (or a zombie).
-fn exited(pid: i32) -> bool {
-    !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
-}
-
 #[test]
 fn mount_program_form_and_every_way_to_unmount() {
     require_fuse!();

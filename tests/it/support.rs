@@ -159,8 +159,20 @@ impl Layerfs {
 
 impl Drop for Layerfs {
     fn drop(&mut self) {
+        let daemon = daemon_pid(&self.mnt);
         unmount(&self.mnt);
+        // Gone before anything mounts on this path again, which `daemon_pid` must not
+        // mistake for the exiting one (its kill would miss the new daemon).
+        if let Some(pid) = daemon {
+            wait_until(10, || exited(pid));
+        }
     }
+}
+
+/// Process `pid` is gone (or a zombie).
+pub fn exited(pid: i32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+        || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
 }
 
 /// A kernel overlayfs mount (the oracle), unmounted on drop.
