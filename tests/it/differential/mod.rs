@@ -5,7 +5,7 @@
 //! A mismatch prints the seed, the operation index and a shrunk reproduction; a stuck
 //! operation ends the process the same way (see `watchdog`). Replay with
 //! `LAYERFS_SEED=<seed> [LAYERFS_OPS=<n>] cargo test --test it differential::replay -- --ignored`.
-//! CI runs `LAYERFS_SEEDS` seeds (default 10) of `LAYERFS_OPS` operations (default 120);
+//! CI runs `LAYERFS_SEEDS` seeds (default 40) of `LAYERFS_OPS` operations (default 120);
 //! `LAYERFS_DIFF_OPTIONS` adds mount options to both sides (e.g. `metacopy=on`; `userxattr`
 //! soaks the rootless format: no redirects on the kernel's side, `user.overlay.*` markers in
 //! the generated layers); odd seeds
@@ -178,7 +178,7 @@ fn check_seed(seed: u64, n: usize) -> usize {
 #[test]
 fn random_operations_match_kernel_overlayfs() {
     require_fuse!();
-    let seeds = env_u64("LAYERFS_SEEDS", 10);
+    let seeds = env_u64("LAYERFS_SEEDS", 40);
     let n = env_u64("LAYERFS_OPS", 120) as usize;
     let first = env_u64("LAYERFS_FIRST_SEED", 1);
     let start = Instant::now();
