@@ -235,6 +235,49 @@ impl Either {
     }
 }
 
+/// A small journaled ext4 on a loop device, unmounted (its loop device freed) on drop. The
+/// root filesystem here has no journal, and an ext4 without one hands out no inode number
+/// freed in the last minute or more; with a journal a freed number is reused at once.
+pub struct Ext4Disk {
+    pub mnt: PathBuf,
+}
+
+impl Ext4Disk {
+    /// None, with the reason printed, where it cannot be made.
+    pub fn new(s: &Scratch, name: &str) -> Option<Ext4Disk> {
+        let img = s.path(&format!("{name}.img"));
+        let mnt = s.mkdir(name);
+        let made = std::fs::File::create(&img).and_then(|f| f.set_len(64 << 20));
+        if let Err(e) = made {
+            eprintln!("skipped: no image file for an ext4 disk: {e}");
+            return None;
+        }
+        let (ok, _o, err) = run_timeout(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img), 30);
+        if !ok {
+            eprintln!("skipped: mkfs.ext4 failed: {}", err.trim());
+            return None;
+        }
+        let (ok, _o, err) = run_timeout(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt),
+            30,
+        );
+        if !ok {
+            eprintln!("skipped: no loop mount of an ext4 image: {}", err.trim());
+            return None;
+        }
+        Some(Ext4Disk { mnt })
+    }
+}
+
+impl Drop for Ext4Disk {
+    fn drop(&mut self) {
+        unmount(&self.mnt);
+    }
+}
+
 /// A scratch area with a layers/ dir and helpers to fill layers.
 pub struct Scratch {
     pub dir: tempfile::TempDir,
