@@ -1214,3 +1214,16 @@ pub fn sigpipe_ignore() {
     // SAFETY: as above.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 }
+
+/// Let the calling thread run on every CPU the process's main thread may use (a thread
+/// started by a CPU-pinned one inherits its pin).
+pub fn unpin_thread() -> io::Result<()> {
+    // SAFETY: both calls read or write only the cpu_set_t owned here, of the size passed.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        check(libc::sched_getaffinity(libc::getpid(), size, &mut set))?;
+        check(libc::sched_setaffinity(0, size, &set))?;
+    }
+    Ok(())
+}

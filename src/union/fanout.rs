@@ -30,6 +30,7 @@ const THREADS: usize = 8;
 const MIN_JOBS_PER_THREAD: usize = 4;
 /// The jobs block in syscalls with heap buffers: a small stack each.
 const STACK: usize = 128 << 10;
+const HELPER: &str = "layerfs-fanout";
 
 /// `f` over `items`, results in order. The calling thread works too; helpers that cannot be
 /// started just leave it more to do.
@@ -40,6 +41,10 @@ pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
     }
     let next = AtomicUsize::new(0);
     let work = || {
+        // A helper started by a CPU-pinned FUSE queue thread would share that one CPU.
+        if thread::current().name() == Some(HELPER) {
+            let _ = crate::sys::unpin_thread();
+        }
         let mut out = Vec::new();
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
@@ -53,7 +58,7 @@ pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
         let helpers: Vec<_> = (1..threads)
             .filter_map(|_| {
                 thread::Builder::new()
-                    .name("layerfs-fanout".into())
+                    .name(HELPER.into())
                     .stack_size(STACK)
                     .spawn_scoped(s, work)
                     .ok()
