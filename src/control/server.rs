@@ -79,11 +79,25 @@ fn info(fs: &Union, mountpoint: &Path) -> Value {
 
 pub struct Control {
     pub path: PathBuf,
+    /// The socket file's (device, inode) as bound.
+    id: (u64, u64),
+}
+
+impl Control {
+    /// Remove the socket file if it is still this daemon's. A mount's name comes from its
+    /// device number, which the kernel hands to the next mount once this one is gone: a
+    /// daemon still on its way out must not delete the socket of a new mount's daemon (a
+    /// test found `layerfs stats` answered "it has died" for a live mount).
+    pub fn remove(&self) {
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl Drop for Control {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.remove();
     }
 }
 
@@ -97,6 +111,8 @@ pub fn start(fs: Arc<Union>, mountpoint: PathBuf) -> Result<Control> {
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(|e| Error::from(e).context(path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let md = std::fs::symlink_metadata(&path)?;
+    let id = (md.dev(), md.ino());
     info!("control socket {}", path.display());
     let started = Instant::now();
     let clients = Arc::new(AtomicUsize::new(0));
@@ -121,7 +137,7 @@ pub fn start(fs: Arc<Union>, mountpoint: PathBuf) -> Result<Control> {
                     });
             }
         })?;
-    Ok(Control { path })
+    Ok(Control { path, id })
 }
 
 fn refuse(mut conn: UnixStream, msg: &str) -> std::io::Result<()> {
@@ -183,5 +199,43 @@ fn stream_events(conn: UnixStream, fs: &Union) -> std::io::Result<()> {
             },
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bound(path: &Path) -> (UnixListener, (u64, u64)) {
+        let l = UnixListener::bind(path).unwrap();
+        let md = std::fs::symlink_metadata(path).unwrap();
+        (l, (md.dev(), md.ino()))
+    }
+
+    #[test]
+    fn a_daemon_on_its_way_out_leaves_a_newer_daemons_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        let (_old, id) = bound(&path);
+        let old = Control {
+            path: path.clone(),
+            id,
+        };
+        // A new mount got the same device number: its daemon replaced the file.
+        std::fs::remove_file(&path).unwrap();
+        let (_new, new_id) = bound(&path);
+        old.remove();
+        let md = std::fs::symlink_metadata(&path).expect("new socket kept");
+        assert_eq!((md.dev(), md.ino()), new_id);
+        // Its own socket it does remove.
+        let new = Control {
+            path: path.clone(),
+            id: new_id,
+        };
+        drop(new);
+        assert!(
+            std::fs::symlink_metadata(&path).is_err(),
+            "own socket removed"
+        );
     }
 }

@@ -61,7 +61,7 @@ static UNION: OnceLock<Arc<Union>> = OnceLock::new();
 /// guard runs, unmounting only if our own connection is still alive.
 pub fn exit_after_unmount() -> ! {
     if let Some(c) = CONTROL.get() {
-        let _ = std::fs::remove_file(&c.path);
+        c.remove();
     }
     if let Some(u) = UNION.get() {
         u.save_catalog();
