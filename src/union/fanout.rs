@@ -30,7 +30,6 @@ const THREADS: usize = 8;
 const MIN_JOBS_PER_THREAD: usize = 4;
 /// The jobs block in syscalls with heap buffers: a small stack each.
 const STACK: usize = 128 << 10;
-const HELPER: &str = "layerfs-fanout";
 
 /// `f` over `items`, results in order. The calling thread works too; helpers that cannot be
 /// started just leave it more to do.
@@ -41,10 +40,6 @@ pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
     }
     let next = AtomicUsize::new(0);
     let work = || {
-        // A helper started by a CPU-pinned FUSE queue thread would share that one CPU.
-        if thread::current().name() == Some(HELPER) {
-            let _ = crate::sys::unpin_thread();
-        }
         let mut out = Vec::new();
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
@@ -58,9 +53,13 @@ pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
         let helpers: Vec<_> = (1..threads)
             .filter_map(|_| {
                 thread::Builder::new()
-                    .name(HELPER.into())
+                    .name("layerfs-fanout".into())
                     .stack_size(STACK)
-                    .spawn_scoped(s, work)
+                    .spawn_scoped(s, move || {
+                        // Started by a CPU-pinned FUSE queue thread, it would share that CPU.
+                        let _ = crate::sys::unpin_thread();
+                        work()
+                    })
                     .ok()
             })
             .collect();
