@@ -224,6 +224,63 @@ pub fn file_handle_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<(i32, Vec
     Ok((buf[1] as i32, bytes))
 }
 
+/// Open the object a file handle (from `file_handle_at`) names, on the filesystem of
+/// `mount_fd`, as an O_PATH fd. Needs CAP_DAC_READ_SEARCH.
+pub fn open_by_handle(mount_fd: BorrowedFd<'_>, kind: i32, bytes: &[u8]) -> io::Result<OwnedFd> {
+    const MAX_HANDLE_SZ: usize = 128;
+    if bytes.len() > MAX_HANDLE_SZ {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut buf = [0u32; 2 + MAX_HANDLE_SZ / 4];
+    buf[0] = bytes.len() as u32;
+    buf[1] = kind as u32;
+    for (i, c) in bytes.chunks(4).enumerate() {
+        let mut w = [0u8; 4];
+        w[..c.len()].copy_from_slice(c);
+        buf[2 + i] = u32::from_ne_bytes(w);
+    }
+    // SAFETY: buf is a file_handle header followed by handle_bytes bytes; fd owned on
+    // success.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_raw_fd(),
+            buf.as_mut_ptr().cast::<libc::file_handle>(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    check(fd)?;
+    // SAFETY: fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The UUID of the filesystem holding `fd` (FS_IOC_GETFSUUID, what the kernel's overlayfs
+/// records as a copy-up origin's filesystem). `fd` must not be O_PATH.
+pub fn fs_uuid(fd: BorrowedFd<'_>) -> io::Result<[u8; 16]> {
+    #[repr(C)]
+    struct FsUuid2 {
+        len: u8,
+        uuid: [u8; 16],
+    }
+    // _IOR(0x15, 0, struct fsuuid2)
+    const FS_IOC_GETFSUUID: libc::c_ulong = (2 << 30) | (17 << 16) | (0x15 << 8);
+    let mut u = FsUuid2 {
+        len: 0,
+        uuid: [0; 16],
+    };
+    // SAFETY: the kernel writes at most size_of::<FsUuid2>() bytes into u.
+    check(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            FS_IOC_GETFSUUID as _,
+            &mut u as *mut FsUuid2,
+        )
+    })?;
+    if u.len != 16 {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    }
+    Ok(u.uuid)
+}
+
 pub fn unlinkat(dir: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> io::Result<()> {
     let c = cstr(name)?;
     let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };

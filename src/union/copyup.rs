@@ -134,6 +134,20 @@ impl Union {
             return Err(e);
         }
         let index_key = self.index_key(&src, &sst, wfd.as_fd(), &tmp);
+        // The copy keeps the lower object's inode number (origin.rs); directories keep
+        // theirs through their lower copies.
+        if node.kind != Kind::Dir
+            && let Some(o) = self.origin_of(&src, st.layers[0])
+            && let Err(e) = sys::setxattr(
+                XTarget::At(wfd.as_fd(), &tmp),
+                self.cfg.marker_ns.origin(),
+                &o.encode(),
+                0,
+            )
+        {
+            log::warn!("copy-up of {:?}: no origin recorded: {e}", st.name);
+        }
+        self.mark_impure(&parent);
         if let Err(e) = sys::renameat2(
             wfd.as_fd(),
             &tmp,
@@ -338,6 +352,8 @@ impl Union {
     ) -> Result<()> {
         let ap = self.node(parent)?;
         self.copy_up(&ap, Data::All)?;
+        // The name shows the copy's origin's inode number.
+        self.mark_impure(&ap);
         let sdir = self.dir_fd(src_parent, 0)?;
         let adir = self.dir_fd(&ap, 0)?;
         let times = sys::fstat(adir.as_fd())?;

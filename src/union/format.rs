@@ -19,6 +19,7 @@ const OPAQUE_XATTRS: [&CStr; 3] = [
     c"user.fuseoverlayfs.opaque",
 ];
 const REDIRECT_XATTRS: [&CStr; 2] = [c"trusted.overlay.redirect", c"user.overlay.redirect"];
+const IMPURE_XATTRS: [&CStr; 2] = [c"trusted.overlay.impure", c"user.overlay.impure"];
 
 /// The xattr namespace layerfs writes its own markers in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +48,21 @@ impl MarkerNs {
         match self {
             MarkerNs::Trusted => c"trusted.overlay.nlink",
             MarkerNs::User => c"user.overlay.nlink",
+        }
+    }
+    /// A copy-up's origin: the lower object's file handle (`Origin`).
+    pub fn origin(self) -> &'static CStr {
+        match self {
+            MarkerNs::Trusted => c"trusted.overlay.origin",
+            MarkerNs::User => c"user.overlay.origin",
+        }
+    }
+    /// On an upper directory: some entry in it has an origin (a copy-up, or moved in), so a
+    /// listing's inode numbers need looking up.
+    pub fn impure(self) -> &'static CStr {
+        match self {
+            MarkerNs::Trusted => c"trusted.overlay.impure",
+            MarkerNs::User => c"user.overlay.impure",
         }
     }
     /// Marks a metadata-only copy whose data is in a lower layer.
@@ -128,6 +144,8 @@ pub fn unescape_xattr(disk: &[u8]) -> Option<Vec<u8>> {
 #[derive(Default, Debug)]
 pub struct DirMarkers {
     pub opaque: bool,
+    /// Marked impure (`overlay.impure`): entries with an origin may be in it.
+    pub impure: bool,
     /// Raw redirect value: absolute (`/a/b`) from the layer root, or a name relative to the
     /// parent's lower path.
     pub redirect: Option<Vec<u8>>,
@@ -147,6 +165,9 @@ pub fn dir_markers_of(x: XTarget<'_>, dir: BorrowedFd<'_>) -> DirMarkers {
     for n in &names {
         if !is_private_xattr(n) {
             continue;
+        }
+        if IMPURE_XATTRS.iter().any(|a| a.to_bytes() == n.as_slice()) {
+            m.impure = true;
         }
         if let Some(a) = OPAQUE_XATTRS.iter().find(|a| a.to_bytes() == n.as_slice())
             && let Ok(Some(v)) = sys::getxattr(x, a)
@@ -232,4 +253,83 @@ pub fn adjusted_nlink(target: XTarget<'_>, real: u64) -> u64 {
         return n.max(1) as u64;
     }
     real
+}
+
+/// A copy-up origin as the kernel stores it (`struct ovl_fb`): version 0, magic 0xfb, total
+/// length, flags, the handle's type, the lower filesystem's UUID, then the handle itself.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub kind: u8,
+    pub uuid: [u8; 16],
+    pub handle: Vec<u8>,
+}
+
+const FB_HEADER: usize = 5 + 16;
+/// The handle was made on a big-endian CPU.
+const FH_FLAG_BIG_ENDIAN: u8 = 1;
+/// The handle names an upper object (the kernel's index entries), not a lower origin.
+const FH_FLAG_PATH_UPPER: u8 = 4;
+
+impl Origin {
+    pub fn encode(&self) -> Vec<u8> {
+        let len = FB_HEADER + self.handle.len();
+        let flags = if cfg!(target_endian = "big") {
+            FH_FLAG_BIG_ENDIAN
+        } else {
+            0
+        };
+        let mut v = vec![0, 0xfb, len as u8, flags, self.kind];
+        v.extend_from_slice(&self.uuid);
+        v.extend_from_slice(&self.handle);
+        v
+    }
+
+    /// None for anything but a lower origin written on a CPU of this byte order.
+    pub fn decode(v: &[u8]) -> Option<Origin> {
+        if v.len() < FB_HEADER || v.len() > 255 || v[0] != 0 || v[1] != 0xfb {
+            return None;
+        }
+        let ours = if cfg!(target_endian = "big") {
+            FH_FLAG_BIG_ENDIAN
+        } else {
+            0
+        };
+        let flags = v[3];
+        if v[2] as usize != v.len() || flags & FH_FLAG_PATH_UPPER != 0 {
+            return None;
+        }
+        if flags & FH_FLAG_BIG_ENDIAN != ours {
+            return None;
+        }
+        Some(Origin {
+            kind: v[4],
+            uuid: v[5..21].try_into().ok()?,
+            handle: v[21..].to_vec(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_round_trip_in_the_kernels_layout() {
+        let o = Origin {
+            kind: 1,
+            uuid: [7; 16],
+            handle: vec![1, 2, 3, 4, 5, 6, 7, 8],
+        };
+        let v = o.encode();
+        // struct ovl_fb: version, magic, len, flags, type, uuid, fid.
+        assert_eq!(&v[..5], &[0, 0xfb, 29, 0, 1]);
+        assert_eq!(v.len(), 29);
+        assert_eq!(Origin::decode(&v), Some(o));
+        // An upper-path handle (the kernel's index entries) or a bad length is no origin.
+        let mut upper = v.clone();
+        upper[3] = 4;
+        assert_eq!(Origin::decode(&upper), None);
+        assert_eq!(Origin::decode(&v[..28]), None);
+        assert_eq!(Origin::decode(&[0, 0xfb]), None);
+    }
 }

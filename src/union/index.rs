@@ -46,8 +46,18 @@ impl Index {
     /// filesystem has no handles (that inode is then not indexed).
     fn key(dir: BorrowedFd<'_>, name: &OsStr, st: &Stat) -> Option<OsString> {
         let (kind, bytes) = sys::file_handle_at(dir, name).ok()?;
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        Some(format!("{:x}-{:x}-{hex}", st.st_dev, kind).into())
+        Some(Self::key_of(st.st_dev, kind, &bytes))
+    }
+
+    fn key_of(dev: u64, kind: i32, handle: &[u8]) -> OsString {
+        let hex: String = handle.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{dev:x}-{kind:x}-{hex}").into()
+    }
+
+    /// Is upper inode `upper_ino` the index's copy of lower object (`dev`, handle)?
+    pub(crate) fn holds(&self, dev: u64, kind: i32, handle: &[u8], upper_ino: u64) -> bool {
+        sys::statat(self.fd.as_fd(), &Self::key_of(dev, kind, handle))
+            .is_ok_and(|st| st.st_ino == upper_ino)
     }
 
     /// Link `dir/name` (a finished copy) into the index as `key`, replacing a stale entry.
@@ -65,7 +75,7 @@ impl Index {
 }
 
 impl Union {
-    fn index(&self) -> Option<&Index> {
+    pub(crate) fn index(&self) -> Option<&Index> {
         self.work.as_ref().map(|w| &w.index)
     }
 
@@ -142,6 +152,7 @@ impl Union {
             return Ok(None);
         }
         self.copy_up(p, Data::All)?;
+        self.mark_impure(p);
         let up = self.dir_fd(p, 0)?;
         let times = sys::fstat(up.as_fd())?;
         match sys::linkat(ix.fd.as_fd(), &key, up.as_fd(), name) {
@@ -151,13 +162,15 @@ impl Union {
         }
         restore_times(up.as_fd(), &times);
         log::debug!("linked {name:?} up from the hard-link index");
+        let top = sys::statat(up.as_fd(), name)?;
         Ok(Some(Found {
             kind: Kind::File,
             layers: vec![0],
-            top: sys::statat(up.as_fd(), name)?,
+            top,
             lower_path: None,
             redirect_layer: 0,
-            lower_ino: None,
+            lower_ino: self.origin_ino(XTarget::At(up.as_fd(), name), top.st_ino),
+            impure: false,
             fds: Vec::new(),
             data: None,
         }))

@@ -17,6 +17,11 @@ pub struct Layer {
     pub ino: u64,
     /// Small index of this layer's filesystem among the stack's distinct filesystems.
     pub fs_index: u64,
+    /// Its filesystem's UUID, where it has one: what a copy-up origin records.
+    pub uuid: Option<[u8; 16]>,
+    /// A readable fd on its root: file handles are opened relative to it (an O_PATH fd
+    /// won't do).
+    pub handles: Option<Arc<OwnedFd>>,
 }
 
 pub struct LayerStack {
@@ -40,18 +45,31 @@ impl LayerStack {
         }
         paths.extend(lowers.iter().map(|p| p.as_path()));
         let mut devs: HashMap<u64, u64> = HashMap::new();
+        type FsIds = (Option<[u8; 16]>, Option<Arc<OwnedFd>>);
+        let mut fs_ids: HashMap<u64, FsIds> = HashMap::new();
         let mut layers = Vec::with_capacity(paths.len());
         for p in paths {
             let root = sys::open_dir_path(p).ctx(format!("layer {}", p.display()))?;
             let st = sys::fstat(root.as_fd()).ctx(format!("layer {}", p.display()))?;
             let n = devs.len() as u64;
             let fs_index = *devs.entry(st.st_dev).or_insert(n);
+            let (uuid, handles) = fs_ids
+                .entry(st.st_dev)
+                .or_insert_with(|| {
+                    match sys::reopen(root.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY) {
+                        Ok(fd) => (sys::fs_uuid(fd.as_fd()).ok(), Some(Arc::new(fd))),
+                        Err(_) => (None, None),
+                    }
+                })
+                .clone();
             layers.push(Layer {
                 path: p.to_path_buf(),
                 root: Arc::new(root),
                 dev: st.st_dev,
                 ino: st.st_ino,
                 fs_index,
+                uuid,
+                handles,
             });
         }
         Ok(LayerStack {
@@ -88,6 +106,11 @@ impl LayerStack {
         };
         // Node ids are these numbers, and FUSE reserves 1 for the root.
         if ino <= 1 { ino | 1 << 63 } else { ino }
+    }
+
+    /// The topmost lower layer on the filesystem `dev`.
+    pub fn lower_on(&self, dev: u64) -> Option<usize> {
+        (self.first_lower()..self.layers.len()).find(|&l| self.layers[l].dev == dev)
     }
 
     /// The real inode number behind `union_ino(layer, real)`.

@@ -22,9 +22,12 @@ pub(crate) struct Found {
     pub top: Stat,
     pub lower_path: Option<Arc<Vec<OsString>>>,
     pub redirect_layer: usize,
-    /// For a directory: the union inode number of its topmost lower copy (its st_ino, so
-    /// copy-up doesn't change it).
+    /// The union inode number of its topmost lower copy (a directory) or of the lower object
+    /// it was copied up from (an upper non-directory with an origin): its st_ino, so copy-up
+    /// doesn't change it.
     pub lower_ino: Option<u64>,
+    /// A directory whose upper copy is marked impure.
+    pub impure: bool,
     /// Directory fds opened on the way, to seed the fd cache.
     pub fds: Vec<(usize, Arc<OwnedFd>)>,
     /// A metadata-only copy's data.
@@ -41,6 +44,7 @@ impl Found {
             lower_path: None,
             redirect_layer: 0,
             lower_ino: None,
+            impure: false,
             fds: Vec::new(),
             data: None,
         }
@@ -100,10 +104,8 @@ impl Union {
 
     /// The node id (= st_ino) of a resolved object.
     pub(crate) fn node_id(&self, f: &Found) -> u64 {
-        match (f.kind, f.lower_ino) {
-            (Kind::Dir, Some(ino)) => ino,
-            _ => self.layers.union_ino(f.layers[0], f.top.st_ino),
-        }
+        f.lower_ino
+            .unwrap_or_else(|| self.layers.union_ino(f.layers[0], f.top.st_ino))
     }
 
     /// A node for a resolved name, not registered anywhere.
@@ -114,6 +116,7 @@ impl Union {
         state.lower_path = f.lower_path;
         state.redirect_layer = f.redirect_layer;
         state.data = f.data;
+        state.impure = f.impure;
         if f.kind == Kind::Dir {
             self.fds.drop_node(id);
             self.names.drop_node(id);
@@ -365,11 +368,27 @@ impl Union {
         let kind = Kind::from_mode(st.st_mode);
         if kind != Kind::Dir {
             if found.is_none() {
+                let x = XTarget::At(pfd.as_fd(), name);
+                // An upper file may carry an origin too: one listxattr tells which of the
+                // two markers to read (most files carry neither).
+                let upper = self.layers.is_upper(l);
+                let upper_marks = upper.then(|| sys::listxattr(x).ok()).flatten();
+                let ns = self.cfg.marker_ns;
+                let has = |m: &std::ffi::CStr| {
+                    upper_marks
+                        .as_ref()
+                        .is_none_or(|v| v.iter().any(|n| n.as_slice() == m.to_bytes()))
+                };
                 let data = match (kind, parent) {
-                    (Kind::File, Some(p)) if st.st_size > 0 => {
+                    (Kind::File, Some(p)) if st.st_size > 0 && has(ns.metacopy()) => {
                         self.metacopy_data(l, pfd, name, p)?
                     }
                     _ => None,
+                };
+                let lower_ino = if upper && has(ns.origin()) {
+                    self.origin_ino(x, st.st_ino)
+                } else {
+                    None
                 };
                 *found = Some(Found {
                     kind,
@@ -377,7 +396,8 @@ impl Union {
                     top: st,
                     lower_path: None,
                     redirect_layer: 0,
-                    lower_ino: None,
+                    lower_ino,
+                    impure: false,
                     fds: Vec::new(),
                     data,
                 });
@@ -406,6 +426,9 @@ impl Union {
         let Some(markers) = markers else {
             return Ok(Step::Stop);
         };
+        if self.layers.is_upper(l) {
+            f.impure = markers.impure;
+        }
         if markers.opaque {
             return Ok(Step::Stop);
         }

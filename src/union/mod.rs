@@ -15,6 +15,7 @@ pub mod lookup;
 pub mod names;
 pub mod node;
 mod observed;
+pub mod origin;
 pub mod readdir;
 pub mod real;
 pub mod workdir;
@@ -29,7 +30,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result, err};
 use crate::observe::Observer;
-use crate::sys::{self, Stat};
+use crate::sys::{self, Stat, XTarget};
 use fdcache::FdCache;
 use format::MarkerNs;
 use handle::HandleTable;
@@ -165,7 +166,10 @@ impl Union {
         // opaque marker on it, of any format, hides nothing below).
         let merged: Vec<usize> = (0..self.layers.len()).collect();
         let st_ino = self.layers.union_ino(0, self.layers.layers[0].ino);
-        let state = NodeState::new(ROOT_ID, OsStr::new(""), merged);
+        let mut state = NodeState::new(ROOT_ID, OsStr::new(""), merged);
+        if self.layers.has_upper {
+            state.impure = format::dir_markers(self.layers.layers[0].root.as_fd()).impure;
+        }
         self.nodes
             .insert_root(Node::new(ROOT_ID, Kind::Dir, st_ino, state));
         Ok(())
@@ -190,11 +194,14 @@ impl Union {
         };
         // The old node keeps reaching this object whatever later happens to its names.
         let keep = self.keep_fd(&old);
-        // Its top object is in the upper layer now: that is the number a lookup would give it.
-        let natural = keep
-            .as_ref()
-            .and_then(|fd| sys::fstat(fd.as_fd()).ok())
-            .map_or(0, |st| self.layers.union_ino(old.top_layer(), st.st_ino));
+        // Its top object is in the upper layer now: the number a lookup would give it (its
+        // origin's, so normally the same as before).
+        let natural = keep.as_ref().map_or(0, |fd| {
+            sys::fstat(fd.as_fd()).map_or(0, |st| match old.top_layer() {
+                0 if self.layers.has_upper => self.upper_ino(XTarget::Fd(fd.as_fd()), &st),
+                l => self.layers.union_ino(l, st.st_ino),
+            })
+        });
         let Some(new) = self.nodes.reissue(&old, natural) else {
             return;
         };

@@ -65,6 +65,8 @@ pub struct NodeState {
     /// metadata-only (metacopy=on): moves and links refuse where its redirect would be too
     /// long. Known within a mount only.
     pub kernel_meta: bool,
+    /// A directory whose upper copy is marked impure (see `origin.rs`).
+    pub impure: bool,
 }
 
 /// The data of a metadata-only copy: a regular file in a lower layer (which never changes,
@@ -91,6 +93,7 @@ impl NodeState {
             aliases: Vec::new(),
             data: None,
             kernel_meta: false,
+            impure: false,
         }
     }
 

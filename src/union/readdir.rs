@@ -9,7 +9,7 @@ use super::Union;
 use super::format;
 use super::node::{Kind, Node, NodeTable, ROOT_ID};
 use crate::error::Result;
-use crate::sys;
+use crate::sys::{self, XTarget};
 
 #[derive(Clone, Debug)]
 pub struct DirEntry {
@@ -78,6 +78,7 @@ impl Union {
             0,
         )?;
         let raw = sys::read_dir_fd(rfd.as_fd())?;
+        let impure = node.state.read().expect("node state lock").impure;
         // OCI whiteouts hide names in the layers below this one only.
         let mut hide_below = Vec::new();
         for e in raw {
@@ -114,6 +115,10 @@ impl Union {
                         None => continue,
                     }
                 }
+                // An impure upper directory may hold copies that keep their origin's number.
+                None if impure && self.layers.is_upper(l) => self
+                    .origin_ino(XTarget::At(dfd.as_fd(), &e.name), e.ino)
+                    .unwrap_or_else(|| self.layers.union_ino(l, e.ino)),
                 None => self.layers.union_ino(l, e.ino),
             };
             seen.insert(e.name.clone());

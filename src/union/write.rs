@@ -416,6 +416,9 @@ impl Union {
             Ok(_) => return Err(err(libc::EEXIST)),
             Err(_) => sys::linkat(sdir.as_fd(), &s.name, upper.as_fd(), newname)?,
         }
+        if newparent != s.parent && self.shows_lower_ino(&src) {
+            self.mark_impure(&np);
+        }
         // The new name is one more name of the same node (same inode, same st_ino).
         let alias = Node::new(
             src.id,
@@ -445,6 +448,14 @@ impl Union {
     }
 
     /// An O_PATH fd that keeps reaching a non-directory after its name goes away.
+    /// Does upper node `n` show another inode number than its upper object's (a merged
+    /// directory, a copy with an origin)?
+    fn shows_lower_ino(&self, n: &Node) -> bool {
+        self.real_in(n, 0)
+            .and_then(|r| r.stat())
+            .is_ok_and(|st| self.layers.union_ino(0, st.st_ino) != n.st_ino())
+    }
+
     pub(crate) fn keep_fd(&self, n: &Node) -> Option<Arc<OwnedFd>> {
         if n.is_dir() {
             return None;
@@ -752,6 +763,18 @@ impl Union {
             let kernels = self.kernel_meta_data(d, &np, newname)?;
             self.copy_up(d, Data::Meta)?;
             self.prepare_file_move(d, &np, newname, samedir, kernels)?;
+        }
+        if !samedir {
+            // Moving something that shows a lower inode number: the new directory's listing
+            // needs to know (the kernel's ovl_rename does the same).
+            if self.shows_lower_ino(&src) {
+                self.mark_impure(&np);
+            }
+            if let (Some(d), true) = (&dst, exchange)
+                && self.shows_lower_ino(d)
+            {
+                self.mark_impure(&p);
+            }
         }
         let up = self.dir_fd(&p, 0)?;
         let unp = self.dir_fd(&np, 0)?;

@@ -10,6 +10,7 @@ mod cli;
 mod crash;
 mod differential;
 mod full_disk;
+mod inodes;
 mod metacopy;
 mod observe;
 mod read_side;

@@ -721,9 +721,11 @@ fn a_reader_open_before_a_copy_up_keeps_the_lower_data_under_passthrough() {
         fs::read_to_string(m.join("f")).unwrap(),
         "lower data\nappended\nagain\n"
     );
+    // A new kernel inode, but the same st_ino: the copy's origin's, as the kernel's.
     let ino_after = fs::metadata(m.join("f")).unwrap().ino();
-    assert_eq!(ino_after, fs::metadata(up.join("f")).unwrap().ino());
-    assert_ne!(ino_before, ino_after);
+    assert_eq!(ino_after, ino_before);
+    assert_eq!(ino_after, fs::metadata(low.join("f")).unwrap().ino());
+    assert_ne!(ino_after, fs::metadata(up.join("f")).unwrap().ino());
     let st = stats(&m);
     assert_eq!(st["reissued"], 1, "{st}");
     assert_eq!(st["cached_opens"], 0, "{st}");
