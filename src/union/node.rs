@@ -65,6 +65,9 @@ pub struct NodeState {
     /// metadata-only (metacopy=on): moves and links refuse where its redirect would be too
     /// long. Known within a mount only.
     pub kernel_meta: bool,
+    /// For such a copy once moved: where the kernel's copy's redirect points (kept, as the
+    /// kernel keeps a redirect, by later moves).
+    pub kernel_redirect: Option<Vec<OsString>>,
     /// A directory whose upper copy is marked impure (see `origin.rs`).
     pub impure: bool,
 }
@@ -93,6 +96,7 @@ impl NodeState {
             aliases: Vec::new(),
             data: None,
             kernel_meta: false,
+            kernel_redirect: None,
             impure: false,
         }
     }

@@ -878,6 +878,9 @@ impl Union {
         if !self.cfg.metacopy || n.kind != Kind::File || (s.layers[0] == 0 && !s.kernel_meta) {
             return Ok(None);
         }
+        if let (true, Some(r)) = (s.kernel_meta, &s.kernel_redirect) {
+            return Ok(Some(r.clone()));
+        }
         let mut here = self.lower_path_of(p, &p.state())?;
         here.push(name.to_os_string());
         Ok(Some(here))
@@ -912,6 +915,13 @@ impl Union {
             return Err(err(libc::EXDEV));
         }
         if n.state().data.is_none() {
+            // Ours came up whole; the kernel's would carry this redirect from now on (metacopy
+            // soak, seed 972050: moved across directories again, the kernel kept its
+            // absolute redirect while we measured one from the new place and refused).
+            let mut s = n.state.write().expect("node state lock");
+            if s.kernel_meta {
+                s.kernel_redirect = Some(path);
+            }
             return Ok(());
         }
         let up = self.dir_fd(p, 0)?;

@@ -268,6 +268,8 @@ fn renaming_a_metacopy_with_a_long_data_path_does_what_the_kernel_does() {
             write(v[1].join(&deep).join("linked"), b"linked data");
             fs::hard_link(v[1].join(&deep).join("linked"), v[1].join("other")).unwrap();
             fs::create_dir_all(v[1].join("b")).unwrap();
+            write(v[1].join("c").join("E".repeat(239)), b"");
+            fs::create_dir_all(v[1].join("c").join("D".repeat(204)).join("sub")).unwrap();
             v
         },
         "metacopy=on",
@@ -295,6 +297,27 @@ fn renaming_a_metacopy_with_a_long_data_path_does_what_the_kernel_does() {
                 // Copied up by the failed rename: the kernel's copy is still metadata-only.
                 outcome(fs::hard_link(d.join("empty"), m.join("b/e4"))),
                 outcome(fs::rename(d.join("empty"), d.join("e3"))),
+            )
+        },
+    );
+    p.same(
+        "an empty file moved twice: the redirect of the first move stays (seed 972050)",
+        |m| {
+            let (e, d) = ("E".repeat(239), "D".repeat(204));
+            (
+                // A directory moved (its redirect: /c/DDD...), then the file moved into it
+                // (its redirect: /c/EEE..., 242 bytes), then out again: the kernel keeps the
+                // file's absolute redirect; the path through the moved directory would be
+                // 448 bytes.
+                outcome(fs::rename(m.join("c").join(&d), m.join("b/moved"))),
+                outcome(fs::rename(
+                    m.join("c").join(&e),
+                    m.join("b/moved/sub").join(&e),
+                )),
+                outcome(fs::rename(
+                    m.join("b/moved/sub").join(&e),
+                    m.join("b").join(&e),
+                )),
             )
         },
     );
