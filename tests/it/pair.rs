@@ -66,8 +66,11 @@ impl Pair {
     }
 
     /// The daemons' log (RUST_BACKTRACE=1): a panic anywhere shows up here.
+    /// The daemons' log: in the scratch directory, or where `LAYERFS_TEST_LOG` says (kept
+    /// after the test, for a replay with `RUST_LOG=debug`).
     pub fn log(&self) -> PathBuf {
-        self.s.path("layerfs.log")
+        std::env::var_os("LAYERFS_TEST_LOG")
+            .map_or_else(|| self.s.path("layerfs.log"), PathBuf::from)
     }
 
     fn mount_layerfs(&self, upper: &Path, work: &Path, mnt: &Path) -> Layerfs {
@@ -160,6 +163,7 @@ impl Pair {
     /// links may live only in the kernel's old workdir/index, so that is the fair oracle).
     pub fn check_interop(&mut self) {
         let expected = snapshot(self.kmnt());
+        let inos = inode_map(self.lmnt());
         self.remount_layerfs();
         let linked = linked_up_dirs(&self.upper());
         assert_same_tree_linked(
@@ -167,6 +171,13 @@ impl Pair {
             &expected,
             &snapshot(self.lmnt()),
             &linked,
+        );
+        // Every st_ino stays what it was, copies included (their origin's).
+        assert_same_inos(
+            "layerfs after remount",
+            &inos,
+            &inode_map(self.lmnt()),
+            |_, _| true,
         );
         self.l = None;
         self.k = None;
@@ -185,6 +196,25 @@ impl Pair {
                 &expected,
                 &snapshot(&k_on_ours.mnt),
                 &linked,
+            );
+            // The kernel reads the origins layerfs wrote; a copy of a lower hard link keeps
+            // its number only through layerfs's index, which the kernel doesn't read.
+            let upper = self.upper();
+            let ns = if self.extra.split(',').any(|o| o == "userxattr") {
+                "user"
+            } else {
+                "trusted"
+            };
+            let hard_link_copy = |k: &[u8]| {
+                let p = upper.join(os(k));
+                p.symlink_metadata().is_ok()
+                    && get_xattr(&p, &format!("{ns}.overlay.nlink")).is_some()
+            };
+            assert_same_inos(
+                "kernel on layerfs's upper",
+                &inos,
+                &inode_map(&k_on_ours.mnt),
+                |k, dir| dir || !hard_link_copy(k),
             );
         }
         let kernel_view = {

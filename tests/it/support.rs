@@ -612,6 +612,54 @@ pub fn assert_same_tree_linked(
     }
 }
 
+/// Every path under `root` (symlinks not followed) with its st_ino, and whether it is a
+/// directory.
+pub fn inode_map(root: &Path) -> BTreeMap<Vec<u8>, (u64, bool)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeMap::new();
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        for e in std::fs::read_dir(root.join(&rel)).unwrap() {
+            let e = e.unwrap();
+            let p = rel.join(e.file_name());
+            let st = std::fs::symlink_metadata(root.join(&p)).unwrap();
+            if st.is_dir() {
+                todo.push(p.clone());
+            }
+            out.insert(p.as_os_str().as_bytes().to_vec(), (st.ino(), st.is_dir()));
+        }
+    }
+    out
+}
+
+/// The st_ino of each path in `expected` that `keep` selects is the same in `actual`.
+pub fn assert_same_inos(
+    what: &str,
+    expected: &BTreeMap<Vec<u8>, (u64, bool)>,
+    actual: &BTreeMap<Vec<u8>, (u64, bool)>,
+    keep: impl Fn(&[u8], bool) -> bool,
+) {
+    let diffs: Vec<String> = expected
+        .iter()
+        .filter(|(k, (_, dir))| keep(k, *dir))
+        .filter(|(k, v)| actual.get(*k).is_some_and(|a| a.0 != v.0))
+        .map(|(k, v)| {
+            format!(
+                "{}: st_ino {} -> {}",
+                String::from_utf8_lossy(k),
+                v.0,
+                actual[k].0
+            )
+        })
+        .take(20)
+        .collect();
+    assert!(
+        diffs.is_empty(),
+        "{what}: inode numbers differ:\n{}",
+        diffs.join("\n")
+    );
+}
+
 pub fn names(tree: &Tree) -> Vec<String> {
     tree.keys()
         .map(|k| String::from_utf8_lossy(k).into_owned())
