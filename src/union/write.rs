@@ -385,12 +385,22 @@ impl Union {
         if self.cfg.metacopy {
             // The kernel links a metadata-only copy that points at its data with an absolute
             // redirect, and refuses (EXDEV) where that path exceeds redirect_max (soak seed
-            // 8123). We bring the data up instead, but refuse where the kernel does.
+            // 8123). We bring the data up instead, but refuse where the kernel does. The
+            // kernel measures the path the caller named; FUSE's LINK names only the inode, so
+            // a file known under several names is measured by its shortest (metacopy soak,
+            // seed 972115: refusing by another name's length would fail links the kernel
+            // makes; this way only those it refuses through a long name go through).
             let s = src.state();
-            let sp = self.node(s.parent)?;
-            let kernels = self.kernel_meta_data(&src, &sp, &s.name)?;
+            let mut shortest: Option<usize> = None;
+            for (pid, name) in s.names() {
+                let sp = self.node(pid)?;
+                if let Some(d) = self.kernel_meta_data(&src, &sp, name)? {
+                    let len = format::absolute_path(&d).len();
+                    shortest = Some(shortest.map_or(len, |m| m.min(len)));
+                }
+            }
             self.copy_up(&src, Data::Meta)?;
-            if kernels.is_some_and(|d| format::absolute_path(&d).len() > REDIRECT_MAX) {
+            if shortest.is_some_and(|len| len > REDIRECT_MAX) {
                 return Err(err(libc::EXDEV));
             }
         }

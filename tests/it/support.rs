@@ -622,7 +622,10 @@ pub fn inode_map(root: &Path) -> BTreeMap<Vec<u8>, (u64, bool)> {
         for e in std::fs::read_dir(root.join(&rel)).unwrap() {
             let e = e.unwrap();
             let p = rel.join(e.file_name());
-            let st = std::fs::symlink_metadata(root.join(&p)).unwrap();
+            // The kernel lists a whiteout that merges with nothing below (a "ghost").
+            let Ok(st) = std::fs::symlink_metadata(root.join(&p)) else {
+                continue;
+            };
             if st.is_dir() {
                 todo.push(p.clone());
             }

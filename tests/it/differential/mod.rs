@@ -62,6 +62,22 @@ fn options_for(seed: u64) -> (String, String) {
     (extra, ours)
 }
 
+/// Expected difference (docs/SEMANTICS.md): with metacopy=on the kernel refuses a link
+/// whose source path would make too long a redirect; FUSE's LINK carries no source name, so
+/// layerfs measures the file's shortest known name and may make the link. The extra name is
+/// removed again (found by the metacopy soak, seed 972115), so the trees stay comparable.
+fn linked_by_another_name(p: &Pair, op: &Op, ko: &str, lo: &str) -> bool {
+    let Op::Link { from, to } = op else {
+        return false;
+    };
+    let metacopy = p.extra.split(',').any(|o| o == "metacopy=on");
+    // "/" + the path: the redirect the kernel measured.
+    if !metacopy || ko != "err:18" || lo != "ok" || from.as_os_str().len() < 256 {
+        return false;
+    }
+    std::fs::remove_file(p.lmnt().join(to)).is_ok()
+}
+
 /// Run `ops` (or generate `n` of them when `ops` is None) on a fresh pair for `seed`.
 /// Returns the operations run and the first mismatch, if any.
 fn run(seed: u64, ops: Option<&[Op]>, n: usize) -> (Vec<Op>, Option<Mismatch>) {
@@ -79,7 +95,7 @@ fn run(seed: u64, ops: Option<&[Op]>, n: usize) -> (Vec<Op>, Option<Mismatch>) {
         done.push(op.clone());
         watchdog::beat(format!("seed {seed}, op {i}: {op:?}"), p.scratch_root());
         let (ko, lo) = (ops::apply(&mut k, &op), ops::apply(&mut l, &op));
-        if ko != lo && !l.kept_as_opened(&op, &lo) {
+        if ko != lo && !l.kept_as_opened(&op, &lo) && !linked_by_another_name(&p, &op, &ko, &lo) {
             return (
                 done,
                 Some(Mismatch {
