@@ -158,6 +158,10 @@ mv m/ren m/ren2
 echo changed >> m/shared/rootfile
 stat -c '%u:%g' m/shared/rootfile > out/rootfile
 cat m/a > out/a
+stat -c %i m/a > out/ino
+$L umount m
+$L mount -o lowerdir=l,upperdir=u,workdir=w,xattr_permissions=2 m
+stat -c %i m/a >> out/ino
 $L umount m
 $L mount -o lowerdir=l,uidmapping=0:65534:1,gidmapping=0:65534:1 m
 stat -c '%n %u:%g' m/a m/shared > out/mapped
@@ -193,6 +197,11 @@ echo done > out/done
         "owner kept through the override xattr"
     );
     assert_eq!(read("out/mapped"), "m/a 0:0\nm/shared 65534:65534\n");
+    // The copy keeps the lower inode number, across a remount too: unprivileged, the origin
+    // is read from ext4's file handle itself (open_by_handle_at needs CAP_DAC_READ_SEARCH).
+    let lower_ino = fs::metadata(l.join("a")).unwrap().ino();
+    assert_eq!(read("out/ino"), format!("{lower_ino}\n{lower_ino}\n"));
+    assert_ne!(fs::metadata(u.join("a")).unwrap().ino(), lower_ino);
     // The upper: char 0/0 whiteouts, user.overlay.* markers, nothing trusted.*.
     let wh = fs::symlink_metadata(u.join("dir/f")).unwrap();
     assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
