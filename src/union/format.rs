@@ -269,16 +269,17 @@ const FB_HEADER: usize = 5 + 16;
 const FH_FLAG_BIG_ENDIAN: u8 = 1;
 /// The handle names an upper object (the kernel's index entries), not a lower origin.
 const FH_FLAG_PATH_UPPER: u8 = 4;
+/// The byte-order flag of handles made here.
+const FH_FLAG_CPU: u8 = if cfg!(target_endian = "big") {
+    FH_FLAG_BIG_ENDIAN
+} else {
+    0
+};
 
 impl Origin {
     pub fn encode(&self) -> Vec<u8> {
         let len = FB_HEADER + self.handle.len();
-        let flags = if cfg!(target_endian = "big") {
-            FH_FLAG_BIG_ENDIAN
-        } else {
-            0
-        };
-        let mut v = vec![0, 0xfb, len as u8, flags, self.kind];
+        let mut v = vec![0, 0xfb, len as u8, FH_FLAG_CPU, self.kind];
         v.extend_from_slice(&self.uuid);
         v.extend_from_slice(&self.handle);
         v
@@ -289,16 +290,11 @@ impl Origin {
         if v.len() < FB_HEADER || v.len() > 255 || v[0] != 0 || v[1] != 0xfb {
             return None;
         }
-        let ours = if cfg!(target_endian = "big") {
-            FH_FLAG_BIG_ENDIAN
-        } else {
-            0
-        };
         let flags = v[3];
-        if v[2] as usize != v.len() || flags & FH_FLAG_PATH_UPPER != 0 {
-            return None;
-        }
-        if flags & FH_FLAG_BIG_ENDIAN != ours {
+        if v[2] as usize != v.len()
+            || flags & FH_FLAG_PATH_UPPER != 0
+            || flags & FH_FLAG_BIG_ENDIAN != FH_FLAG_CPU
+        {
             return None;
         }
         Some(Origin {
