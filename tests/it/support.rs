@@ -203,8 +203,11 @@ impl Kernel {
                 });
             }
             // An upper still held by a mount of it that is going away (its last file being
-            // closed) is "busy" for a moment; anything else is the kernel's answer.
-            if !err.contains("busy") || std::time::Instant::now() > deadline {
+            // closed) is "busy" for a moment (EBUSY, which mount(8) words "already mounted on"
+            // when some other overlay is mounted, as under a parallel test run); anything else
+            // is the kernel's answer.
+            let busy = err.contains("busy") || err.contains("already mounted");
+            if !busy || std::time::Instant::now() > deadline {
                 return Err(err.trim().to_string());
             }
             std::thread::sleep(Duration::from_millis(50));
