@@ -68,45 +68,41 @@ impl Union {
     /// Inode number of origin `o` on layer `l`'s filesystem.
     fn decode_ino(&self, l: usize, o: &Origin, x: XTarget<'_>, upper_ino: u64) -> Option<u64> {
         let root = self.layers.layers[l].handles.as_ref()?;
-        match sys::open_by_handle(root.as_fd(), o.kind.into(), &o.handle) {
-            Ok(fd) => {
-                let st = sys::fstat(fd.as_fd()).ok()?;
-                let top = self.layers.lower_on(st.st_dev)?;
-                if st.st_nlink > 1
-                    && !self
-                        .index()
-                        .is_some_and(|ix| ix.holds(st.st_dev, o.kind.into(), &o.handle, upper_ino))
-                {
+        // (layer, its real inode number, a lower hard link?)
+        let (layer, ino, hard_link) =
+            match sys::open_by_handle(root.as_fd(), o.kind.into(), &o.handle) {
+                Ok(fd) => {
+                    let st = sys::fstat(fd.as_fd()).ok()?;
+                    (self.layers.lower_on(st.st_dev)?, st.st_ino, st.st_nlink > 1)
+                }
+                // Unprivileged (no CAP_DAC_READ_SEARCH): ext4's handles carry the number
+                // itself, and a copy of a hard link carries a link count (ours "U-1", the
+                // kernel's with its index).
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    let ext4 = sys::fstatfs(root.as_fd()).ok()?.f_type as i64 == EXT4_MAGIC;
+                    if !ext4 || !INO32_TYPES.contains(&o.kind) || o.handle.len() < 4 {
+                        return None;
+                    }
+                    let ino = u32::from_ne_bytes(o.handle[..4].try_into().ok()?);
+                    let nlink = sys::getxattr(x, self.cfg.marker_ns.nlink());
+                    (l, ino.into(), nlink.is_ok_and(|v| v.is_some()))
+                }
+                Err(e) => {
+                    log::debug!("origin on layer {l} not decoded: {e}");
                     return None;
                 }
-                Some(self.layers.union_ino(top, st.st_ino))
-            }
-            // Unprivileged (no CAP_DAC_READ_SEARCH): ext4's handles carry the number itself.
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                let ext4 = sys::fstatfs(root.as_fd()).ok()?.f_type as i64 == EXT4_MAGIC;
-                if !ext4 || !INO32_TYPES.contains(&o.kind) || o.handle.len() < 4 {
-                    return None;
-                }
-                // A copy of a hard link carries a link count (ours "U-1", the kernel's with
-                // its index); only ours, in our index, shares the copy among all names.
-                let dev = self.layers.layers[l].dev;
-                let hard_link =
-                    sys::getxattr(x, self.cfg.marker_ns.nlink()).is_ok_and(|v| v.is_some());
-                if hard_link
-                    && !self
-                        .index()
-                        .is_some_and(|ix| ix.holds(dev, o.kind.into(), &o.handle, upper_ino))
-                {
-                    return None;
-                }
-                let ino = u32::from_ne_bytes(o.handle[..4].try_into().ok()?);
-                Some(self.layers.union_ino(l, ino.into()))
-            }
-            Err(e) => {
-                log::debug!("origin on layer {l} not decoded: {e}");
-                None
-            }
+            };
+        // A lower hard link's copy shows its number only where all names share it: in our
+        // index.
+        let dev = self.layers.layers[layer].dev;
+        if hard_link
+            && !self
+                .index()
+                .is_some_and(|ix| ix.holds(dev, o.kind.into(), &o.handle, upper_ino))
+        {
+            return None;
         }
+        Some(self.layers.union_ino(layer, ino))
     }
 
     /// The union inode number of upper non-directory `x` (real stat `st`): its origin's,
