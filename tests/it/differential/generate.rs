@@ -127,10 +127,11 @@ pub fn layers(r: &mut Rng, s: &Scratch) -> Vec<PathBuf> {
                     dirs.push(rel.clone());
                 }
                 9 => symlink(
+                    // (Followed by the ops: never out of the mount; see ops.rs.)
                     [
                         "a0",
-                        "../b1",
-                        "/etc/hostname",
+                        "../b1/x",
+                        "/nonexistent-layerfs-soak/x",
                         "dangling/x",
                         rel.file_name().unwrap().to_str().unwrap_or("x"),
                     ][r.below(5) as usize],

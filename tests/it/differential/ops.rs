@@ -420,7 +420,11 @@ pub fn random_op(r: &mut Rng, tree: &[(PathBuf, char)]) -> Op {
             to: target(r),
         },
         13 => Op::Symlink {
-            target: ["a0", "../x", "/etc/hostname", "loop"][r.below(4) as usize].into(),
+            // Followed by writes, chmod, xattrs...: a target must not reach out of the mount
+            // (at its root `..` is the scratch dir both mounts share; absolute ones the host,
+            // whose /etc/hostname an earlier target here overwrote), so those two dangle.
+            target: ["a0", "../a0/x", "/nonexistent-layerfs-soak/x", "loop"][r.below(4) as usize]
+                .into(),
             path: target(r),
         },
         14 => Op::Mkfifo { path: target(r) },
