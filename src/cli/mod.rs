@@ -19,8 +19,8 @@ Mount OPTIONS (comma-separated; -o may be repeated):
   lowerdir=TOP:...:BOTTOM  read-only layers, top first (kernel overlayfs order); \\: escapes a colon
   upperdir=DIR             writable layer (all changes land here); needs workdir
   workdir=DIR              on the same filesystem as upperdir: work/ (scratch, emptied at
-                           mount) and layerfs-index/ (copied-up lower hard links); keep it
-                           with the upper
+                           mount) and index/ (copied-up lower hard links, the kernel's
+                           index=on format); keep it with the upper
   fsync=0 | volatile       don't fsync copy-ups (faster; a crash may lose recent copy-ups).
                            As the kernel's volatile: leaves workdir/work/incompat/volatile,
                            and every later mount refuses that workdir until it is removed

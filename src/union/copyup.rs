@@ -133,20 +133,19 @@ impl Union {
             let _ = super::workdir::remove_tree(wfd.as_fd(), &tmp, 0);
             return Err(e);
         }
-        let index_key = self.index_key(&src, &sst, wfd.as_fd(), &tmp);
         // The copy keeps the lower object's inode number (origin.rs); directories keep
         // theirs through their lower copies.
-        if node.kind != Kind::Dir
-            && let Some(o) = self.origin_of(&src, st.layers[0])
-            && let Err(e) = sys::setxattr(
-                XTarget::At(wfd.as_fd(), &tmp),
-                self.cfg.marker_ns.origin(),
-                &o.encode(),
-                0,
-            )
-        {
-            log::warn!("copy-up of {:?}: no origin recorded: {e}", st.name);
-        }
+        let origin = (node.kind != Kind::Dir)
+            .then(|| self.origin_of(&src, st.layers[0]))
+            .flatten()
+            .map(|o| o.encode())
+            .filter(|o| {
+                let t = XTarget::At(wfd.as_fd(), &tmp);
+                sys::setxattr(t, self.cfg.marker_ns.origin(), o, 0)
+                    .inspect_err(|e| log::warn!("copy-up of {:?}: no origin: {e}", st.name))
+                    .is_ok()
+            });
+        let index_key = self.index_copy(origin.as_deref(), &sst, wfd.as_fd(), &tmp);
         self.mark_impure(&parent);
         if let Err(e) = sys::renameat2(
             wfd.as_fd(),
@@ -155,15 +154,15 @@ impl Union {
             &st.name,
             sys::RENAME_NOREPLACE,
         ) {
+            if let Some(key) = &index_key {
+                self.unindex(key);
+            }
             let _ = super::workdir::remove_tree(wfd.as_fd(), &tmp, 0);
             return Err(e.into());
         }
         // The copy's data was fsynced before the rename; the directory is not (as the
         // kernel): a journaling filesystem commits the rename with the next fsync of the file,
         // and until then a crash shows the lower object, never a partial copy.
-        if let Some(key) = index_key {
-            self.index_copy(upper_parent.as_fd(), &st.name, &key);
-        }
         restore_times(upper_parent.as_fd(), &parent_times);
 
         let aliases = {
@@ -358,7 +357,7 @@ impl Union {
         let adir = self.dir_fd(&ap, 0)?;
         let times = sys::fstat(adir.as_fd())?;
         match sys::linkat(sdir.as_fd(), src_name, adir.as_fd(), name) {
-            Ok(()) => {}
+            Ok(()) => self.linked_up(XTarget::At(adir.as_fd(), name)),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e.into()),
         }

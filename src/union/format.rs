@@ -43,7 +43,7 @@ impl MarkerNs {
             MarkerNs::User => c"user.overlay.redirect",
         }
     }
-    /// A link count relative to the real one ("U-1": one link is the index's).
+    /// The union link count of an indexed copy, relative to its real one (`U+N`, `U-N`).
     pub fn nlink(self) -> &'static CStr {
         match self {
             MarkerNs::Trusted => c"trusted.overlay.nlink",
@@ -227,10 +227,11 @@ pub fn redirect_components(v: &[u8]) -> Option<Vec<OsString>> {
     Some(out)
 }
 
-/// The kernel's `overlay.nlink` xattr on an upper hard link written with `index=on`: the link
-/// count relative to the upper (`U+N`/`U-N`) or lower (`L+N`) count, excluding the index's own
-/// link. Returns the count to report, given the upper file's real nlink.
-pub fn adjusted_nlink(target: XTarget<'_>, real: u64) -> u64 {
+/// The kernel's `overlay.nlink` xattr on an indexed copy of a lower hard link: the union's
+/// link count relative to the upper file's (`U+N`/`U-N`: the upper count includes the index's
+/// own link, the union's counts names not yet linked up) or to the lower origin's (`L+N`).
+/// Returns the base and the difference.
+pub fn nlink_diff(target: XTarget<'_>) -> Option<(u8, i64)> {
     for x in [c"trusted.overlay.nlink", c"user.overlay.nlink"] {
         let Ok(Some(v)) = sys::getxattr(target, x) else {
             continue;
@@ -238,21 +239,31 @@ pub fn adjusted_nlink(target: XTarget<'_>, real: u64) -> u64 {
         let Some((&base, rest)) = v.split_first() else {
             continue;
         };
-        let Some(diff) = std::str::from_utf8(rest)
+        if let Some(diff) = std::str::from_utf8(rest)
             .ok()
             .and_then(|d| d.parse::<i64>().ok())
-        else {
-            continue;
-        };
+        {
+            return Some((base, diff));
+        }
+    }
+    None
+}
+
+/// The `overlay.nlink` value for a union count `diff` links off the upper file's.
+pub fn nlink_value(diff: i64) -> Vec<u8> {
+    format!("U{diff:+}").into_bytes()
+}
+
+/// The link count to report for an upper hard link, given its real nlink.
+pub fn adjusted_nlink(target: XTarget<'_>, real: u64) -> u64 {
+    let n = match nlink_diff(target) {
+        None => return real,
+        Some((b'U', diff)) => real as i64 + diff,
         // "L" is relative to the lower origin's count, which this upper no longer reaches;
         // the index holds one link either way.
-        let n = match base {
-            b'U' => real as i64 + diff,
-            _ => real as i64 - 1,
-        };
-        return n.max(1) as u64;
-    }
-    real
+        Some(_) => real as i64 - 1,
+    };
+    n.max(1) as u64
 }
 
 /// A copy-up origin as the kernel stores it (`struct ovl_fb`): version 0, magic 0xfb, total

@@ -1,26 +1,34 @@
-//! The hard-link index (`workdir/layerfs-index`): a copied-up lower hard link is also linked
-//! here, named by its lower inode's file handle, so every other name of that inode reaches the
-//! one copy when it is first looked up — after the copied name was unlinked, and after a
-//! remount (what the kernel gives with `index=on`). Kept apart from the kernel's `index`
-//! directory, whose entries the kernel verifies against origin xattrs layerfs doesn't write.
+//! The inode index (`workdir/index`, the kernel's `index=on` format): a copied-up lower hard
+//! link is also linked there, named by the hex of its origin (`overlay.origin`, a `struct
+//! ovl_fb`), so every other name of that inode reaches the one copy when it is first looked
+//! up — after the copied name was unlinked, after a remount, and in the kernel mounting the
+//! same upper with `index=on` (and we read the kernel's entries alike).
 //!
-//! The copy carries `overlay.nlink = "U-1"` (the kernel's own format), so its reported link
-//! count leaves out the index's link.
+//! The copy's `overlay.nlink` holds the union's link count relative to the upper file's, as
+//! the kernel keeps it (`U+N`: the upper count includes the index's link, the union's counts
+//! lower names not yet linked up). Linking a name up lowers N; a link or unlink changes both
+//! counts alike. When the union count reaches zero the entry is removed (an orphan), at once
+//! or at the next mount (as the kernel's ovl_indexdir_cleanup).
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::Union;
-use super::copyup::{Data, restore_times};
+use super::copyup::restore_times;
+use super::format::{self, MarkerNs, Origin};
+use super::layer::LayerStack;
 use super::lookup::Found;
 use super::node::{Kind, Node};
 use super::real::Real;
 use crate::error::{Context, Result};
 use crate::sys::{self, Stat, XTarget};
 
-const DIR: &str = "layerfs-index";
+const DIR: &str = "index";
+/// Where layerfs before the kernel's format kept its entries (named device-type-handle).
+const LEGACY_DIR: &str = "layerfs-index";
 
 pub struct Index {
     fd: Arc<OwnedFd>,
@@ -28,36 +36,60 @@ pub struct Index {
     in_use: AtomicBool,
 }
 
+/// The index name of an origin: its bytes in lowercase hex (the kernel's bin2hex).
+pub(crate) fn name_of(origin: &[u8]) -> OsString {
+    let hex: String = origin.iter().map(|b| format!("{b:02x}")).collect();
+    hex.into()
+}
+
+/// With only the index's own link left (union count `1 + diff`), is no name left?
+fn last_link_gone(diff: i64) -> bool {
+    diff < 0
+}
+
 impl Index {
-    /// Open (creating) the index beside the work directory in `base` (the workdir).
-    pub fn open(base: BorrowedFd<'_>) -> Result<Index> {
+    /// Open (creating) the index in workdir `base`, bring over a legacy index, and remove
+    /// orphans: entries no name of the union reaches any more.
+    pub fn open(base: BorrowedFd<'_>, layers: &LayerStack, ns: MarkerNs) -> Result<Index> {
         sys::mkdirat_if_missing(base, OsStr::new(DIR), 0o700).ctx(DIR)?;
-        // Readable (to list it once here); the *at calls take it as their directory.
+        // Readable (to list it here); the *at calls take it as their directory.
         let fd =
             sys::openat(base, OsStr::new(DIR), libc::O_RDONLY | libc::O_DIRECTORY, 0).ctx(DIR)?;
-        let in_use = !sys::read_dir_fd(fd.as_fd()).ctx(DIR)?.is_empty();
+        migrate_legacy(base, fd.as_fd(), layers, ns);
+        let mut in_use = false;
+        for e in sys::read_dir_fd(fd.as_fd()).ctx(DIR)? {
+            let t = XTarget::At(fd.as_fd(), &e.name);
+            let orphan = sys::statat(fd.as_fd(), &e.name).is_ok_and(|st| {
+                st.st_mode & libc::S_IFMT == libc::S_IFREG
+                    && st.st_nlink == 1
+                    && matches!(format::nlink_diff(t), Some((b'U', d)) if last_link_gone(d))
+            });
+            if orphan {
+                log::debug!("index: removing orphan {:?}", e.name);
+                if let Err(err) = sys::unlinkat(fd.as_fd(), &e.name, false) {
+                    log::warn!("index: orphan {:?} not removed: {err}", e.name);
+                }
+            } else {
+                in_use = true;
+            }
+        }
         Ok(Index {
             fd: Arc::new(fd),
             in_use: AtomicBool::new(in_use),
         })
     }
 
-    /// The index name of lower object `dir/name`: its device and file handle. None where the
-    /// filesystem has no handles (that inode is then not indexed).
-    fn key(dir: BorrowedFd<'_>, name: &OsStr, st: &Stat) -> Option<OsString> {
-        let (kind, bytes) = sys::file_handle_at(dir, name).ok()?;
-        Some(Self::key_of(st.st_dev, kind, &bytes))
+    /// The entry of `origin`, if it is a regular file (the kernel may also keep whiteouts
+    /// and directories here with nfs_export).
+    fn entry(&self, origin: &[u8]) -> Option<Stat> {
+        sys::statat(self.fd.as_fd(), &name_of(origin))
+            .ok()
+            .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
     }
 
-    fn key_of(dev: u64, kind: i32, handle: &[u8]) -> OsString {
-        let hex: String = handle.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{dev:x}-{kind:x}-{hex}").into()
-    }
-
-    /// Is upper inode `upper_ino` the index's copy of lower object (`dev`, handle)?
-    pub(crate) fn holds(&self, dev: u64, kind: i32, handle: &[u8], upper_ino: u64) -> bool {
-        sys::statat(self.fd.as_fd(), &Self::key_of(dev, kind, handle))
-            .is_ok_and(|st| st.st_ino == upper_ino)
+    /// Is upper inode `upper_ino` the index's copy of `origin`?
+    pub(crate) fn holds(&self, origin: &[u8], upper_ino: u64) -> bool {
+        self.entry(origin).is_some_and(|st| st.st_ino == upper_ino)
     }
 
     /// Link `dir/name` (a finished copy) into the index as `key`, replacing a stale entry.
@@ -74,50 +106,162 @@ impl Index {
     }
 }
 
+/// Move the entries of a legacy `layerfs-index` (named `dev-type-handle`, the copy counting
+/// only its upper names) into the kernel's format. Their union count is unknown: it is set
+/// as if no other lower name had been linked up or removed, which may count too many links
+/// (the entry then stays, as before) but never too few. Best effort: an entry that can't move stays behind.
+fn migrate_legacy(base: BorrowedFd<'_>, index: BorrowedFd<'_>, layers: &LayerStack, ns: MarkerNs) {
+    let Ok(old) = sys::openat(
+        base,
+        OsStr::new(LEGACY_DIR),
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        0,
+    ) else {
+        return;
+    };
+    let Ok(entries) = sys::read_dir_fd(old.as_fd()) else {
+        return;
+    };
+    for e in entries {
+        let moved = legacy_origin(&e.name, layers).and_then(|(origin, lower_nlink)| {
+            let t = XTarget::At(old.as_fd(), &e.name);
+            sys::setxattr(t, ns.origin(), &origin, 0).ok()?;
+            // Upper names plus all lower names but the copied one, at most.
+            let diff = lower_nlink as i64 - 2;
+            sys::setxattr(t, ns.nlink(), &format::nlink_value(diff), 0).ok()?;
+            match sys::linkat(old.as_fd(), &e.name, index, &name_of(&origin)) {
+                Ok(()) => Some(()),
+                // The kernel indexed it meanwhile: its entry wins.
+                Err(err) if err.raw_os_error() == Some(libc::EEXIST) => Some(()),
+                Err(_) => None,
+            }
+        });
+        match moved {
+            Some(()) => {
+                let _ = sys::unlinkat(old.as_fd(), &e.name, false);
+            }
+            None => log::warn!("index: legacy entry {:?} not moved", e.name),
+        }
+    }
+    let _ = sys::unlinkat(base, OsStr::new(LEGACY_DIR), true);
+}
+
+/// A legacy entry's origin, and its lower inode's link count (2 where it can't be read).
+fn legacy_origin(name: &OsStr, layers: &LayerStack) -> Option<(Vec<u8>, u64)> {
+    let s = std::str::from_utf8(name.as_bytes()).ok()?;
+    let mut parts = s.splitn(3, '-');
+    let dev = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let kind = u8::from_str_radix(parts.next()?, 16).ok()?;
+    let hex = parts.next()?;
+    let handle = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    let layer = &layers.layers[layers.lower_on(dev)?];
+    let nlink = layer
+        .handles
+        .as_ref()
+        .and_then(|root| sys::open_by_handle(root.as_fd(), kind.into(), &handle).ok())
+        .and_then(|fd| sys::fstat(fd.as_fd()).ok())
+        .map_or(2, |st| st.st_nlink.max(2));
+    let origin = Origin {
+        kind,
+        uuid: layer.uuid?,
+        handle,
+    };
+    Some((origin.encode(), nlink))
+}
+
 impl Union {
     pub(crate) fn index(&self) -> Option<&Index> {
         self.work.as_ref().map(|w| &w.index)
     }
 
-    /// During a copy-up of lower object `src` (built as `work/tmp`, not yet in place): if it
-    /// is a hard-linked regular file, mark the copy so the index's link is not counted, and return its index
-    /// name for `index_copy` once the copy is in place.
-    pub(crate) fn index_key(
+    /// During a copy-up of lower object `sst` (built as `work/tmp`, its origin recorded):
+    /// if it is a hard-linked regular file, link the copy into the index before it goes in
+    /// place (as the kernel: a crash between the two leaves an entry the other names reach),
+    /// with the union count of all its lower names. Returns the entry's name, None if not
+    /// indexed.
+    pub(crate) fn index_copy(
         &self,
-        src: &Real,
+        origin: Option<&[u8]>,
         sst: &Stat,
         work: BorrowedFd<'_>,
         tmp: &OsStr,
     ) -> Option<OsString> {
-        let (Some(_), Real::At(dir, name)) = (self.index(), src) else {
+        let (Some(ix), Some(origin)) = (self.index(), origin) else {
             return None;
         };
         if sst.st_nlink <= 1 || sst.st_mode & libc::S_IFMT != libc::S_IFREG {
             return None;
         }
-        let key = Index::key(dir.as_fd(), name, sst)?;
-        match sys::setxattr(
-            XTarget::At(work, tmp),
-            self.cfg.marker_ns.nlink(),
-            b"U-1",
-            0,
-        ) {
+        let key = name_of(origin);
+        // In place the copy has two links: the index's and its name.
+        let diff = sst.st_nlink as i64 - 2;
+        let t = XTarget::At(work, tmp);
+        let r = sys::setxattr(t, self.cfg.marker_ns.nlink(), &format::nlink_value(diff), 0)
+            .map_err(Into::into)
+            .and_then(|()| ix.add(work, tmp, &key));
+        match r {
             Ok(()) => Some(key),
             Err(e) => {
-                log::warn!("copy-up of hard link {name:?}: not indexed: {e}");
+                log::warn!("copy-up of hard link {tmp:?}: not indexed: {e}");
+                let _ = sys::removexattr(t, self.cfg.marker_ns.nlink());
                 None
             }
         }
     }
 
-    /// Link the copy, now in place as `dir/name`, into the index. After the copy is visible,
-    /// so the index never holds what the upper doesn't show; best effort: without an entry,
-    /// names not yet looked up keep showing the lower file.
-    pub(crate) fn index_copy(&self, dir: BorrowedFd<'_>, name: &OsStr, key: &OsStr) {
-        if let Some(ix) = self.index()
-            && let Err(e) = ix.add(dir, name, key)
+    /// An index entry for a copy-up that then failed: take it out again.
+    pub(crate) fn unindex(&self, key: &OsStr) {
+        if let Some(ix) = self.index() {
+            let _ = sys::unlinkat(ix.fd.as_fd(), key, false);
+        }
+    }
+
+    /// A lower name of indexed copy `x` was linked up to it: the union count stays, the
+    /// upper one grew.
+    pub(crate) fn linked_up(&self, x: XTarget<'_>) {
+        if let Some((b'U', diff)) = format::nlink_diff(x)
+            && let Err(e) = sys::setxattr(
+                x,
+                self.cfg.marker_ns.nlink(),
+                &format::nlink_value(diff - 1),
+                0,
+            )
         {
-            log::warn!("copy-up of hard link {name:?}: not indexed: {e}");
+            log::warn!("index: link count not updated: {e}");
+        }
+    }
+
+    /// A name of upper file `kept` (an fd on it, taken before) left the union: if that was
+    /// the last name of an indexed copy, remove its index entry (as the kernel's
+    /// ovl_cleanup_index). An fd that stays open keeps the file itself alive.
+    pub(crate) fn name_dropped(&self, kept: &OwnedFd) {
+        let Some(ix) = self.index() else {
+            return;
+        };
+        let x = XTarget::Fd(kept.as_fd());
+        let Ok(st) = sys::fstat(kept.as_fd()) else {
+            return;
+        };
+        if st.st_nlink != 1 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return;
+        }
+        let Some((b'U', diff)) = format::nlink_diff(x) else {
+            return;
+        };
+        if !last_link_gone(diff) {
+            return;
+        }
+        let Ok(Some(origin)) = sys::getxattr(x, self.cfg.marker_ns.origin()) else {
+            return;
+        };
+        if ix.holds(&origin, st.st_ino) {
+            match sys::unlinkat(ix.fd.as_fd(), &name_of(&origin), false) {
+                Ok(()) => log::debug!("index: removed {:?}, its last name gone", name_of(&origin)),
+                Err(e) => log::warn!("index: entry of an unlinked file not removed: {e}"),
+            }
         }
     }
 
@@ -145,34 +289,28 @@ impl Union {
             return Ok(None);
         }
         let lower = self.dir_fd(p, l)?;
-        let Some(key) = Index::key(lower.as_fd(), name, &f.top) else {
+        let Some(origin) = self.origin_of(&Real::At(lower, name.to_owned()), l) else {
             return Ok(None);
         };
-        if sys::statat(ix.fd.as_fd(), &key).is_err() {
+        let origin = origin.encode();
+        if ix.entry(&origin).is_none() {
             return Ok(None);
         }
-        self.copy_up(p, Data::All)?;
+        let key = name_of(&origin);
+        self.copy_up(p, super::copyup::Data::All)?;
         self.mark_impure(p);
         let up = self.dir_fd(p, 0)?;
         let times = sys::fstat(up.as_fd())?;
         match sys::linkat(ix.fd.as_fd(), &key, up.as_fd(), name) {
-            Ok(()) => {}
+            Ok(()) => self.linked_up(XTarget::At(up.as_fd(), name)),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e.into()),
         }
         restore_times(up.as_fd(), &times);
-        log::debug!("linked {name:?} up from the hard-link index");
+        log::debug!("linked {name:?} up from the index");
+        // As found in the upper now: its origin's number, and (the kernel's index entries
+        // may be metadata-only copies) where its data is.
         let top = sys::statat(up.as_fd(), name)?;
-        Ok(Some(Found {
-            kind: Kind::File,
-            layers: vec![0],
-            top,
-            lower_path: None,
-            redirect_layer: 0,
-            lower_ino: self.origin_ino(XTarget::At(up.as_fd(), name), top.st_ino),
-            impure: false,
-            fds: Vec::new(),
-            data: None,
-        }))
+        self.found_upper(p, &up, name, top)
     }
 }

@@ -352,6 +352,19 @@ impl Union {
         })
     }
 
+    /// What upper non-directory `pfd/name` (stat `st`) of directory `p` resolves to.
+    pub(crate) fn found_upper(
+        &self,
+        p: &Node,
+        pfd: &Arc<OwnedFd>,
+        name: &OsStr,
+        st: Stat,
+    ) -> Result<Option<Found>> {
+        let mut found = None;
+        self.step(&mut found, 0, pfd, name, st, Some((p, &p.state())))?;
+        Ok(found)
+    }
+
     /// Merge one real entry found in layer `l` into `found`.
     fn step(
         &self,

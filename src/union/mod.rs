@@ -128,7 +128,7 @@ impl Union {
         }
         let layers = LayerStack::open(cfg.upper.as_deref(), &cfg.lowers)?;
         let work = match (&cfg.upper, &cfg.work) {
-            (Some(_), Some(w)) => Some(WorkDir::open(w, &layers.layers[0], !cfg.fsync)?),
+            (Some(_), Some(w)) => Some(WorkDir::open(w, &layers, cfg.marker_ns, !cfg.fsync)?),
             (Some(_), None) => return Err(Error::msg("upperdir needs a workdir too")),
             (None, Some(_)) => return Err(Error::msg("workdir given without an upperdir")),
             (None, None) => None,

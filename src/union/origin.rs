@@ -36,8 +36,7 @@ impl Union {
 
     /// The union inode number of the lower object upper non-directory `x` (real inode number
     /// `upper_ino`) was copied up from, if it records one in this stack. As the kernel: for a
-    /// lower hard link only where all its names share this copy (in layerfs's index; a copy
-    /// the kernel linked into its own index is not, its other names show the lower file).
+    /// lower hard link only where all its names share this copy (it is the index's entry).
     pub(crate) fn origin_ino(&self, x: XTarget<'_>, upper_ino: u64) -> Option<u64> {
         let v = sys::getxattr(x, self.cfg.marker_ns.origin()).ok()??;
         let o = Origin::decode(&v)?;
@@ -76,8 +75,7 @@ impl Union {
                     (self.layers.lower_on(st.st_dev)?, st.st_ino, st.st_nlink > 1)
                 }
                 // Unprivileged (no CAP_DAC_READ_SEARCH): ext4's handles carry the number
-                // itself, and a copy of a hard link carries a link count (ours "U-1", the
-                // kernel's with its index).
+                // itself, and an indexed copy of a hard link carries a union link count.
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
                     let ext4 = sys::fstatfs(root.as_fd()).ok()?.f_type as i64 == EXT4_MAGIC;
                     if !ext4 || !INO32_TYPES.contains(&o.kind) || o.handle.len() < 4 {
@@ -94,11 +92,10 @@ impl Union {
             };
         // A lower hard link's copy shows its number only where all names share it: in our
         // index.
-        let dev = self.layers.layers[layer].dev;
         if hard_link
             && !self
                 .index()
-                .is_some_and(|ix| ix.holds(dev, o.kind.into(), &o.handle, upper_ino))
+                .is_some_and(|ix| ix.holds(&o.encode(), upper_ino))
         {
             return None;
         }

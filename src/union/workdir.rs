@@ -8,14 +8,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::format::MarkerNs;
 use super::index::Index;
-use super::layer::Layer;
+use super::layer::LayerStack;
 use crate::error::{Context, Error, Result, err};
 use crate::sys;
 
 pub struct WorkDir {
     pub fd: Arc<OwnedFd>,
-    /// Copied-up lower hard links, by lower inode (`workdir/layerfs-index`).
+    /// Copied-up lower hard links, by origin (`workdir/index`, the kernel's).
     pub index: Index,
     counter: AtomicU64,
     /// The daemon's pid, read at the first temp name (after any fork into the background).
@@ -28,7 +29,8 @@ impl WorkDir {
     /// Open (creating `work` if need be) and empty the work directory. A `volatile` mount
     /// (copy-ups not fsynced) leaves the kernel's marker behind, and any mount refuses a
     /// workdir that holds one, as the kernel does.
-    pub fn open(path: &Path, upper: &Layer, volatile: bool) -> Result<WorkDir> {
+    pub fn open(path: &Path, layers: &LayerStack, ns: MarkerNs, volatile: bool) -> Result<WorkDir> {
+        let upper = &layers.layers[0];
         let base = sys::open_dir_path(path).ctx(format!("workdir {}", path.display()))?;
         let st = sys::fstat(base.as_fd())?;
         if st.st_dev != upper.dev {
@@ -53,7 +55,7 @@ impl WorkDir {
             0,
         )
         .ctx(format!("{}/work", path.display()))?;
-        let index = Index::open(base.as_fd()).ctx(format!("{}", path.display()))?;
+        let index = Index::open(base.as_fd(), layers, ns).ctx(format!("{}", path.display()))?;
         let w = WorkDir {
             fd: Arc::new(fd),
             index,

@@ -514,7 +514,11 @@ impl Union {
             (true, true) => self.whiteout(upper.as_fd(), name, true)?,
             (false, _) => self.whiteout(upper.as_fd(), name, false)?,
         }
+        let kept = keep.clone().filter(|_| in_upper);
         self.detach(&n, p.id, name, keep);
+        if let Some(k) = kept {
+            self.name_dropped(&k);
+        }
         self.removed(p.id, name, "unlink", !in_upper || below);
         Ok(())
     }
@@ -846,7 +850,11 @@ impl Union {
                     dst_redirect.clone(),
                 );
             } else {
+                let kept = dst_keep.clone().filter(|_| d.top_layer() == 0);
                 self.detach(d, newparent, newname, dst_keep);
+                if let Some(k) = kept {
+                    self.name_dropped(&k);
+                }
                 if d.is_dir() {
                     self.fds.drop_node(d.id);
                 }

@@ -10,6 +10,7 @@ mod cli;
 mod crash;
 mod differential;
 mod full_disk;
+mod index;
 mod inodes;
 mod metacopy;
 mod observe;

@@ -192,14 +192,12 @@ impl Pair {
         );
         self.l = None;
         self.k = None;
-        let (kw2, kw3, lw2) = (
-            self.s.mkdir("kw2"),
-            self.s.mkdir("kw3"),
-            self.s.mkdir("lw2"),
-        );
+        let (kw3, lw2) = (self.s.mkdir("kw3"), self.s.mkdir("lw2"));
         {
+            // With layerfs's workdir: the kernel (index=on) reads layerfs's index too, so
+            // names of a lower hard link never linked up share the copy there as well.
             let k_on_ours = Kernel::mount(
-                &self.kernel_opts(&self.s.path("lu"), &kw2),
+                &self.kernel_opts(&self.s.path("lu"), &self.s.path("lw")),
                 &self.s.path("x1"),
             );
             assert_same_tree_linked(
@@ -208,21 +206,29 @@ impl Pair {
                 &snapshot(&k_on_ours.mnt),
                 &linked,
             );
-            // The kernel reads the origins layerfs wrote; a copy of a lower hard link keeps
-            // its number only through layerfs's index, which the kernel doesn't read.
-            let ns = if userxattr { "user" } else { "trusted" };
-            let hard_link_copy = |k: &[u8]| {
-                let p = upper.join(os(k));
-                p.symlink_metadata().is_ok()
-                    && get_xattr(&p, &format!("{ns}.overlay.nlink")).is_some()
-            };
+            // The kernel reads the origins layerfs wrote, and its index.
             assert_same_inos(
                 "kernel on layerfs's upper",
                 &inos,
                 &inode_map(&k_on_ours.mnt),
-                |k, dir| dir || !(hard_link_copy(k) || no_origin(k)),
+                |k, dir| dir || !no_origin(k),
             );
         }
+        {
+            // And layerfs reads the kernel's.
+            let ours_on_k =
+                self.mount_layerfs(&self.s.path("ku"), &self.s.path("kw"), &self.s.path("x2"));
+            let seen = snapshot(&ours_on_k.mnt);
+            // (The walk linked names up, in the kernel's upper now.)
+            assert_same_tree_linked(
+                "layerfs on the kernel's upper and workdir",
+                &expected,
+                &seen,
+                &linked_up_dirs(&self.s.path("ku")),
+            );
+        }
+        // Without the workdir (lost, or not carried along): layerfs shows what the kernel
+        // itself shows then.
         let kernel_view = {
             let k_again = Kernel::mount(
                 &self.kernel_opts(&self.s.path("ku"), &kw3),

@@ -1,0 +1,204 @@
+//! The inode index (`workdir/index`, the kernel's `index=on` format): copies of lower hard
+//! links are shared by all their names in layerfs and in the kernel mounting the same upper,
+//! both ways; link counts are the union's; an entry goes when its last name does.
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use layerfs::sys;
+
+use crate::require_fuse;
+use crate::support::*;
+
+/// A lower layer with `h1`, `h2`, `h3`: one file ("hard") under three names.
+fn linked_lower(s: &Scratch) -> PathBuf {
+    let low = s.mkdir("low");
+    write(low.join("h1"), b"hard");
+    fs::create_dir_all(low.join("d")).unwrap();
+    fs::hard_link(low.join("h1"), low.join("h2")).unwrap();
+    fs::hard_link(low.join("h1"), low.join("d/h3")).unwrap();
+    low
+}
+
+fn append(p: &Path, b: &[u8]) {
+    let mut f = OpenOptions::new().append(true).open(p).unwrap();
+    f.write_all(b).unwrap();
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Kernel overlayfs options with its inode index.
+fn index_opts(low: &Path, up: &Path, work: &Path) -> String {
+    format!(
+        "lowerdir={},upperdir={},workdir={},index=on",
+        low.display(),
+        up.display(),
+        work.display()
+    )
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// (content, nlink, st_ino) of each name.
+fn names(mnt: &Path) -> Vec<(Vec<u8>, u64, u64)> {
+    ["h1", "h2", "d/h3"]
+        .iter()
+        .map(|n| {
+            let md = fs::metadata(mnt.join(n)).unwrap();
+            (fs::read(mnt.join(n)).unwrap(), md.nlink(), md.ino())
+        })
+        .collect()
+}
+
+#[test]
+fn copies_of_lower_hard_links_are_shared_through_the_kernels_index_both_ways() {
+    require_fuse!();
+    let s = Scratch::new();
+    let low = linked_lower(&s);
+    let ino = fs::metadata(low.join("h1")).unwrap().ino();
+
+    // layerfs writes; the kernel (index=on) reads.
+    let (up, work) = (s.mkdir("up"), s.mkdir("work"));
+    {
+        let l = Layerfs::mount(&rw_opts(&low, &up, &work), &s.path("mnt"));
+        append(&l.mnt.join("h1"), b" more");
+        // The union's count: all three names, as the kernel with index=on.
+        assert_eq!(fs::metadata(l.mnt.join("h1")).unwrap().nlink(), 3);
+    }
+    let origin = get_xattr(up.join("h1"), "trusted.overlay.origin").expect("origin");
+    assert_eq!(entries(&work.join("index")), vec![hex(&origin)]);
+    assert_eq!(
+        fs::metadata(work.join("index").join(hex(&origin)))
+            .unwrap()
+            .ino(),
+        fs::metadata(up.join("h1")).unwrap().ino(),
+        "the entry is the copy"
+    );
+    assert!(!work.join("layerfs-index").exists());
+    {
+        let k = Kernel::mount(&index_opts(&low, &up, &work), &s.path("kmnt"));
+        let seen = names(&k.mnt);
+        for (i, (data, nlink, _)) in seen.iter().enumerate() {
+            assert_eq!(data, b"hard more", "kernel on our upper: name {i}");
+            assert_eq!(*nlink, 3, "kernel on our upper: nlink of name {i}");
+        }
+        assert!(seen.iter().all(|n| n.2 == seen[0].2), "one inode: {seen:?}");
+    }
+
+    // The kernel (index=on) writes; layerfs reads.
+    let (kup, kwork) = (s.mkdir("kup"), s.mkdir("kwork"));
+    {
+        let k = Kernel::mount(&index_opts(&low, &kup, &kwork), &s.path("kmnt"));
+        append(&k.mnt.join("h1"), b" more");
+    }
+    let l = Layerfs::mount(&rw_opts(&low, &kup, &kwork), &s.path("mnt"));
+    for (i, (data, nlink, n_ino)) in names(&l.mnt).into_iter().enumerate() {
+        assert_eq!(
+            data, b"hard more",
+            "layerfs on the kernel's upper: name {i}"
+        );
+        assert_eq!(nlink, 3, "layerfs on the kernel's upper: nlink of name {i}");
+        assert_eq!(
+            n_ino, ino,
+            "layerfs on the kernel's upper: st_ino of name {i}"
+        );
+    }
+}
+
+#[test]
+fn an_index_entry_goes_with_the_last_name_of_its_file() {
+    require_fuse!();
+    let s = Scratch::new();
+    let low = linked_lower(&s);
+    let (up, work) = (s.mkdir("up"), s.mkdir("work"));
+    let index = work.join("index");
+    {
+        let l = Layerfs::mount(&rw_opts(&low, &up, &work), &s.path("mnt"));
+        append(&l.mnt.join("h1"), b" more");
+        fs::remove_file(l.mnt.join("h1")).unwrap();
+        // d/h3, never looked up, still needs the entry.
+        assert_eq!(entries(&index).len(), 1);
+        assert_eq!(fs::metadata(l.mnt.join("h2")).unwrap().nlink(), 2);
+        let mut held = fs::File::open(l.mnt.join("h2")).unwrap();
+        fs::remove_file(l.mnt.join("h2")).unwrap();
+        assert_eq!(entries(&index).len(), 1);
+        fs::remove_file(l.mnt.join("d/h3")).unwrap();
+        assert_eq!(entries(&index), Vec::<String>::new(), "last name gone");
+        // A file still open keeps its data.
+        let mut got = Vec::new();
+        held.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"hard more");
+    }
+    // Renamed over, too.
+    let (up2, work2) = (s.mkdir("up2"), s.mkdir("work2"));
+    {
+        let l = Layerfs::mount(&rw_opts(&low, &up2, &work2), &s.path("mnt"));
+        append(&l.mnt.join("d/h3"), b" more");
+        for n in ["h1", "h2"] {
+            fs::remove_file(l.mnt.join(n)).unwrap();
+        }
+        write(l.mnt.join("new"), b"new");
+        assert_eq!(entries(&work2.join("index")).len(), 1);
+        fs::rename(l.mnt.join("new"), l.mnt.join("d/h3")).unwrap();
+        assert_eq!(entries(&work2.join("index")), Vec::<String>::new());
+    }
+    // A crash between the unlink of the last name and the entry's removal leaves an orphan:
+    // the next mount removes it (as the kernel's index cleanup does).
+    let (up3, work3) = (s.mkdir("up3"), s.mkdir("work3"));
+    let opts3 = rw_opts(&low, &up3, &work3);
+    {
+        let l = Layerfs::mount(&opts3, &s.path("mnt"));
+        append(&l.mnt.join("h1"), b" more");
+        for n in ["h2", "d/h3"] {
+            fs::remove_file(l.mnt.join(n)).unwrap();
+        }
+    }
+    fs::remove_file(up3.join("h1")).unwrap();
+    whiteout(up3.join("h1"));
+    assert_eq!(entries(&work3.join("index")).len(), 1);
+    let l = Layerfs::mount(&opts3, &s.path("mnt"));
+    assert_eq!(entries(&work3.join("index")), Vec::<String>::new());
+    assert_eq!(entries(&l.mnt), vec!["d".to_string()]);
+}
+
+/// An upper written by layerfs before the kernel's index format (`workdir/layerfs-index`,
+/// entries named device-type-handle, copies without an origin) is brought over at mount.
+#[test]
+fn a_legacy_layerfs_index_is_brought_into_the_kernels_format() {
+    require_fuse!();
+    let s = Scratch::new();
+    let low = linked_lower(&s);
+    let (up, work) = (s.mkdir("up"), s.mkdir("work"));
+    write(up.join("h1"), b"hard more");
+    set_xattr(up.join("h1"), "trusted.overlay.nlink", b"U-1");
+    let lowfd = sys::open_dir_path(&low).unwrap();
+    let (kind, handle) = sys::file_handle_at(lowfd.as_fd(), "h1".as_ref()).unwrap();
+    let dev = fs::metadata(low.join("h1")).unwrap().dev();
+    let legacy = work.join("layerfs-index");
+    fs::create_dir_all(&legacy).unwrap();
+    fs::hard_link(
+        up.join("h1"),
+        legacy.join(format!("{dev:x}-{kind:x}-{}", hex(&handle))),
+    )
+    .unwrap();
+    let l = Layerfs::mount(&rw_opts(&low, &up, &work), &s.path("mnt"));
+    assert_eq!(fs::read(l.mnt.join("h2")).unwrap(), b"hard more");
+    assert_eq!(fs::read(l.mnt.join("d/h3")).unwrap(), b"hard more");
+    assert!(!legacy.exists(), "legacy index emptied and removed");
+    let origin = get_xattr(up.join("h1"), "trusted.overlay.origin").expect("origin written");
+    assert_eq!(entries(&work.join("index")), vec![hex(&origin)]);
+}
