@@ -37,7 +37,7 @@ pub struct Index {
 }
 
 /// The index name of an origin: its bytes in lowercase hex (the kernel's bin2hex).
-pub(crate) fn name_of(origin: &[u8]) -> OsString {
+fn name_of(origin: &[u8]) -> OsString {
     let hex: String = origin.iter().map(|b| format!("{b:02x}")).collect();
     hex.into()
 }
