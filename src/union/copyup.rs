@@ -174,6 +174,7 @@ impl Union {
             }
             s.data = meta_src;
             s.kernel_meta = kernel_meta;
+            s.indexed = index_key.is_some();
             s.aliases.clone()
         };
         // Other names of a lower hard link stay one file: link them up beside the copy.

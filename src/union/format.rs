@@ -263,7 +263,8 @@ pub fn adjusted_nlink(target: XTarget<'_>, real: u64) -> u64 {
         // the index holds one link either way.
         Some(_) => real as i64 - 1,
     };
-    n.max(1) as u64
+    // As the kernel's ovl_get_nlink: a count that makes no sense falls back to the real one.
+    if n > 0 { n as u64 } else { real }
 }
 
 /// A copy-up origin as the kernel stores it (`struct ovl_fb`): version 0, magic 0xfb, total

@@ -28,6 +28,9 @@ pub(crate) struct Found {
     pub lower_ino: Option<u64>,
     /// A directory whose upper copy is marked impure.
     pub impure: bool,
+    /// An upper non-directory that is the index's entry for its origin: its link count is
+    /// the union's (`overlay.nlink`), as the kernel counts it only then.
+    pub indexed: bool,
     /// Directory fds opened on the way, to seed the fd cache.
     pub fds: Vec<(usize, Arc<OwnedFd>)>,
     /// A metadata-only copy's data.
@@ -45,6 +48,7 @@ impl Found {
             redirect_layer: 0,
             lower_ino: None,
             impure: false,
+            indexed: false,
             fds: Vec::new(),
             data: None,
         }
@@ -117,6 +121,7 @@ impl Union {
         state.redirect_layer = f.redirect_layer;
         state.data = f.data;
         state.impure = f.impure;
+        state.indexed = f.indexed;
         if f.kind == Kind::Dir {
             self.fds.drop_node(id);
             self.names.drop_node(id);
@@ -398,10 +403,9 @@ impl Union {
                     }
                     _ => None,
                 };
-                let lower_ino = if upper && has(ns.origin()) {
-                    self.origin_ino(x, st.st_ino)
-                } else {
-                    None
+                let (lower_ino, indexed) = match upper && has(ns.origin()) {
+                    true => self.copy_origin(x, st.st_ino).unzip(),
+                    false => (None, None),
                 };
                 *found = Some(Found {
                     kind,
@@ -411,6 +415,7 @@ impl Union {
                     redirect_layer: 0,
                     lower_ino,
                     impure: false,
+                    indexed: indexed.unwrap_or(false),
                     fds: Vec::new(),
                     data,
                 });

@@ -70,6 +70,9 @@ pub struct NodeState {
     pub kernel_redirect: Option<Vec<OsString>>,
     /// A directory whose upper copy is marked impure (see `origin.rs`).
     pub impure: bool,
+    /// An upper non-directory that is the index's entry for its origin: `overlay.nlink`
+    /// counts its links (see `index.rs`).
+    pub indexed: bool,
 }
 
 /// The data of a metadata-only copy: a regular file in a lower layer (which never changes,
@@ -98,6 +101,7 @@ impl NodeState {
             kernel_meta: false,
             kernel_redirect: None,
             impure: false,
+            indexed: false,
         }
     }
 

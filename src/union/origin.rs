@@ -38,6 +38,11 @@ impl Union {
     /// `upper_ino`) was copied up from, if it records one in this stack. As the kernel: for a
     /// lower hard link only where all its names share this copy (it is the index's entry).
     pub(crate) fn origin_ino(&self, x: XTarget<'_>, upper_ino: u64) -> Option<u64> {
+        self.copy_origin(x, upper_ino).map(|(ino, _)| ino)
+    }
+
+    /// As `origin_ino`, and whether the copy is the index's entry for its origin.
+    pub(crate) fn copy_origin(&self, x: XTarget<'_>, upper_ino: u64) -> Option<(u64, bool)> {
         let v = sys::getxattr(x, self.cfg.marker_ns.origin()).ok()??;
         let o = Origin::decode(&v)?;
         let mut tried = Vec::new();
@@ -64,8 +69,15 @@ impl Union {
         None
     }
 
-    /// Inode number of origin `o` on layer `l`'s filesystem.
-    fn decode_ino(&self, l: usize, o: &Origin, x: XTarget<'_>, upper_ino: u64) -> Option<u64> {
+    /// Union inode number of origin `o` on layer `l`'s filesystem, and whether the copy is
+    /// the index's entry.
+    fn decode_ino(
+        &self,
+        l: usize,
+        o: &Origin,
+        x: XTarget<'_>,
+        upper_ino: u64,
+    ) -> Option<(u64, bool)> {
         let root = self.layers.layers[l].handles.as_ref()?;
         // (layer, its real inode number, a lower hard link?)
         let (layer, ino, hard_link) =
@@ -99,7 +111,7 @@ impl Union {
         {
             return None;
         }
-        Some(self.layers.union_ino(layer, ino))
+        Some((self.layers.union_ino(layer, ino), hard_link))
     }
 
     /// The union inode number of upper non-directory `x` (real stat `st`): its origin's,
