@@ -67,7 +67,8 @@ enum LayerWalk {
     Dir(Arc<OwnedFd>, bool),
     /// One is missing here: look in the next layer.
     Missing,
-    /// A whiteout or a non-directory on the way: no layer below counts.
+    /// A whiteout or a non-directory on the way, or a missing one past an opaque directory:
+    /// no layer below counts.
     Blocked,
 }
 
@@ -603,6 +604,9 @@ impl Union {
                     return Ok(LayerWalk::Blocked);
                 }
                 Err(_) if format::has_oci_whiteout(fd.as_fd(), c) => return Ok(LayerWalk::Blocked),
+                // An opaque directory passed on the way hides the layers below even where the
+                // rest of the path is missing here (the kernel's lookup stops at it).
+                Err(_) if opaque => return Ok(LayerWalk::Blocked),
                 Err(_) => return Ok(LayerWalk::Missing),
             }
         }

@@ -325,6 +325,31 @@ fn a_redirect_through_an_opaque_lower_dir_stops_below_it() {
     p.check_interop();
 }
 
+/// Found by the soak (seed 986222): an opaque directory on a redirect's path hides the layers
+/// below even where its own layer lacks the rest of the path (the kernel stops at the opaque
+/// component; layerfs looked on in the next layer after the next component was missing).
+#[test]
+fn a_redirect_through_an_opaque_dir_stops_even_where_the_path_ends_in_its_layer() {
+    require_fuse!();
+    let mut p = Pair::new(|s: &Scratch| {
+        let (l0, l1, l2) = (s.mkdir("l0"), s.mkdir("l1"), s.mkdir("l2"));
+        write(l0.join("b4/c3/dir4/dir3/a1"), b"a1");
+        s.mkdir("l1/b4/c3");
+        set_xattr(l1.join("b4/c3"), "trusted.overlay.opaque", b"y");
+        write(
+            l2.join("b4/c3/dir4/dir3/hidden"),
+            b"hidden by the opaque c3",
+        );
+        vec![l0, l1, l2]
+    });
+    p.same("list before", |m| listing(&m.join("b4/c3/dir4/dir3")));
+    p.same("move it", |m| {
+        outcome(fs::rename(m.join("b4/c3/dir4/dir3"), m.join("dir3")))
+    });
+    p.check("after the move");
+    p.check_interop();
+}
+
 /// Found by the soak (seed 1330): a directory renamed inside a renamed lower directory must be
 /// redirected to where it lives in the lower layers (under the outer rename's target), not to
 /// its union path, or it stops merging with its lower copy after a remount.
