@@ -904,9 +904,20 @@ impl Union {
         Ok(Some(here))
     }
 
+    /// Is the lower file metadata-only copy `n` takes its data from (or, copied up whole
+    /// where the kernel's copy would not be, took it from) a hard link?
+    fn data_is_hard_link(&self, n: &Node) -> Result<bool> {
+        let s = n.state();
+        Ok(match &s.data {
+            Some(d) => self.data_real(d)?.stat()?.st_nlink > 1,
+            // Our whole copy of a hard link is in the index.
+            None => s.indexed,
+        })
+    }
+
     /// Before moving a metadata-only copy: point it at its data with a redirect, as the
     /// kernel's ovl_set_redirect does: the data's name when it stays in a directory whose
-    /// lower path holds the data, else the absolute path, and EXDEV (`mv` then copies) when
+    /// lower path holds the data and the data is no hard link, else the absolute path, and EXDEV (`mv` then copies) when
     /// that is longer than the kernel's redirect_max (soak seed 8121 with metacopy=on: we
     /// brought the data up and renamed, the kernel refused). `kernels`: where the kernel's
     /// copy would point (`kernel_meta_data`); a copy of ours that came up whole writes no
@@ -922,8 +933,14 @@ impl Union {
         let Some(path) = kernels.filter(|_| !n.is_dir()) else {
             return Ok(());
         };
+        // As ovl_need_absolute_redirect: relative only within the directory, and never for a
+        // lower hard link (its other names may be elsewhere; metacopy soak, seed 987334).
         let relative = match path.split_last() {
-            Some((last, dir)) if samedir && *dir == self.lower_path_of(p, &p.state())? => {
+            Some((last, dir))
+                if samedir
+                    && *dir == self.lower_path_of(p, &p.state())?
+                    && !self.data_is_hard_link(n)? =>
+            {
                 Some(last.as_bytes().to_vec())
             }
             _ => None,

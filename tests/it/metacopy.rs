@@ -279,6 +279,14 @@ fn renaming_a_metacopy_with_a_long_data_path_does_what_the_kernel_does() {
         let r = outcome(fs::rename(d.join("f"), d.join("g")));
         (r, fs::read(d.join("g")).ok())
     });
+    p.same(
+        "a hard link renamed within its directory: absolute redirect (seed 987334)",
+        |m| {
+            let d = m.join(&deep);
+            let r = outcome(fs::rename(d.join("linked"), d.join("linked2")));
+            (r, fs::read(d.join("linked")).ok())
+        },
+    );
     p.same("rename to another directory", |m| {
         let r = outcome(fs::rename(m.join(&deep).join("g"), m.join("b/g")));
         (r, fs::read(m.join(&deep).join("g")).ok())
