@@ -462,7 +462,17 @@ pub fn snapshot(root: &Path) -> Tree {
             match kind {
                 'f' => {
                     info.size = Some(st.st_size);
-                    let fd = sys::openat(dfd.as_fd(), &e.name, libc::O_RDONLY, 0).unwrap();
+                    let fd = sys::openat(dfd.as_fd(), &e.name, libc::O_RDONLY, 0).unwrap_or_else(
+                        |err| {
+                            let now = sys::statat(dfd.as_fd(), &e.name).map(|s| s.st_mode);
+                            panic!(
+                                "open {:?} under {}: {err} (stat said mode {:o}, now {now:?})",
+                                String::from_utf8_lossy(&path),
+                                root.display(),
+                                st.st_mode
+                            )
+                        },
+                    );
                     let mut f = std::fs::File::from(fd);
                     let mut h = Sha256::new();
                     let mut buf = vec![0u8; 1 << 16];
