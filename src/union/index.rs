@@ -109,7 +109,8 @@ impl Index {
 /// Move the entries of a legacy `layerfs-index` (named `dev-type-handle`, the copy counting
 /// only its upper names) into the kernel's format. Their union count is unknown: it is set
 /// as if no other lower name had been linked up or removed, which may count too many links
-/// (the entry then stays, as before) but never too few. Best effort: an entry that can't move stays behind.
+/// (the entry then stays, as before) but never too few. Best effort: an entry that can't
+/// move stays behind.
 fn migrate_legacy(base: BorrowedFd<'_>, index: BorrowedFd<'_>, layers: &LayerStack, ns: MarkerNs) {
     let Ok(old) = sys::openat(
         base,

@@ -919,9 +919,9 @@ impl Union {
     /// kernel's ovl_set_redirect does: the data's name when it stays in a directory whose
     /// lower path holds the data and the data is no hard link, else the absolute path, and
     /// EXDEV (`mv` then copies) when that is longer than the kernel's redirect_max (soak seed
-    /// 8121 with metacopy=on: we brought the data up and renamed, the kernel refused). `kernels`: where the kernel's
-    /// copy would point (`kernel_meta_data`); a copy of ours that came up whole writes no
-    /// redirect but refuses where the kernel's would.
+    /// 8121 with metacopy=on: we brought the data up and renamed, the kernel refused).
+    /// `kernels`: where the kernel's copy would point (`kernel_meta_data`); a copy of ours
+    /// that came up whole writes no redirect but refuses where the kernel's would.
     fn prepare_file_move(
         &self,
         n: &Arc<Node>,
