@@ -62,19 +62,20 @@ impl Union {
                 continue;
             }
             tried.push(layer.dev);
-            if let Some(ino) = self.decode_ino(l, &o, x, upper_ino) {
+            if let Some(ino) = self.decode_ino(l, &o, &v, x, upper_ino) {
                 return Some(ino);
             }
         }
         None
     }
 
-    /// Union inode number of origin `o` on layer `l`'s filesystem, and whether the copy is
-    /// the index's entry.
+    /// Union inode number of origin `o` (recorded as `raw`) on layer `l`'s filesystem, and
+    /// whether the copy is the index's entry.
     fn decode_ino(
         &self,
         l: usize,
         o: &Origin,
+        raw: &[u8],
         x: XTarget<'_>,
         upper_ino: u64,
     ) -> Option<(u64, bool)> {
@@ -102,13 +103,9 @@ impl Union {
                     return None;
                 }
             };
-        // A lower hard link's copy shows its number only where all names share it: in our
-        // index.
-        if hard_link
-            && !self
-                .index()
-                .is_some_and(|ix| ix.holds(&o.encode(), upper_ino))
-        {
+        // A lower hard link's copy shows its number only where all names share it: it is
+        // the index's entry.
+        if hard_link && !self.index().is_some_and(|ix| ix.holds(raw, upper_ino)) {
             return None;
         }
         Some((self.layers.union_ino(layer, ino), hard_link))

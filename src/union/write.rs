@@ -479,8 +479,12 @@ impl Union {
     }
 
     /// `parent/name` left the union. A node with no name left is marked unlinked and keeps
-    /// working (through `keep`) for whoever still holds it.
+    /// working (through `keep`) for whoever still holds it; an upper file's index entry goes
+    /// with its last name.
     fn detach(&self, n: &Node, parent: u64, name: &OsStr, keep: Option<Arc<OwnedFd>>) {
+        if let Some(k) = keep.as_ref().filter(|_| n.top_layer() == 0) {
+            self.name_dropped(k);
+        }
         {
             let mut s = n.state.write().expect("node state lock");
             if s.remove_name(parent, name) {
@@ -514,11 +518,7 @@ impl Union {
             (true, true) => self.whiteout(upper.as_fd(), name, true)?,
             (false, _) => self.whiteout(upper.as_fd(), name, false)?,
         }
-        let kept = keep.clone().filter(|_| in_upper);
         self.detach(&n, p.id, name, keep);
-        if let Some(k) = kept {
-            self.name_dropped(&k);
-        }
         self.removed(p.id, name, "unlink", !in_upper || below);
         Ok(())
     }
@@ -850,11 +850,7 @@ impl Union {
                     dst_redirect.clone(),
                 );
             } else {
-                let kept = dst_keep.clone().filter(|_| d.top_layer() == 0);
                 self.detach(d, newparent, newname, dst_keep);
-                if let Some(k) = kept {
-                    self.name_dropped(&k);
-                }
                 if d.is_dir() {
                     self.fds.drop_node(d.id);
                 }
