@@ -195,6 +195,24 @@ pub fn linkat(
     .map(drop)
 }
 
+/// Give the object `fd` refers to (an `O_TMPFILE` file) the name `newdir/newname`. Through
+/// /proc: `AT_EMPTY_PATH` would need CAP_DAC_READ_SEARCH, which a rootless daemon lacks.
+pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, newname: &OsStr) -> io::Result<()> {
+    let p = proc_path(fd, None)?;
+    let n = cstr(newname)?;
+    // SAFETY: valid C strings; following the magic link lands on the object itself.
+    check(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            newdir.as_raw_fd(),
+            n.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
+    .map(drop)
+}
+
 /// The filesystem's persistent handle of `dir/name` (not following a symlink): its type and
 /// bytes (for ext4: inode number and generation), stable across remounts and reboots.
 pub fn file_handle_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<(i32, Vec<u8>)> {
@@ -550,6 +568,30 @@ pub enum XTarget<'a> {
 }
 
 impl XTarget<'_> {
+    /// stat of the object (never following a symlink at a name).
+    pub fn stat(&self) -> io::Result<Stat> {
+        match *self {
+            XTarget::Fd(fd) => fstat(fd),
+            XTarget::At(dir, name) => statat(dir, name),
+        }
+    }
+
+    /// chown of the object (never following a symlink at a name).
+    pub fn chown(&self, uid: u32, gid: u32) -> io::Result<()> {
+        match *self {
+            XTarget::Fd(fd) => chown_fd(fd, uid, gid),
+            XTarget::At(dir, name) => chownat(dir, name, uid, gid),
+        }
+    }
+
+    /// chmod of the object (not for symlinks).
+    pub fn chmod(&self, mode: u32) -> io::Result<()> {
+        match *self {
+            XTarget::Fd(fd) => chmod_fd(fd, mode),
+            XTarget::At(dir, name) => chmodat(dir, name, mode),
+        }
+    }
+
     /// The /proc path and whether the final component must not be followed.
     fn path(&self) -> io::Result<(CString, bool)> {
         match *self {

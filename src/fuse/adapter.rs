@@ -176,6 +176,41 @@ impl Adapter {
             }
         }
     }
+
+    /// Answer a create or tmpfile with its new node and open file.
+    fn reply_created(&self, made: crate::error::Result<(Entry, u64)>, reply: ReplyCreate) {
+        match made {
+            Ok((e, fh)) => {
+                let (ttl, a) = (ttl_for(&e.attr), attr(&e.attr));
+                let fresh = e.attr.st_mode & (libc::S_ISUID | libc::S_ISGID) == 0;
+                match self.choose(e.id, fh, fresh, |f| reply.open_backing(f)) {
+                    Served::Passthrough(id) => reply.created_passthrough_node(
+                        INodeNo(e.id),
+                        &ttl,
+                        &a,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                        &id,
+                    ),
+                    Served::Daemon(flags) => reply.created_node(
+                        INodeNo(e.id),
+                        &ttl,
+                        &a,
+                        Generation(0),
+                        FileHandle(fh),
+                        flags,
+                    ),
+                    // A new file is bound to nothing.
+                    Served::Stale => {
+                        self.fs.release(fh);
+                        reply.error(Errno::EIO);
+                    }
+                }
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
 }
 
 /// A page-cache open under passthrough. An upper file's cache may be stale (passthrough
@@ -853,40 +888,27 @@ impl Filesystem for Adapter {
     ) {
         let _op = self.fs.obs.begin(Op::Create, req.pid());
         debug!("create {} {:?} {mode:o} {flags:#x}", parent.0, name);
-        match self
+        let made = self
             .fs
-            .create(parent.0, name, mode, flags, self.creator(req, umask))
-        {
-            Ok((e, fh)) => {
-                let (ttl, a) = (ttl_for(&e.attr), attr(&e.attr));
-                let fresh = e.attr.st_mode & (libc::S_ISUID | libc::S_ISGID) == 0;
-                match self.choose(e.id, fh, fresh, |f| reply.open_backing(f)) {
-                    Served::Passthrough(id) => reply.created_passthrough_node(
-                        INodeNo(e.id),
-                        &ttl,
-                        &a,
-                        Generation(0),
-                        FileHandle(fh),
-                        FopenFlags::empty(),
-                        &id,
-                    ),
-                    Served::Daemon(flags) => reply.created_node(
-                        INodeNo(e.id),
-                        &ttl,
-                        &a,
-                        Generation(0),
-                        FileHandle(fh),
-                        flags,
-                    ),
-                    // A new file is bound to nothing.
-                    Served::Stale => {
-                        self.fs.release(fh);
-                        reply.error(Errno::EIO);
-                    }
-                }
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+            .create(parent.0, name, mode, flags, self.creator(req, umask));
+        self.reply_created(made, reply);
+    }
+
+    fn tmpfile(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let _op = self.fs.obs.begin(Op::Tmpfile, req.pid());
+        debug!("tmpfile {} {mode:o} {flags:#x}", parent.0);
+        let made = self
+            .fs
+            .tmpfile(parent.0, mode, flags, self.creator(req, umask));
+        self.reply_created(made, reply);
     }
 
     fn fallocate(

@@ -31,7 +31,7 @@ ops! {
     Releasedir => "releasedir", Fsyncdir => "fsyncdir", Statfs => "statfs",
     Setxattr => "setxattr", Getxattr => "getxattr", Listxattr => "listxattr",
     Removexattr => "removexattr", Access => "access", Create => "create",
-    Fallocate => "fallocate", Lseek => "lseek",
+    Fallocate => "fallocate", Lseek => "lseek", Tmpfile => "tmpfile",
 }
 
 thread_local! {

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use super::copyup::Data;
 use super::handle::{Handle, Open};
 use super::readdir::DirEntry;
-use super::write::{Caller, NewObj};
+use super::write::{Caller, NewObj, open_flags};
 use super::{Entry, Union};
 use crate::error::{Result, err};
 use crate::sys::{self, XTarget};
@@ -64,6 +64,13 @@ impl Union {
             fd: RwLock::new((Arc::new(fd), layer)),
             flags,
         })))
+    }
+
+    /// open(2) with O_TMPFILE: a new unnamed upper file, opened.
+    pub fn tmpfile(&self, parent: u64, mode: u32, flags: i32, c: Caller) -> Result<(Entry, u64)> {
+        let (entry, fd) = self.create_tmpfile(parent, mode, flags, c)?;
+        let node = self.node(entry.id)?;
+        Ok((entry, self.add_handle(node, fd, 0, open_flags(flags))))
     }
 
     /// create(2) with O_CREAT: a new upper file, opened.

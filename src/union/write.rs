@@ -59,6 +59,34 @@ impl NewObj<'_> {
     }
 }
 
+/// Make `obj` (with `make`) under the caller's umask: FUSE_DONT_MASK leaves it ours to
+/// apply. The upper filesystem applies a thread's own umask as for the kernel's overlayfs,
+/// not under a default ACL, whose entries it turns into the new object's ACLs; a thread
+/// that can't have a umask of its own masks the mode here. Returns the object as made.
+fn with_umask<'a, T>(
+    c: Caller,
+    obj: NewObj<'a>,
+    make: impl FnOnce(&NewObj<'a>) -> T,
+) -> (NewObj<'a>, T) {
+    let umask = (c.umask != 0)
+        .then(|| sys::ThreadUmask::set(c.umask))
+        .flatten();
+    let obj = if c.umask != 0 && umask.is_none() {
+        obj.masked(c.umask)
+    } else {
+        obj
+    };
+    let made = make(&obj);
+    drop(umask);
+    (obj, made)
+}
+
+/// The flags of a create's open that the upper file is opened with: its access mode and
+/// the status flags that change how it is written.
+pub(crate) fn open_flags(flags: i32) -> i32 {
+    flags & (libc::O_ACCMODE | libc::O_APPEND | libc::O_DIRECT | libc::O_SYNC | libc::O_DSYNC)
+}
+
 /// setattr's arguments, engine-side.
 #[derive(Default)]
 pub struct SetAttr {
@@ -151,16 +179,12 @@ impl Union {
         setgid_parent: bool,
     ) -> Result<Option<OwnedFd>> {
         match *obj {
-            NewObj::File { mode, flags } => {
-                let acc = flags & libc::O_ACCMODE;
-                let f = flags & (libc::O_APPEND | libc::O_DIRECT | libc::O_SYNC | libc::O_DSYNC);
-                Ok(Some(sys::openat(
-                    dir,
-                    name,
-                    libc::O_CREAT | libc::O_EXCL | acc | f,
-                    mode & 0o7777,
-                )?))
-            }
+            NewObj::File { mode, flags } => Ok(Some(sys::openat(
+                dir,
+                name,
+                libc::O_CREAT | libc::O_EXCL | open_flags(flags),
+                mode & 0o7777,
+            )?)),
             NewObj::Dir { mode } => {
                 let extra = if setgid_parent { libc::S_ISGID } else { 0 };
                 sys::mkdirat(dir, name, (mode & 0o7777) | extra)?;
@@ -199,22 +223,11 @@ impl Union {
         let (uid, gid) = Self::new_owner(&pst, c);
         let setgid = pst.st_mode & libc::S_ISGID != 0;
         let is_dir = matches!(obj, NewObj::Dir { .. });
-        // FUSE_DONT_MASK: the caller's umask is ours to apply, and the upper filesystem
-        // applies it as for the kernel's overlayfs: not under a default ACL, whose entries
-        // it turns into the new object's ACLs.
         let mut fd = None;
         if !over_whiteout {
-            let umask = (c.umask != 0)
-                .then(|| sys::ThreadUmask::set(c.umask))
-                .flatten();
-            // A thread that can't have a umask of its own masks the mode here.
-            let obj = if c.umask != 0 && umask.is_none() {
-                obj.masked(c.umask)
-            } else {
-                obj
-            };
-            let made = self.make_obj(upper.as_fd(), name, &obj, setgid);
-            drop(umask);
+            let (obj, made) = with_umask(c, obj, |obj| {
+                self.make_obj(upper.as_fd(), name, obj, setgid)
+            });
             match made {
                 Err(e) if e.errno() == libc::EEXIST && !below => {
                     // Only a whiteout is created over; anything else stays EEXIST.
@@ -222,7 +235,9 @@ impl Union {
                 }
                 made => {
                     fd = made?;
-                    if let Err(e) = self.finish_owner(upper.as_fd(), name, &obj, uid, gid) {
+                    if let Err(e) =
+                        self.finish_owner(XTarget::At(upper.as_fd(), name), &obj, uid, gid)
+                    {
                         let _ = sys::unlinkat(upper.as_fd(), name, is_dir);
                         return Err(e);
                     }
@@ -250,7 +265,7 @@ impl Union {
             };
             let built = (|| -> Result<Option<OwnedFd>> {
                 let fd = self.make_obj(wfd.as_fd(), &tmp, &obj, setgid)?;
-                self.finish_owner(wfd.as_fd(), &tmp, &obj, uid, gid)?;
+                self.finish_owner(XTarget::At(wfd.as_fd(), &tmp), &obj, uid, gid)?;
                 if is_dir {
                     // A directory replacing a deleted one must not merge with what was deleted.
                     sys::setxattr(
@@ -282,6 +297,46 @@ impl Union {
             None => sys::statat(upper.as_fd(), name)?,
         };
         let node = self.new_upper_node(parent, name, &st);
+        let attr = self.present(&node, None, st)?;
+        Ok((Entry { id: node.id, attr }, fd))
+    }
+
+    /// open(2) with O_TMPFILE in directory `parent`: an unnamed upper file (the kernel's
+    /// overlayfs makes it in the upper directory too, copying that up first: ovl_tmpfile).
+    /// Its node is born detached, as an unlinked file still open, until `link` names it.
+    pub fn create_tmpfile(
+        &self,
+        parent: u64,
+        mode: u32,
+        flags: i32,
+        c: Caller,
+    ) -> Result<(Entry, OwnedFd)> {
+        if !self.writable() {
+            return Err(err(libc::EROFS));
+        }
+        let p = self.dir_node(parent)?;
+        self.copy_up(&p, Data::All)?;
+        let _g = p.dir_lock.read().expect("dir lock");
+        let upper = self.dir_fd(&p, 0)?;
+        let pst = sys::fstat(upper.as_fd())?;
+        let (uid, gid) = Self::new_owner(&pst, c);
+        let (obj, fd) = with_umask(c, NewObj::File { mode, flags }, |obj| {
+            let NewObj::File { mode, .. } = *obj else {
+                unreachable!("a file stays a file")
+            };
+            sys::openat(
+                upper.as_fd(),
+                OsStr::new("."),
+                libc::O_TMPFILE | open_flags(flags),
+                mode & 0o7777,
+            )
+        });
+        let fd = fd?;
+        self.finish_owner(XTarget::Fd(fd.as_fd()), &obj, uid, gid)?;
+        let st = sys::fstat(fd.as_fd())?;
+        let none = OsStr::new("");
+        let node = self.new_upper_node(parent, none, &st);
+        self.detach(&node, parent, none, Some(Arc::new(fd.try_clone()?)));
         let attr = self.present(&node, None, st)?;
         Ok((Entry { id: node.id, attr }, fd))
     }
@@ -321,14 +376,7 @@ impl Union {
         }
     }
 
-    fn finish_owner(
-        &self,
-        dir: BorrowedFd<'_>,
-        name: &OsStr,
-        obj: &NewObj<'_>,
-        uid: u32,
-        gid: u32,
-    ) -> Result<()> {
+    fn finish_owner(&self, at: XTarget<'_>, obj: &NewObj<'_>, uid: u32, gid: u32) -> Result<()> {
         // The caller's ids are the mount's; the disk has host ids. A caller outside the
         // mapping gets the daemon's own ids (all an unprivileged daemon can give).
         let ids = &self.cfg.ids;
@@ -340,12 +388,11 @@ impl Union {
         // The daemon creates as itself; hand the object to the caller (a no-op skipped).
         if (uid, gid) != me {
             if let Some(x) = ids.xattr {
-                let st = sys::statat(dir, name)?;
-                let v = super::ids::format_override(uid, gid, st.st_mode);
-                sys::setxattr(XTarget::At(dir, name), x, &v, 0)?;
+                let v = super::ids::format_override(uid, gid, at.stat()?.st_mode);
+                sys::setxattr(at, x, &v, 0)?;
                 return Ok(());
             }
-            sys::chownat(dir, name, uid, gid)?;
+            at.chown(uid, gid)?;
         }
         // chown clears set-id bits; put back what was asked for (on the permissions the
         // umask or a default ACL left).
@@ -356,8 +403,7 @@ impl Union {
             NewObj::Dir { .. } | NewObj::Symlink { .. } => 0,
         };
         if setid != 0 {
-            let st = sys::statat(dir, name)?;
-            sys::chmodat(dir, name, (st.st_mode & 0o1777) | setid)?;
+            at.chmod((at.stat()?.st_mode & 0o1777) | setid)?;
         }
         Ok(())
     }
@@ -410,21 +456,28 @@ impl Union {
             return Err(err(libc::EEXIST));
         }
         let s = src.state();
-        let sp = self.node(s.parent)?;
-        let sdir = self.dir_fd(&sp, 0)?;
+        // No name: an O_TMPFILE file (the only such file the kernel lets be linked).
+        let from = match &s.detached {
+            Some(fd) if s.unlinked => Real::Fd(fd.clone()),
+            _ => Real::At(self.dir_fd(&*self.node(s.parent)?, 0)?, s.name.clone()),
+        };
+        let link_to = |dir: BorrowedFd<'_>, name: &OsStr| match &from {
+            Real::Fd(fd) => sys::link_fd(fd.as_fd(), dir, name),
+            Real::At(sdir, sname) => sys::linkat(sdir.as_fd(), sname, dir, name),
+        };
         let upper = self.dir_fd(&np, 0)?;
         match sys::statat(upper.as_fd(), newname) {
             Ok(st) if sys::is_whiteout_stat(&st) => {
                 let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
                 let tmp = work.temp_name();
-                sys::linkat(sdir.as_fd(), &s.name, work.fd.as_fd(), &tmp)?;
+                link_to(work.fd.as_fd(), &tmp)?;
                 if let Err(e) = sys::renameat2(work.fd.as_fd(), &tmp, upper.as_fd(), newname, 0) {
                     let _ = sys::unlinkat(work.fd.as_fd(), &tmp, false);
                     return Err(e.into());
                 }
             }
             Ok(_) => return Err(err(libc::EEXIST)),
-            Err(_) => sys::linkat(sdir.as_fd(), &s.name, upper.as_fd(), newname)?,
+            Err(_) => link_to(upper.as_fd(), newname)?,
         }
         if newparent != s.parent && self.shows_lower_ino(&src) {
             self.mark_impure(&np);

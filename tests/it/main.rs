@@ -18,5 +18,6 @@ mod read_side;
 mod rootless;
 mod runtime;
 mod store;
+mod tmpfile;
 mod transport;
 mod write_path;

@@ -90,6 +90,13 @@ pub enum Op {
     ListDir {
         path: PathBuf,
     },
+    /// open(dir, O_TMPFILE), write `len` bytes, then name it `link` (if any) through
+    /// linkat of its /proc fd.
+    Tmpfile {
+        dir: PathBuf,
+        len: usize,
+        link: Option<PathBuf>,
+    },
     Check,
 }
 
@@ -303,6 +310,27 @@ pub fn apply(side: &mut Side, op: &Op) -> String {
             });
             res(r, |v| format!("ok:{}", hash(&v.concat())))
         }
+        Op::Tmpfile { dir, len, link } => {
+            let r = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_TMPFILE)
+                .mode(0o640)
+                .open(at(dir));
+            res(r, |f| {
+                let w = sys::pwrite(f.as_fd(), &vec![0x5a; *len], 0);
+                let st = f.metadata().map(|m| (m.nlink(), m.len(), m.mode()));
+                let linked = match link {
+                    None => "-".into(),
+                    Some(to) => res(
+                        dir_and_name(&root, to)
+                            .and_then(|(d, n)| sys::link_fd(f.as_fd(), d.as_fd(), &n)),
+                        |_| format!("ok:{:?}", f.metadata().map(|m| m.nlink()).ok()),
+                    ),
+                };
+                format!("ok:{:?}:{:?}:{linked}", w.ok(), st.ok())
+            })
+        }
         Op::Check => "check".into(),
     }
 }
@@ -464,6 +492,11 @@ pub fn random_op(r: &mut Rng, tree: &[(PathBuf, char)]) -> Op {
             }
         }
         20 => Op::ListDir { path: dir(r) },
+        _ if r.chance(40) => Op::Tmpfile {
+            dir: dir(r),
+            len: r.below(70_000) as usize,
+            link: r.chance(80).then(|| target(r)),
+        },
         _ => Op::Check,
     }
 }

@@ -861,6 +861,27 @@ pub trait Filesystem: Send + Sync + 'static {
         reply.error(Errno::ENOSYS);
     }
 
+    /// Create an unnamed regular file in directory `parent` and open it (`O_TMPFILE`,
+    /// Linux 6.1+). Reply as to [`Filesystem::create`], with a node whose link count is 0;
+    /// a later `link` of that node (`linkat(fd, "", ..., AT_EMPTY_PATH)`) gives it a name.
+    /// `ENOSYS` makes the kernel answer `EOPNOTSUPP` to every later `O_TMPFILE` open.
+    #[cfg(target_os = "linux")]
+    fn tmpfile(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        warn!(
+            "[Not Implemented] tmpfile(parent: {parent:#x?}, mode: {mode}, umask: {umask:#x?}, \
+            flags: {flags:#x?})"
+        );
+        reply.error(Errno::ENOSYS);
+    }
+
     /// Test for a POSIX file lock.
     fn getlk(
         &self,
