@@ -820,15 +820,24 @@ impl Union {
         let samedir = p.id == np.id;
         let kernels = self.kernel_meta_data(&src, &p, name)?;
         self.copy_up(&src, Data::Meta)?;
+        // An exchange's target is copied up too before any redirect is set, as in ovl_rename:
+        // where a redirect turns out too long (EXDEV) both stay copied up (metacopy soak,
+        // seed 993540: the target, a lower directory, became merged).
+        let dst_kernels = match (&dst, exchange) {
+            (Some(d), true) => {
+                let k = self.kernel_meta_data(d, &np, newname)?;
+                self.copy_up(d, Data::Meta)?;
+                Some((d, k))
+            }
+            _ => None,
+        };
         self.prepare_file_move(&src, &p, name, samedir, kernels)?;
         if let (Some(d), false) = (&dst, exchange)
             && d.is_dir()
         {
             self.clear_empty(d)?;
         }
-        if let (Some(d), true) = (&dst, exchange) {
-            let kernels = self.kernel_meta_data(d, &np, newname)?;
-            self.copy_up(d, Data::Meta)?;
+        if let Some((d, kernels)) = dst_kernels {
             self.prepare_file_move(d, &np, newname, samedir, kernels)?;
         }
         if !samedir {
@@ -1162,19 +1171,13 @@ impl Union {
             sys::setxattr(real.xtarget(), x, &v, 0)?;
         } else if uid.is_some() || gid.is_some() {
             let (u, g) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
-            match &real {
-                Real::At(d, name) => sys::chownat(d.as_fd(), name, u, g)?,
-                Real::Fd(fd) => sys::chown_fd(fd.as_fd(), u, g)?,
-            }
+            real.xtarget().chown(u, g)?;
         }
         if let Some(mode) = a.mode.filter(|_| self.cfg.ids.xattr.is_none()) {
             if n.kind == Kind::Symlink {
                 return Err(err(libc::EOPNOTSUPP));
             }
-            match &real {
-                Real::At(d, name) => sys::chmodat(d.as_fd(), name, mode & 0o7777)?,
-                Real::Fd(fd) => sys::chmod_fd(fd.as_fd(), mode & 0o7777)?,
-            }
+            real.xtarget().chmod(mode & 0o7777)?;
         }
         if a.atime.is_some() || a.mtime.is_some() {
             match &real {

@@ -3,8 +3,11 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use layerfs::sys;
 
 use crate::pair::{Pair, outcome};
 use crate::require_fuse;
@@ -270,6 +273,8 @@ fn renaming_a_metacopy_with_a_long_data_path_does_what_the_kernel_does() {
             fs::create_dir_all(v[1].join("b")).unwrap();
             write(v[1].join("c").join("E".repeat(239)), b"");
             fs::create_dir_all(v[1].join("c").join("D".repeat(204)).join("sub")).unwrap();
+            write(v[1].join(&deep).join("x"), b"exchanged");
+            fs::create_dir_all(v[1].join("xd/sub")).unwrap();
             v
         },
         "metacopy=on",
@@ -327,6 +332,22 @@ fn renaming_a_metacopy_with_a_long_data_path_does_what_the_kernel_does() {
                     m.join("b").join(&e),
                 )),
             )
+        },
+    );
+    p.same(
+        "exchanged with a lower directory: EXDEV, both copied up first (seed 993540)",
+        |m| {
+            let d = sys::open_dir_path(&m.join(&deep)).unwrap();
+            let xd = sys::open_dir_path(&m.join("xd")).unwrap();
+            let r = sys::renameat2(
+                d.as_fd(),
+                "x".as_ref(),
+                xd.as_fd(),
+                "sub".as_ref(),
+                libc::RENAME_EXCHANGE,
+            );
+            // A copied-up lower directory is merged: nlink 1.
+            (outcome(r), fs::metadata(m.join("xd/sub")).unwrap().nlink())
         },
     );
     p.check("after the renames");
