@@ -195,6 +195,29 @@ pub fn linkat(
     .map(drop)
 }
 
+/// `struct fsxattr` (FS_IOC_FSGETXATTR / FS_IOC_FSSETXATTR), as bytes.
+pub const FSXATTR_SIZE: usize = 28;
+/// _IOR('X', 31, struct fsxattr) and _IOW('X', 32, struct fsxattr); libc lacks them.
+pub const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
+pub const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
+
+/// One of the file-attribute ioctls (lsattr/chattr) on `fd`: `FS_IOC_GETFLAGS` and
+/// `FS_IOC_SETFLAGS` move an int (4 bytes), the fsxattr pair a `struct fsxattr`. `buf` is
+/// read or written by the kernel; other commands are refused.
+pub fn fileattr_ioctl(fd: BorrowedFd<'_>, cmd: u32, buf: &mut [u8]) -> io::Result<()> {
+    let need = match cmd {
+        c if c == libc::FS_IOC_GETFLAGS as u32 || c == libc::FS_IOC_SETFLAGS as u32 => 4,
+        FS_IOC_FSGETXATTR | FS_IOC_FSSETXATTR => FSXATTR_SIZE,
+        _ => return Err(io::Error::from_raw_os_error(libc::ENOTTY)),
+    };
+    if buf.len() < need {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: for these commands the kernel reads or writes `need` bytes at the pointer,
+    // and `buf` holds at least that many.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), cmd as libc::Ioctl, buf.as_mut_ptr()) }).map(drop)
+}
+
 /// Give the object `fd` refers to (an `O_TMPFILE` file) the name `newdir/newname`. Through
 /// /proc: `AT_EMPTY_PATH` would need CAP_DAC_READ_SEARCH, which a rootless daemon lacks.
 pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, newname: &OsStr) -> io::Result<()> {

@@ -11,9 +11,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 use log::debug;
 
@@ -21,7 +22,8 @@ use crate::error::Error;
 use crate::fuse::session::Passthrough;
 use crate::observe::Op;
 use crate::observe::stats::bump;
-use crate::sys::{Stat, TimeSpec};
+use crate::sys::{self, Stat, TimeSpec};
+use crate::union::fileattr::AttrKind;
 use crate::union::node::Kind;
 use crate::union::write::{Caller, NewObj, SetAttr};
 use crate::union::{Entry, Union};
@@ -909,6 +911,41 @@ impl Filesystem for Adapter {
             .fs
             .tmpfile(parent.0, mode, flags, self.creator(req, umask));
         self.reply_created(made, reply);
+    }
+
+    /// Only the file-attribute ioctls (lsattr/chattr), which the kernel sends on its own
+    /// for FS_IOC_GETFLAGS & co.; anything else is not a union's to answer (ENOTTY).
+    fn ioctl(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        let _op = self.fs.obs.begin(Op::Ioctl, req.pid());
+        debug!("ioctl {} {cmd:#x}", ino.0);
+        let (kind, get) = match cmd {
+            c if c == libc::FS_IOC_GETFLAGS as u32 => (AttrKind::Flags, true),
+            c if c == libc::FS_IOC_SETFLAGS as u32 => (AttrKind::Flags, false),
+            sys::FS_IOC_FSGETXATTR => (AttrKind::FsXattr, true),
+            sys::FS_IOC_FSSETXATTR => (AttrKind::FsXattr, false),
+            _ => return reply.error(Errno::ENOTTY),
+        };
+        let done = if get {
+            self.fs.fileattr_get(ino.0, kind)
+        } else {
+            self.fs
+                .fileattr_set(ino.0, kind, in_data)
+                .map(|()| Vec::new())
+        };
+        match done {
+            Ok(out) => reply.ioctl(0, &out),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn fallocate(

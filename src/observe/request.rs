@@ -32,6 +32,7 @@ ops! {
     Setxattr => "setxattr", Getxattr => "getxattr", Listxattr => "listxattr",
     Removexattr => "removexattr", Access => "access", Create => "create",
     Fallocate => "fallocate", Lseek => "lseek", Tmpfile => "tmpfile",
+    Ioctl => "ioctl",
 }
 
 thread_local! {

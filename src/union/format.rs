@@ -65,6 +65,14 @@ impl MarkerNs {
             MarkerNs::User => c"user.overlay.impure",
         }
     }
+    /// Immutable (`i`) and append-only (`a`) attributes of an upper object, which the
+    /// kernel keeps here rather than on the object itself (they would stop it managing it).
+    pub fn protattr(self) -> &'static CStr {
+        match self {
+            MarkerNs::Trusted => c"trusted.overlay.protattr",
+            MarkerNs::User => c"user.overlay.protattr",
+        }
+    }
     /// Marks a metadata-only copy whose data is in a lower layer.
     pub fn metacopy(self) -> &'static CStr {
         match self {

@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod copyup;
 pub mod fanout;
 pub mod fdcache;
+pub mod fileattr;
 pub mod files;
 pub mod format;
 pub mod handle;

@@ -1331,3 +1331,78 @@ fn creating_over_a_whiteout_no_lower_layer_needs_matches_kernel() {
     assert_eq!(kernel.4, Err(Some(libc::EEXIST)), "kernel");
     assert_eq!(seen[1], seen[0], "layerfs vs kernel");
 }
+
+/// FS_IOC_GETFLAGS / FS_IOC_SETFLAGS (lsattr, chattr) of `p`.
+fn get_flags(p: &Path) -> Result<u32, i32> {
+    let f = fs::File::open(p).map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    let mut b = [0u8; 4];
+    sys::fileattr_ioctl(f.as_fd(), libc::FS_IOC_GETFLAGS as u32, &mut b)
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    Ok(u32::from_ne_bytes(b))
+}
+
+fn set_flags(p: &Path, flags: u32) -> Result<(), i32> {
+    let f = fs::File::open(p).map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    let mut b = flags.to_ne_bytes();
+    sys::fileattr_ioctl(f.as_fd(), libc::FS_IOC_SETFLAGS as u32, &mut b)
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+/// lsattr/chattr as the kernel's overlayfs serves them: read from the real object, set on a
+/// copy-up (a lower file's or directory's). Immutable and append-only show (from the
+/// kernel's `overlay.protattr` too) but cannot be set: FUSE cannot make the VFS enforce them.
+#[test]
+fn file_attributes_are_read_and_set_as_in_the_kernel() {
+    require_fuse!();
+    const NODUMP: u32 = 0x40;
+    const NOATIME: u32 = 0x80;
+    const SYNC: u32 = 0x8;
+    const IMMUTABLE: u32 = 0x10;
+    let mut p = Pair::new(|s| {
+        let v = stack(s);
+        // Where the scratch filesystem has no attributes, both mounts say so alike.
+        let _ = set_flags(
+            &v[1].join("a"),
+            get_flags(&v[1].join("a")).unwrap_or(0) | NODUMP,
+        );
+        v
+    });
+    p.same("lower file and directory", |m| {
+        (get_flags(&m.join("a")), get_flags(&m.join("d")))
+    });
+    p.same("set on a lower file: copied up", |m| {
+        let r = get_flags(&m.join("a")).and_then(|f| set_flags(&m.join("a"), f | NOATIME));
+        (r, get_flags(&m.join("a")))
+    });
+    p.same("set on a lower directory", |m| {
+        let r = get_flags(&m.join("d")).and_then(|f| set_flags(&m.join("d"), f | SYNC));
+        (r, get_flags(&m.join("d")))
+    });
+    if get_flags(&p.upper().join("a")).is_ok_and(|f| f & NOATIME != 0) {
+        // The flag is on the upper copy itself, as in the kernel's upper.
+        let k = get_flags(&p.scratch_root().join("ku/a")).unwrap();
+        assert_eq!(get_flags(&p.upper().join("a")), Ok(k));
+        let f = get_flags(&p.lmnt().join("meta")).unwrap();
+        assert_eq!(
+            set_flags(&p.lmnt().join("meta"), f | IMMUTABLE),
+            Err(libc::EPERM)
+        );
+        assert_eq!(get_flags(&p.lmnt().join("meta")), Ok(f), "nothing changed");
+        // The kernel's record of an immutable upper file shows.
+        set_xattr(p.upper().join("a"), "trusted.overlay.protattr", b"i");
+        let shown = get_flags(&p.lmnt().join("a")).unwrap();
+        assert_eq!(shown & IMMUTABLE, IMMUTABLE, "{shown:#x}");
+        let r = sys::removexattr(
+            sys::XTarget::At(
+                sys::open_dir_path(&p.upper()).unwrap().as_fd(),
+                "a".as_ref(),
+            ),
+            c"trusted.overlay.protattr",
+        );
+        r.unwrap();
+    } else {
+        eprintln!("file attributes: the scratch filesystem keeps none; compared errors only");
+    }
+    p.check("after chattr");
+    p.check_interop();
+}

@@ -1,0 +1,115 @@
+//! File attributes (lsattr/chattr: `FS_IOC_GETFLAGS`/`SETFLAGS` and the `FSGETXATTR` pair), as
+//! kernel overlayfs serves them (ovl_fileattr_get/set): read from the real object, set on its
+//! upper copy (copied up first, metadata only where the mount allows). The kernel keeps an
+//! upper object's immutable and append-only attributes in `overlay.protattr` and enforces them
+//! in the VFS; a FUSE daemon cannot make the VFS enforce them, so layerfs shows them (from a
+//! kernel-written upper too) but refuses to change them (EPERM) rather than set attributes it
+//! would not honour.
+
+use std::os::fd::AsFd;
+
+use super::Union;
+use super::copyup::Data;
+use crate::error::{Result, err};
+use crate::sys;
+
+const FS_IMMUTABLE_FL: u32 = 0x10;
+const FS_APPEND_FL: u32 = 0x20;
+const FS_XFLAG_IMMUTABLE: u32 = 0x8;
+const FS_XFLAG_APPEND: u32 = 0x10;
+
+/// Which pair of ioctls: the flags word, or `struct fsxattr` (whose first word is xflags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttrKind {
+    Flags,
+    FsXattr,
+}
+
+impl AttrKind {
+    /// (get, set) commands and the size of their argument.
+    fn cmds(self) -> (u32, u32, usize) {
+        match self {
+            AttrKind::Flags => (
+                libc::FS_IOC_GETFLAGS as u32,
+                libc::FS_IOC_SETFLAGS as u32,
+                4,
+            ),
+            AttrKind::FsXattr => (
+                sys::FS_IOC_FSGETXATTR,
+                sys::FS_IOC_FSSETXATTR,
+                sys::FSXATTR_SIZE,
+            ),
+        }
+    }
+
+    /// The immutable and append-only bits in this kind's first word.
+    fn protection(self, immutable: bool, append: bool) -> u32 {
+        let (i, a) = match self {
+            AttrKind::Flags => (FS_IMMUTABLE_FL, FS_APPEND_FL),
+            AttrKind::FsXattr => (FS_XFLAG_IMMUTABLE, FS_XFLAG_APPEND),
+        };
+        (if immutable { i } else { 0 }) | (if append { a } else { 0 })
+    }
+
+    fn mask(self) -> u32 {
+        self.protection(true, true)
+    }
+}
+
+fn word(b: &[u8]) -> u32 {
+    u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn set_word(b: &mut [u8], v: u32) {
+    b[..4].copy_from_slice(&v.to_ne_bytes());
+}
+
+impl Union {
+    /// The attributes of node `id` as its real object has them, with the protection the
+    /// kernel recorded in `overlay.protattr`.
+    pub fn fileattr_get(&self, id: u64, kind: AttrKind) -> Result<Vec<u8>> {
+        let node = self.node(id)?;
+        let real = self.real(&node)?;
+        let (get, _, size) = kind.cmds();
+        let fd = real.open(libc::O_RDONLY | libc::O_NONBLOCK, node.is_dir())?;
+        let mut buf = vec![0u8; size];
+        sys::fileattr_ioctl(fd.as_fd(), get, &mut buf)?;
+        if self.layers.is_upper(node.top_layer())
+            && let Ok(Some(v)) = sys::getxattr(real.xtarget(), self.cfg.marker_ns.protattr())
+        {
+            let p = kind.protection(v.contains(&b'i'), v.contains(&b'a'));
+            let w = word(&buf) | p;
+            set_word(&mut buf, w);
+        }
+        Ok(buf)
+    }
+
+    /// Set node `id`'s attributes on its upper copy. Immutable and append-only cannot change
+    /// (see the module comment).
+    pub fn fileattr_set(&self, id: u64, kind: AttrKind, data: &[u8]) -> Result<()> {
+        if !self.writable() {
+            return Err(err(libc::EROFS));
+        }
+        let (_, set, size) = kind.cmds();
+        if data.len() < size {
+            return Err(err(libc::EINVAL));
+        }
+        let now = self.fileattr_get(id, kind)?;
+        let mut want = data[..size].to_vec();
+        if (word(&now) ^ word(&want)) & kind.mask() != 0 {
+            return Err(err(libc::EPERM));
+        }
+        let node = self.node(id)?;
+        let data = if node.is_dir() { Data::All } else { Data::Meta };
+        self.copy_up(&node, data)?;
+        // What stays protected lives in protattr, not on the upper object (as the kernel).
+        let w = word(&want) & !kind.mask();
+        set_word(&mut want, w);
+        let fd = self
+            .real(&node)?
+            .open(libc::O_RDONLY | libc::O_NONBLOCK, node.is_dir())?;
+        sys::fileattr_ioctl(fd.as_fd(), set, &mut want)?;
+        self.attrs_changed(id);
+        Ok(())
+    }
+}
