@@ -201,15 +201,20 @@ pub const FSXATTR_SIZE: usize = 28;
 pub const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
 pub const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
 
+/// The size of a file-attribute ioctl's argument; None for any other command.
+pub fn fileattr_arg_size(cmd: u32) -> Option<usize> {
+    match cmd {
+        c if c == libc::FS_IOC_GETFLAGS as u32 || c == libc::FS_IOC_SETFLAGS as u32 => Some(4),
+        FS_IOC_FSGETXATTR | FS_IOC_FSSETXATTR => Some(FSXATTR_SIZE),
+        _ => None,
+    }
+}
+
 /// One of the file-attribute ioctls (lsattr/chattr) on `fd`: `FS_IOC_GETFLAGS` and
 /// `FS_IOC_SETFLAGS` move an int (4 bytes), the fsxattr pair a `struct fsxattr`. `buf` is
 /// read or written by the kernel; other commands are refused.
 pub fn fileattr_ioctl(fd: BorrowedFd<'_>, cmd: u32, buf: &mut [u8]) -> io::Result<()> {
-    let need = match cmd {
-        c if c == libc::FS_IOC_GETFLAGS as u32 || c == libc::FS_IOC_SETFLAGS as u32 => 4,
-        FS_IOC_FSGETXATTR | FS_IOC_FSSETXATTR => FSXATTR_SIZE,
-        _ => return Err(io::Error::from_raw_os_error(libc::ENOTTY)),
-    };
+    let need = fileattr_arg_size(cmd).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOTTY))?;
     if buf.len() < need {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }

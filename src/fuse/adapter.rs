@@ -22,7 +22,7 @@ use crate::error::Error;
 use crate::fuse::session::Passthrough;
 use crate::observe::Op;
 use crate::observe::stats::bump;
-use crate::sys::{self, Stat, TimeSpec};
+use crate::sys::{Stat, TimeSpec};
 use crate::union::fileattr::AttrKind;
 use crate::union::node::Kind;
 use crate::union::write::{Caller, NewObj, SetAttr};
@@ -928,12 +928,8 @@ impl Filesystem for Adapter {
     ) {
         let _op = self.fs.obs.begin(Op::Ioctl, req.pid());
         debug!("ioctl {} {cmd:#x}", ino.0);
-        let (kind, get) = match cmd {
-            c if c == libc::FS_IOC_GETFLAGS as u32 => (AttrKind::Flags, true),
-            c if c == libc::FS_IOC_SETFLAGS as u32 => (AttrKind::Flags, false),
-            sys::FS_IOC_FSGETXATTR => (AttrKind::FsXattr, true),
-            sys::FS_IOC_FSSETXATTR => (AttrKind::FsXattr, false),
-            _ => return reply.error(Errno::ENOTTY),
+        let Some((kind, get)) = AttrKind::of(cmd) else {
+            return reply.error(Errno::ENOTTY);
         };
         let done = if get {
             self.fs.fileattr_get(ino.0, kind)

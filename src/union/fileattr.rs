@@ -10,6 +10,7 @@ use std::os::fd::AsFd;
 
 use super::Union;
 use super::copyup::Data;
+use super::node::Node;
 use crate::error::{Result, err};
 use crate::sys;
 
@@ -26,20 +27,29 @@ pub enum AttrKind {
 }
 
 impl AttrKind {
-    /// (get, set) commands and the size of their argument.
-    fn cmds(self) -> (u32, u32, usize) {
+    /// The kind of a file-attribute ioctl and whether it reads (FUSE_IOCTL's `cmd`); None
+    /// for any other command.
+    pub fn of(cmd: u32) -> Option<(AttrKind, bool)> {
+        [AttrKind::Flags, AttrKind::FsXattr]
+            .into_iter()
+            .find_map(|k| match k.cmds() {
+                (get, _) if get == cmd => Some((k, true)),
+                (_, set) if set == cmd => Some((k, false)),
+                _ => None,
+            })
+    }
+
+    /// (get, set) commands.
+    fn cmds(self) -> (u32, u32) {
         match self {
-            AttrKind::Flags => (
-                libc::FS_IOC_GETFLAGS as u32,
-                libc::FS_IOC_SETFLAGS as u32,
-                4,
-            ),
-            AttrKind::FsXattr => (
-                sys::FS_IOC_FSGETXATTR,
-                sys::FS_IOC_FSSETXATTR,
-                sys::FSXATTR_SIZE,
-            ),
+            AttrKind::Flags => (libc::FS_IOC_GETFLAGS as u32, libc::FS_IOC_SETFLAGS as u32),
+            AttrKind::FsXattr => (sys::FS_IOC_FSGETXATTR, sys::FS_IOC_FSSETXATTR),
         }
+    }
+
+    /// The size of the commands' argument.
+    fn size(self) -> usize {
+        sys::fileattr_arg_size(self.cmds().0).expect("a file-attribute command")
     }
 
     /// The immutable and append-only bits in this kind's first word.
@@ -68,12 +78,14 @@ impl Union {
     /// The attributes of node `id` as its real object has them, with the protection the
     /// kernel recorded in `overlay.protattr`.
     pub fn fileattr_get(&self, id: u64, kind: AttrKind) -> Result<Vec<u8>> {
-        let node = self.node(id)?;
-        let real = self.real(&node)?;
-        let (get, _, size) = kind.cmds();
+        self.fileattr_of(&*self.node(id)?, kind)
+    }
+
+    fn fileattr_of(&self, node: &Node, kind: AttrKind) -> Result<Vec<u8>> {
+        let real = self.real(node)?;
         let fd = real.open(libc::O_RDONLY | libc::O_NONBLOCK, node.is_dir())?;
-        let mut buf = vec![0u8; size];
-        sys::fileattr_ioctl(fd.as_fd(), get, &mut buf)?;
+        let mut buf = vec![0u8; kind.size()];
+        sys::fileattr_ioctl(fd.as_fd(), kind.cmds().0, &mut buf)?;
         if self.layers.is_upper(node.top_layer())
             && let Ok(Some(v)) = sys::getxattr(real.xtarget(), self.cfg.marker_ns.protattr())
         {
@@ -90,25 +102,22 @@ impl Union {
         if !self.writable() {
             return Err(err(libc::EROFS));
         }
-        let (_, set, size) = kind.cmds();
-        if data.len() < size {
+        let Some(data) = data.get(..kind.size()) else {
             return Err(err(libc::EINVAL));
-        }
-        let now = self.fileattr_get(id, kind)?;
-        let mut want = data[..size].to_vec();
-        if (word(&now) ^ word(&want)) & kind.mask() != 0 {
+        };
+        let node = self.node(id)?;
+        let now = self.fileattr_of(&node, kind)?;
+        if (word(&now) ^ word(data)) & kind.mask() != 0 {
             return Err(err(libc::EPERM));
         }
-        let node = self.node(id)?;
-        let data = if node.is_dir() { Data::All } else { Data::Meta };
-        self.copy_up(&node, data)?;
+        self.copy_up(&node, if node.is_dir() { Data::All } else { Data::Meta })?;
         // What stays protected lives in protattr, not on the upper object (as the kernel).
-        let w = word(&want) & !kind.mask();
-        set_word(&mut want, w);
+        let mut want = data.to_vec();
+        set_word(&mut want, word(data) & !kind.mask());
         let fd = self
             .real(&node)?
             .open(libc::O_RDONLY | libc::O_NONBLOCK, node.is_dir())?;
-        sys::fileattr_ioctl(fd.as_fd(), set, &mut want)?;
+        sys::fileattr_ioctl(fd.as_fd(), kind.cmds().1, &mut want)?;
         self.attrs_changed(id);
         Ok(())
     }
