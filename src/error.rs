@@ -44,6 +44,16 @@ impl Error {
         };
         self
     }
+
+    /// Context for an error that has none yet (a bare OS error); a message that already
+    /// says what it is about stays as it is.
+    pub fn or_context(self, what: impl fmt::Display) -> Self {
+        if self.context.is_empty() {
+            self.context(what)
+        } else {
+            self
+        }
+    }
 }
 
 impl From<io::Error> for Error {
@@ -72,6 +82,19 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// `s` fit for a one-line message: control characters (a newline in a file name) escaped.
+pub fn one_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 /// Shorthand: `Err(err(libc::ENOENT))`.
 pub fn err(errno: i32) -> Error {

@@ -21,7 +21,8 @@ fn main() {
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("layerfs: {e}");
+            // One line whatever names the message quotes.
+            eprintln!("layerfs: {}", layerfs::error::one_line(&e.to_string()));
             std::process::exit(1);
         }
     }

@@ -14,9 +14,20 @@ use crate::store::{Image, Store, load, normalize_ref};
 #[derive(Subcommand, Debug)]
 pub enum ImageCmd {
     /// Load images from an OCI layout dir, an oci-archive tar or a docker-archive tar.
-    Load { path: PathBuf },
+    #[command(
+        after_help = "Examples:\n  layerfs image load ./oci-layout-dir\n  layerfs image load busybox.oci.tar\n  docker save busybox | layerfs image load /dev/stdin"
+    )]
+    Load {
+        /// An OCI image layout directory, or an oci-archive or docker-archive tar.
+        path: PathBuf,
+    },
     /// A flat rootfs tarball (plain, gzip or zstd) as a one-layer image, like `docker import`.
-    Import { tar: PathBuf, reference: String },
+    Import {
+        /// The rootfs tarball.
+        tar: PathBuf,
+        /// The new image's name[:tag] (tag `latest` if none).
+        reference: String,
+    },
     /// List images: REPOSITORY TAG IMAGE-ID CREATED SIZE.
     #[command(alias = "list")]
     Ls {
@@ -24,21 +35,34 @@ pub enum ImageCmd {
         format: String,
     },
     /// Add a tag (SOURCE: name[:tag] or id; TARGET: name[:tag]); retagging moves a tag.
-    Tag { source: String, target: String },
+    Tag {
+        /// The image: name[:tag], its ID or a unique prefix of the ID.
+        source: String,
+        /// The new name[:tag]: Docker's rules (lowercase name, tag of up to 128 characters).
+        target: String,
+    },
     /// Untag an image; an image left without tags is deleted with its unshared layers.
     #[command(alias = "remove")]
-    Rm { reference: String },
+    Rm {
+        /// name[:tag] (removes that tag), or an ID (removes the image and all its tags).
+        reference: String,
+    },
     /// Per layer, newest first: CREATED, CREATED BY, SIZE, COMMENT.
     History {
+        /// name[:tag] or ID.
         image: String,
         #[arg(long, value_parser = ["table", "json"], default_value = "table")]
         format: String,
     },
     /// JSON: Id, RepoTags, Created, Config, RootFS.Layers, Size, layer paths.
-    Inspect { image: String },
+    Inspect {
+        /// name[:tag] or ID.
+        image: String,
+    },
     /// Per layer, top first: the files it adds, changes and deletes relative to the layers
     /// below, its size, and the bytes of lower files it hides; --svg draws the stack.
     Layers {
+        /// name[:tag] or ID.
         image: String,
         /// Also write the stack as an SVG picture (opens in a browser).
         #[arg(long, value_name = "FILE")]
@@ -48,10 +72,13 @@ pub enum ImageCmd {
     },
     /// Write images out: an OCI layout dir, an oci-archive or a docker-archive tar.
     Save {
+        /// Images (name[:tag] or ID) to write, with their tags.
         #[arg(required = true)]
         images: Vec<String>,
+        /// Where to write: a tar file, or a new directory for oci-dir.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
+        /// The output format.
         #[arg(long, value_parser = ["oci-dir", "oci-archive", "docker-archive"], default_value = "oci-archive")]
         format: String,
     },
@@ -60,8 +87,13 @@ pub enum ImageCmd {
 #[derive(Subcommand, Debug)]
 pub enum ContainerCmd {
     /// A new writable layer over an image's layers.
+    #[command(
+        after_help = "Example:\n  layerfs container create busybox --name web && layerfs container mount web /mnt/web"
+    )]
     Create {
+        /// The image: name[:tag] or ID.
         image: String,
+        /// The container's name: letters, digits, '_', '.', '-' (not first); default c-<hex>.
         #[arg(long)]
         name: Option<String>,
     },
@@ -71,22 +103,41 @@ pub enum ContainerCmd {
         format: String,
     },
     /// Delete a container's writable layer (the image stays).
-    Rm { name: String },
+    Rm {
+        /// The container.
+        name: String,
+    },
     /// JSON: name, image, its layer dirs (top first), the writable layer, the mountpoint.
-    Inspect { name: String },
+    Inspect {
+        /// The container.
+        name: String,
+    },
     /// Mount a container's root filesystem (image layers + its writable layer).
-    Mount { name: String, mountpoint: PathBuf },
+    Mount {
+        /// The container.
+        name: String,
+        /// An existing directory to mount it on.
+        mountpoint: PathBuf,
+    },
     /// Unmount it.
-    Umount { name: String },
+    Umount {
+        /// The container.
+        name: String,
+    },
     /// A/C/D lines, like `docker diff`, read from the writable layer.
-    Diff { name: String },
+    Diff {
+        /// The container.
+        name: String,
+    },
     /// Write an OCI runtime bundle: DIR/config.json from the image config (Env,
     /// Entrypoint/Cmd, WorkingDir, User, Labels) and the rootfs mounted at DIR/rootfs.
     #[command(
         after_help = "Example:\n  layerfs container bundle web /tmp/web && runc run --bundle /tmp/web web"
     )]
     Bundle {
+        /// The container.
         name: String,
+        /// The bundle directory (created if missing).
         dir: PathBuf,
         /// Allocate a terminal (process.terminal = true).
         #[arg(short, long)]
@@ -101,6 +152,7 @@ pub enum ContainerCmd {
         after_help = "Examples:\n  layerfs container run web\n  layerfs container run web -- sh -c 'echo hi > /tmp/x'\n  layerfs container run web --runtime crun -- ls /"
     )]
     Run {
+        /// The container.
         name: String,
         /// The OCI runtime (a name on PATH or a path).
         #[arg(long, default_value = "runc")]
@@ -113,9 +165,13 @@ pub enum ContainerCmd {
         cmd: Vec<String>,
     },
     /// The writable layer as a new layer: a new image NEW[:TAG] with a history entry.
+    #[command(after_help = "Example:\n  layerfs container commit web web:v2 -m 'installed nginx'")]
     Commit {
+        /// The container.
         name: String,
+        /// The new image's name[:tag] (tag `latest` if none).
         new: String,
+        /// The history entry's comment.
         #[arg(short = 'm', long)]
         message: Option<String>,
     },
@@ -378,6 +434,24 @@ pub fn run_image(root: &Path, cmd: ImageCmd) -> Result<i32> {
 
 // ---------------------------------------------------------------- containers
 
+/// A new container's name: Docker's characters, so it is a safe directory name and a valid
+/// runc container id.
+fn check_new_container_name(name: &str) -> Result<()> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 128
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::msg(format!(
+            "bad container name {name:?}: up to 128 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )))
+    }
+}
+
 fn container_dir(store: &Store, name: &str) -> Result<PathBuf> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
         return Err(Error::msg(format!("bad container name {name:?}")));
@@ -507,6 +581,7 @@ pub fn run_container(root: &Path, cmd: ContainerCmd) -> Result<i32> {
                         [..10]
                 )
             });
+            check_new_container_name(&name)?;
             let dir = container_dir(&store, &name)?;
             if dir.exists() {
                 return Err(Error::msg(format!("container {name} already exists")));

@@ -148,11 +148,18 @@ fn load_oci(store: &Store, dir: &Path, say: &mut dyn FnMut(String)) -> Result<Ve
                 ))
             })
             .collect::<Result<_>>()?;
-        let tags = name
-            .map(|n| normalize_ref(&n))
-            .transpose()?
-            .into_iter()
-            .collect();
+        // The OCI spec allows names Docker does not (uppercase, '+'): such an image is
+        // loaded untagged, with a word on how to name it, rather than refused.
+        let tags = match name.map(|n| normalize_ref(&n)) {
+            Some(Ok(t)) => vec![t],
+            Some(Err(e)) => {
+                say(format!(
+                    "warning: {e}; the image is loaded without a tag (name it with `layerfs image tag ID NAME`)"
+                ));
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
         let sources = layers
             .into_iter()
             .map(|(d, mt, size)| {
@@ -504,6 +511,8 @@ pub fn import(
     tag: &str,
     say: &mut dyn FnMut(String),
 ) -> Result<Loaded> {
+    // A bad tag is refused before the tarball is read.
+    let tag = normalize_ref(tag)?;
     let src = SourceData::File(path.to_path_buf());
     if !path.is_file() {
         return Err(Error::msg(format!("{} is not a file", path.display())));
@@ -529,12 +538,5 @@ pub fn import(
         media_type: String::new(),
         data: src,
     };
-    commit_image(
-        store,
-        &bytes,
-        &config,
-        vec![source],
-        vec![normalize_ref(tag)?],
-        say,
-    )
+    commit_image(store, &bytes, &config, vec![source], vec![tag], say)
 }

@@ -6,6 +6,7 @@
 pub mod digest;
 pub mod load;
 pub mod pack;
+pub mod reference;
 pub mod save;
 pub mod unpack;
 
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Context, Error, Result};
 use crate::union::format::MarkerNs;
 use digest::Digest;
+pub use reference::normalize_ref;
 
 pub const FORMAT_VERSION: &str = "1";
 
@@ -43,19 +45,6 @@ pub struct Image {
     pub id: Digest,
     pub layers: Vec<LayerRef>,
     pub created: Option<String>,
-}
-
-/// `name[:tag]` with the default tag `latest`.
-pub fn normalize_ref(r: &str) -> Result<String> {
-    if r.is_empty() || r.contains(char::is_whitespace) {
-        return Err(Error::msg(format!("bad image reference {r:?}")));
-    }
-    let last = r.rsplit('/').next().unwrap_or(r);
-    Ok(if last.contains(':') {
-        r.to_string()
-    } else {
-        format!("{r}:latest")
-    })
 }
 
 fn write_atomic(dir_tmp: &Path, dest: &Path, data: &[u8]) -> Result<()> {
@@ -312,6 +301,8 @@ impl Store {
         tag: Option<String>,
         message: Option<String>,
     ) -> Result<Image> {
+        // A bad tag is refused before the layer is packed.
+        let tag = tag.as_deref().map(normalize_ref).transpose()?;
         let tar = pack::pack_upper(upper)?;
         let diff_id = Digest::of(&tar);
         if !self.has_layer(&diff_id) {
@@ -361,7 +352,7 @@ impl Store {
         self.put_image(&img)?;
         if let Some(t) = tag {
             let mut tags = self.tags()?;
-            tags.insert(normalize_ref(&t)?, img.id.clone());
+            tags.insert(t, img.id.clone());
             self.set_tags(&tags)?;
         }
         Ok(img)

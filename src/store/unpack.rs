@@ -125,9 +125,19 @@ impl Ctx<'_> {
     }
 }
 
+/// A path of the layer for a one-line message: control characters escaped, an absurdly
+/// long component cut short.
 fn show(p: &[OsString]) -> String {
+    const LONG: usize = 64;
     p.iter()
-        .map(|c| c.to_string_lossy())
+        .map(|c| {
+            let s = c.to_string_lossy();
+            let mut out = crate::error::one_line(&s.chars().take(LONG).collect::<String>());
+            if s.chars().count() > LONG {
+                out.push_str(&format!("...({} bytes)", c.len()));
+            }
+            out
+        })
         .collect::<Vec<_>>()
         .join("/")
 }
@@ -153,113 +163,13 @@ pub fn unpack(input: impl Read, root: BorrowedFd<'_>, ns: MarkerNs) -> Result<Un
             .map_err(|e| bad(format!("bad entry name: {e}")))?
             .into_owned();
         let comps = components(&path)?;
-        let Some((name, parent)) = comps.split_last() else {
+        if comps.is_empty() {
             continue;
-        };
+        }
         out.entries += 1;
-        let dfd = cx.dir(parent)?;
-        let hdr = e.header().clone();
-        let kind = hdr.entry_type();
-        // Whiteouts, whatever entry type carries them (image writers hard-link later ones).
-        if name.as_bytes() == format::WH_OPAQUE {
-            sys::setxattr(XTarget::Fd(dfd.as_fd()), cx.ns.opaque(), b"y", 0)
-                .map_err(|e| Error::from(e).context(format!("marking {} opaque", show(parent))))?;
-            continue;
-        }
-        if let Some(hidden) = format::oci_whited_out(name) {
-            let hidden = hidden.to_os_string();
-            let mut p = parent.to_vec();
-            p.push(hidden.clone());
-            cx.clear(dfd.as_fd(), &p, &hidden)?;
-            sys::mknodat(dfd.as_fd(), &hidden, libc::S_IFCHR, 0)
-                .map_err(|e| Error::from(e).context(format!("whiteout {}", show(&p))))?;
-            out.whiteouts += 1;
-            continue;
-        }
-        let mode = hdr.mode().unwrap_or(0o644) & 0o7777;
-        let mtime = hdr.mtime().unwrap_or(0) as i64;
-        if kind.is_dir() {
-            let _ = cx.dir(&comps)?;
-            sys::chmodat(dfd.as_fd(), name, mode)?;
-            apply_owner_xattrs(&mut e, dfd.as_fd(), name)?;
-            sys::chmodat(dfd.as_fd(), name, mode)?;
-            cx.dir_times.push((comps.clone(), mtime));
-            continue;
-        }
-        cx.clear(dfd.as_fd(), &comps, name)?;
-        if kind.is_file() || kind == tar::EntryType::Continuous {
-            let fd = sys::openat(
-                dfd.as_fd(),
-                name,
-                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
-                0o600,
-            )?;
-            let mut f = std::fs::File::from(fd);
-            out.bytes += std::io::copy(&mut e, &mut f)
-                .map_err(|err| bad(format!("layer data of {}: {err}", show(&comps))))?;
-        } else if kind.is_symlink() {
-            let target = e
-                .link_name()
-                .ok()
-                .flatten()
-                .ok_or_else(|| bad(format!("symlink {} has no target", show(&comps))))?;
-            sys::symlinkat(target.as_os_str(), dfd.as_fd(), name)?;
-        } else if kind.is_hard_link() {
-            let target = e
-                .link_name()
-                .ok()
-                .flatten()
-                .ok_or_else(|| bad(format!("hard link {} has no target", show(&comps))))?;
-            let t = components(&target).map_err(|_| {
-                bad(format!(
-                    "hard link {} points outside the layer",
-                    show(&comps)
-                ))
-            })?;
-            let (tname, tparent) = t
-                .split_last()
-                .ok_or_else(|| bad("hard link to the layer root"))?;
-            let tdir = cx.dir(tparent)?;
-            sys::linkat(tdir.as_fd(), tname, dfd.as_fd(), name).map_err(|err| {
-                Error::from(err).context(format!(
-                    "hard link {} -> {}",
-                    show(&comps),
-                    target.display()
-                ))
-            })?;
-            continue; // shares the target's metadata
-        } else if kind.is_fifo() {
-            sys::mknodat(dfd.as_fd(), name, libc::S_IFIFO | mode, 0)?;
-        } else if kind.is_character_special() || kind.is_block_special() {
-            if !cx.privileged {
-                out.skipped_devices += 1;
-                log::warn!("skipping device {} (needs privileges)", show(&comps));
-                continue;
-            }
-            let (maj, min) = (
-                hdr.device_major().ok().flatten().unwrap_or(0),
-                hdr.device_minor().ok().flatten().unwrap_or(0),
-            );
-            let t = if kind.is_character_special() {
-                libc::S_IFCHR
-            } else {
-                libc::S_IFBLK
-            };
-            sys::mknodat(dfd.as_fd(), name, t | mode, libc::makedev(maj, min))?;
-        } else {
-            // PAX/GNU metadata entries are consumed by the tar reader; anything else is skipped.
-            continue;
-        }
-        apply_owner_xattrs(&mut e, dfd.as_fd(), name)?;
-        if !kind.is_symlink() {
-            sys::chmodat(dfd.as_fd(), name, mode)?;
-        }
-        sys::utimensat(
-            dfd.as_fd(),
-            name,
-            Some(Some((mtime, 0))),
-            Some(Some((mtime, 0))),
-        )?;
+        // An OS error with no words of its own says which entry it came from.
+        unpack_entry(&mut cx, &mut e, &comps, &mut out)
+            .map_err(|err| err.or_context(format!("layer entry {}", show(&comps))))?;
     }
     // Directory times last, deepest first (creating children changed them).
     cx.dir_times.sort_by_key(|d| std::cmp::Reverse(d.0.len()));
@@ -270,6 +180,117 @@ pub fn unpack(input: impl Read, root: BorrowedFd<'_>, ns: MarkerNs) -> Result<Un
         }
     }
     Ok(out)
+}
+
+/// Write one entry (`comps` non-empty) into the layer.
+fn unpack_entry<R: Read>(
+    cx: &mut Ctx<'_>,
+    e: &mut tar::Entry<'_, R>,
+    comps: &[OsString],
+    out: &mut Unpacked,
+) -> Result<()> {
+    let (name, parent) = comps.split_last().expect("non-empty");
+    let dfd = cx.dir(parent)?;
+    let hdr = e.header().clone();
+    let kind = hdr.entry_type();
+    // Whiteouts, whatever entry type carries them (image writers hard-link later ones).
+    if name.as_bytes() == format::WH_OPAQUE {
+        sys::setxattr(XTarget::Fd(dfd.as_fd()), cx.ns.opaque(), b"y", 0)
+            .map_err(|e| Error::from(e).context(format!("marking {} opaque", show(parent))))?;
+        return Ok(());
+    }
+    if let Some(hidden) = format::oci_whited_out(name) {
+        let hidden = hidden.to_os_string();
+        let mut p = parent.to_vec();
+        p.push(hidden.clone());
+        cx.clear(dfd.as_fd(), &p, &hidden)?;
+        sys::mknodat(dfd.as_fd(), &hidden, libc::S_IFCHR, 0)
+            .map_err(|e| Error::from(e).context(format!("whiteout {}", show(&p))))?;
+        out.whiteouts += 1;
+        return Ok(());
+    }
+    let mode = hdr.mode().unwrap_or(0o644) & 0o7777;
+    let mtime = hdr.mtime().unwrap_or(0) as i64;
+    if kind.is_dir() {
+        let _ = cx.dir(comps)?;
+        sys::chmodat(dfd.as_fd(), name, mode)?;
+        apply_owner_xattrs(e, dfd.as_fd(), name)?;
+        sys::chmodat(dfd.as_fd(), name, mode)?;
+        cx.dir_times.push((comps.to_vec(), mtime));
+        return Ok(());
+    }
+    cx.clear(dfd.as_fd(), comps, name)?;
+    if kind.is_file() || kind == tar::EntryType::Continuous {
+        let fd = sys::openat(
+            dfd.as_fd(),
+            name,
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+            0o600,
+        )?;
+        let mut f = std::fs::File::from(fd);
+        out.bytes += std::io::copy(e, &mut f)
+            .map_err(|err| bad(format!("layer data of {}: {err}", show(comps))))?;
+    } else if kind.is_symlink() {
+        let target = e
+            .link_name()
+            .ok()
+            .flatten()
+            .filter(|t| !t.as_os_str().is_empty())
+            .ok_or_else(|| bad(format!("symlink {} has no target", show(comps))))?;
+        sys::symlinkat(target.as_os_str(), dfd.as_fd(), name)?;
+    } else if kind.is_hard_link() {
+        let target = e
+            .link_name()
+            .ok()
+            .flatten()
+            .ok_or_else(|| bad(format!("hard link {} has no target", show(comps))))?;
+        let t = components(&target).map_err(|_| {
+            bad(format!(
+                "hard link {} points outside the layer",
+                show(comps)
+            ))
+        })?;
+        let (tname, tparent) = t
+            .split_last()
+            .ok_or_else(|| bad("hard link to the layer root"))?;
+        let tdir = cx.dir(tparent)?;
+        sys::linkat(tdir.as_fd(), tname, dfd.as_fd(), name).map_err(|err| {
+            Error::from(err).context(format!("hard link {} -> {}", show(comps), show(&t)))
+        })?;
+        return Ok(()); // shares the target's metadata
+    } else if kind.is_fifo() {
+        sys::mknodat(dfd.as_fd(), name, libc::S_IFIFO | mode, 0)?;
+    } else if kind.is_character_special() || kind.is_block_special() {
+        if !cx.privileged {
+            out.skipped_devices += 1;
+            log::warn!("skipping device {} (needs privileges)", show(comps));
+            return Ok(());
+        }
+        let (maj, min) = (
+            hdr.device_major().ok().flatten().unwrap_or(0),
+            hdr.device_minor().ok().flatten().unwrap_or(0),
+        );
+        let t = if kind.is_character_special() {
+            libc::S_IFCHR
+        } else {
+            libc::S_IFBLK
+        };
+        sys::mknodat(dfd.as_fd(), name, t | mode, libc::makedev(maj, min))?;
+    } else {
+        // PAX/GNU metadata entries are consumed by the tar reader; anything else is skipped.
+        return Ok(());
+    }
+    apply_owner_xattrs(e, dfd.as_fd(), name)?;
+    if !kind.is_symlink() {
+        sys::chmodat(dfd.as_fd(), name, mode)?;
+    }
+    sys::utimensat(
+        dfd.as_fd(),
+        name,
+        Some(Some((mtime, 0))),
+        Some(Some((mtime, 0))),
+    )?;
+    Ok(())
 }
 
 fn apply_owner_xattrs<R: Read>(

@@ -14,6 +14,16 @@ fn ok(root: &Path, args: &[&str]) -> String {
     out
 }
 
+/// A store in `s` with the buildah fixture (bb-base, bb-multi) loaded.
+fn buildah_store(s: &Scratch) -> PathBuf {
+    let root = s.path("store");
+    ok(
+        &root,
+        &["image", "load", fixture("buildah-oci").to_str().unwrap()],
+    );
+    root
+}
+
 fn layer_count(root: &Path) -> usize {
     fs::read_dir(root.join("layers")).unwrap().count()
 }
@@ -262,11 +272,7 @@ fn image_layers_maps_a_real_image_and_draws_it() {
 fn tags_move_and_rm_deletes_only_unshared_layers() {
     require_fuse!();
     let s = Scratch::new();
-    let root = s.path("store");
-    ok(
-        &root,
-        &["image", "load", fixture("buildah-oci").to_str().unwrap()],
-    );
+    let root = buildah_store(&s);
     ok(&root, &["image", "tag", "bb-multi", "mine:v1"]);
     ok(&root, &["image", "tag", "bb-base", "mine:v1"]); // retag moves it
     let ls = ok(&root, &["images", "--format", "json"]);
@@ -640,11 +646,7 @@ fn skopeo_accepts_what_image_save_writes() {
         return;
     }
     let s = Scratch::new();
-    let root = s.path("store");
-    ok(
-        &root,
-        &["image", "load", fixture("buildah-oci").to_str().unwrap()],
-    );
+    let root = buildah_store(&s);
     let dir = s.path("oci");
     let arch = s.path("img.tar");
     ok(
@@ -765,4 +767,222 @@ fn zstd_layers_load_and_containers_inspect() {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let wh = fs::symlink_metadata(low.join("etc/motd")).unwrap();
     assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
+}
+
+/// The archive `src` with its manifest.json's first RepoTags replaced by `tags`.
+fn retagged_docker_archive(src: &Path, dst: &Path, tags: &[&str]) {
+    let mut ar = tar::Archive::new(fs::File::open(src).unwrap());
+    let mut out = tar::Builder::new(fs::File::create(dst).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut h = e.header().clone();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        if e.path().unwrap() == Path::new("manifest.json") {
+            let mut m: serde_json::Value = serde_json::from_slice(&data).unwrap();
+            m[0]["RepoTags"] = serde_json::json!(tags);
+            data = serde_json::to_vec(&m).unwrap();
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+        }
+        out.append(&h, &data[..]).unwrap();
+    }
+    out.finish().unwrap();
+}
+
+#[test]
+fn references_and_names_follow_dockers_rules_before_anything_is_written() {
+    require_fuse!();
+    let s = Scratch::new();
+    let root = buildah_store(&s);
+    let (layers, images) = (layer_count(&root), 2);
+    let image_count = || fs::read_dir(root.join("images")).unwrap().count();
+    assert_eq!(image_count(), images);
+    let one_error = |args: &[&str], needle: &str| {
+        let (okc, _, err) = lfs(&root, args);
+        assert!(!okc, "{args:?} must fail");
+        let err = err.trim();
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        assert!(err.starts_with("layerfs: "), "{err}");
+    };
+    // Names and tags Docker refuses are refused by `image tag`, with the reason.
+    let long_tag = format!("x:{}", "t".repeat(129));
+    for (bad, why) in [
+        ("UPPER:Tag", "must be lowercase"),
+        ("x:", "a tag is"),
+        ("x:-y", "a tag is"),
+        (":x", "name component"),
+        ("../x", "registry part"),
+        ("x/../y", "name component"),
+        ("x@sha256:00", "digest references"),
+        (long_tag.as_str(), "a tag is"),
+    ] {
+        one_error(&["image", "tag", "bb-base", bad], why);
+    }
+    let tags_before = fs::read(root.join("tags.json")).unwrap();
+    // A registry with a port and every separator Docker allows.
+    let good = "localhost:5000/team/web_app__x-y.z:v1.0-rc_1";
+    ok(&root, &["image", "tag", "bb-base", good]);
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&root, &["image", "ls", "--format", "json"])).unwrap();
+    assert!(
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["Repository"] == "localhost:5000/team/web_app__x-y.z"
+                && r["Tag"] == "v1.0-rc_1"),
+        "{ls}"
+    );
+    assert_ne!(fs::read(root.join("tags.json")).unwrap(), tags_before);
+    // import and commit refuse a bad name before they read or pack anything.
+    let rootfs = s.path("rootfs.tar");
+    let mut b = tar::Builder::new(fs::File::create(&rootfs).unwrap());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(2);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "f", &b"hi"[..]).unwrap();
+    b.finish().unwrap();
+    one_error(
+        &["image", "import", rootfs.to_str().unwrap(), "Bad"],
+        "must be lowercase",
+    );
+    assert_eq!(layer_count(&root), layers, "import stored no layer");
+    // Container names: Docker's characters, refused before the container dir exists.
+    for bad in ["a b", "-x", ".hidden", "a/b", "x\ny"] {
+        one_error(
+            &["container", "create", "bb-base", &format!("--name={bad}")],
+            "bad container name",
+        );
+    }
+    assert!(
+        !root.join("containers").exists()
+            || fs::read_dir(root.join("containers")).unwrap().count() == 0
+    );
+    ok(
+        &root,
+        &["container", "create", "bb-base", "--name", "c1.web-2_x"],
+    );
+    one_error(
+        &["container", "commit", "c1.web-2_x", "x::y"],
+        "name component",
+    );
+    assert_eq!(image_count(), images, "commit recorded no image");
+    assert_eq!(layer_count(&root), layers, "commit stored no layer");
+    ok(&root, &["container", "rm", "c1.web-2_x"]);
+    // An archive that names its image badly is refused whole; the store stays as it was.
+    let bad_archive = s.path("bad-tags.tar");
+    retagged_docker_archive(
+        &fixture("docker-save-multi.tar"),
+        &bad_archive,
+        &["Bad:Tag"],
+    );
+    one_error(
+        &["image", "load", bad_archive.to_str().unwrap()],
+        "must be lowercase",
+    );
+    assert_eq!(image_count(), images, "no image recorded");
+    assert_eq!(layer_count(&root), layers, "no layer stored");
+    assert_eq!(
+        fs::read_dir(root.join("tmp")).unwrap().count(),
+        0,
+        "no staging left"
+    );
+    // The same archive with a good name loads (the rewrite itself is sound).
+    let good_archive = s.path("good-tags.tar");
+    retagged_docker_archive(
+        &fixture("docker-save-multi.tar"),
+        &good_archive,
+        &["bb-base-docker:renamed"],
+    );
+    ok(&root, &["image", "load", good_archive.to_str().unwrap()]);
+    ok(&root, &["image", "inspect", "bb-base-docker:renamed"]);
+    // An OCI layout may name an image as Docker would not ('+', uppercase): it loads
+    // untagged, with a warning that says how to name it.
+    let odd = spoiled(&s, "odd-name", |d| {
+        let index = fs::read_to_string(d.join("index.json")).unwrap();
+        fs::write(
+            d.join("index.json"),
+            index.replace("\"bb-base\"", "\"BB+base\""),
+        )
+        .unwrap();
+    });
+    let root2 = s.path("store2");
+    let (okl, _, err) = lfs(&root2, &["image", "load", odd.to_str().unwrap()]);
+    assert!(okl, "{err}");
+    assert!(
+        err.contains("warning: bad image reference \"BB+base\"")
+            && err.contains("loaded without a tag"),
+        "{err}"
+    );
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&root2, &["image", "ls", "--format", "json"])).unwrap();
+    let rows = ls.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{ls}");
+    assert!(rows.iter().any(|r| r["Repository"] == "bb-multi"), "{ls}");
+    assert!(rows.iter().any(|r| r["Tag"] == "<none>"), "{ls}");
+}
+
+/// A tar written by the tar crate (GNU long names for names over 100 bytes).
+fn gnu_tar(add: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    add(&mut b);
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn unpack_errors_name_the_entry_on_one_line() {
+    let s = Scratch::new();
+    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        (
+            "empty symlink target",
+            raw_tar(&[(b"s", b'2', b"", b"")]),
+            &["symlink s has no target"],
+        ),
+        (
+            "newline in a hard-link target",
+            raw_tar(&[(b"h", b'1', b"no\nsuch", b"")]),
+            &["hard link h -> no\\nsuch", "No such file or directory"],
+        ),
+        (
+            "a 300-byte symlink name",
+            gnu_tar(|b| {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                h.set_mode(0o777);
+                b.append_link(&mut h, "n".repeat(300), "t").unwrap();
+            }),
+            &["layer entry nnnn", "...(300 bytes)", "File name too long"],
+        ),
+        (
+            "a 300-byte directory name",
+            gnu_tar(|b| {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(1);
+                h.set_mode(0o644);
+                b.append_data(&mut h, "n".repeat(300) + "/f", &b"x"[..])
+                    .unwrap();
+            }),
+            &["creating nnnn", "...(300 bytes)", "File name too long"],
+        ),
+    ];
+    for (i, (what, layer, needles)) in cases.into_iter().enumerate() {
+        let dir = s.mkdir(&format!("layer{i}"));
+        let root = layerfs::sys::open_dir_path(&dir).unwrap();
+        let e = layerfs::store::unpack::unpack(
+            &layer[..],
+            std::os::fd::AsFd::as_fd(&root),
+            layerfs::union::format::MarkerNs::Trusted,
+        )
+        .unwrap_err()
+        .to_string();
+        for n in needles {
+            assert!(e.contains(n), "{what}: {e:?} lacks {n:?}");
+        }
+        assert!(
+            !e.contains('\n') && e.len() < 200,
+            "{what}: one short line: {e:?}"
+        );
+    }
 }
