@@ -17,6 +17,9 @@ use crate::error::Result;
 const MOUNT_HELP: &str = "\
 Mount OPTIONS (comma-separated; -o may be repeated):
   lowerdir=TOP:...:BOTTOM  read-only layers, top first (kernel overlayfs order); \\: escapes a colon
+  lowerdir+=DIR            one lower layer per option, top first, no escapes (the kernel's
+                           new mount API form); not mixed with lowerdir=. Data-only layers
+                           ('::', datadir+=) are refused
   upperdir=DIR             writable layer (all changes land here); needs workdir
   workdir=DIR              on the same filesystem as upperdir: work/ (scratch, emptied at
                            mount) and index/ (copied-up lower hard links, the kernel's
@@ -58,7 +61,9 @@ Mount OPTIONS (comma-separated; -o may be repeated):
                            (as root, allow_other, default_permissions, dev and suid are on)
 Accepted for compatibility and ignored (fuse-overlayfs, mount(8), kernel overlayfs):
   rw atime relatime strictatime nodiratime async exec defaults context= fscontext= defcontext=
-  rootcontext= xino= index= redirect_dir= nfs_export= uuid= posix_acl ...
+  rootcontext= posix_acl ...; with the kernel's values checked: redirect_dir=on|off|follow|
+  nofollow, index=on|off, xino=on|off|auto, nfs_export=on|off, uuid=on|off|null|auto,
+  verity=on|off|require
 
 Examples:
   layerfs mount -o lowerdir=/img/l2:/img/l1,upperdir=/c/up,workdir=/c/work /c/rootfs

@@ -40,18 +40,24 @@ pub const IGNORED: &[&str] = &[
     "fscontext",
     "defcontext",
     "rootcontext",
-    "xino",
-    "index",
-    "nfs_export",
-    "redirect_dir",
-    "uuid",
     "fast_ino",
     "threaded",
     "posix_acl",
-    "verity",
     "override_creds",
     "noxattrs",
     "plugins",
+];
+
+/// Kernel overlayfs options that take a value, with the values the kernel accepts: checked
+/// as the kernel checks them (a bad value fails the mount), then ignored (layerfs always
+/// follows redirects, keeps the inode index, and has no NFS export or xino to configure).
+const KERNEL_VALUED: &[(&str, &[&str])] = &[
+    ("redirect_dir", &["on", "off", "follow", "nofollow"]),
+    ("index", &["on", "off"]),
+    ("xino", &["on", "off", "auto"]),
+    ("nfs_export", &["on", "off"]),
+    ("uuid", &["on", "off", "null", "auto"]),
+    ("verity", &["on", "off", "require"]),
 ];
 
 /// Split on `sep`, honouring `\sep` (and `\\`) escapes.
@@ -116,6 +122,8 @@ fn split_options(s: &str) -> Vec<String> {
 #[derive(Default, Debug)]
 struct Raw {
     lower: Option<String>,
+    /// `lower` was built from `lowerdir+=` options.
+    lower_plus: bool,
     upper: Option<String>,
     work: Option<String>,
     fsync: bool,
@@ -147,7 +155,27 @@ fn parse_raw(opts: &[String]) -> Result<Raw> {
                 .ok_or_else(|| Error::msg(format!("mount option '{k}' needs a value ({k}=...)")))
         };
         match k.as_str() {
+            "lowerdir" if r.lower_plus => {
+                return Err(Error::msg(
+                    "lowerdir cannot follow lowerdir+ (use one form)",
+                ));
+            }
             "lowerdir" => r.lower = Some(need(v)?),
+            // The kernel's new mount API form: one layer per option, top first, no escapes.
+            "lowerdir+" => {
+                if r.lower.is_some() && !r.lower_plus {
+                    return Err(Error::msg(
+                        "lowerdir+ cannot follow lowerdir (use one form)",
+                    ));
+                }
+                let layer = need(v)?.replace('\\', "\\\\").replace(':', "\\:");
+                r.lower = Some(match r.lower.take() {
+                    Some(l) => format!("{l}:{layer}"),
+                    None => layer,
+                });
+                r.lower_plus = true;
+            }
+            "datadir+" => return Err(data_only_unsupported()),
             "upperdir" => r.upper = Some(need(v)?),
             "workdir" => r.work = Some(need(v)?),
             "fsync" => {
@@ -230,6 +258,17 @@ fn parse_raw(opts: &[String]) -> Result<Raw> {
             "sync" => r.kernel.push(MountOption::Sync),
             "dirsync" => r.kernel.push(MountOption::DirSync),
             _ if IGNORED.contains(&k.as_str()) => log::debug!("ignoring mount option {o}"),
+            _ if let Some((_, values)) = KERNEL_VALUED.iter().find(|(n, _)| *n == k) => {
+                match v.as_deref() {
+                    Some(x) if values.contains(&x) => log::debug!("ignoring mount option {o}"),
+                    _ => {
+                        return Err(Error::msg(format!(
+                            "{o}: expected {k}={} (as kernel overlayfs)",
+                            values.join("|")
+                        )));
+                    }
+                }
+            }
             _ => {
                 return Err(Error::msg(format!(
                     "unknown mount option '{o}' (see `layerfs mount --help` for the accepted list)"
@@ -238,6 +277,15 @@ fn parse_raw(opts: &[String]) -> Result<Raw> {
         }
     }
     Ok(r)
+}
+
+/// Data-only lower layers (`lowerdir=A::B`, `datadir+=`): the kernel hides them from the
+/// namespace and reads them only through metacopy redirects; layerfs has no such layers, and
+/// stacking them as ordinary ones would show files the kernel hides.
+fn data_only_unsupported() -> Error {
+    Error::msg(
+        "data-only lower layers ('::' in lowerdir, datadir+) are not supported; separate layers with ':'",
+    )
 }
 
 /// A numeric uid or gid option value.
@@ -318,7 +366,17 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
         .lower
         .ok_or_else(|| Error::msg("no lowerdir given: use -o lowerdir=TOP:...:BOTTOM"))?;
     let mut canon = Canon::default();
-    let lowers: Vec<PathBuf> = split_escaped(&lower, ':')
+    let parts = split_escaped(&lower, ':');
+    // An empty part between two layers is the kernel's '::' (data-only layers below it).
+    let (first, last) = (0, parts.len().saturating_sub(1));
+    if parts
+        .iter()
+        .enumerate()
+        .any(|(i, p)| p.is_empty() && i != first && i != last)
+    {
+        return Err(data_only_unsupported());
+    }
+    let lowers: Vec<PathBuf> = parts
         .into_iter()
         .filter(|s| !s.is_empty())
         .map(|p| canon.dir("lowerdir", &p))
@@ -519,6 +577,46 @@ mod tests {
             e.to_string().contains("unknown mount option 'bogus'"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn kernel_option_values_are_checked_and_lowerdir_plus_appends() {
+        let raw = |o: &str| parse_raw(&[o.into()]);
+        for ok in [
+            "redirect_dir=nofollow",
+            "index=off",
+            "xino=auto",
+            "uuid=null",
+            "nfs_export=on",
+            "verity=require",
+        ] {
+            assert!(raw(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "redirect_dir=x",
+            "redirect_dir",
+            "index",
+            "xino=1",
+            "uuid=",
+            "verity=on2",
+        ] {
+            let e = raw(bad).unwrap_err().to_string();
+            assert!(e.contains("(as kernel overlayfs)"), "{bad}: {e}");
+        }
+        let r = raw(r"lowerdir+=/a,lowerdir+=/b:c,lowerdir+=/d\e").unwrap();
+        assert_eq!(r.lower.as_deref(), Some(r"/a:/b\:c:/d\\e"));
+        assert_eq!(
+            split_escaped(r.lower.as_deref().unwrap(), ':'),
+            vec!["/a", "/b:c", r"/d\e"]
+        );
+        for bad in ["lowerdir=/a,lowerdir+=/b", "lowerdir+=/a,lowerdir=/b"] {
+            assert!(
+                raw(bad).unwrap_err().to_string().contains("cannot follow"),
+                "{bad}"
+            );
+        }
+        let e = raw("lowerdir=/a,datadir+=/b").unwrap_err().to_string();
+        assert!(e.contains("data-only lower layers"), "{e}");
     }
 
     #[test]

@@ -199,3 +199,64 @@ fn help_teaches_the_options() {
         assert!(out.contains(w), "mount --help mentions {w}");
     }
 }
+
+#[test]
+fn lowerdir_plus_and_option_values_are_taken_as_the_kernel_takes_them() {
+    require_fuse!();
+    let s = Scratch::new();
+    let top = s.mkdir("top");
+    let mid = s.mkdir("mid:colon");
+    let bottom = s.mkdir("bottom");
+    write(top.join("f"), b"top");
+    write(mid.join("f"), b"mid");
+    write(mid.join("m"), b"mid m");
+    write(bottom.join("m"), b"bottom m");
+    write(bottom.join("b"), b"b");
+    let plus = [&top, &mid, &bottom]
+        .iter()
+        .map(|l| format!("lowerdir+={}", l.display()))
+        .collect::<Vec<_>>()
+        .join(",");
+    // The same stack through the kernel's one-layer-per-option form: top first, a colon
+    // in a layer's name taken literally.
+    let (km, lm) = (s.mkdir("kmnt"), s.mkdir("lmnt"));
+    let k = Kernel::mount(&plus, &km);
+    let l = Layerfs::mount(&plus, &lm);
+    assert_eq!(std::fs::read(lm.join("f")).unwrap(), b"top");
+    assert_eq!(std::fs::read(lm.join("m")).unwrap(), b"mid m");
+    assert_same_tree("lowerdir+", &snapshot(&km), &snapshot(&lm));
+    drop((k, l));
+    // What the kernel refuses, layerfs refuses, with a one-line reason.
+    let base = format!("lowerdir={}:{}", top.display(), bottom.display());
+    for (extra, needle) in [
+        (
+            "redirect_dir=x",
+            "expected redirect_dir=on|off|follow|nofollow",
+        ),
+        ("index", "expected index=on|off"),
+        ("xino=1", "expected xino=on|off|auto"),
+        (
+            &format!("lowerdir+={}", mid.display()) as &str,
+            "lowerdir+ cannot follow lowerdir",
+        ),
+    ] {
+        let opts = format!("{base},{extra}");
+        assert!(
+            Kernel::try_mount(&opts, &km).is_err(),
+            "the kernel refuses {extra}"
+        );
+        assert_one_line_error(&["mount", "-o", &opts, lm.to_str().unwrap()], needle);
+        assert!(listing(&lm).is_empty(), "{extra}: nothing mounted");
+    }
+    // Data-only layers ('::'): the kernel hides them from the tree; layerfs has none, and
+    // refuses rather than show them as ordinary layers.
+    let data_only = format!("lowerdir={}::{}", top.display(), bottom.display());
+    let k = Kernel::mount(&data_only, &km);
+    assert!(!km.join("b").exists(), "the kernel hides a data-only layer");
+    drop(k);
+    assert_one_line_error(
+        &["mount", "-o", &data_only, lm.to_str().unwrap()],
+        "data-only lower layers",
+    );
+    assert!(listing(&lm).is_empty());
+}
