@@ -113,11 +113,12 @@ impl Union {
                 here.push(st.name.clone());
                 let redirect = d
                     .as_ref()
-                    .filter(|d| d.path != here)
-                    .map(|d| format::absolute_path(&d.path));
+                    .filter(|d| d.first_lower != here)
+                    .map(|d| format::absolute_path(&d.first_lower));
                 let d = d.clone().unwrap_or_else(|| {
                     Arc::new(DataSrc {
                         layer: st.layers[0],
+                        first_lower: here.clone(),
                         path: here,
                         blocks: sst.st_blocks,
                     })

@@ -534,48 +534,84 @@ impl Union {
             return Err(err(libc::EPERM));
         }
         let base = self.lower_path_of(p, ps)?;
+        let mut own = base.clone();
+        own.push(name.to_os_string());
         let path = match sys::getxattr(XTarget::At(pfd.as_fd(), name), ns.redirect())? {
             Some(r) if !r.is_empty() => redirect_target(&base, &r).ok_or_else(|| err(libc::EIO))?,
-            _ => {
-                let mut v = base;
-                v.push(name.to_os_string());
-                v
-            }
+            _ => own.clone(),
         };
-        self.find_data(l, path).map(Some)
+        // An upper copy's first lower object is where its redirect points; a lower copy is
+        // its own first lower object.
+        let first_lower = if self.layers.is_upper(l) {
+            path.clone()
+        } else {
+            own
+        };
+        let found = self.find_data(l, path)?;
+        Ok(Some(Arc::new(DataSrc {
+            layer: found.layer,
+            path: found.path.clone(),
+            blocks: found.blocks,
+            first_lower,
+        })))
     }
 
-    /// The first full regular file at `path` below layer `above`.
-    pub(crate) fn find_data(&self, above: usize, path: Vec<OsString>) -> Result<Arc<DataSrc>> {
-        let Some((last, dirs)) = path.split_last() else {
-            return Err(err(libc::EIO));
-        };
-        for l in above + 1..self.layers.len() {
+    /// The first full regular file at `path` below layer `above`, following the redirect of
+    /// every metadata-only copy met on the way, as the kernel's lookup does (layers it wrote
+    /// with metacopy=on and then stacked as lowers hold such chains).
+    pub(crate) fn find_data(&self, above: usize, mut path: Vec<OsString>) -> Result<Arc<DataSrc>> {
+        let mut l = above + 1;
+        while l < self.layers.len() {
+            let Some((last, dirs)) = path.split_last() else {
+                return Err(err(libc::EIO));
+            };
             // The same walk as a redirect's: the data is the file the lower layers' union
             // shows at `path`, so a whiteout, a non-directory or an opaque directory on the
             // way ends the search as it ends a lookup.
             let (fd, last_layer) = match self.walk_dirs(l, dirs)? {
                 LayerWalk::Dir(fd, opaque) => (fd, opaque),
-                LayerWalk::Missing => continue,
+                LayerWalk::Missing => {
+                    l += 1;
+                    continue;
+                }
                 LayerWalk::Blocked => break,
             };
             let st = match sys::statat(fd.as_fd(), last) {
                 Ok(st) => st,
                 Err(_) if last_layer || format::has_oci_whiteout(fd.as_fd(), last) => break,
-                Err(_) => continue,
+                Err(_) => {
+                    l += 1;
+                    continue;
+                }
             };
             if Kind::from_mode(st.st_mode) != Kind::File {
                 break; // a whiteout or another kind of object: the data is gone
             }
-            if sys::has_xattr_at(fd.as_fd(), last, self.cfg.marker_ns.metacopy())? {
-                if last_layer {
-                    break;
+            let ns = self.cfg.marker_ns;
+            if sys::has_xattr_at(fd.as_fd(), last, ns.metacopy())? {
+                // Metadata only here too: the data is further down, where this copy's own
+                // redirect says (ovl_check_redirect); an absolute one goes on past an opaque
+                // directory, as the kernel's resets d->stop.
+                let redirect = sys::getxattr(XTarget::At(fd.as_fd(), last), ns.redirect())?
+                    .filter(|r| !r.is_empty());
+                match redirect {
+                    Some(r) => {
+                        let absolute = r.first() == Some(&b'/');
+                        path = redirect_target(dirs, &r).ok_or_else(|| err(libc::EIO))?;
+                        if last_layer && !absolute {
+                            break;
+                        }
+                    }
+                    None if last_layer => break,
+                    None => {}
                 }
-                continue; // metadata only here too: the data is further down
+                l += 1;
+                continue;
             }
             return Ok(Arc::new(DataSrc {
                 layer: l,
                 blocks: st.st_blocks,
+                first_lower: path.clone(),
                 path,
             }));
         }

@@ -82,6 +82,10 @@ pub struct DataSrc {
     pub layer: usize,
     /// Components from the layer root.
     pub path: Vec<OsString>,
+    /// Where the file's topmost lower object is: `path`, unless the data was reached through
+    /// lower metadata-only copies and their redirects. What a redirect of ours names, as the
+    /// kernel's does (it records that object as the copy's origin and follows the chain).
+    pub first_lower: Vec<OsString>,
     /// st_blocks of the data file (what the union reports, as the kernel does).
     pub blocks: i64,
 }

@@ -949,7 +949,7 @@ impl Union {
     fn kernel_meta_data(&self, n: &Node, p: &Node, name: &OsStr) -> Result<Option<Vec<OsString>>> {
         let s = n.state();
         if let Some(d) = &s.data {
-            return Ok(Some(d.path.clone()));
+            return Ok(Some(d.first_lower.clone()));
         }
         if !self.cfg.metacopy || n.kind != Kind::File || (s.layers[0] == 0 && !s.kernel_meta) {
             return Ok(None);

@@ -353,3 +353,77 @@ fn renaming_a_metacopy_with_a_long_data_path_does_what_the_kernel_does() {
     p.check("after the renames");
     p.check_interop();
 }
+
+/// A metadata-only copy in a lower layer whose redirect leads to another metadata-only copy
+/// (layers the kernel wrote with metacopy=on, renamed, then stacked as lowers): the data is
+/// where the last redirect of the chain points, as the kernel's lookup follows each one
+/// (ovl_check_redirect). layerfs used to look for the data at the first hop's path only, and
+/// gave EIO.
+#[test]
+fn chains_of_lower_metacopy_redirects_are_followed_as_in_the_kernel() {
+    require_fuse!();
+    let meta = |p: &Path, size: u64, redirect: &[u8]| {
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::File::create(p).unwrap().set_len(size).unwrap();
+        set_xattr(p, "trusted.overlay.metacopy", b"");
+        set_xattr(p, "trusted.overlay.redirect", redirect);
+    };
+    let data = b"the data at the end of the chain";
+    let n = data.len() as u64;
+    let mut p = Pair::with_options(
+        |s| {
+            let (l0, l1, l2) = (s.mkdir("l0"), s.mkdir("l1"), s.mkdir("l2"));
+            write(l2.join("d/data"), data);
+            // Absolute hops: x -> /mc -> /d/data.
+            meta(&l1.join("mc"), n, b"/d/data");
+            meta(&l0.join("x"), n, b"/mc");
+            // A relative hop, then an absolute one: s/y -> s/y2 -> /d/data.
+            meta(&l1.join("s/y2"), n, b"/d/data");
+            meta(&l0.join("s/y"), n, b"y2");
+            // A chain whose last hop is whited out on the way: no data (EIO).
+            meta(&l1.join("gone"), n, b"/w/data");
+            meta(&l0.join("g"), n, b"/gone");
+            write(l2.join("w/data"), b"hidden by l1");
+            s.mkdir("l1/w");
+            whiteout(l1.join("w/data"));
+            vec![l0, l1, l2]
+        },
+        "metacopy=on",
+    );
+    for f in ["x", "mc", "s/y", "s/y2", "g", "d/data"] {
+        p.same(&format!("read {f}"), |m| outcome(fs::read(m.join(f))));
+        p.same(&format!("blocks of {f}"), |m| {
+            outcome(fs::metadata(m.join(f)).map(|md| (md.len(), md.blocks())))
+        });
+    }
+    assert_eq!(fs::read(p.lmnt().join("x")).unwrap(), data);
+    p.same("chmod x (metadata-only copy-up)", |m| {
+        outcome(fs::set_permissions(
+            m.join("x"),
+            fs::Permissions::from_mode(0o600),
+        ))
+    });
+    p.same("read x after its copy-up", |m| {
+        outcome(fs::read(m.join("x")))
+    });
+    p.same("rename s/y", |m| {
+        outcome(fs::rename(m.join("s/y"), m.join("moved")))
+    });
+    p.same("read the moved file", |m| {
+        outcome(fs::read(m.join("moved")))
+    });
+    p.same("append to x (data copy-up)", |m| {
+        outcome(
+            OpenOptions::new()
+                .append(true)
+                .open(m.join("x"))
+                .and_then(|mut f| f.write_all(b"+")),
+        )
+    });
+    p.same("read x after the data copy-up", |m| {
+        outcome(fs::read(m.join("x")))
+    });
+    p.check("after copy-ups through chains");
+    p.assert_no_panic();
+    p.check_interop();
+}
