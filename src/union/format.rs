@@ -19,6 +19,7 @@ const OPAQUE_XATTRS: [&CStr; 3] = [
     c"user.fuseoverlayfs.opaque",
 ];
 const REDIRECT_XATTRS: [&CStr; 2] = [c"trusted.overlay.redirect", c"user.overlay.redirect"];
+const XWHITEOUT_XATTRS: [&CStr; 2] = [c"trusted.overlay.whiteout", c"user.overlay.whiteout"];
 const IMPURE_XATTRS: [&CStr; 2] = [c"trusted.overlay.impure", c"user.overlay.impure"];
 
 /// The xattr namespace layerfs writes its own markers in.
@@ -198,6 +199,43 @@ pub fn dir_markers_of(x: XTarget<'_>, dir: BorrowedFd<'_>) -> DirMarkers {
         m.opaque = true;
     }
     m
+}
+
+/// Is object `name` in `dir` (stat `st`) a whiteout? The kernel's char 0/0 device, or (kernel
+/// 6.7+, ovl_path_is_whiteout) an empty regular file carrying `overlay.whiteout`: an
+/// "xwhiteout", as composefs writes where it cannot make devices. A lookup takes both alike,
+/// in any layer; the xattr is read only for empty files.
+pub fn is_whiteout_at(dir: BorrowedFd<'_>, name: &OsStr, st: &sys::Stat) -> bool {
+    if sys::is_whiteout_stat(st) {
+        return true;
+    }
+    may_be_xwhiteout(st)
+        && sys::listxattr(XTarget::At(dir, name))
+            .is_ok_and(|names| names.iter().any(|n| is_xwhiteout_xattr(n)))
+}
+
+/// An empty regular file: what an xwhiteout is (its xattr says whether it is one).
+pub fn may_be_xwhiteout(st: &sys::Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0
+}
+
+/// The xattr that makes an empty file an xwhiteout, in either namespace.
+pub fn is_xwhiteout_xattr(name: &[u8]) -> bool {
+    XWHITEOUT_XATTRS.iter().any(|x| x.to_bytes() == name)
+}
+
+/// Does lower directory `dir` (a readable fd) say it holds xwhiteouts (`overlay.opaque=x`)?
+/// A listing hides them only there, as the kernel's readdir does.
+pub fn dir_has_xwhiteouts(dir: BorrowedFd<'_>) -> bool {
+    let x = XTarget::Fd(dir);
+    sys::listxattr(x).is_ok_and(|names| {
+        names.iter().any(|n| {
+            OPAQUE_XATTRS
+                .iter()
+                .find(|a| a.to_bytes() == n.as_slice())
+                .is_some_and(|a| matches!(sys::getxattr(x, a), Ok(Some(v)) if v == b"x"))
+        })
+    })
 }
 
 /// Is `name` in `dir` deleted by an OCI whiteout file next to it?

@@ -398,6 +398,17 @@ impl Union {
                         .as_ref()
                         .is_none_or(|v| v.iter().any(|n| n.as_slice() == m.to_bytes()))
                 };
+                // An xwhiteout (an empty file marked as a whiteout) ends the lookup as a
+                // whiteout does; an upper file's marks are already read.
+                if format::may_be_xwhiteout(&st) {
+                    let xwhiteout = match &upper_marks {
+                        Some(v) => v.iter().any(|n| format::is_xwhiteout_xattr(n)),
+                        None => format::is_whiteout_at(pfd.as_fd(), name, &st),
+                    };
+                    if xwhiteout {
+                        return Ok(Step::Stop);
+                    }
+                }
                 let data = match (kind, parent) {
                     (Kind::File, Some(p)) if st.st_size > 0 && has(ns.metacopy()) => {
                         self.metacopy_data(l, pfd, name, p)?
@@ -584,7 +595,9 @@ impl Union {
                     continue;
                 }
             };
-            if Kind::from_mode(st.st_mode) != Kind::File {
+            if Kind::from_mode(st.st_mode) != Kind::File
+                || format::is_whiteout_at(fd.as_fd(), last, &st)
+            {
                 break; // a whiteout or another kind of object: the data is gone
             }
             let ns = self.cfg.marker_ns;

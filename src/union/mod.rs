@@ -444,7 +444,9 @@ impl Union {
         let mut out = Vec::new();
         for &l in &p.state().layers {
             let fd = self.dir_fd(&p, l)?;
-            if sys::statat(fd.as_fd(), name).is_ok_and(|st| !sys::is_whiteout_stat(&st)) {
+            if sys::statat(fd.as_fd(), name)
+                .is_ok_and(|st| !format::is_whiteout_at(fd.as_fd(), name, &st))
+            {
                 out.push(l);
             }
         }

@@ -79,6 +79,8 @@ impl Union {
         )?;
         let raw = sys::read_dir_fd(rfd.as_fd())?;
         let impure = node.state.read().expect("node state lock").impure;
+        // A lower directory marked opaque=x holds xwhiteouts: its empty files are checked.
+        let xwhiteouts = !self.layers.is_upper(l) && format::dir_has_xwhiteouts(rfd.as_fd());
         // OCI whiteouts hide names in the layers below this one only.
         let mut hide_below = Vec::new();
         for e in raw {
@@ -92,6 +94,16 @@ impl Union {
                 continue;
             }
             let kind = match kind_from_dtype(e.d_type) {
+                Some(Kind::File) if xwhiteouts => {
+                    match sys::statat(dfd.as_fd(), &e.name) {
+                        Ok(st) if format::is_whiteout_at(dfd.as_fd(), &e.name, &st) => {
+                            seen.insert(e.name);
+                            continue;
+                        }
+                        Ok(_) => Kind::File,
+                        Err(_) => continue, // raced away
+                    }
+                }
                 Some(k) => k,
                 None => {
                     let st = match sys::statat(dfd.as_fd(), &e.name) {

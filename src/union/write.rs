@@ -137,7 +137,7 @@ impl Union {
             }
             let pfd = self.dir_fd(p, l)?;
             match sys::statat(pfd.as_fd(), name) {
-                Ok(st) => return Ok(!sys::is_whiteout_stat(&st)),
+                Ok(st) => return Ok(!format::is_whiteout_at(pfd.as_fd(), name, &st)),
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                     if format::has_oci_whiteout(pfd.as_fd(), name) {
                         return Ok(false);
@@ -347,7 +347,7 @@ impl Union {
     /// Anything else there, or a lower name not deleted, is EEXIST.
     fn deleted_in_upper(&self, upper: BorrowedFd<'_>, name: &OsStr) -> Result<bool> {
         match sys::statat(upper, name) {
-            Ok(st) if sys::is_whiteout_stat(&st) => Ok(true),
+            Ok(st) if format::is_whiteout_at(upper, name, &st) => Ok(true),
             Ok(_) => Err(err(libc::EEXIST)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 if format::has_oci_whiteout(upper, name) {
@@ -467,7 +467,7 @@ impl Union {
         };
         let upper = self.dir_fd(&np, 0)?;
         match sys::statat(upper.as_fd(), newname) {
-            Ok(st) if sys::is_whiteout_stat(&st) => {
+            Ok(st) if format::is_whiteout_at(upper.as_fd(), newname, &st) => {
                 let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
                 let tmp = work.temp_name();
                 link_to(work.fd.as_fd(), &tmp)?;
@@ -886,7 +886,9 @@ impl Union {
                 }
             }
             let upper_dst = sys::statat(unp.as_fd(), newname).ok();
-            let over_wh = upper_dst.as_ref().is_some_and(sys::is_whiteout_stat);
+            let over_wh = upper_dst
+                .as_ref()
+                .is_some_and(|st| format::is_whiteout_at(unp.as_fd(), newname, st));
             if src.is_dir() && over_wh {
                 // A directory cannot replace the whiteout (a non-dir) by rename: swap them, and
                 // the whiteout lands where the source was.

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use layerfs::sys;
 
+use crate::pair::{Pair, outcome};
 use crate::require_fuse;
 use crate::support::*;
 
@@ -485,4 +486,64 @@ fn an_oci_whiteout_in_the_upper_layer_hides_the_lower_name_it_misses() {
     // Created over the OCI whiteout: the new file, not the deleted lower one.
     write(l.mnt.join("gone"), b"new");
     assert_eq!(std::fs::read(l.mnt.join("gone")).unwrap(), b"new");
+}
+
+/// Kernel 6.7+ "xwhiteouts": an empty regular file carrying `overlay.whiteout` is a whiteout
+/// to a lookup in any layer, and a listing of a lower directory marked `overlay.opaque=x`
+/// hides it (that mark makes no directory opaque). composefs writes them where it cannot
+/// make devices. layerfs showed them as empty files and the lower names they delete.
+#[test]
+fn xattr_whiteouts_delete_as_in_the_kernel() {
+    require_fuse!();
+    let xwhiteout = |p: &std::path::Path| {
+        write(p, b"");
+        set_xattr(p, "trusted.overlay.whiteout", b"");
+    };
+    let mut p = Pair::new(|s| {
+        let (l0, l1) = (s.mkdir("l0"), s.mkdir("l1"));
+        for d in ["d", "e"] {
+            write(l1.join(d).join("a"), b"deleted above");
+            write(l1.join(d).join("b"), b"kept");
+        }
+        write(l1.join("top"), b"deleted above");
+        write(l1.join("data"), b"kept");
+        // In a directory marked opaque=x: hidden from its listing too.
+        xwhiteout(&l0.join("d/a"));
+        xwhiteout(&l0.join("d/c")); // deletes nothing below
+        set_xattr(l0.join("d"), "trusted.overlay.opaque", b"x");
+        // Unmarked directories: still whiteouts to a lookup.
+        xwhiteout(&l0.join("e/a"));
+        xwhiteout(&l0.join("top"));
+        // An empty file with another xattr, and a non-empty one with the marker: files.
+        write(l0.join("empty"), b"");
+        set_xattr(l0.join("empty"), "user.x", b"1");
+        write(l0.join("d/full"), b"not empty");
+        set_xattr(l0.join("d/full"), "trusted.overlay.whiteout", b"");
+        vec![l0, l1]
+    });
+    for f in [
+        "d/a", "d/b", "d/c", "d/full", "e/a", "e/b", "top", "data", "empty",
+    ] {
+        p.same(&format!("stat {f}"), |m| {
+            outcome(std::fs::metadata(m.join(f)).map(|md| md.len()))
+        });
+    }
+    p.same("listing of the opaque=x dir", |m| listing(&m.join("d")));
+    assert_eq!(listing(&p.lmnt().join("d")), ["b", "full"]);
+    p.check("xwhiteouts");
+    // Writes over deleted names: create, mkdir, rename onto them, as over a whiteout.
+    p.same("create over d/a", |m| {
+        outcome(std::fs::write(m.join("d/a"), b"new"))
+    });
+    p.same("mkdir over top", |m| {
+        outcome(std::fs::create_dir(m.join("top")))
+    });
+    p.same("rename onto e/a", |m| {
+        outcome(std::fs::rename(m.join("e/b"), m.join("e/a")))
+    });
+    p.same("read d/a", |m| outcome(std::fs::read(m.join("d/a"))));
+    p.same("listing of top", |m| listing(&m.join("top")));
+    p.check("writes over xwhiteouts");
+    p.assert_no_panic();
+    p.check_interop();
 }
