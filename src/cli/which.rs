@@ -52,7 +52,7 @@ fn probe(root: &Path, comps: &[&OsStr]) -> (bool, Option<(usize, Block)>) {
         let Ok(st) = sys::statat(dir.as_fd(), c) else {
             return (false, block);
         };
-        if sys::is_whiteout_stat(&st) || format::has_oci_whiteout(dir.as_fd(), c) {
+        if format::is_whiteout_at(dir.as_fd(), c, &st) || format::has_oci_whiteout(dir.as_fd(), c) {
             return (false, block.or(Some((i, Block::Whiteout))));
         }
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {

@@ -129,7 +129,7 @@ impl Walk {
                 Err(_) => continue, // gone meanwhile
             };
             let p = join(prefix, &name);
-            if sys::is_whiteout_stat(&st) {
+            if format::is_whiteout_at(fd, &name, &st) {
                 self.items.push((p, Item::Whiteout));
             } else if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
                 let child: OwnedFd = sys::openat(fd, &name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
