@@ -75,6 +75,19 @@ fn opaque_xattr() -> &'static str {
     }
 }
 
+/// A kernel xattr whiteout at `rel` (an empty file carrying `overlay.whiteout`), its
+/// directory sometimes marked `opaque=x` (the listing then hides it) unless already opaque.
+fn xwhiteout(r: &mut Rng, root: &Path, rel: &Path) {
+    let ns = opaque_xattr().trim_end_matches("opaque");
+    let full = root.join(rel);
+    write(&full, b"");
+    set_xattr(&full, &format!("{ns}whiteout"), b"");
+    let dir = full.parent().unwrap();
+    if r.chance(60) && get_xattr(dir, opaque_xattr()).is_none() {
+        set_xattr(dir, opaque_xattr(), b"x");
+    }
+}
+
 /// Fill `n` (1-6) lower layers with random trees. Returns them, top first.
 pub fn layers(r: &mut Rng, s: &Scratch) -> Vec<PathBuf> {
     let n = 1 + r.below(6) as usize;
@@ -147,6 +160,7 @@ pub fn layers(r: &mut Rng, s: &Scratch) -> Vec<PathBuf> {
                     }
                 }
                 11 => mkfifo(&full),
+                12 if i + 1 < n && r.chance(30) => xwhiteout(r, root.as_path(), &rel),
                 12 if i + 1 < n => whiteout(&full),
                 13 => {
                     write(&full, b"x");
