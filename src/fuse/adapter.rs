@@ -768,8 +768,21 @@ impl Filesystem for Adapter {
                 continue;
             }
             // Each entry returned counts as a lookup of it.
-            let Ok(ent) = self.fs.lookup(ino.0, &e.name) else {
-                continue;
+            let ent = match self.fs.lookup(ino.0, &e.name) {
+                Ok(ent) => ent,
+                Err(err) if err.errno() == libc::ENOENT => continue, // gone meanwhile
+                Err(_) => {
+                    // There but unreadable (a metadata-only copy without its data: EIO;
+                    // not followed: EPERM): listed, as the kernel's readdir lists it, with
+                    // node id 0 (no attributes: a stat asks again and gets the error).
+                    let mut a = negative_attr();
+                    a.ino = INodeNo(e.ino);
+                    a.kind = kind(e.kind);
+                    if reply.add(INodeNo(0), off, &e.name, &Duration::ZERO, &a, Generation(0)) {
+                        break;
+                    }
+                    continue;
+                }
             };
             if reply.add(
                 INodeNo(ent.id),

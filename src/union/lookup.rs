@@ -547,9 +547,18 @@ impl Union {
         let base = self.lower_path_of(p, ps)?;
         let mut own = base.clone();
         own.push(name.to_os_string());
-        let path = match sys::getxattr(XTarget::At(pfd.as_fd(), name), ns.redirect())? {
-            Some(r) if !r.is_empty() => redirect_target(&base, &r).ok_or_else(|| err(libc::EIO))?,
-            _ => own.clone(),
+        let redirect =
+            sys::getxattr(XTarget::At(pfd.as_fd(), name), ns.redirect())?.filter(|r| !r.is_empty());
+        let path = match &redirect {
+            Some(r) => redirect_target(&base, r).ok_or_else(|| err(libc::EIO))?,
+            None => own.clone(),
+        };
+        // By its name or a relative redirect the data is looked up in the layers the parent
+        // directory merges (an opaque one below ends them); an absolute redirect looks from
+        // every layer's root, as the kernel's lookup switches to the root's stack.
+        let within = match &redirect {
+            Some(r) if r.first() == Some(&b'/') => None,
+            _ => Some(ps.layers.as_slice()),
         };
         // An upper copy's first lower object is where its redirect points; a lower copy is
         // its own first lower object.
@@ -558,7 +567,7 @@ impl Union {
         } else {
             own
         };
-        let found = self.find_data(l, path)?;
+        let found = self.find_data(l, path, within)?;
         Ok(Some(Arc::new(DataSrc {
             layer: found.layer,
             path: found.path.clone(),
@@ -570,9 +579,20 @@ impl Union {
     /// The first full regular file at `path` below layer `above`, following the redirect of
     /// every metadata-only copy met on the way, as the kernel's lookup does (layers it wrote
     /// with metacopy=on and then stacked as lowers hold such chains).
-    pub(crate) fn find_data(&self, above: usize, mut path: Vec<OsString>) -> Result<Arc<DataSrc>> {
+    /// `within`: the only layers a search by name may use (the parent directory's), until
+    /// an absolute redirect.
+    pub(crate) fn find_data(
+        &self,
+        above: usize,
+        mut path: Vec<OsString>,
+        mut within: Option<&[usize]>,
+    ) -> Result<Arc<DataSrc>> {
         let mut l = above + 1;
         while l < self.layers.len() {
+            if within.is_some_and(|w| !w.contains(&l)) {
+                l += 1;
+                continue;
+            }
             let Some((last, dirs)) = path.split_last() else {
                 return Err(err(libc::EIO));
             };
@@ -611,7 +631,9 @@ impl Union {
                     Some(r) => {
                         let absolute = r.first() == Some(&b'/');
                         path = redirect_target(dirs, &r).ok_or_else(|| err(libc::EIO))?;
-                        if last_layer && !absolute {
+                        if absolute {
+                            within = None;
+                        } else if last_layer {
                             break;
                         }
                     }

@@ -31,6 +31,16 @@ fn kind_from_dtype(t: u8) -> Option<Kind> {
     })
 }
 
+/// What a directory is listed for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listing {
+    /// A readdir: xattr whiteouts in a lower directory marked opaque=x are left out.
+    Readdir,
+    /// rmdir's (or a rename's) emptiness check: the kernel's ovl_check_empty_dir counts
+    /// xattr whiteouts as entries (ENOTEMPTY), whatever their directory's mark.
+    Emptiness,
+}
+
 impl Union {
     /// The merged listing of a directory, `.` and `..` first.
     pub fn list_dir(&self, id: u64) -> Result<Vec<DirEntry>> {
@@ -58,7 +68,7 @@ impl Union {
         ];
         let mut seen: HashSet<OsString> = HashSet::new();
         for &l in &st.layers {
-            self.list_layer_into(&node, l, &mut seen, &mut out)?;
+            self.list_layer_into(&node, l, &mut seen, &mut out, Listing::Readdir)?;
         }
         Ok(out)
     }
@@ -69,6 +79,7 @@ impl Union {
         l: usize,
         seen: &mut HashSet<OsString>,
         out: &mut Vec<DirEntry>,
+        why: Listing,
     ) -> Result<()> {
         let dfd = self.dir_fd(node, l)?;
         let rfd = sys::openat(
@@ -80,7 +91,9 @@ impl Union {
         let raw = sys::read_dir_fd(rfd.as_fd())?;
         let impure = node.state.read().expect("node state lock").impure;
         // A lower directory marked opaque=x holds xwhiteouts: its empty files are checked.
-        let xwhiteouts = !self.layers.is_upper(l) && format::dir_has_xwhiteouts(rfd.as_fd());
+        let xwhiteouts = why == Listing::Readdir
+            && !self.layers.is_upper(l)
+            && format::dir_has_xwhiteouts(rfd.as_fd());
         // OCI whiteouts hide names in the layers below this one only.
         let mut hide_below = Vec::new();
         for e in raw {

@@ -10,6 +10,7 @@ use super::copyup::Data;
 use super::format;
 use super::names::Probe;
 use super::node::{Kind, Node, NodeState};
+use super::readdir::Listing;
 use super::real::Real;
 use super::workdir::remove_tree;
 use super::{Entry, Union, check_name, disk_xattr_name};
@@ -154,7 +155,7 @@ impl Union {
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
         for &l in &st.layers {
-            self.list_layer_into(n, l, &mut seen, &mut out)?;
+            self.list_layer_into(n, l, &mut seen, &mut out, Listing::Emptiness)?;
             if !out.is_empty() {
                 return Ok(false);
             }

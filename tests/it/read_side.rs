@@ -519,8 +519,15 @@ fn xattr_whiteouts_delete_as_in_the_kernel() {
         set_xattr(l0.join("empty"), "user.x", b"1");
         write(l0.join("d/full"), b"not empty");
         set_xattr(l0.join("d/full"), "trusted.overlay.whiteout", b"");
+        // A merged directory holding only an xwhiteout: listed empty, yet not empty to rmdir
+        // (the kernel's ovl_check_empty_dir counts it).
+        s.mkdir("l1/x");
+        xwhiteout(&l0.join("x/z"));
+        set_xattr(l0.join("x"), "trusted.overlay.opaque", b"x");
         vec![l0, l1]
     });
+    p.same("listing of x", |m| listing(&m.join("x")));
+    p.same("rmdir x", |m| outcome(std::fs::remove_dir(m.join("x"))));
     for f in [
         "d/a", "d/b", "d/c", "d/full", "e/a", "e/b", "top", "data", "empty",
     ] {

@@ -381,6 +381,15 @@ pub struct Info {
 }
 
 impl Info {
+    /// An entry whose stat fails with `errno` (kind 'E', the errno as its mode).
+    fn failed(errno: i32) -> Info {
+        Info {
+            kind: 'E',
+            mode: errno as u32,
+            ..Info::ghost()
+        }
+    }
+
     fn ghost() -> Info {
         Info {
             kind: 'W',
@@ -443,6 +452,12 @@ pub fn snapshot(root: &Path) -> Tree {
                 // merges with nothing below. Recorded as a ghost ('W'), an expected difference.
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                     out.insert(path, Info::ghost());
+                    continue;
+                }
+                // Listed but unreadable as the kernel makes it: a metadata-only copy whose
+                // data is missing (EIO) or not followed (EPERM). Both mounts must agree.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EPERM)) => {
+                    out.insert(path, Info::failed(e.raw_os_error().unwrap_or(0)));
                     continue;
                 }
                 Err(e) => panic!("stat {:?}: {e}", String::from_utf8_lossy(&path)),

@@ -88,6 +88,43 @@ fn xwhiteout(r: &mut Rng, root: &Path, rel: &Path) {
     }
 }
 
+/// Lower metadata-only copies are followed only with metacopy=on (else both answer EPERM,
+/// which `metacopy::a_metacopy_upper_is_refused_without_metacopy_on_as_the_kernel_does` covers).
+fn metacopy_on() -> bool {
+    let opts = std::env::var("LAYERFS_DIFF_OPTIONS").unwrap_or_default();
+    opts.split(',').any(|o| o == "metacopy=on")
+}
+
+/// A metadata-only copy at `rel` (as layers the kernel wrote with metacopy=on hold) whose
+/// data is a non-empty file of the layer just below, `below`: reached by the same path, a
+/// relative redirect (a sibling) or an absolute one; that file may be such a copy itself,
+/// which makes a chain. A plain file when the layer below has none.
+fn metacopy(r: &mut Rng, below: &Path, root: &Path, rel: &Path) {
+    let full = root.join(rel);
+    let files: Vec<PathBuf> = walk_files(below)
+        .into_iter()
+        .filter(|f| std::fs::metadata(below.join(f)).is_ok_and(|m| m.len() > 0))
+        .collect();
+    let Some(target) = r.pick(&files).cloned() else {
+        write(&full, b"m");
+        return;
+    };
+    let size = std::fs::metadata(below.join(&target)).unwrap().len();
+    std::fs::File::create(&full).unwrap().set_len(size).unwrap();
+    let ns = opaque_xattr().trim_end_matches("opaque");
+    set_xattr(&full, &format!("{ns}metacopy"), b"");
+    let redirect = if target == rel {
+        None
+    } else if target.parent() == rel.parent() && r.chance(50) {
+        target.file_name().map(|n| n.as_encoded_bytes().to_vec())
+    } else {
+        Some(format!("/{}", target.display()).into_bytes())
+    };
+    if let Some(v) = redirect {
+        set_xattr(&full, &format!("{ns}redirect"), &v);
+    }
+}
+
 /// Fill `n` (1-6) lower layers with random trees. Returns them, top first.
 pub fn layers(r: &mut Rng, s: &Scratch) -> Vec<PathBuf> {
     let n = 1 + r.below(6) as usize;
@@ -161,6 +198,9 @@ pub fn layers(r: &mut Rng, s: &Scratch) -> Vec<PathBuf> {
                 }
                 11 => mkfifo(&full),
                 12 if i + 1 < n && r.chance(30) => xwhiteout(r, root.as_path(), &rel),
+                14 if i + 1 < n && metacopy_on() && r.chance(50) => {
+                    metacopy(r, &s.path(&format!("lower{}", i + 1)), root.as_path(), &rel)
+                }
                 12 if i + 1 < n => whiteout(&full),
                 13 => {
                     write(&full, b"x");
