@@ -630,8 +630,12 @@ pub fn assert_same_tree_linked(
             _ => {}
         }
     }
-    for k in actual.keys() {
-        if !expected.contains_key(k) {
+    for (k, a) in actual {
+        // A ghost in a kernel's listing that the expected tree lacks: whether the kernel
+        // lists an xattr whiteout depends on which opaque=x directories of that layer it has
+        // looked up before (ovl_layer_set_xwhiteouts), so a fresh mount may list one where
+        // the tree it is compared with, from a mount with more history, does not.
+        if !expected.contains_key(k) && a.kind != 'W' {
             diffs.push(format!("extra: {}", String::from_utf8_lossy(k)));
         }
     }
