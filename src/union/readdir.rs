@@ -113,6 +113,13 @@ impl Union {
                             seen.insert(e.name);
                             continue;
                         }
+                        // The kernel looks each file of such a listing up through the union
+                        // (ovl_cache_update) and leaves out one whose lookup fails, as a
+                        // metadata-only copy without its data (EIO) does.
+                        Ok(_) if self.resolve(node, &e.name).is_err() => {
+                            seen.insert(e.name);
+                            continue;
+                        }
                         Ok(_) => Kind::File,
                         Err(_) => continue, // raced away
                     }

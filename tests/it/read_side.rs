@@ -519,6 +519,11 @@ fn xattr_whiteouts_delete_as_in_the_kernel() {
         set_xattr(l0.join("empty"), "user.x", b"1");
         write(l0.join("d/full"), b"not empty");
         set_xattr(l0.join("d/full"), "trusted.overlay.whiteout", b"");
+        // A file of that directory whose lookup fails (a metadata-only copy, not followed
+        // without metacopy=on: EPERM) is left out of its listing too: the kernel looks each
+        // file of an opaque=x listing up.
+        write(l0.join("d/m"), b"m");
+        set_xattr(l0.join("d/m"), "trusted.overlay.metacopy", b"");
         // A merged directory holding only an xwhiteout: listed empty, yet not empty to rmdir
         // (the kernel's ovl_check_empty_dir counts it).
         s.mkdir("l1/x");
@@ -529,7 +534,7 @@ fn xattr_whiteouts_delete_as_in_the_kernel() {
     p.same("listing of x", |m| listing(&m.join("x")));
     p.same("rmdir x", |m| outcome(std::fs::remove_dir(m.join("x"))));
     for f in [
-        "d/a", "d/b", "d/c", "d/full", "e/a", "e/b", "top", "data", "empty",
+        "d/a", "d/b", "d/c", "d/full", "d/m", "e/a", "e/b", "top", "data", "empty",
     ] {
         p.same(&format!("stat {f}"), |m| {
             outcome(std::fs::metadata(m.join(f)).map(|md| md.len()))

@@ -118,7 +118,8 @@ fn metacopy(r: &mut Rng, below: &Path, root: &Path, rel: &Path) {
     } else if target.parent() == rel.parent() && r.chance(50) {
         target.file_name().map(|n| n.as_encoded_bytes().to_vec())
     } else {
-        Some(format!("/{}", target.display()).into_bytes())
+        // Raw bytes: a name that is not UTF-8 must stay the same name.
+        Some([b"/", target.as_os_str().as_encoded_bytes()].concat())
     };
     if let Some(v) = redirect {
         set_xattr(&full, &format!("{ns}redirect"), &v);
