@@ -209,9 +209,12 @@ pub fn is_whiteout_at(dir: BorrowedFd<'_>, name: &OsStr, st: &sys::Stat) -> bool
     if sys::is_whiteout_stat(st) {
         return true;
     }
-    may_be_xwhiteout(st)
-        && sys::listxattr(XTarget::At(dir, name))
-            .is_ok_and(|names| names.iter().any(|n| is_xwhiteout_xattr(n)))
+    may_be_xwhiteout(st) && has_xwhiteout_mark(XTarget::At(dir, name))
+}
+
+/// Does the object carry the xwhiteout mark (whatever its kind and size)?
+pub fn has_xwhiteout_mark(x: XTarget<'_>) -> bool {
+    sys::listxattr(x).is_ok_and(|names| names.iter().any(|n| is_xwhiteout_xattr(n)))
 }
 
 /// An empty regular file: what an xwhiteout is (its xattr says whether it is one).

@@ -403,7 +403,7 @@ impl Union {
                 if format::may_be_xwhiteout(&st) {
                     let xwhiteout = match &upper_marks {
                         Some(v) => v.iter().any(|n| format::is_xwhiteout_xattr(n)),
-                        None => format::is_whiteout_at(pfd.as_fd(), name, &st),
+                        None => format::has_xwhiteout_mark(x),
                     };
                     if xwhiteout {
                         return Ok(Step::Stop);
@@ -567,25 +567,20 @@ impl Union {
         } else {
             own
         };
-        let found = self.find_data(l, path, within)?;
-        Ok(Some(Arc::new(DataSrc {
-            layer: found.layer,
-            path: found.path.clone(),
-            blocks: found.blocks,
-            first_lower,
-        })))
+        self.find_data(l, path, within, first_lower).map(Some)
     }
 
     /// The first full regular file at `path` below layer `above`, following the redirect of
     /// every metadata-only copy met on the way, as the kernel's lookup does (layers it wrote
     /// with metacopy=on and then stacked as lowers hold such chains).
     /// `within`: the only layers a search by name may use (the parent directory's), until
-    /// an absolute redirect.
-    pub(crate) fn find_data(
+    /// an absolute redirect. `first_lower`: the file's topmost lower object, recorded.
+    fn find_data(
         &self,
         above: usize,
         mut path: Vec<OsString>,
         mut within: Option<&[usize]>,
+        first_lower: Vec<OsString>,
     ) -> Result<Arc<DataSrc>> {
         let mut l = above + 1;
         while l < self.layers.len() {
@@ -646,7 +641,7 @@ impl Union {
             return Ok(Arc::new(DataSrc {
                 layer: l,
                 blocks: st.st_blocks,
-                first_lower: path.clone(),
+                first_lower,
                 path,
             }));
         }

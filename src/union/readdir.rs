@@ -89,9 +89,14 @@ impl Union {
             0,
         )?;
         let raw = sys::read_dir_fd(rfd.as_fd())?;
-        let impure = node.state.read().expect("node state lock").impure;
-        // A lower directory marked opaque=x holds xwhiteouts: its empty files are checked.
+        let (impure, merged) = {
+            let st = node.state.read().expect("node state lock");
+            (st.impure, st.layers.len() > 1)
+        };
+        // The lower copy of a merged directory marked opaque=x holds xwhiteouts: its files are
+        // checked (the kernel lists any other directory as it is, ghosts included).
         let xwhiteouts = why == Listing::Readdir
+            && merged
             && !self.layers.is_upper(l)
             && format::dir_has_xwhiteouts(rfd.as_fd());
         // OCI whiteouts hide names in the layers below this one only.
@@ -107,23 +112,16 @@ impl Union {
                 continue;
             }
             let kind = match kind_from_dtype(e.d_type) {
-                Some(Kind::File) if xwhiteouts => {
-                    match sys::statat(dfd.as_fd(), &e.name) {
-                        Ok(st) if format::is_whiteout_at(dfd.as_fd(), &e.name, &st) => {
-                            seen.insert(e.name);
-                            continue;
-                        }
-                        // The kernel looks each file of such a listing up through the union
-                        // (ovl_cache_update) and leaves out one whose lookup fails, as a
-                        // metadata-only copy without its data (EIO) does.
-                        Ok(_) if self.resolve(node, &e.name).is_err() => {
-                            seen.insert(e.name);
-                            continue;
-                        }
-                        Ok(_) => Kind::File,
-                        Err(_) => continue, // raced away
+                // The kernel looks each file of such a listing up through the union
+                // (ovl_cache_update): an xwhiteout resolves to nothing, a metadata-only copy
+                // without its data fails (EIO); both are left out.
+                Some(Kind::File) if xwhiteouts => match self.resolve(node, &e.name) {
+                    Ok(Some(_)) => Kind::File,
+                    _ => {
+                        seen.insert(e.name);
+                        continue;
                     }
-                }
+                },
                 Some(k) => k,
                 None => {
                     let st = match sys::statat(dfd.as_fd(), &e.name) {
