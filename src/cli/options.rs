@@ -138,6 +138,8 @@ struct Raw {
     acl: Option<bool>,
     catalog: Option<String>,
     ids: Ids,
+    /// `datadir+=` layers, top first.
+    data: Vec<String>,
 }
 
 fn parse_raw(opts: &[String]) -> Result<Raw> {
@@ -155,14 +157,19 @@ fn parse_raw(opts: &[String]) -> Result<Raw> {
                 .ok_or_else(|| Error::msg(format!("mount option '{k}' needs a value ({k}=...)")))
         };
         match k.as_str() {
-            "lowerdir" if r.lower_plus => {
+            "lowerdir" if r.lower_plus || !r.data.is_empty() => {
                 return Err(Error::msg(
-                    "lowerdir cannot follow lowerdir+ (use one form)",
+                    "lowerdir cannot follow lowerdir+ or datadir+ (use one form)",
                 ));
             }
             "lowerdir" => r.lower = Some(need(v)?),
             // The kernel's new mount API form: one layer per option, top first, no escapes.
             "lowerdir+" => {
+                if !r.data.is_empty() {
+                    return Err(Error::msg(
+                        "lowerdir+ cannot follow datadir+ (data-only layers come last)",
+                    ));
+                }
                 if r.lower.is_some() && !r.lower_plus {
                     return Err(Error::msg(
                         "lowerdir+ cannot follow lowerdir (use one form)",
@@ -175,7 +182,15 @@ fn parse_raw(opts: &[String]) -> Result<Raw> {
                 });
                 r.lower_plus = true;
             }
-            "datadir+" => return Err(data_only_unsupported()),
+            // A data-only layer, below all lowerdir+ ones (the kernel's new mount API form).
+            "datadir+" => {
+                if r.lower.is_some() && !r.lower_plus {
+                    return Err(Error::msg(
+                        "datadir+ cannot follow lowerdir (use lowerdir=A::D, or lowerdir+ and datadir+)",
+                    ));
+                }
+                r.data.push(need(v)?);
+            }
             "upperdir" => r.upper = Some(need(v)?),
             "workdir" => r.work = Some(need(v)?),
             "fsync" => {
@@ -282,10 +297,47 @@ fn parse_raw(opts: &[String]) -> Result<Raw> {
 /// Data-only lower layers (`lowerdir=A::B`, `datadir+=`): the kernel hides them from the
 /// namespace and reads them only through metacopy redirects; layerfs has no such layers, and
 /// stacking them as ordinary ones would show files the kernel hides.
-fn data_only_unsupported() -> Error {
-    Error::msg(
-        "data-only lower layers ('::' in lowerdir, datadir+) are not supported; separate layers with ':'",
-    )
+/// Split lowerdir into its layers and, after `::`, its data-only layers, as the kernel's
+/// parser does. A single leading or trailing ':' is let pass, as it always was.
+fn split_lowerdir(lower: &str) -> Result<(Vec<String>, Vec<String>)> {
+    let (mut regular, mut data) = (Vec::new(), Vec::new());
+    let mut gap = 0; // empty parts since the last layer: 1 is '::'
+    for p in split_escaped(lower, ':') {
+        if p.is_empty() {
+            gap += 1;
+            continue;
+        }
+        if regular.is_empty() {
+            if gap > 1 {
+                return Err(Error::msg(format!(
+                    "lowerdir={lower}: '::' needs a lower layer before it"
+                )));
+            }
+            regular.push(p);
+        } else {
+            match gap {
+                0 if data.is_empty() => regular.push(p),
+                0 => {
+                    return Err(Error::msg(format!(
+                        "lowerdir={lower}: a lower layer cannot follow data-only layers (separate those with '::')"
+                    )));
+                }
+                1 => data.push(p),
+                _ => {
+                    return Err(Error::msg(format!(
+                        "lowerdir={lower}: separate layers with ':', or with '::' before each data-only layer"
+                    )));
+                }
+            }
+        }
+        gap = 0;
+    }
+    if gap > 1 && !regular.is_empty() {
+        return Err(Error::msg(format!(
+            "lowerdir={lower}: '::' must be followed by a data-only layer"
+        )));
+    }
+    Ok((regular, data))
 }
 
 /// A numeric uid or gid option value.
@@ -366,20 +418,15 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
         .lower
         .ok_or_else(|| Error::msg("no lowerdir given: use -o lowerdir=TOP:...:BOTTOM"))?;
     let mut canon = Canon::default();
-    let parts = split_escaped(&lower, ':');
-    // An empty part between two layers is the kernel's '::' (data-only layers below it).
-    let (first, last) = (0, parts.len().saturating_sub(1));
-    if parts
+    let (regular, mut data) = split_lowerdir(&lower)?;
+    data.extend(r.data);
+    let lowers: Vec<PathBuf> = regular
         .iter()
-        .enumerate()
-        .any(|(i, p)| p.is_empty() && i != first && i != last)
-    {
-        return Err(data_only_unsupported());
-    }
-    let lowers: Vec<PathBuf> = parts
-        .into_iter()
-        .filter(|s| !s.is_empty())
-        .map(|p| canon.dir("lowerdir", &p))
+        .map(|p| canon.dir("lowerdir", p))
+        .collect::<Result<_>>()?;
+    let data_lowers: Vec<PathBuf> = data
+        .iter()
+        .map(|p| canon.dir("data-only lowerdir", p))
         .collect::<Result<_>>()?;
     if lowers.is_empty() {
         return Err(Error::msg(
@@ -403,6 +450,7 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
     if let Some(c) = &catalog
         && let Some(l) = lowers
             .iter()
+            .chain(&data_lowers)
             .chain(&upper)
             .chain(&work)
             .find(|l| c.starts_with(l))
@@ -424,6 +472,7 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
     }
     // A layer inside the mount would make the daemon call into itself (and hang).
     let mut layers: Vec<(&str, &PathBuf)> = lowers.iter().map(|l| ("lowerdir", l)).collect();
+    layers.extend(data_lowers.iter().map(|l| ("data-only lowerdir", l)));
     if let Some(u) = &upper {
         layers.push(("upperdir", u));
     }
@@ -441,7 +490,11 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
     }
     for (what, p) in [("upperdir", &upper), ("workdir", &work)] {
         let Some(p) = p else { continue };
-        if let Some(l) = lowers.iter().find(|l| p.starts_with(l) || l.starts_with(p)) {
+        if let Some(l) = lowers
+            .iter()
+            .chain(&data_lowers)
+            .find(|l| p.starts_with(l) || l.starts_with(p))
+        {
             return Err(Error::msg(format!(
                 "{what} {} overlaps lowerdir {} (layers must not contain each other)",
                 p.display(),
@@ -486,6 +539,7 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
             upper,
             work,
             lowers,
+            data_lowers,
             fsync: r.fsync,
             metacopy,
             catalog,
@@ -616,7 +670,30 @@ mod tests {
             );
         }
         let e = raw("lowerdir=/a,datadir+=/b").unwrap_err().to_string();
-        assert!(e.contains("data-only lower layers"), "{e}");
+        assert!(e.contains("datadir+ cannot follow lowerdir"), "{e}");
+        let r = raw("lowerdir+=/a,datadir+=/d1,datadir+=/d2").unwrap();
+        assert_eq!(r.data, vec!["/d1", "/d2"]);
+    }
+
+    #[test]
+    fn double_colons_split_off_data_only_layers() {
+        let split = |l: &str| split_lowerdir(l).map_err(|e| e.to_string());
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            split("/a:/b::/c::/d"),
+            Ok((v(&["/a", "/b"]), v(&["/c", "/d"])))
+        );
+        assert_eq!(split(r"/a\:\:b::/c"), Ok((v(&["/a::b"]), v(&["/c"]))));
+        assert_eq!(split("/a:"), Ok((v(&["/a"]), v(&[]))));
+        for (bad, why) in [
+            ("/a:::/b", "separate layers"),
+            ("/a::", "must be followed"),
+            ("::/a", "needs a lower layer"),
+            ("/a::/b:/c", "cannot follow data-only"),
+        ] {
+            let e = split(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

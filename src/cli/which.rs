@@ -117,7 +117,16 @@ pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
         let u = Union::new(Config {
             upper: None,
             work: None,
-            lowers: layer_dirs.iter().map(|l| l.dir.clone()).collect(),
+            lowers: layer_dirs
+                .iter()
+                .filter(|l| !l.label.starts_with("data"))
+                .map(|l| l.dir.clone())
+                .collect(),
+            data_lowers: layer_dirs
+                .iter()
+                .filter(|l| l.label.starts_with("data"))
+                .map(|l| l.dir.clone())
+                .collect(),
             fsync: false,
             // Read-only: following a metadata-only copy to its data is always safe here.
             metacopy: true,
@@ -133,6 +142,8 @@ pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
                 _ => None,
             })
             .collect();
+        // The data-only layers (last) hold no names of the tree.
+        let tree = &layer_dirs[..layer_dirs.len() - u.cfg.data_lowers.len()];
         let label = |l: usize| layer_dirs[l].label.as_str();
         let store_id = |l: usize| layer_dirs[l].store.clone();
         let (mut parent, mut id) = (ROOT_ID, ROOT_ID);
@@ -146,7 +157,7 @@ pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
             }
         }
         if missing {
-            let hid = hidden(&layer_dirs, &comps, &[]);
+            let hid = hidden(tree, &comps, &[]);
             if hid.is_empty() {
                 return Err(Error::msg(format!(
                     "{}: no such file in any layer",
@@ -168,7 +179,7 @@ pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
             "served_by": {"layer": label(top), "dir": layer_dirs[top].dir, "store": store_id(top)},
             "copied_up": copied_up,
             "also_in": name_layers.iter().filter(|&&l| l != top).map(|&l| label(l)).collect::<Vec<_>>(),
-            "hidden": hidden(&layer_dirs, &comps, &[layers.clone(), name_layers.clone()].concat()),
+            "hidden": hidden(tree, &comps, &[layers.clone(), name_layers.clone()].concat()),
             "redirected_from": u.redirected_from(id)?,
         });
         if copied_up {

@@ -60,7 +60,12 @@ fn our_dev(mountpoint: &Path) -> Option<String> {
 /// What `info` answers: the mount and its layers, top first.
 fn info(fs: &Union, mountpoint: &Path) -> Value {
     let mut layers = Vec::new();
-    let dirs = fs.cfg.upper.iter().chain(fs.cfg.lowers.iter());
+    let dirs = fs
+        .cfg
+        .upper
+        .iter()
+        .chain(&fs.cfg.lowers)
+        .chain(&fs.cfg.data_lowers);
     for (i, d) in dirs.enumerate() {
         let mut l = json!({"index": i, "label": fs.layer_label(i), "dir": d});
         if let Some(s) = describe_layer_dir(d) {

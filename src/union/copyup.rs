@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::Union;
 use super::format;
-use super::node::{DataSrc, Kind, Node, ROOT_ID};
+use super::node::{DataAt, DataSrc, Kind, Node, ROOT_ID};
 use super::real::Real;
 use crate::error::{Result, err};
 use crate::sys::{self, Stat, XTarget};
@@ -38,6 +38,11 @@ impl Union {
     /// Make sure `node` exists in the upper layer (copying its parents first).
     pub(crate) fn copy_up(&self, node: &Arc<Node>, data: Data) -> Result<()> {
         self.require_upper()?;
+        if node.kind == Kind::File {
+            // As the kernel before any copy-up (ovl_copy_up_flags): data in a data-only layer
+            // is looked up first, and its absence fails the change.
+            self.data_source(node)?;
+        }
         if node.top_layer() == 0 {
             if data != Data::Meta {
                 // Every change in a directory asks this of it: a read lock, a write one rarely.
@@ -117,10 +122,13 @@ impl Union {
                     .map(|d| format::absolute_path(&d.first_lower));
                 let d = d.clone().unwrap_or_else(|| {
                     Arc::new(DataSrc {
-                        layer: st.layers[0],
-                        first_lower: here.clone(),
-                        path: here,
-                        blocks: sst.st_blocks,
+                        at: DataAt::File {
+                            layer: st.layers[0],
+                            path: here.clone(),
+                            blocks: sst.st_blocks,
+                        },
+                        first_lower: here,
+                        first_layer: st.layers[0],
                     })
                 });
                 (Fill::Meta(redirect), Some(d))
@@ -186,7 +194,7 @@ impl Union {
         self.attrs_changed(node.id);
         let bytes = (node.kind == Kind::File && data == Data::All).then_some(sst.st_size as u64);
         let from = match (&st.data, meta) {
-            (Some(d), false) => d.layer,
+            (Some(d), false) => d.layer().unwrap_or(st.layers[0]),
             _ => st.layers[0],
         };
         self.copied_up(&st, from, bytes, started.elapsed());
@@ -287,8 +295,57 @@ enum Fill {
 impl Union {
     /// The data file of a metadata-only copy.
     pub(crate) fn data_real(&self, d: &DataSrc) -> Result<Real> {
-        let (last, dirs) = d.path.split_last().ok_or_else(|| err(libc::EIO))?;
-        Ok(Real::At(self.walk_path(d.layer, dirs)?, last.clone()))
+        let found;
+        let (layer, path) = match &d.at {
+            DataAt::File { layer, path, .. } => (*layer, path),
+            DataAt::Deferred(r) => {
+                found = self.find_in_data_layers(r)?;
+                (found.0, &found.1)
+            }
+        };
+        let (last, dirs) = path.split_last().ok_or_else(|| err(libc::EIO))?;
+        Ok(Real::At(self.walk_path(layer, dirs)?, last.clone()))
+    }
+
+    /// A metadata-only copy's data source, a deferred one looked up in the data-only layers
+    /// and kept: at the first open or copy-up, as the kernel's ovl_maybe_lookup_lowerdata.
+    pub(crate) fn data_source(&self, node: &Node) -> Result<Option<Arc<DataSrc>>> {
+        let d = node.state.read().expect("node state lock").data.clone();
+        let Some(d) = d else { return Ok(None) };
+        let DataAt::Deferred(r) = &d.at else {
+            return Ok(Some(d));
+        };
+        let (layer, path, st) = self.find_in_data_layers(r).inspect_err(|e| {
+            log::warn!(
+                "data of node {} ({:?}) not found in the data-only layers: {e}",
+                node.id,
+                String::from_utf8_lossy(r)
+            )
+        })?;
+        let found = Arc::new(DataSrc {
+            at: DataAt::File {
+                layer,
+                path,
+                blocks: st.st_blocks,
+            },
+            first_lower: d.first_lower.clone(),
+            first_layer: d.first_layer,
+        });
+        {
+            let mut s = node.state.write().expect("node state lock");
+            if s.data.as_ref().is_some_and(|x| Arc::ptr_eq(x, &d)) {
+                s.data = Some(found.clone());
+            }
+        }
+        // Its st_blocks are the data's from now on, no longer estimated from the size.
+        self.attrs_changed(node.id);
+        Ok(Some(found))
+    }
+
+    /// The topmost lower object of a metadata-only copy (the kernel's ovl_dentry_lower).
+    pub(crate) fn first_lower_real(&self, d: &DataSrc) -> Result<Real> {
+        let (last, dirs) = d.first_lower.split_last().ok_or_else(|| err(libc::EIO))?;
+        Ok(Real::At(self.walk_path(d.first_layer, dirs)?, last.clone()))
     }
 
     /// Bring a metadata-only copy's data up into its upper file (in place: until the
@@ -331,7 +388,7 @@ impl Union {
         node.state.write().expect("node state lock").data = None;
         self.attrs_changed(node.id);
         let st = node.state();
-        self.copied_up(&st, d.layer, bytes, started.elapsed());
+        self.copied_up(&st, d.layer().unwrap_or(0), bytes, started.elapsed());
         log::debug!("copied up the data of {:?} (node {})", st.name, node.id);
         Ok(())
     }

@@ -1,5 +1,6 @@
 //! The layer stack: one directory fd per layer, opened once at mount; index 0 is the upper
-//! layer when there is one, then the lower layers top first (kernel overlayfs order).
+//! layer when there is one, then the lower layers top first (kernel overlayfs order), then
+//! the data-only layers, which only hold data that metadata-only copies point at.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -25,15 +26,19 @@ pub struct Layer {
 }
 
 pub struct LayerStack {
+    /// The union's layers, then the data-only ones.
     pub layers: Vec<Layer>,
+    /// How many of `layers` make the union (the rest are data-only).
+    union: usize,
     pub has_upper: bool,
     /// More than one filesystem under the stack: st_ino gets the fs index in its high bits.
     pub multi_fs: bool,
 }
 
 impl LayerStack {
-    /// Open `upper` (if any) and the `lowers` (top first). Each must be a directory.
-    pub fn open(upper: Option<&Path>, lowers: &[PathBuf]) -> Result<LayerStack> {
+    /// Open `upper` (if any), the `lowers` (top first) and the data-only layers `data`. Each
+    /// must be a directory.
+    pub fn open(upper: Option<&Path>, lowers: &[PathBuf], data: &[PathBuf]) -> Result<LayerStack> {
         if lowers.is_empty() {
             return Err(Error::msg(
                 "lowerdir is empty: give at least one lower layer",
@@ -44,6 +49,8 @@ impl LayerStack {
             paths.push(u);
         }
         paths.extend(lowers.iter().map(|p| p.as_path()));
+        let union = paths.len();
+        paths.extend(data.iter().map(|p| p.as_path()));
         let mut devs: HashMap<u64, u64> = HashMap::new();
         type FsIds = (Option<[u8; 16]>, Option<Arc<OwnedFd>>);
         let mut fs_ids: HashMap<u64, FsIds> = HashMap::new();
@@ -75,16 +82,23 @@ impl LayerStack {
         Ok(LayerStack {
             multi_fs: devs.len() > 1,
             layers,
+            union,
             has_upper: upper.is_some(),
         })
     }
 
+    /// The number of layers the union is made of (the data-only ones not counted).
     pub fn len(&self) -> usize {
-        self.layers.len()
+        self.union
     }
 
     pub fn is_empty(&self) -> bool {
-        self.layers.is_empty()
+        self.union == 0
+    }
+
+    /// The data-only layers' indices.
+    pub fn data_only(&self) -> std::ops::Range<usize> {
+        self.union..self.layers.len()
     }
 
     /// Index of the topmost lower layer.
@@ -110,7 +124,7 @@ impl LayerStack {
 
     /// The topmost lower layer on the filesystem `dev`.
     pub fn lower_on(&self, dev: u64) -> Option<usize> {
-        (self.first_lower()..self.layers.len()).find(|&l| self.layers[l].dev == dev)
+        (self.first_lower()..self.len()).find(|&l| self.layers[l].dev == dev)
     }
 
     /// The real inode number behind `union_ino(layer, real)`.

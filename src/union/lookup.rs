@@ -3,6 +3,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,7 +11,7 @@ use super::catalog::{DirKey, ROOT_KEY};
 use super::fanout;
 use super::format;
 use super::names::{MERGE_MIN_LAYERS, Merged, Probe};
-use super::node::{DataSrc, Inserted, Kind, Node, NodeState, ROOT_ID};
+use super::node::{DataAt, DataSrc, Inserted, Kind, Node, NodeState, ROOT_ID};
 use super::{Entry, Union, check_name};
 use crate::error::{Result, err};
 use crate::sys::{self, Stat, XTarget};
@@ -539,16 +540,32 @@ impl Union {
         if !sys::has_xattr_at(pfd.as_fd(), name, ns.metacopy())? {
             return Ok(None);
         }
-        if !self.cfg.metacopy {
-            // As the kernel without metacopy=on: never follow (the file's own data is a hole).
-            log::warn!("refusing to follow metacopy file {name:?} (mount with metacopy=on)");
-            return Err(err(libc::EPERM));
-        }
         let base = self.lower_path_of(p, ps)?;
         let mut own = base.clone();
         own.push(name.to_os_string());
         let redirect =
             sys::getxattr(XTarget::At(pfd.as_fd(), name), ns.redirect())?.filter(|r| !r.is_empty());
+        let absolute = redirect.as_ref().filter(|r| r.first() == Some(&b'/'));
+        let upper = self.layers.is_upper(l);
+        if !self.cfg.metacopy {
+            // Data-only layers let a lower copy in the last lower layer point into them
+            // without metacopy=on: the kernel's lookup has no layer left to refuse at, and
+            // defers the data's lookup (ovl_lookup: "don't require metacopy=on").
+            if let Some(r) = absolute
+                && !upper
+                && l + 1 == self.layers.len()
+                && !self.layers.data_only().is_empty()
+            {
+                return Ok(Some(Arc::new(DataSrc {
+                    at: DataAt::Deferred(r.clone()),
+                    first_lower: own,
+                    first_layer: l,
+                })));
+            }
+            // As the kernel without metacopy=on: never follow (the file's own data is a hole).
+            log::warn!("refusing to follow metacopy file {name:?} (mount with metacopy=on)");
+            return Err(err(libc::EPERM));
+        }
         let path = match &redirect {
             Some(r) => redirect_target(&base, r).ok_or_else(|| err(libc::EIO))?,
             None => own.clone(),
@@ -556,31 +573,31 @@ impl Union {
         // By its name or a relative redirect the data is looked up in the layers the parent
         // directory merges (an opaque one below ends them); an absolute redirect looks from
         // every layer's root, as the kernel's lookup switches to the root's stack.
-        let within = match &redirect {
-            Some(r) if r.first() == Some(&b'/') => None,
-            _ => Some(ps.layers.as_slice()),
+        let within = match absolute {
+            Some(_) => None,
+            None => Some(ps.layers.as_slice()),
         };
         // An upper copy's first lower object is where its redirect points; a lower copy is
         // its own first lower object.
-        let first_lower = if self.layers.is_upper(l) {
-            path.clone()
-        } else {
-            own
+        let chain = Chain {
+            first: (!upper).then_some(l),
+            first_lower: if upper { path.clone() } else { own },
+            deferred: absolute.cloned(),
         };
-        self.find_data(l, path, within, first_lower).map(Some)
+        self.find_data(l, path, within, chain).map(Some)
     }
 
     /// The first full regular file at `path` below layer `above`, following the redirect of
     /// every metadata-only copy met on the way, as the kernel's lookup does (layers it wrote
     /// with metacopy=on and then stacked as lowers hold such chains).
     /// `within`: the only layers a search by name may use (the parent directory's), until
-    /// an absolute redirect. `first_lower`: the file's topmost lower object, recorded.
+    /// an absolute redirect. `chain`: what is known of the way so far.
     fn find_data(
         &self,
         above: usize,
         mut path: Vec<OsString>,
         mut within: Option<&[usize]>,
-        first_lower: Vec<OsString>,
+        mut chain: Chain,
     ) -> Result<Arc<DataSrc>> {
         let mut l = above + 1;
         while l < self.layers.len() {
@@ -615,6 +632,7 @@ impl Union {
             {
                 break; // a whiteout or another kind of object: the data is gone
             }
+            let first_layer = *chain.first.get_or_insert(l);
             let ns = self.cfg.marker_ns;
             if sys::has_xattr_at(fd.as_fd(), last, ns.metacopy())? {
                 // Metadata only here too: the data is further down, where this copy's own
@@ -622,6 +640,7 @@ impl Union {
                 // directory, as the kernel's resets d->stop.
                 let redirect = sys::getxattr(XTarget::At(fd.as_fd(), last), ns.redirect())?
                     .filter(|r| !r.is_empty());
+                chain.deferred = redirect.clone().filter(|r| r.first() == Some(&b'/'));
                 match redirect {
                     Some(r) => {
                         let absolute = r.first() == Some(&b'/');
@@ -639,10 +658,25 @@ impl Union {
                 continue;
             }
             return Ok(Arc::new(DataSrc {
-                layer: l,
-                blocks: st.st_blocks,
-                first_lower,
-                path,
+                at: DataAt::File {
+                    layer: l,
+                    blocks: st.st_blocks,
+                    path,
+                },
+                first_lower: chain.first_lower,
+                first_layer,
+            }));
+        }
+        // Not in the tree's layers: a lower copy whose last redirect is absolute has its data
+        // in a data-only layer, looked up when first needed (as the kernel: a lower object
+        // found, `d.absolute_redirect`, data layers present).
+        if let (Some(first_layer), Some(r)) = (chain.first, chain.deferred)
+            && !self.layers.data_only().is_empty()
+        {
+            return Ok(Arc::new(DataSrc {
+                at: DataAt::Deferred(r),
+                first_lower: chain.first_lower,
+                first_layer,
             }));
         }
         log::warn!(
@@ -650,6 +684,68 @@ impl Union {
             format::show_path(&path)
         );
         Err(err(libc::EIO))
+    }
+
+    /// Look the data of a deferred metadata-only copy up in the data-only layers, top first,
+    /// as ovl_lookup_data_layers: a plain walk beneath each one's root (no symlinks, no
+    /// markers) to a regular file. The last layer's error if none has it.
+    pub(crate) fn find_in_data_layers(
+        &self,
+        redirect: &[u8],
+    ) -> Result<(usize, Vec<OsString>, Stat)> {
+        let mut last = err(libc::ENOENT);
+        for l in self.layers.data_only() {
+            match self.data_file_in(l, redirect) {
+                Ok((path, st)) => return Ok((l, path, st)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// `redirect` beneath the root of layer `l`: its components and the regular file's stat.
+    fn data_file_in(&self, l: usize, redirect: &[u8]) -> Result<(Vec<OsString>, Stat)> {
+        let comps: Vec<&[u8]> = redirect
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+            .collect();
+        let Some((last, dirs)) = comps.split_last() else {
+            return Err(err(libc::ENOENT)); // the root: not a regular file
+        };
+        let mut stack: Vec<(Arc<OwnedFd>, OsString)> = Vec::new();
+        let root = self.layers.layers[l].root.clone();
+        let top = |stack: &Vec<(Arc<OwnedFd>, OsString)>| {
+            stack.last().map_or(root.clone(), |e| e.0.clone())
+        };
+        for c in dirs {
+            if *c == b".." {
+                // LOOKUP_BENEATH: never above the layer's root.
+                stack.pop().ok_or_else(|| err(libc::EXDEV))?;
+                continue;
+            }
+            let name = OsStr::from_bytes(c);
+            let fd = top(&stack);
+            let st = sys::statat(fd.as_fd(), name)?;
+            match Kind::from_mode(st.st_mode) {
+                Kind::Dir => {}
+                Kind::Symlink => return Err(err(libc::ELOOP)),
+                _ => return Err(err(libc::ENOTDIR)),
+            }
+            let next = sys::openat(fd.as_fd(), name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            stack.push((Arc::new(next), name.to_os_string()));
+        }
+        if *last == b".." {
+            stack.pop().ok_or_else(|| err(libc::EXDEV))?;
+            return Err(err(libc::ENOENT)); // a directory
+        }
+        let name = OsStr::from_bytes(last);
+        let st = sys::statat(top(&stack).as_fd(), name)?;
+        if Kind::from_mode(st.st_mode) != Kind::File {
+            return Err(err(libc::ENOENT));
+        }
+        let mut path: Vec<OsString> = stack.into_iter().map(|e| e.1).collect();
+        path.push(name.to_os_string());
+        Ok((path, st))
     }
 
     /// Walk the directories of lower path `dirs` in layer `l`, as the kernel's
@@ -706,6 +802,16 @@ impl Union {
         prefix.extend(names);
         Ok(prefix)
     }
+}
+
+/// What a lookup knows of a metadata-only copy's chain of lower objects so far.
+struct Chain {
+    /// The layer of its topmost lower object, once one is found.
+    first: Option<usize>,
+    /// That object's path (or, before it is found, where it is looked for).
+    first_lower: Vec<OsString>,
+    /// The last redirect read, if absolute: where the data-only layers are searched.
+    deferred: Option<Vec<u8>>,
 }
 
 /// Where a redirect points: absolute from the layer root, or a sibling name under `base`'s

@@ -49,6 +49,9 @@ pub struct Config {
     pub upper: Option<PathBuf>,
     pub work: Option<PathBuf>,
     pub lowers: Vec<PathBuf>,
+    /// Data-only lower layers (`lowerdir=A::D`, `datadir+=D`): not part of the tree; only
+    /// lower metadata-only copies' absolute redirects reach their files.
+    pub data_lowers: Vec<PathBuf>,
     /// fsync copied-up data before it becomes visible (metadata-only copies need none).
     pub fsync: bool,
     /// `metacopy=on`: chmod, chown, utimes, xattr changes and renames of a lower file copy up
@@ -121,13 +124,13 @@ impl Union {
         // Room for the layer roots and the fd cache up front (the daemon has no threads yet),
         // so no request later waits for the kernel to grow the fd table (see reserve_fds);
         // capped, as a table for a million fds would cost megabytes of kernel memory.
-        let want = (fd_cache + cfg.lowers.len() + 64)
+        let want = (fd_cache + cfg.lowers.len() + cfg.data_lowers.len() + 64)
             .min(limit)
             .min(MAX_RESERVED_FDS);
         if let Err(e) = sys::reserve_fds(want as u32) {
             log::debug!("fd table not grown to {want}: {e}");
         }
-        let layers = LayerStack::open(cfg.upper.as_deref(), &cfg.lowers)?;
+        let layers = LayerStack::open(cfg.upper.as_deref(), &cfg.lowers, &cfg.data_lowers)?;
         let work = match (&cfg.upper, &cfg.work) {
             (Some(_), Some(w)) => Some(WorkDir::open(w, &layers, cfg.marker_ns, !cfg.fsync)?),
             (Some(_), None) => return Err(Error::msg("upperdir needs a workdir too")),
@@ -343,8 +346,15 @@ impl Union {
         if !node.is_dir()
             && let Some(d) = &node.state.read().expect("node state lock").data
         {
-            // A metadata-only copy is a hole; its blocks are its data's (as the kernel).
-            st.st_blocks = d.blocks;
+            // A metadata-only copy is a hole; its blocks are its data's (as the kernel), or
+            // until a data-only layer's file is looked up, the size's (as ovl_getattr).
+            st.st_blocks = match d.at {
+                node::DataAt::File { blocks, .. } => blocks,
+                node::DataAt::Deferred(_) => {
+                    let bs = st.st_blksize.max(1);
+                    (st.st_size + bs - 1) / bs * bs / 512
+                }
+            };
         }
         if let (true, Some(real)) = (mapped, real) {
             let ov = self

@@ -79,15 +79,38 @@ pub struct NodeState {
 /// so this is fixed once found).
 #[derive(Debug)]
 pub struct DataSrc {
-    pub layer: usize,
-    /// Components from the layer root.
-    pub path: Vec<OsString>,
-    /// Where the file's topmost lower object is: `path`, unless the data was reached through
-    /// lower metadata-only copies and their redirects. What a redirect of ours names, as the
-    /// kernel's does (it records that object as the copy's origin and follows the chain).
+    pub at: DataAt,
+    /// Where the file's topmost lower object is: the data's path, unless the data was reached
+    /// through lower metadata-only copies and their redirects. What a redirect of ours names,
+    /// as the kernel's does (it records that object as the copy's origin and follows the
+    /// chain).
     pub first_lower: Vec<OsString>,
-    /// st_blocks of the data file (what the union reports, as the kernel does).
-    pub blocks: i64,
+    /// The layer holding that object.
+    pub first_layer: usize,
+}
+
+#[derive(Debug)]
+pub enum DataAt {
+    /// A regular file of lower layer `layer`, `path` from its root; `blocks` its st_blocks
+    /// (what the union reports, as the kernel does).
+    File {
+        layer: usize,
+        path: Vec<OsString>,
+        blocks: i64,
+    },
+    /// An absolute redirect (raw) into the data-only layers, looked up at the first open or
+    /// copy-up, as the kernel defers it (`Union::data_source`).
+    Deferred(Vec<u8>),
+}
+
+impl DataSrc {
+    /// The layer holding the data, once known.
+    pub fn layer(&self) -> Option<usize> {
+        match self.at {
+            DataAt::File { layer, .. } => Some(layer),
+            DataAt::Deferred(_) => None,
+        }
+    }
 }
 
 impl NodeState {
@@ -118,7 +141,10 @@ impl NodeState {
     /// The layer a read of this node's data is served from: its top one, or for a
     /// metadata-only copy the layer holding its data.
     pub fn read_layer(&self) -> usize {
-        self.data.as_ref().map_or(self.layers[0], |d| d.layer)
+        self.data
+            .as_ref()
+            .and_then(|d| d.layer())
+            .unwrap_or(self.layers[0])
     }
 
     /// Drop one name; the next alias becomes the primary. True when no name is left.

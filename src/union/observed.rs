@@ -11,10 +11,13 @@ use super::node::ROOT_ID;
 use crate::observe::stats::{bump, ratio};
 
 impl Union {
-    /// "upper", or "lower N" counting from the top lower layer (as `which` and `layers` do).
+    /// "upper", or "lower N" counting from the top lower layer (as `which` and `layers` do),
+    /// or "data N" for a data-only layer.
     pub fn layer_label(&self, layer: usize) -> String {
         if self.layers.is_upper(layer) {
             "upper".into()
+        } else if layer >= self.layers.len() {
+            format!("data {}", layer - self.layers.len())
         } else {
             format!("lower {}", layer - self.layers.first_lower())
         }

@@ -965,12 +965,13 @@ impl Union {
         Ok(Some(here))
     }
 
-    /// Is the lower file metadata-only copy `n` takes its data from (or, copied up whole
-    /// where the kernel's copy would not be, took it from) a hard link?
+    /// Is the lower file metadata-only copy `n` was copied from (or, copied up whole where
+    /// the kernel's copy would not be, took its data from) a hard link?
     fn data_is_hard_link(&self, n: &Node) -> Result<bool> {
         let s = n.state();
         Ok(match &s.data {
-            Some(d) => self.data_real(d)?.stat()?.st_nlink > 1,
+            // As ovl_need_absolute_redirect: the topmost lower object's links count.
+            Some(d) => self.first_lower_real(d)?.stat()?.st_nlink > 1,
             // Our whole copy of a hard link is in the index.
             None => s.indexed,
         })

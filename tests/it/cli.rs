@@ -248,15 +248,41 @@ fn lowerdir_plus_and_option_values_are_taken_as_the_kernel_takes_them() {
         assert_one_line_error(&["mount", "-o", &opts, lm.to_str().unwrap()], needle);
         assert!(listing(&lm).is_empty(), "{extra}: nothing mounted");
     }
-    // Data-only layers ('::'): the kernel hides them from the tree; layerfs has none, and
-    // refuses rather than show them as ordinary layers.
+    // Data-only layers ('::', datadir+): hidden from the tree, by the kernel and by layerfs;
+    // their malformed forms refused by both.
     let data_only = format!("lowerdir={}::{}", top.display(), bottom.display());
-    let k = Kernel::mount(&data_only, &km);
-    assert!(!km.join("b").exists(), "the kernel hides a data-only layer");
-    drop(k);
-    assert_one_line_error(
-        &["mount", "-o", &data_only, lm.to_str().unwrap()],
-        "data-only lower layers",
-    );
-    assert!(listing(&lm).is_empty());
+    let plus_data = format!("lowerdir+={},datadir+={}", top.display(), bottom.display());
+    for opts in [&data_only, &plus_data] {
+        let k = Kernel::mount(opts, &km);
+        let l = Layerfs::mount(opts, &lm);
+        assert!(!km.join("b").exists(), "the kernel hides a data-only layer");
+        assert_same_tree(opts, &snapshot(&km), &snapshot(&lm));
+        drop((k, l));
+    }
+    let extra = s.mkdir("extra");
+    let (t, x, b) = (top.display(), extra.display(), bottom.display());
+    for (opts, needle) in [
+        (format!("lowerdir={t}:::{b}"), "separate layers with ':'"),
+        (format!("lowerdir={t}::"), "'::' must be followed"),
+        (format!("lowerdir=::{b}"), "'::' needs a lower layer"),
+        (
+            format!("lowerdir={t}::{b}:{x}"),
+            "cannot follow data-only layers",
+        ),
+        (
+            format!("lowerdir={t},datadir+={b}"),
+            "datadir+ cannot follow lowerdir",
+        ),
+        (
+            format!("datadir+={b},lowerdir+={t}"),
+            "lowerdir+ cannot follow datadir+",
+        ),
+    ] {
+        assert!(
+            Kernel::try_mount(&opts, &km).is_err(),
+            "the kernel refuses {opts}"
+        );
+        assert_one_line_error(&["mount", "-o", &opts, lm.to_str().unwrap()], needle);
+        assert!(listing(&lm).is_empty(), "{opts}: nothing mounted");
+    }
 }

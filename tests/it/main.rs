@@ -8,6 +8,7 @@ mod support;
 mod catalog;
 mod cli;
 mod crash;
+mod data_only;
 mod differential;
 mod full_disk;
 mod index;

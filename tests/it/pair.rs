@@ -11,6 +11,8 @@ use crate::support::*;
 
 pub struct Pair {
     pub lowers: Vec<PathBuf>,
+    /// Data-only layers, below the lowers (`::` in lowerdir).
+    pub data: Vec<PathBuf>,
     pub k: Option<Kernel>,
     pub l: Option<Layerfs>,
     /// Mount options given to both (e.g. `metacopy=on`).
@@ -44,14 +46,33 @@ impl Pair {
         extra: &str,
         ours: &str,
     ) -> Pair {
+        Pair::build(|s| (build(s), Vec::new()), extra, ours)
+    }
+
+    /// A pair over lower layers and data-only layers (`build` returns both), with `extra`.
+    pub fn with_data(
+        build: impl FnOnce(&Scratch) -> (Vec<PathBuf>, Vec<PathBuf>),
+        extra: &str,
+    ) -> Pair {
+        Pair::build(build, extra, "")
+    }
+
+    /// A pair over lower and data-only layers (`build` returns both), with `extra` options
+    /// for both mounts and `ours` for layerfs alone.
+    pub fn build(
+        build: impl FnOnce(&Scratch) -> (Vec<PathBuf>, Vec<PathBuf>),
+        extra: &str,
+        ours: &str,
+    ) -> Pair {
         let s = Scratch::new();
-        let lowers = build(&s);
+        let (lowers, data) = build(&s);
         for d in ["ku", "kw", "lu", "lw"] {
             s.mkdir(d);
         }
         let mut p = Pair {
             s,
             lowers,
+            data,
             k: None,
             l: None,
             extra: extra.to_string(),
@@ -89,7 +110,7 @@ impl Pair {
         let userxattr = self.extra.split(',').any(|o| o == "userxattr");
         format!(
             "lowerdir={},upperdir={},workdir={},{}index=on{}",
-            lowerdir(&self.lowers),
+            self.lowerdir(),
             upper.display(),
             work.display(),
             if userxattr { "" } else { "redirect_dir=on," },
@@ -100,7 +121,7 @@ impl Pair {
     pub fn layerfs_opts(&self, upper: &Path, work: &Path) -> String {
         format!(
             "lowerdir={},upperdir={},workdir={}{}{}",
-            lowerdir(&self.lowers),
+            self.lowerdir(),
             upper.display(),
             work.display(),
             self.extra_opts(),
@@ -110,6 +131,16 @@ impl Pair {
                 format!(",{}", self.ours)
             }
         )
+    }
+
+    /// The lowerdir value: the lowers, then `::` and each data-only layer.
+    fn lowerdir(&self) -> String {
+        let mut v = lowerdir(&self.lowers);
+        for d in &self.data {
+            v.push_str("::");
+            v.push_str(&lowerdir(std::slice::from_ref(d)));
+        }
+        v
     }
 
     fn extra_opts(&self) -> String {

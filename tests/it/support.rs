@@ -477,8 +477,20 @@ pub fn snapshot(root: &Path) -> Tree {
             match kind {
                 'f' => {
                     info.size = Some(st.st_size);
-                    let fd = sys::openat(dfd.as_fd(), &e.name, libc::O_RDONLY, 0).unwrap_or_else(
-                        |err| {
+                    let fd = match sys::openat(dfd.as_fd(), &e.name, libc::O_RDONLY, 0) {
+                        Ok(fd) => fd,
+                        // A metadata-only copy whose data a data-only layer was to hold: the
+                        // open looks it up, and fails as the lookup did. Both mounts must agree.
+                        Err(err)
+                            if matches!(
+                                err.raw_os_error(),
+                                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV)
+                            ) =>
+                        {
+                            out.insert(path, Info::failed(err.raw_os_error().unwrap_or(0)));
+                            continue;
+                        }
+                        Err(err) => {
                             let now = sys::statat(dfd.as_fd(), &e.name).map(|s| s.st_mode);
                             panic!(
                                 "open {:?} under {}: {err} (stat said mode {:o}, now {now:?})",
@@ -486,8 +498,8 @@ pub fn snapshot(root: &Path) -> Tree {
                                 root.display(),
                                 st.st_mode
                             )
-                        },
-                    );
+                        }
+                    };
                     let mut f = std::fs::File::from(fd);
                     let mut h = Sha256::new();
                     let mut buf = vec![0u8; 1 << 16];

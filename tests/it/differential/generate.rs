@@ -266,3 +266,84 @@ fn walk_dirs(root: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// `n` data-only layers for the lower layers `lowers` (top first), and metadata-only copies
+/// in those layers whose absolute redirects lead into them, as composefs lays an image out:
+/// objects present in one data layer or several (the top one wins), missing, or not regular
+/// files; a few copies with a relative redirect or none (refused without metacopy=on) and a
+/// few in upper lower layers (refused without metacopy=on: the kernel has a layer left to
+/// follow them into). From their own stream of `seed`, so the lower layers stay the seed's.
+pub fn data_layers(seed: u64, s: &Scratch, lowers: &[PathBuf], n: usize) -> Vec<PathBuf> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let r = &mut Rng::new(seed ^ 0xDA7A_0000_0000_0000);
+    let ns = opaque_xattr().trim_end_matches("opaque");
+    let data: Vec<PathBuf> = (0..n).map(|i| s.mkdir(&format!("data{i}"))).collect();
+    // The objects: each in some of the data layers, with its own content in each.
+    let mut objects: Vec<(PathBuf, u64)> = Vec::new();
+    for k in 0..4 + r.below(10) {
+        let rel = PathBuf::from(format!("objects/{}/o{k}", ["a", "b"][r.below(2) as usize]));
+        let mut size = None;
+        for d in &data {
+            if r.chance(60) || (size.is_none() && d == data.last().unwrap()) {
+                let c = Some(content(r))
+                    .filter(|c| !c.is_empty())
+                    .unwrap_or(b"e".to_vec());
+                // One size per object, as composefs writes them.
+                let c = match size {
+                    Some(n) => c.into_iter().cycle().take(n as usize).collect(),
+                    None => c,
+                };
+                write(d.join(&rel), &c);
+                size.get_or_insert(c.len() as u64);
+            }
+        }
+        objects.push((rel, size.unwrap_or(0)));
+    }
+    std::fs::create_dir_all(data[0].join("objects/adir")).unwrap();
+    symlink("a", data[0].join("objects/alink")).unwrap();
+    write(data[0].join("top-of-data"), b"never a name of the tree");
+    let bottom = lowers.len() - 1;
+    for (i, layer) in lowers.iter().enumerate() {
+        let dirs = walk_dirs(layer);
+        let copies = if i == bottom {
+            3 + r.below(6)
+        } else {
+            r.below(2)
+        };
+        for k in 0..copies {
+            let dir = match r.pick(&dirs) {
+                Some(d) if r.chance(60) => d.clone(),
+                _ => PathBuf::new(),
+            };
+            let full = layer.join(&dir).join(format!("m{k}"));
+            if std::fs::symlink_metadata(&full).is_ok() {
+                continue;
+            }
+            let (redirect, size): (Option<Vec<u8>>, u64) = match r.below(20) {
+                0 => (Some(b"/objects/missing".to_vec()), 5),
+                1 => (Some(b"/objects/adir".to_vec()), 5),
+                2 => (Some(b"/objects/alink/o1".to_vec()), 5),
+                3 => (Some(b"o1".to_vec()), 5),
+                4 => (None, 5),
+                5 => (Some(b"/objects/../objects/a/o0".to_vec()), 5),
+                _ => {
+                    let (o, size) = r.pick(&objects).unwrap().clone();
+                    let path = [b"/", o.as_os_str().as_encoded_bytes()].concat();
+                    (Some(path), size)
+                }
+            };
+            // A metadata-only copy of an empty file is never checked (nothing to follow).
+            std::fs::File::create(&full)
+                .unwrap()
+                .set_len(size.max(1))
+                .unwrap();
+            set_xattr(&full, &format!("{ns}metacopy"), b"");
+            if let Some(v) = redirect {
+                set_xattr(&full, &format!("{ns}redirect"), &v);
+            }
+        }
+    }
+    data
+}

@@ -13,6 +13,8 @@
 //! `LAYERFS_DIFF_FILLERS=N` puts N layers holding only the directories of each layer below
 //! it, so directories merge over more than 8 layers (the merged name index; with
 //! `LAYERFS_DIFF_OURS=catalog=FILE` the catalog too, across the remount at the end).
+//! `LAYERFS_DIFF_DATA=N` adds N data-only layers (`::`) and metadata-only copies pointing
+//! into them; CI runs a few seeds so.
 
 mod generate;
 mod ops;
@@ -44,14 +46,33 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// `metacopy=on`, to soak metadata-only copy-up against the kernel's). Odd seeds mount
 /// layerfs with `io_uring=0`, so both transports are covered wherever the kernel offers
 /// io_uring; `LAYERFS_DIFF_OURS` replaces that with options for layerfs alone.
-fn pair_for(seed: u64) -> Pair {
+fn pair_for(seed: u64, setup: Setup) -> Pair {
     let (extra, ours) = options_for(seed);
     let fillers = env_u64("LAYERFS_DIFF_FILLERS", 0) as usize;
-    Pair::with_ours(
-        |s| generate::with_fillers(generate::layers(&mut Rng::new(seed), s), s, fillers),
+    Pair::build(
+        |s| {
+            let lowers = generate::layers(&mut Rng::new(seed), s);
+            let data = generate::data_layers(seed, s, &lowers, setup.data_layers);
+            (generate::with_fillers(lowers, s, fillers), data)
+        },
         &extra,
         &ours,
     )
+}
+
+/// How the layers of a run are made, beyond what the seed decides.
+#[derive(Clone, Copy)]
+struct Setup {
+    /// Data-only layers under the lower ones.
+    data_layers: usize,
+}
+
+impl Setup {
+    fn from_env() -> Setup {
+        Setup {
+            data_layers: env_u64("LAYERFS_DIFF_DATA", 0) as usize,
+        }
+    }
 }
 
 /// (options for both mounts, options for layerfs alone) of a run from `seed`.
@@ -80,8 +101,8 @@ fn linked_by_another_name(p: &Pair, op: &Op, ko: &str, lo: &str) -> bool {
 
 /// Run `ops` (or generate `n` of them when `ops` is None) on a fresh pair for `seed`.
 /// Returns the operations run and the first mismatch, if any.
-fn run(seed: u64, ops: Option<&[Op]>, n: usize) -> (Vec<Op>, Option<Mismatch>) {
-    let mut p = pair_for(seed);
+fn run(seed: u64, setup: Setup, ops: Option<&[Op]>, n: usize) -> (Vec<Op>, Option<Mismatch>) {
+    let mut p = pair_for(seed, setup);
     let mut k = Side::new(p.kmnt());
     let mut l = Side::new(p.lmnt());
     let mut rng = Rng::new(seed.wrapping_mul(31).wrapping_add(7));
@@ -144,7 +165,7 @@ fn panic_text(e: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Drop chunks of the operation list while the run still mismatches (bounded tries).
-fn shrink(seed: u64, mut ops: Vec<Op>) -> Vec<Op> {
+fn shrink(seed: u64, setup: Setup, mut ops: Vec<Op>) -> Vec<Op> {
     let deadline = Instant::now() + Duration::from_secs(env_u64("LAYERFS_SHRINK_SECS", 90));
     let mut chunk = ops.len() / 2;
     while chunk >= 1 && Instant::now() < deadline {
@@ -153,7 +174,7 @@ fn shrink(seed: u64, mut ops: Vec<Op>) -> Vec<Op> {
         while i < ops.len() && Instant::now() < deadline {
             let mut candidate = ops.clone();
             candidate.drain(i..(i + chunk).min(ops.len()));
-            let (_, m) = run(seed, Some(&candidate), 0);
+            let (_, m) = run(seed, setup, Some(&candidate), 0);
             if m.is_some() {
                 ops = candidate;
                 progressed = true;
@@ -169,11 +190,11 @@ fn shrink(seed: u64, mut ops: Vec<Op>) -> Vec<Op> {
 }
 
 /// Run one seed; on mismatch, shrink and fail with a reproduction.
-fn check_seed(seed: u64, n: usize) -> usize {
-    let (ops, m) = run(seed, None, n);
+fn check_seed(seed: u64, setup: Setup, n: usize) -> usize {
+    let (ops, m) = run(seed, setup, None, n);
     let Some(m) = m else { return ops.len() };
     let upto = ops[..=m.index.min(ops.len() - 1)].to_vec();
-    let small = shrink(seed, upto);
+    let small = shrink(seed, setup, upto);
     let repro: Vec<String> = small
         .iter()
         .enumerate()
@@ -181,13 +202,14 @@ fn check_seed(seed: u64, n: usize) -> usize {
         .collect();
     panic!(
         "differential mismatch: seed {seed}, operation {} of {}\n{}\n\nshrunk reproduction ({} ops; the layers come from the seed):\n{}\n\
-         replay: LAYERFS_SEED={seed} LAYERFS_OPS={} cargo test --test it differential::replay -- --ignored --nocapture",
+         replay: LAYERFS_SEED={seed} LAYERFS_OPS={} LAYERFS_DIFF_DATA={} cargo test --test it differential::replay -- --ignored --nocapture",
         m.index,
         ops.len(),
         m.detail,
         small.len(),
         repro.join("\n"),
-        m.index + 1
+        m.index + 1,
+        setup.data_layers
     );
 }
 
@@ -200,10 +222,29 @@ fn random_operations_match_kernel_overlayfs() {
     let start = Instant::now();
     let mut total = 0;
     for seed in first..first + seeds {
-        total += check_seed(seed, n);
+        total += check_seed(seed, Setup::from_env(), n);
     }
     eprintln!(
         "differential: {seeds} seeds, {total} operations, 0 mismatches, {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+}
+
+/// The same over two data-only layers: metadata-only copies whose data the kernel looks up
+/// there at the first open or copy-up.
+#[test]
+fn random_operations_over_data_only_layers_match_kernel_overlayfs() {
+    require_fuse!();
+    let seeds = env_u64("LAYERFS_SEEDS", 40) / 4;
+    let n = env_u64("LAYERFS_OPS", 120) as usize;
+    let first = env_u64("LAYERFS_FIRST_SEED", 1) + 100_000;
+    let start = Instant::now();
+    let mut total = 0;
+    for seed in first..first + seeds {
+        total += check_seed(seed, Setup { data_layers: 2 }, n);
+    }
+    eprintln!(
+        "differential over data-only layers: {seeds} seeds, {total} operations, 0 mismatches, {:.1} s",
         start.elapsed().as_secs_f64()
     );
 }
@@ -214,7 +255,7 @@ fn replay() {
     require_fuse!();
     let seed = env_u64("LAYERFS_SEED", 1);
     let n = env_u64("LAYERFS_OPS", 120) as usize;
-    let (ops, m) = run(seed, None, n);
+    let (ops, m) = run(seed, Setup::from_env(), None, n);
     for (i, o) in ops.iter().enumerate() {
         eprintln!("{i}: {o:?}");
     }
@@ -233,7 +274,7 @@ fn soak() {
     let start = Instant::now();
     let (mut seeds, mut total) = (0, 0);
     while start.elapsed() < Duration::from_secs(secs) {
-        total += check_seed(seed, n);
+        total += check_seed(seed, Setup::from_env(), n);
         seeds += 1;
         seed += 1;
     }
