@@ -18,8 +18,11 @@ const MOUNT_HELP: &str = "\
 Mount OPTIONS (comma-separated; -o may be repeated):
   lowerdir=TOP:...:BOTTOM  read-only layers, top first (kernel overlayfs order); \\: escapes a colon
   lowerdir+=DIR            one lower layer per option, top first, no escapes (the kernel's
-                           new mount API form); not mixed with lowerdir=. Data-only layers
-                           ('::', datadir+=) are refused
+                           new mount API form); not mixed with lowerdir=
+  lowerdir=L1:L2::D1::D2   after '::', data-only layers: not in the tree, they only hold
+  datadir+=DIR             data that metadata-only copies of the lower layers point at with
+                           absolute redirects (composefs's object store); datadir+= after
+                           the lowerdir+= ones
   upperdir=DIR             writable layer (all changes land here); needs workdir
   workdir=DIR              on the same filesystem as upperdir: work/ (scratch, emptied at
                            mount) and index/ (copied-up lower hard links, the kernel's

@@ -182,6 +182,13 @@ pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
             "hidden": hidden(tree, &comps, &[layers.clone(), name_layers.clone()].concat()),
             "redirected_from": u.redirected_from(id)?,
         });
+        match u.data_of(id)? {
+            Some(Ok((l, path))) => {
+                v["data_from"] = json!({"layer": label(l), "path": path, "store": store_id(l)})
+            }
+            Some(Err(e)) => v["data_from"] = json!({"error": e.to_string()}),
+            None => {}
+        }
         if copied_up {
             v["copied_up_from"] =
                 json!({"layer": label(name_layers[1]), "store": store_id(name_layers[1])});
@@ -222,6 +229,16 @@ pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
                 h["at"].as_str().unwrap_or("?"),
                 h["in"].as_str().unwrap_or("?")
             );
+        }
+        if let Some(d) = v["data_from"].as_object() {
+            match d.get("error").and_then(|e| e.as_str()) {
+                Some(e) => println!("  data: cannot be read ({e})"),
+                None => println!(
+                    "  data from: {} ({}; a metadata-only copy)",
+                    d["layer"].as_str().unwrap_or("?"),
+                    d["path"].as_str().unwrap_or("?")
+                ),
+            }
         }
         if let Some(r) = v["redirected_from"].as_str() {
             println!("  renamed: lower layers merged from {r} (redirect)");

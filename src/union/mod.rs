@@ -447,6 +447,22 @@ impl Union {
         Ok(st.lower_path.map(|lp| format::show_path(&lp)))
     }
 
+    /// For a metadata-only copy: the layer and path its data is read from (a data-only
+    /// layer's file looked up now if need be), or why it cannot be read.
+    pub fn data_of(&self, id: u64) -> Result<Option<Result<(usize, String)>>> {
+        let n = self.node(id)?;
+        Ok(match self.data_source(&n) {
+            Ok(None) => None,
+            Ok(Some(d)) => match &d.at {
+                node::DataAt::File { layer, path, .. } => {
+                    Some(Ok((*layer, format::show_path(path))))
+                }
+                node::DataAt::Deferred(_) => None,
+            },
+            Err(e) => Some(Err(e)),
+        })
+    }
+
     /// Is `name` under directory `parent` also present in a layer below the top one it is
     /// served from (for `which`: was it copied up, or does it shadow something)?
     pub fn layers_with_name(&self, parent: u64, name: &OsStr) -> Result<Vec<usize>> {

@@ -428,7 +428,9 @@ impl Union {
             return Err(err(libc::EPERM));
         }
         let np = self.dir_node(newparent)?;
-        self.copy_up(&np, Data::All)?;
+        // As ovl_link: the source is copied up first, then the new parent, so a source that
+        // cannot come up (its data missing from a data-only layer) leaves the parent lower
+        // (data-only soak, seed 1120072).
         if self.cfg.metacopy {
             // The kernel links a metadata-only copy that points at its data with an absolute
             // redirect, and refuses (EXDEV) where that path exceeds redirect_max (soak seed
@@ -447,11 +449,13 @@ impl Union {
                 }
             }
             self.copy_up(&src, Data::Meta)?;
+            self.copy_up(&np, Data::All)?;
             if shortest.is_some_and(|len| len > REDIRECT_MAX) {
                 return Err(err(libc::EXDEV));
             }
         }
         self.copy_up(&src, Data::All)?;
+        self.copy_up(&np, Data::All)?;
         let _g = np.dir_lock.write().expect("dir lock");
         if self.child(&np, newname)?.is_some() {
             return Err(err(libc::EEXIST));
@@ -772,6 +776,17 @@ impl Union {
         let p = self.dir_node(parent)?;
         let np = self.dir_node(newparent)?;
         self.rename_precheck(&p, name, &np, newname, exchange, noreplace)?;
+        if !self.layers.data_only().is_empty() {
+            // As ovl_copy_up_flags: the source's data in a data-only layer is looked up before
+            // anything is copied up; where it is missing the parents stay as they are.
+            let src = {
+                let _g = p.dir_lock.read().expect("dir lock");
+                self.child(&p, name)?
+            };
+            if let Some(s) = src.filter(|s| s.kind == Kind::File) {
+                self.data_source(&s)?;
+            }
+        }
         self.copy_up(&p, Data::All)?;
         self.copy_up(&np, Data::All)?;
         // Two directory locks: lower id first.

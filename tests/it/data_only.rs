@@ -55,6 +55,7 @@ fn composefs_like(s: &Scratch) -> (Vec<std::path::PathBuf>, Vec<std::path::PathB
     meta(&l0.join("relative"), n, Some(b"cd"));
     meta(&l0.join("noredirect"), n, None);
     write(l0.join("plain"), b"an ordinary file");
+    write(l0.join("lowdir/plain"), b"in a directory that stays lower");
     (vec![l0], vec![d0, d1])
 }
 
@@ -105,6 +106,20 @@ fn data_only_layers_serve_data_as_in_the_kernel() {
         });
     }
     assert_eq!(fs::read(p.lmnt().join("f")).unwrap(), CD);
+    // `which` names where the data is read from, or why it cannot be.
+    let which = |f: &str| json_of(&["which", "--format", "json"], &p.lmnt().join(f))[0].clone();
+    let zz = which("zz");
+    assert_eq!(zz["served_by"]["layer"], "lower 0", "{zz}");
+    assert_eq!(zz["data_from"]["layer"], "data 1", "{zz}");
+    assert_eq!(zz["data_from"]["path"], "/objects/zz", "{zz}");
+    let missing = which("missing");
+    assert!(
+        missing["data_from"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No such file")),
+        "{missing}"
+    );
+    assert!(which("plain")["data_from"].is_null());
     assert_eq!(
         fs::read(p.lmnt().join("both")).unwrap(),
         b"in the upper data layer"
@@ -151,6 +166,17 @@ fn data_only_layers_serve_data_as_in_the_kernel() {
     });
     p.same("rename sub/inner", |m| {
         outcome(fs::rename(m.join("sub/inner"), m.join("moved")))
+    });
+    // A link or rename of a file whose data is missing fails before anything is copied up,
+    // the target directory included (data-only soak, seed 1120072).
+    p.same("link missing", |m| {
+        outcome(fs::hard_link(m.join("missing"), m.join("lowdir/l")))
+    });
+    p.same("rename missing", |m| {
+        outcome(fs::rename(m.join("missing"), m.join("lowdir/r")))
+    });
+    p.same("lowdir stays lower", |m| {
+        fs::metadata(m.join("lowdir")).map(|md| md.nlink()).ok()
     });
     p.same("unlink gone", |m| outcome(fs::remove_file(m.join("gone"))));
     p.same("read after the copy-ups", |m| {
