@@ -327,6 +327,49 @@ pub fn fs_uuid(fd: BorrowedFd<'_>) -> io::Result<[u8; 16]> {
     Ok(u.uuid)
 }
 
+/// The fs-verity digest of the file open at `fd` (FS_IOC_MEASURE_VERITY): its hash
+/// algorithm (FS_VERITY_HASH_ALG_*) and the digest; None where the file has no fs-verity or
+/// its filesystem (or kernel) has none.
+pub fn measure_verity(fd: BorrowedFd<'_>) -> io::Result<Option<(u8, Vec<u8>)>> {
+    const MAX_DIGEST: usize = 64;
+    #[repr(C)]
+    struct Digest {
+        algorithm: u16,
+        size: u16,
+        digest: [u8; MAX_DIGEST],
+    }
+    // _IOWR('f', 134, struct fsverity_digest): the header's 4 bytes are the declared size.
+    const FS_IOC_MEASURE_VERITY: libc::c_ulong = (3 << 30) | (4 << 16) | ((b'f' as u64) << 8) | 134;
+    let mut d = Digest {
+        algorithm: 0,
+        size: MAX_DIGEST as u16,
+        digest: [0; MAX_DIGEST],
+    };
+    // SAFETY: the kernel writes at most `size` digest bytes after the header, into `d`.
+    let r = check(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            FS_IOC_MEASURE_VERITY as _,
+            &mut d as *mut Digest,
+        )
+    });
+    match r {
+        Ok(_) => {
+            let n = usize::from(d.size).min(MAX_DIGEST);
+            Ok(Some((d.algorithm as u8, d.digest[..n].to_vec())))
+        }
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENODATA | libc::ENOTTY | libc::EOPNOTSUPP)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 pub fn unlinkat(dir: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> io::Result<()> {
     let c = cstr(name)?;
     let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };

@@ -65,8 +65,10 @@ Mount OPTIONS (comma-separated; -o may be repeated):
 Accepted for compatibility and ignored (fuse-overlayfs, mount(8), kernel overlayfs):
   rw atime relatime strictatime nodiratime async exec defaults context= fscontext= defcontext=
   rootcontext= posix_acl ...; with the kernel's values checked: redirect_dir=on|off|follow|
-  nofollow, index=on|off, xino=on|off|auto, nfs_export=on|off, uuid=on|off|null|auto,
-  verity=on|off|require
+  nofollow, index=on|off, xino=on|off|auto, nfs_export=on|off, uuid=on|off|null|auto
+  verity=on|require        check the fs-verity digest a metadata-only copy records against its
+                           data's at the first open or copy-up (EIO if it differs or the data
+                           has none); require: a copy recording none fails too (composefs)
 
 Examples:
   layerfs mount -o lowerdir=/img/l2:/img/l1,upperdir=/c/up,workdir=/c/work /c/rootfs

@@ -10,9 +10,9 @@ use fuser::MountOption;
 use crate::error::{Error, Result};
 use crate::fuse::session::{MountSpec, Passthrough};
 use crate::sys;
-use crate::union::Config;
 use crate::union::format::MarkerNs;
 use crate::union::ids::{IdMap, Ids, override_xattr};
+use crate::union::{Config, Verity};
 
 /// Options accepted for compatibility and ignored: they either describe kernel overlayfs
 /// features layerfs always has or never needs, or SELinux labels FUSE can't apply.
@@ -50,7 +50,8 @@ pub const IGNORED: &[&str] = &[
 
 /// Kernel overlayfs options that take a value, with the values the kernel accepts: checked
 /// as the kernel checks them (a bad value fails the mount), then ignored (layerfs always
-/// follows redirects, keeps the inode index, and has no NFS export or xino to configure).
+/// follows redirects, keeps the inode index, and has no NFS export or xino to configure),
+/// except `verity`.
 const KERNEL_VALUED: &[(&str, &[&str])] = &[
     ("redirect_dir", &["on", "off", "follow", "nofollow"]),
     ("index", &["on", "off"]),
@@ -140,6 +141,7 @@ struct Raw {
     ids: Ids,
     /// `datadir+=` layers, top first.
     data: Vec<String>,
+    verity: Verity,
 }
 
 fn parse_raw(opts: &[String]) -> Result<Raw> {
@@ -275,6 +277,13 @@ fn parse_raw(opts: &[String]) -> Result<Raw> {
             _ if IGNORED.contains(&k.as_str()) => log::debug!("ignoring mount option {o}"),
             _ if let Some((_, values)) = KERNEL_VALUED.iter().find(|(n, _)| *n == k) => {
                 match v.as_deref() {
+                    Some(x) if values.contains(&x) && k == "verity" => {
+                        r.verity = match x {
+                            "on" => Verity::On,
+                            "require" => Verity::Require,
+                            _ => Verity::Off,
+                        }
+                    }
                     Some(x) if values.contains(&x) => log::debug!("ignoring mount option {o}"),
                     _ => {
                         return Err(Error::msg(format!(
@@ -540,6 +549,7 @@ pub fn mount_spec(opts: &[String], mountpoint: &Path) -> Result<MountSpec> {
             work,
             lowers,
             data_lowers,
+            verity: r.verity,
             fsync: r.fsync,
             metacopy,
             catalog,

@@ -133,6 +133,7 @@ pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
             marker_ns: crate::union::format::MarkerNs::Trusted,
             ids: Default::default(),
             catalog: None,
+            verity: Default::default(),
         })?;
         let rel = abs.strip_prefix(&mp).unwrap_or(Path::new(""));
         let comps: Vec<&OsStr> = rel

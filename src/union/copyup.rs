@@ -8,12 +8,13 @@ use std::ffi::{CString, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use super::Union;
 use super::format;
 use super::node::{DataAt, DataSrc, Kind, Node, ROOT_ID};
 use super::real::Real;
+use super::{Union, Verity};
 use crate::error::{Result, err};
 use crate::sys::{self, Stat, XTarget};
+use std::sync::atomic::Ordering::Relaxed;
 
 /// How much of a file a copy-up brings along.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -40,8 +41,8 @@ impl Union {
         self.require_upper()?;
         if node.kind == Kind::File {
             // As the kernel before any copy-up (ovl_copy_up_flags): data in a data-only layer
-            // is looked up first, and its absence fails the change.
-            self.data_source(node)?;
+            // is looked up first and its digest checked; either failing fails the change.
+            self.verified_data(node)?;
         }
         if node.top_layer() == 0 {
             if data != Data::Meta {
@@ -95,15 +96,25 @@ impl Union {
         let wfd = work.fd.clone();
         let tmp = work.temp_name();
 
+        let may_meta = data == Data::Meta && self.cfg.metacopy && node.kind == Kind::File;
+        // With verity=on|require a metadata-only copy records its data's fs-verity digest;
+        // with require, data without one is copied whole (the kernel's ovl_need_meta_copy_up
+        // falls back so).
+        let digest = match (may_meta, self.cfg.verity) {
+            (true, Verity::On | Verity::Require) => {
+                let data_file = match &st.data {
+                    Some(d) => self.data_real(d)?,
+                    None => src.clone(),
+                };
+                sys::measure_verity(data_file.open(libc::O_RDONLY, false)?.as_fd())?
+            }
+            _ => None,
+        };
+        let may_meta = may_meta && !(self.cfg.verity == Verity::Require && digest.is_none());
         // Hard links copy whole (their other names must stay one file with full data).
-        let meta = data == Data::Meta
-            && self.cfg.metacopy
-            && node.kind == Kind::File
-            && sst.st_size > 0
-            && sst.st_nlink == 1;
+        let meta = may_meta && sst.st_size > 0 && sst.st_nlink == 1;
         // The kernel would have copied it metadata-only all the same.
-        let kernel_meta =
-            data == Data::Meta && self.cfg.metacopy && node.kind == Kind::File && !meta;
+        let kernel_meta = may_meta && !meta;
         let data = if data == Data::Meta && !meta {
             Data::All
         } else {
@@ -129,9 +140,13 @@ impl Union {
                         },
                         first_lower: here,
                         first_layer: st.layers[0],
+                        verified: Default::default(),
                     })
                 });
-                (Fill::Meta(redirect), Some(d))
+                (
+                    Fill::Meta(redirect, format::metacopy_value(digest.as_ref())),
+                    Some(d),
+                )
             }
             (_, Some(d)) => (Fill::Data(self.data_real(d)?), None),
             (_, None) => (Fill::Data(src.clone()), None),
@@ -223,7 +238,7 @@ impl Union {
                         copy_data(sfd.as_fd(), dst.as_fd(), sst.st_size as u64, self.cfg.fsync)?;
                     }
                     // A hole of the file's size, as the kernel writes it: stat shows the size.
-                    Fill::Meta(_) => sys::ftruncate(dst.as_fd(), sst.st_size as u64)?,
+                    Fill::Meta(..) => sys::ftruncate(dst.as_fd(), sst.st_size as u64)?,
                     _ => {}
                 }
                 Some(dst)
@@ -244,9 +259,9 @@ impl Union {
         // chown first: it clears set-id bits and security.capability.
         let chowned = sys::chownat(wfd, tmp, sst.st_uid, sst.st_gid);
         copy_xattrs(src.xtarget(), XTarget::At(wfd, tmp))?;
-        if let Fill::Meta(redirect) = fill {
+        if let Fill::Meta(redirect, mark) = fill {
             let ns = self.cfg.marker_ns;
-            sys::setxattr(XTarget::At(wfd, tmp), ns.metacopy(), b"", 0)?;
+            sys::setxattr(XTarget::At(wfd, tmp), ns.metacopy(), mark, 0)?;
             if let Some(r) = redirect {
                 sys::setxattr(XTarget::At(wfd, tmp), ns.redirect(), r, 0)?;
             }
@@ -289,7 +304,8 @@ enum Fill {
     Nothing,
     Data(Real),
     /// No data: a metadata-only copy (with the redirect to its data, if not at its own path).
-    Meta(Option<Vec<u8>>),
+    /// The second field is the metacopy mark's value (with the data's fs-verity digest).
+    Meta(Option<Vec<u8>>, Vec<u8>),
 }
 
 impl Union {
@@ -330,6 +346,7 @@ impl Union {
             },
             first_lower: d.first_lower.clone(),
             first_layer: d.first_layer,
+            verified: Default::default(),
         });
         {
             let mut s = node.state.write().expect("node state lock");
@@ -340,6 +357,47 @@ impl Union {
         // Its st_blocks are the data's from now on, no longer estimated from the size.
         self.attrs_changed(node.id);
         Ok(Some(found))
+    }
+
+    /// `data_source`, its data then checked against the fs-verity digest the copy records,
+    /// as the kernel's ovl_verify_lowerdata (at the first open or copy-up; EIO where the
+    /// digest differs, the data has none, or with `verity=require` the copy records none).
+    pub(crate) fn verified_data(&self, node: &Node) -> Result<Option<Arc<DataSrc>>> {
+        let Some(d) = self.data_source(node)? else {
+            return Ok(None);
+        };
+        if self.cfg.verity == Verity::Off {
+            return Ok(Some(d));
+        }
+        if d.verified.load(Relaxed) {
+            return Ok(Some(d));
+        }
+        let top = self.real(node)?;
+        let mark = sys::getxattr(top.xtarget(), self.cfg.marker_ns.metacopy())?;
+        let what = || format::show_path(&d.first_lower);
+        match format::metacopy_digest(&mark.unwrap_or_default())? {
+            None if self.cfg.verity == Verity::Require => {
+                log::warn!("metacopy file {} has no digest specified", what());
+                return Err(err(libc::EIO));
+            }
+            None => {}
+            Some(want) => {
+                let data = self.data_real(&d)?.open(libc::O_RDONLY, false)?;
+                match sys::measure_verity(data.as_fd())? {
+                    Some(got) if got == want => {}
+                    Some(_) => {
+                        log::warn!("the data of {} has the wrong fs-verity digest", what());
+                        return Err(err(libc::EIO));
+                    }
+                    None => {
+                        log::warn!("the data of {} has no fs-verity digest", what());
+                        return Err(err(libc::EIO));
+                    }
+                }
+            }
+        }
+        d.verified.store(true, Relaxed);
+        Ok(Some(d))
     }
 
     /// The topmost lower object of a metadata-only copy (the kernel's ovl_dentry_lower).

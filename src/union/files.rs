@@ -45,7 +45,7 @@ impl Union {
     /// Where a node's data is read from, and that layer: its top object, or for a
     /// metadata-only copy the lower file holding its data.
     fn read_source(&self, node: &super::node::Node) -> Result<(super::real::Real, usize)> {
-        match self.data_source(node)? {
+        match self.verified_data(node)? {
             Some(d) => Ok((self.data_real(&d)?, d.layer().unwrap_or(0))),
             None => Ok((self.real(node)?, node.top_layer())),
         }

@@ -257,6 +257,42 @@ pub fn absolute_path(path: &[OsString]) -> Vec<u8> {
 }
 
 /// `absolute_path` as text, for messages and events.
+/// An fs-verity digest as `overlay.metacopy` carries it: hash algorithm (FS_VERITY_HASH_ALG_*)
+/// and digest.
+pub type VerityDigest = (u8, Vec<u8>);
+
+/// The digest in an `overlay.metacopy` value (struct ovl_metacopy: version 0, total length,
+/// flags, algorithm, digest); None for a value of 4 bytes or less (the kernel never reads
+/// those) or algorithm 0. A longer value of another version or a wrong length is invalid
+/// (the kernel's EIO).
+pub fn metacopy_digest(v: &[u8]) -> crate::error::Result<Option<VerityDigest>> {
+    match v {
+        _ if v.len() <= 4 => Ok(None),
+        [0, len, _flags, algo, digest @ ..] if usize::from(*len) == v.len() => {
+            Ok((*algo != 0).then(|| (*algo, digest.to_vec())))
+        }
+        _ => Err(crate::error::err(libc::EIO)),
+    }
+}
+
+/// The `overlay.metacopy` value for a copy whose data has fs-verity digest `d` (the empty
+/// value without one), as the kernel writes it.
+pub fn metacopy_value(d: Option<&VerityDigest>) -> Vec<u8> {
+    match d {
+        None => Vec::new(),
+        Some((algo, digest)) => {
+            let mut v = vec![0, (4 + digest.len()) as u8, 0, *algo];
+            v.extend_from_slice(digest);
+            v
+        }
+    }
+}
+
+/// A metacopy mark too short to be the kernel's header: the kernel's lookup fails (EIO).
+pub fn metacopy_mark_is_invalid(v: &[u8]) -> bool {
+    (1..4).contains(&v.len())
+}
+
 pub fn show_path(path: &[OsString]) -> String {
     String::from_utf8_lossy(&absolute_path(path)).into_owned()
 }
@@ -369,6 +405,24 @@ impl Origin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metacopy_marks_carry_digests_in_the_kernels_layout() {
+        let d: VerityDigest = (1, vec![9; 32]);
+        let v = metacopy_value(Some(&d));
+        // struct ovl_metacopy: version, len, flags, digest_algo, digest.
+        assert_eq!(&v[..4], &[0, 36, 0, 1]);
+        assert_eq!(metacopy_digest(&v).unwrap(), Some(d));
+        assert_eq!(metacopy_value(None), b"");
+        assert_eq!(metacopy_digest(b"").unwrap(), None);
+        // Four bytes or less are never read as a header; algorithm 0 is no digest.
+        assert_eq!(metacopy_digest(&[1, 4, 0, 0]).unwrap(), None);
+        assert_eq!(metacopy_digest(&[0, 5, 0, 0, 1]).unwrap(), None);
+        // A longer value of another version or length is the kernel's EIO.
+        assert!(metacopy_digest(&[1, 5, 0, 1, 1]).is_err());
+        assert!(metacopy_digest(&[0, 6, 0, 1, 1]).is_err());
+        assert!(metacopy_mark_is_invalid(b"\0\x03") && !metacopy_mark_is_invalid(b""));
+    }
 
     #[test]
     fn origins_round_trip_in_the_kernels_layout() {

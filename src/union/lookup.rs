@@ -2,7 +2,7 @@
 //! an opaque marker, a whiteout or a non-directory; redirects continue the merge elsewhere.
 
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::Instant;
@@ -537,7 +537,7 @@ impl Union {
         (p, ps): (&Node, &NodeState),
     ) -> Result<Option<Arc<DataSrc>>> {
         let ns = self.cfg.marker_ns;
-        if !sys::has_xattr_at(pfd.as_fd(), name, ns.metacopy())? {
+        if !self.metacopy_mark(pfd.as_fd(), name)? {
             return Ok(None);
         }
         let base = self.lower_path_of(p, ps)?;
@@ -560,6 +560,7 @@ impl Union {
                     at: DataAt::Deferred(r.clone()),
                     first_lower: own,
                     first_layer: l,
+                    verified: Default::default(),
                 })));
             }
             // As the kernel without metacopy=on: never follow (the file's own data is a hole).
@@ -634,7 +635,7 @@ impl Union {
             }
             let first_layer = *chain.first.get_or_insert(l);
             let ns = self.cfg.marker_ns;
-            if sys::has_xattr_at(fd.as_fd(), last, ns.metacopy())? {
+            if self.metacopy_mark(fd.as_fd(), last)? {
                 // Metadata only here too: the data is further down, where this copy's own
                 // redirect says (ovl_check_redirect); an absolute one goes on past an opaque
                 // directory, as the kernel's resets d->stop.
@@ -665,6 +666,7 @@ impl Union {
                 },
                 first_lower: chain.first_lower,
                 first_layer,
+                verified: Default::default(),
             }));
         }
         // Not in the tree's layers: a lower copy whose last redirect is absolute has its data
@@ -677,6 +679,7 @@ impl Union {
                 at: DataAt::Deferred(r),
                 first_lower: chain.first_lower,
                 first_layer,
+                verified: Default::default(),
             }));
         }
         log::warn!(
@@ -684,6 +687,19 @@ impl Union {
             format::show_path(&path)
         );
         Err(err(libc::EIO))
+    }
+
+    /// Whether `dir/name` carries the metacopy mark. One too short to be the kernel's
+    /// header fails the lookup, as ovl_check_metacopy_xattr (EIO).
+    fn metacopy_mark(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<bool> {
+        match sys::getxattr(XTarget::At(dir, name), self.cfg.marker_ns.metacopy())? {
+            None => Ok(false),
+            Some(v) if format::metacopy_mark_is_invalid(&v) => {
+                log::warn!("metacopy file {name:?} has too small a mark");
+                Err(err(libc::EIO))
+            }
+            Some(_) => Ok(true),
+        }
     }
 
     /// Look the data of a deferred metadata-only copy up in the data-only layers, top first,

@@ -63,6 +63,23 @@ pub struct Config {
     pub ids: ids::Ids,
     /// `catalog=FILE`: keep what lookups learn about deep lower directories across mounts.
     pub catalog: Option<PathBuf>,
+    /// `verity=`: check the fs-verity digests metadata-only copies record for their data.
+    pub verity: Verity,
+}
+
+/// The kernel's `verity=` modes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Verity {
+    /// Digests are neither checked nor recorded.
+    #[default]
+    Off,
+    /// A digest a metadata-only copy records is checked against its data's fs-verity digest
+    /// at the first open or copy-up (EIO if it differs or the data has none); a new
+    /// metadata-only copy records its data's digest where the data has one.
+    On,
+    /// As `On`, and a metadata-only copy without a digest is refused (EIO); a copy-up whose
+    /// data has no fs-verity digest copies the data.
+    Require,
 }
 
 /// A node returned to the kernel: its id and attributes.

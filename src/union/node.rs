@@ -87,6 +87,8 @@ pub struct DataSrc {
     pub first_lower: Vec<OsString>,
     /// The layer holding that object.
     pub first_layer: usize,
+    /// Its fs-verity digest checked (`verity=`), once per data source.
+    pub verified: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]

@@ -776,15 +776,16 @@ impl Union {
         let p = self.dir_node(parent)?;
         let np = self.dir_node(newparent)?;
         self.rename_precheck(&p, name, &np, newname, exchange, noreplace)?;
-        if !self.layers.data_only().is_empty() {
-            // As ovl_copy_up_flags: the source's data in a data-only layer is looked up before
-            // anything is copied up; where it is missing the parents stay as they are.
+        if !self.layers.data_only().is_empty() || self.cfg.verity != super::Verity::Off {
+            // As ovl_copy_up_flags: the source's data in a data-only layer is looked up and
+            // its digest checked before anything is copied up; where that fails the parents
+            // stay as they are.
             let src = {
                 let _g = p.dir_lock.read().expect("dir lock");
                 self.child(&p, name)?
             };
             if let Some(s) = src.filter(|s| s.kind == Kind::File) {
-                self.data_source(&s)?;
+                self.verified_data(&s)?;
             }
         }
         self.copy_up(&p, Data::All)?;

@@ -249,3 +249,97 @@ fn data_only_layers_end_metacopy_chains_as_in_the_kernel() {
     p.assert_no_panic();
     p.check_interop();
 }
+
+/// `verity=on|require` (composefs mounts with require): a metadata-only copy's recorded
+/// fs-verity digest is checked against its data's at the first open or copy-up. This
+/// machine's kernel has no fs-verity, so every recorded digest fails (EIO), as in the kernel;
+/// with `require` a copy recording none fails too, and with metacopy=on a copy-up of data
+/// without a digest copies the data whole. A mark the kernel cannot parse fails as there.
+#[test]
+fn verity_modes_check_digests_as_in_the_kernel() {
+    require_fuse!();
+    let digest = |algo: u8| {
+        let mut v = vec![0u8, 36, 0, algo];
+        v.extend([7u8; 32]);
+        v
+    };
+    for opts in [
+        "verity=on",
+        "verity=require",
+        "verity=on,metacopy=on",
+        "verity=require,metacopy=on",
+    ] {
+        let mut p = Pair::with_data(
+            |s| {
+                let (l0, l1, d0) = (s.mkdir("l0"), s.mkdir("l1"), s.mkdir("d0"));
+                write(d0.join("objects/ab/cd"), CD);
+                let n = CD.len() as u64;
+                for f in ["dig", "dig2"] {
+                    meta(&l1.join(f), n, Some(b"/objects/ab/cd"));
+                    set_xattr(l1.join(f), "trusted.overlay.metacopy", &digest(1));
+                }
+                for f in ["nodig", "nodig2"] {
+                    meta(&l1.join(f), n, Some(b"/objects/ab/cd"));
+                }
+                meta(&l1.join("short"), n, Some(b"/objects/ab/cd"));
+                set_xattr(l1.join("short"), "trusted.overlay.metacopy", b"\0\x03");
+                meta(&l1.join("version"), n, Some(b"/objects/ab/cd"));
+                set_xattr(
+                    l1.join("version"),
+                    "trusted.overlay.metacopy",
+                    &[1, 4, 0, 0],
+                );
+                write(l1.join("plain"), b"plain data");
+                write(l0.join("p2"), b"more plain data");
+                (vec![l0, l1], vec![d0])
+            },
+            opts,
+        );
+        let files = [
+            "dig", "dig2", "nodig", "nodig2", "short", "version", "plain", "p2",
+        ];
+        for f in files {
+            p.same(&format!("{opts}: stat {f}"), |m| {
+                outcome(fs::metadata(m.join(f)).map(|md| md.len()))
+            });
+            p.same(&format!("{opts}: read {f}"), |m| {
+                outcome(fs::read(m.join(f)))
+            });
+        }
+        for f in ["dig2", "nodig2", "plain"] {
+            p.same(&format!("{opts}: chmod {f}"), |m| {
+                outcome(fs::set_permissions(
+                    m.join(f),
+                    fs::Permissions::from_mode(0o600),
+                ))
+            });
+        }
+        p.same(&format!("{opts}: append to p2"), |m| {
+            outcome(
+                OpenOptions::new()
+                    .append(true)
+                    .open(m.join("p2"))
+                    .and_then(|mut f| f.write_all(b"+")),
+            )
+        });
+        // What each upper holds: a metadata-only copy's mark as the kernel writes it.
+        let marks = |u: &Path| {
+            ["nodig2", "plain", "p2"].map(|f| {
+                let there = u.join(f).exists();
+                (
+                    f,
+                    there.then(|| get_xattr(u.join(f), "trusted.overlay.metacopy")),
+                    fs::metadata(u.join(f)).map(|m| m.blocks() > 0).ok(),
+                )
+            })
+        };
+        assert_eq!(
+            marks(&p.s.path("ku")),
+            marks(&p.upper()),
+            "{opts}: the uppers' marks"
+        );
+        p.check(opts);
+        p.assert_no_panic();
+        p.check_interop();
+    }
+}

@@ -480,11 +480,18 @@ pub fn snapshot(root: &Path) -> Tree {
                     let fd = match sys::openat(dfd.as_fd(), &e.name, libc::O_RDONLY, 0) {
                         Ok(fd) => fd,
                         // A metadata-only copy whose data a data-only layer was to hold: the
-                        // open looks it up, and fails as the lookup did. Both mounts must agree.
+                        // open looks it up, and fails as the lookup did; or whose data fails
+                        // its fs-verity check (EIO). Both mounts must agree.
                         Err(err)
                             if matches!(
                                 err.raw_os_error(),
-                                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV)
+                                Some(
+                                    libc::ENOENT
+                                        | libc::ENOTDIR
+                                        | libc::ELOOP
+                                        | libc::EXDEV
+                                        | libc::EIO
+                                )
                             ) =>
                         {
                             out.insert(path, Info::failed(err.raw_os_error().unwrap_or(0)));
