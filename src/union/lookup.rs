@@ -568,7 +568,14 @@ impl Union {
             return Err(err(libc::EPERM));
         }
         let path = match &redirect {
-            Some(r) => redirect_target(&base, r).ok_or_else(|| err(libc::EIO))?,
+            Some(r) => match redirect_target(&base, r) {
+                Some(p) => p,
+                // A `..` in it: no lower layer's walk takes one, but with none left to walk
+                // only the data-only layers see it, beneath their roots (metacopy soak over
+                // data-only layers, seed 1130003).
+                None if l + 1 >= self.layers.len() => Vec::new(),
+                None => return Err(err(libc::EIO)),
+            },
             None => own.clone(),
         };
         // By its name or a relative redirect the data is looked up in the layers the parent
@@ -645,7 +652,12 @@ impl Union {
                 match redirect {
                     Some(r) => {
                         let absolute = r.first() == Some(&b'/');
-                        path = redirect_target(dirs, &r).ok_or_else(|| err(libc::EIO))?;
+                        path = match redirect_target(dirs, &r) {
+                            Some(p) => p,
+                            // (As above: with no layer left, for the data-only layers.)
+                            None if l + 1 >= self.layers.len() => break,
+                            None => return Err(err(libc::EIO)),
+                        };
                         if absolute {
                             within = None;
                         } else if last_layer {

@@ -966,11 +966,16 @@ impl Union {
     /// redirect (the path of the name used) and its refusal where too long must hold for it
     /// too (soak seed 40012). Taken before the copy-up.
     fn kernel_meta_data(&self, n: &Node, p: &Node, name: &OsStr) -> Result<Option<Vec<OsString>>> {
+        if !self.cfg.metacopy {
+            // The kernel copies whole: no redirect (a lower metadata-only copy of a data-only
+            // layer's file without metacopy=on; data-only soak, seed 1120209).
+            return Ok(None);
+        }
         let s = n.state();
         if let Some(d) = &s.data {
             return Ok(Some(d.first_lower.clone()));
         }
-        if !self.cfg.metacopy || n.kind != Kind::File || (s.layers[0] == 0 && !s.kernel_meta) {
+        if n.kind != Kind::File || (s.layers[0] == 0 && !s.kernel_meta) {
             return Ok(None);
         }
         if let (true, Some(r)) = (s.kernel_meta, &s.kernel_redirect) {

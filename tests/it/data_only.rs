@@ -23,6 +23,12 @@ fn meta(p: &Path, size: u64, redirect: Option<&[u8]>) {
 }
 
 const CD: &[u8] = b"the object ab/cd";
+/// A path longer than the kernel's redirect_max (256 bytes).
+const LONG: &str = concat!(
+    "a-directory-name-of-some-length-a-directory-name-of-some-length-a-directory-name-of-",
+    "some-length-a-directory-name-of-some-length/a-directory-name-of-some-length-a-direct",
+    "ory-name-of-some-length-a-directory-name-of-some-length-a-directory-name-of-some-len"
+);
 const SPARSE: u64 = (1 << 20) + 1;
 
 /// Two data-only layers under one lower layer, as composefs mounts an image.
@@ -56,6 +62,7 @@ fn composefs_like(s: &Scratch) -> (Vec<std::path::PathBuf>, Vec<std::path::PathB
     meta(&l0.join("noredirect"), n, None);
     write(l0.join("plain"), b"an ordinary file");
     write(l0.join("lowdir/plain"), b"in a directory that stays lower");
+    meta(&l0.join(LONG).join("deep"), n, Some(b"/objects/ab/cd"));
     (vec![l0], vec![d0, d1])
 }
 
@@ -178,6 +185,11 @@ fn data_only_layers_serve_data_as_in_the_kernel() {
     p.same("lowdir stays lower", |m| {
         fs::metadata(m.join("lowdir")).map(|md| md.nlink()).ok()
     });
+    // Without metacopy=on a move copies the data whole: no redirect, so no path is too long
+    // for one (data-only soak, seed 1120209: layerfs measured one and refused, EXDEV).
+    p.same("move a deep file up", |m| {
+        outcome(fs::rename(m.join(LONG).join("deep"), m.join("deep")))
+    });
     p.same("unlink gone", |m| outcome(fs::remove_file(m.join("gone"))));
     p.same("read after the copy-ups", |m| {
         ["f", "zz", "moved"].map(|f| outcome(fs::read(m.join(f))))
@@ -210,12 +222,25 @@ fn data_only_layers_end_metacopy_chains_as_in_the_kernel() {
             meta(&l0.join("rel"), n, Some(b"mc2"));
             meta(&l0.join("mc2"), n, Some(b"/objects/ab/cd"));
             meta(&l1.join("n"), n, None);
+            // A `..` no lower layer's walk takes, with no layer left to walk: the data-only
+            // layers resolve it (metacopy soak over data-only layers, seed 1130003).
+            meta(&l1.join("dotdot"), n, Some(b"/objects/../objects/ab/cd"));
             write(l1.join("objects/ab/cd"), b"a tree file, not the data");
             (vec![l0, l1], vec![d0])
         },
         "metacopy=on",
     );
-    for f in ["x", "mc", "y", "w", "rel", "mc2", "n", "objects/ab/cd"] {
+    for f in [
+        "x",
+        "mc",
+        "y",
+        "w",
+        "rel",
+        "mc2",
+        "n",
+        "dotdot",
+        "objects/ab/cd",
+    ] {
         p.same(&format!("stat {f}"), |m| size_and_blocks(m, f));
         p.same(&format!("read {f}"), |m| outcome(fs::read(m.join(f))));
     }
