@@ -570,10 +570,13 @@ impl Union {
         let path = match &redirect {
             Some(r) => match redirect_target(&base, r) {
                 Some(p) => p,
-                // A `..` in it: no lower layer's walk takes one, but with none left to walk
-                // only the data-only layers see it, beneath their roots (metacopy soak over
-                // data-only layers, seed 1130003).
-                None if l + 1 >= self.layers.len() => Vec::new(),
+                // A `..` in an absolute one: the walk of the layers below refuses it where it
+                // gets that far; where none does only the data-only layers see it, beneath
+                // their roots (metacopy soaks over data-only layers, seeds 1130003, 1130004).
+                None if absolute.is_some() => {
+                    self.walk_to_dotdot(l, r)?;
+                    Vec::new()
+                }
                 None => return Err(err(libc::EIO)),
             },
             None => own.clone(),
@@ -614,7 +617,7 @@ impl Union {
                 continue;
             }
             let Some((last, dirs)) = path.split_last() else {
-                return Err(err(libc::EIO));
+                break; // (a `..` redirect no layer walked: see walk_to_dotdot)
             };
             // The same walk as a redirect's: the data is the file the lower layers' union
             // shows at `path`, so a whiteout, a non-directory or an opaque directory on the
@@ -654,8 +657,11 @@ impl Union {
                         let absolute = r.first() == Some(&b'/');
                         path = match redirect_target(dirs, &r) {
                             Some(p) => p,
-                            // (As above: with no layer left, for the data-only layers.)
-                            None if l + 1 >= self.layers.len() => break,
+                            // (As above: for the data-only layers, if no walk refuses it.)
+                            None if absolute => {
+                                self.walk_to_dotdot(l, &r)?;
+                                break;
+                            }
                             None => return Err(err(libc::EIO)),
                         };
                         if absolute {
@@ -699,6 +705,28 @@ impl Union {
             format::show_path(&path)
         );
         Err(err(libc::EIO))
+    }
+
+    /// An absolute redirect with a `..` component, as the kernel's lookup walks it in each
+    /// layer below `above`, one component at a time: the `..` itself is refused (EACCES)
+    /// wherever the components before it all are directories; a missing one moves on to the
+    /// next layer, a whiteout, a non-directory or an opaque directory ends the walk (Ok:
+    /// nothing found, which leaves the data-only layers).
+    fn walk_to_dotdot(&self, above: usize, raw: &[u8]) -> Result<()> {
+        let before: Vec<OsString> = raw
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+            .take_while(|c| *c != b"..")
+            .map(|c| OsStr::from_bytes(c).to_os_string())
+            .collect();
+        for l in above + 1..self.layers.len() {
+            match self.walk_dirs(l, &before)? {
+                LayerWalk::Dir(..) => return Err(err(libc::EACCES)),
+                LayerWalk::Missing => continue,
+                LayerWalk::Blocked => return Ok(()),
+            }
+        }
+        Ok(())
     }
 
     /// Whether `dir/name` carries the metacopy mark. One too short to be the kernel's

@@ -225,6 +225,10 @@ fn data_only_layers_end_metacopy_chains_as_in_the_kernel() {
             // A `..` no lower layer's walk takes, with no layer left to walk: the data-only
             // layers resolve it (metacopy soak over data-only layers, seed 1130003).
             meta(&l1.join("dotdot"), n, Some(b"/objects/../objects/ab/cd"));
+            // With a layer left whose walk gets as far as the `..`: refused (EACCES).
+            meta(&l0.join("dotdot2"), n, Some(b"/objects/../objects/ab/cd"));
+            // And one whose walk does not: on to the data-only layers (seed 1130004).
+            meta(&l0.join("dotdot3"), n, Some(b"/nowhere/../objects/ab/cd"));
             write(l1.join("objects/ab/cd"), b"a tree file, not the data");
             (vec![l0, l1], vec![d0])
         },
@@ -239,6 +243,8 @@ fn data_only_layers_end_metacopy_chains_as_in_the_kernel() {
         "mc2",
         "n",
         "dotdot",
+        "dotdot2",
+        "dotdot3",
         "objects/ab/cd",
     ] {
         p.same(&format!("stat {f}"), |m| size_and_blocks(m, f));

@@ -455,8 +455,14 @@ pub fn snapshot(root: &Path) -> Tree {
                     continue;
                 }
                 // Listed but unreadable as the kernel makes it: a metadata-only copy whose
-                // data is missing (EIO) or not followed (EPERM). Both mounts must agree.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EPERM)) => {
+                // data is missing (EIO), not followed (EPERM), or whose redirect's `..` a
+                // walk refuses (EACCES). Both mounts must agree.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EIO | libc::EPERM | libc::EACCES)
+                    ) =>
+                {
                     out.insert(path, Info::failed(e.raw_os_error().unwrap_or(0)));
                     continue;
                 }
