@@ -327,7 +327,15 @@ pub fn data_layers(seed: u64, s: &Scratch, lowers: &[PathBuf], n: usize) -> Vec<
                 2 => (Some(b"/objects/alink/o1".to_vec()), 5),
                 3 => (Some(b"o1".to_vec()), 5),
                 4 => (None, 5),
-                5 => (Some(b"/objects/../objects/a/o0".to_vec()), 5),
+                // (Its size is the object's, as for any copy: a copy-up copies the copy's size,
+                // a read reads the data file's; seed 1130279 had them differ.)
+                5 => {
+                    let o0 = objects.iter().find(|o| o.0 == Path::new("objects/a/o0"));
+                    (
+                        Some(b"/objects/../objects/a/o0".to_vec()),
+                        o0.map_or(5, |o| o.1),
+                    )
+                }
                 _ => {
                     let (o, size) = r.pick(&objects).unwrap().clone();
                     let path = [b"/", o.as_os_str().as_encoded_bytes()].concat();
