@@ -176,6 +176,12 @@ pub fn map_layers(layers: &[LayerSpec], mut progress: impl FnMut(&str)) -> Resul
             size_bytes: w.size,
             ..LayerMap::default()
         };
+        // A data-only layer adds no names to the tree: only its size and entries count.
+        if spec.label.starts_with("data") {
+            m.entries = w.items.len() as u64;
+            out.push(m);
+            continue;
+        }
         // A redirected (renamed) directory brings its lower contents along: move them first,
         // before the whiteout at the old name removes them.
         let mut moved_from: HashSet<Vec<u8>> = HashSet::new();

@@ -127,6 +127,22 @@ fn data_only_layers_serve_data_as_in_the_kernel() {
         "{missing}"
     );
     assert!(which("plain")["data_from"].is_null());
+    // `layers`: the data-only layers add no names to the tree; their objects don't count
+    // as names the lower layer changes.
+    let maps = json_of(&["layers", "--format", "json"], p.lmnt());
+    let by = |label: &str| {
+        maps.as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["label"] == label)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {label} in {maps}"))
+    };
+    for d in ["data 0", "data 1"] {
+        assert_eq!(by(d)["adds"], 0, "{d}: {maps}");
+        assert!(by(d)["size_bytes"].as_u64().unwrap() > 0, "{d}: {maps}");
+    }
+    assert_eq!(by("lower 0")["changes"], 0, "{maps}");
     assert_eq!(
         fs::read(p.lmnt().join("both")).unwrap(),
         b"in the upper data layer"
