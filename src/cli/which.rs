@@ -149,13 +149,25 @@ pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
         let store_id = |l: usize| layer_dirs[l].store.clone();
         let (mut parent, mut id) = (ROOT_ID, ROOT_ID);
         let mut missing = false;
+        let mut failed = None;
         for (i, n) in comps.iter().enumerate() {
             match u.lookup(id, n) {
                 Ok(e) => (parent, id) = (id, e.id),
                 // The last name is not in the union: say what hides its lower copies.
                 Err(e) if e.errno() == libc::ENOENT && i + 1 == comps.len() => missing = true,
+                // Listed, but its lookup fails (a metadata-only copy not followed, or whose
+                // data is missing): say where it is and why.
+                Err(e) if i + 1 == comps.len() => failed = Some(e),
                 Err(e) => return Err(e.context(format!("{} (in the union)", abs.display()))),
             }
+        }
+        if let (Some(e), Some(n)) = (failed, comps.last()) {
+            let listed: Vec<&str> = u.layers_with_name(id, n)?.into_iter().map(label).collect();
+            out.push(json!({
+                "path": abs, "mount": mp, "visible": true,
+                "error": e.to_string(), "listed_in": listed,
+            }));
+            continue;
         }
         if missing {
             let hid = hidden(tree, &comps, &[]);
@@ -210,6 +222,19 @@ pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
     }
     for v in out {
         println!("{}", v["path"].as_str().unwrap_or(""));
+        if let Some(e) = v["error"].as_str() {
+            let listed: Vec<&str> = v["listed_in"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|l| l.as_str())
+                .collect();
+            println!(
+                "  listed in {}, but cannot be looked up: {e}",
+                listed.join(", ")
+            );
+            continue;
+        }
         if v["visible"] == false {
             println!("  not in the union");
         } else {

@@ -127,6 +127,13 @@ fn data_only_layers_serve_data_as_in_the_kernel() {
         "{missing}"
     );
     assert!(which("plain")["data_from"].is_null());
+    let relative = which("relative");
+    assert!(relative["error"].is_string(), "{relative}");
+    assert_eq!(
+        relative["listed_in"],
+        serde_json::json!(["lower 0"]),
+        "{relative}"
+    );
     // `layers`: the data-only layers add no names to the tree; their objects don't count
     // as names the lower layer changes.
     let maps = json_of(&["layers", "--format", "json"], p.lmnt());
