@@ -132,16 +132,12 @@ impl Union {
                     .filter(|d| d.first_lower != here)
                     .map(|d| format::absolute_path(&d.first_lower));
                 let d = d.clone().unwrap_or_else(|| {
-                    Arc::new(DataSrc {
-                        at: DataAt::File {
-                            layer: st.layers[0],
-                            path: here.clone(),
-                            blocks: sst.st_blocks,
-                        },
-                        first_lower: here,
-                        first_layer: st.layers[0],
-                        verified: Default::default(),
-                    })
+                    let at = DataAt::File {
+                        layer: st.layers[0],
+                        path: here.clone(),
+                        blocks: sst.st_blocks,
+                    };
+                    DataSrc::new(at, here, st.layers[0])
                 });
                 (
                     Fill::Meta(redirect, format::metacopy_value(digest.as_ref())),
@@ -338,16 +334,12 @@ impl Union {
                 String::from_utf8_lossy(r)
             )
         })?;
-        let found = Arc::new(DataSrc {
-            at: DataAt::File {
-                layer,
-                path,
-                blocks: st.st_blocks,
-            },
-            first_lower: d.first_lower.clone(),
-            first_layer: d.first_layer,
-            verified: Default::default(),
-        });
+        let at = DataAt::File {
+            layer,
+            path,
+            blocks: st.st_blocks,
+        };
+        let found = DataSrc::new(at, d.first_lower.clone(), d.first_layer);
         {
             let mut s = node.state.write().expect("node state lock");
             if s.data.as_ref().is_some_and(|x| Arc::ptr_eq(x, &d)) {

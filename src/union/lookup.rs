@@ -556,12 +556,7 @@ impl Union {
                 && l + 1 == self.layers.len()
                 && !self.layers.data_only().is_empty()
             {
-                return Ok(Some(Arc::new(DataSrc {
-                    at: DataAt::Deferred(r.clone()),
-                    first_lower: own,
-                    first_layer: l,
-                    verified: Default::default(),
-                })));
+                return Ok(Some(DataSrc::new(DataAt::Deferred(r.clone()), own, l)));
             }
             // As the kernel without metacopy=on: never follow (the file's own data is a hole).
             log::warn!("refusing to follow metacopy file {name:?} (mount with metacopy=on)");
@@ -676,16 +671,12 @@ impl Union {
                 l += 1;
                 continue;
             }
-            return Ok(Arc::new(DataSrc {
-                at: DataAt::File {
-                    layer: l,
-                    blocks: st.st_blocks,
-                    path,
-                },
-                first_lower: chain.first_lower,
-                first_layer,
-                verified: Default::default(),
-            }));
+            let at = DataAt::File {
+                layer: l,
+                blocks: st.st_blocks,
+                path,
+            };
+            return Ok(DataSrc::new(at, chain.first_lower, first_layer));
         }
         // Not in the tree's layers: a lower copy whose last redirect is absolute has its data
         // in a data-only layer, looked up when first needed (as the kernel: a lower object
@@ -693,12 +684,11 @@ impl Union {
         if let (Some(first_layer), Some(r)) = (chain.first, chain.deferred)
             && !self.layers.data_only().is_empty()
         {
-            return Ok(Arc::new(DataSrc {
-                at: DataAt::Deferred(r),
-                first_lower: chain.first_lower,
+            return Ok(DataSrc::new(
+                DataAt::Deferred(r),
+                chain.first_lower,
                 first_layer,
-                verified: Default::default(),
-            }));
+            ));
         }
         log::warn!(
             "metacopy file {} has no lower data",

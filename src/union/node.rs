@@ -106,6 +106,16 @@ pub enum DataAt {
 }
 
 impl DataSrc {
+    /// Data at `at`, reached from the topmost lower object `first_lower` of `first_layer`.
+    pub fn new(at: DataAt, first_lower: Vec<OsString>, first_layer: usize) -> Arc<DataSrc> {
+        Arc::new(DataSrc {
+            at,
+            first_lower,
+            first_layer,
+            verified: Default::default(),
+        })
+    }
+
     /// The layer holding the data, once known.
     pub fn layer(&self) -> Option<usize> {
         match self.at {
