@@ -14,7 +14,16 @@ use crate::inspect::svg::{self, human};
 
 /// The layers of the mount holding `path`, top first, as its daemon reports them.
 pub fn mount_layers(path: &Path) -> Result<(PathBuf, Vec<LayerSpec>)> {
-    let info = Client::connect(path)?.ask("info")?;
+    Ok(layers_in(&mount_info(path)?))
+}
+
+/// What the daemon serving `path` says of its mount (`info`).
+pub fn mount_info(path: &Path) -> Result<Value> {
+    Client::connect(path)?.ask("info")
+}
+
+/// The mountpoint and layers (top first) an `info` answer lists.
+pub fn layers_in(info: &Value) -> (PathBuf, Vec<LayerSpec>) {
     let mp = PathBuf::from(info["mountpoint"].as_str().unwrap_or_default());
     let specs = info["layers"]
         .as_array()
@@ -28,7 +37,7 @@ pub fn mount_layers(path: &Path) -> Result<(PathBuf, Vec<LayerSpec>)> {
                 .collect()
         })
         .unwrap_or_default();
-    Ok((mp, specs))
+    (mp, specs)
 }
 
 fn f(v: &Value) -> f64 {

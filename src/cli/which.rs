@@ -11,7 +11,7 @@ use serde_json::json;
 
 use std::os::fd::AsFd;
 
-use super::observe::mount_layers;
+use super::observe::{layers_in, mount_info};
 use crate::error::{Error, Result};
 use crate::inspect::layers::LayerSpec;
 use crate::sys;
@@ -111,7 +111,8 @@ pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
     let mut out = Vec::new();
     for p in paths {
         let abs = std::path::absolute(p).map_err(|e| Error::from(e).context(p.display()))?;
-        let (mp, layer_dirs) = mount_layers(&abs)?;
+        let info = mount_info(&abs)?;
+        let (mp, layer_dirs) = layers_in(&info);
         let has_upper = layer_dirs.first().is_some_and(|l| l.label == "upper");
         // Read-only view of the same layers: the upper is just the top layer here.
         let u = Union::new(Config {
@@ -128,9 +129,13 @@ pub fn which(paths: &[PathBuf], format: &str) -> Result<i32> {
                 .map(|l| l.dir.clone())
                 .collect(),
             fsync: false,
-            // Read-only: following a metadata-only copy to its data is always safe here.
-            metacopy: true,
-            marker_ns: crate::union::format::MarkerNs::Trusted,
+            // The mount's own reading of metadata-only copies and markers (an older daemon
+            // that doesn't say: follow them, in the trusted format).
+            metacopy: info["metacopy"].as_bool().unwrap_or(true),
+            marker_ns: match info["markers"].as_str() {
+                Some("user") => crate::union::format::MarkerNs::User,
+                _ => crate::union::format::MarkerNs::Trusted,
+            },
             ids: Default::default(),
             catalog: None,
             verity: Default::default(),

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::store::describe_layer_dir;
 use crate::sys;
 use crate::union::Union;
+use crate::union::format::MarkerNs;
 
 /// At most this many clients at once (each has a thread).
 const MAX_CLIENTS: usize = 64;
@@ -79,6 +80,9 @@ fn info(fs: &Union, mountpoint: &Path) -> Value {
         "writable": fs.writable(),
         "work": fs.cfg.work,
         "layers": layers,
+        // How the layers' markers are read (for `which` to read them alike).
+        "markers": if fs.cfg.marker_ns == MarkerNs::User { "user" } else { "trusted" },
+        "metacopy": fs.cfg.metacopy,
     })
 }
 
