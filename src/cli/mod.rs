@@ -50,6 +50,9 @@ Mount OPTIONS (comma-separated; -o may be repeated):
   metacopy=on|off          chmod/chown/touch/setfattr/mv of a lower file copy up its metadata
                            only (as kernel overlayfs metacopy=on; root); the data follows at
                            the first open for writing. Off by default, as in the kernel
+  verity=on|require        check the fs-verity digest a metadata-only copy records against its
+                           data's at the first open or copy-up (EIO if it differs or the data
+                           has none); require: a copy recording none fails too (composefs)
   uidmapping=C:H:N[:C:H:N...]  show host ids H..H+N-1 as container ids C..C+N-1 (and map
   gidmapping=C:H:N[:...]   chown/new files back); unmapped host ids show as 65534
   squash_to_root, squash_to_uid=N, squash_to_gid=N
@@ -66,9 +69,6 @@ Accepted for compatibility and ignored (fuse-overlayfs, mount(8), kernel overlay
   rw atime relatime strictatime nodiratime async exec defaults context= fscontext= defcontext=
   rootcontext= posix_acl ...; with the kernel's values checked: redirect_dir=on|off|follow|
   nofollow, index=on|off, xino=on|off|auto, nfs_export=on|off, uuid=on|off|null|auto
-  verity=on|require        check the fs-verity digest a metadata-only copy records against its
-                           data's at the first open or copy-up (EIO if it differs or the data
-                           has none); require: a copy recording none fails too (composefs)
 
 Examples:
   layerfs mount -o lowerdir=/img/l2:/img/l1,upperdir=/c/up,workdir=/c/work /c/rootfs
