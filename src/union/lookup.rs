@@ -703,9 +703,7 @@ impl Union {
     /// next layer, a whiteout, a non-directory or an opaque directory ends the walk (Ok:
     /// nothing found, which leaves the data-only layers).
     fn walk_to_dotdot(&self, above: usize, raw: &[u8]) -> Result<()> {
-        let before: Vec<OsString> = raw
-            .split(|&b| b == b'/')
-            .filter(|c| !c.is_empty() && *c != b".")
+        let before: Vec<OsString> = walked_components(raw)
             .take_while(|c| *c != b"..")
             .map(|c| OsStr::from_bytes(c).to_os_string())
             .collect();
@@ -751,10 +749,7 @@ impl Union {
 
     /// `redirect` beneath the root of layer `l`: its components and the regular file's stat.
     fn data_file_in(&self, l: usize, redirect: &[u8]) -> Result<(Vec<OsString>, Stat)> {
-        let comps: Vec<&[u8]> = redirect
-            .split(|&b| b == b'/')
-            .filter(|c| !c.is_empty() && *c != b".")
-            .collect();
+        let comps: Vec<&[u8]> = walked_components(redirect).collect();
         let Some((last, dirs)) = comps.split_last() else {
             return Err(err(libc::ENOENT)); // the root: not a regular file
         };
@@ -858,6 +853,12 @@ struct Chain {
     first_lower: Vec<OsString>,
     /// The last redirect read, if absolute: where the data-only layers are searched.
     deferred: Option<Vec<u8>>,
+}
+
+/// The components of a path as a walk takes them: empty ones and `.` skipped, `..` kept.
+fn walked_components(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
+    raw.split(|&b| b == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
 }
 
 /// Where a redirect points: absolute from the layer root, or a sibling name under `base`'s

@@ -66,6 +66,14 @@ fn composefs_like(s: &Scratch) -> (Vec<std::path::PathBuf>, Vec<std::path::PathB
     (vec![l0], vec![d0, d1])
 }
 
+/// Append one byte to `p` (a write: the data comes up).
+fn append(p: &Path) -> std::io::Result<()> {
+    OpenOptions::new()
+        .append(true)
+        .open(p)
+        .and_then(|mut f| f.write_all(b"+"))
+}
+
 fn size_and_blocks(m: &Path, f: &str) -> crate::pair::Outcome<(u64, u64)> {
     outcome(fs::metadata(m.join(f)).map(|md| (md.len(), md.blocks())))
 }
@@ -192,14 +200,7 @@ fn data_only_layers_serve_data_as_in_the_kernel() {
             fs::Permissions::from_mode(0o600),
         ))
     });
-    p.same("append to zz", |m| {
-        outcome(
-            OpenOptions::new()
-                .append(true)
-                .open(m.join("zz"))
-                .and_then(|mut f| f.write_all(b"+")),
-        )
-    });
+    p.same("append to zz", |m| outcome(append(&m.join("zz"))));
     p.same("rename sub/inner", |m| {
         outcome(fs::rename(m.join("sub/inner"), m.join("moved")))
     });
@@ -298,12 +299,7 @@ fn data_only_layers_end_metacopy_chains_as_in_the_kernel() {
         ["x", "dd/y2"].map(|f| outcome(fs::read(m.join(f))))
     });
     p.same("append to x after a remount", |m| {
-        outcome(
-            OpenOptions::new()
-                .append(true)
-                .open(m.join("x"))
-                .and_then(|mut f| f.write_all(b"+")),
-        )
+        outcome(append(&m.join("x")))
     });
     p.check("after a data copy-up");
     p.assert_no_panic();
@@ -375,12 +371,7 @@ fn verity_modes_check_digests_as_in_the_kernel() {
             });
         }
         p.same(&format!("{opts}: append to p2"), |m| {
-            outcome(
-                OpenOptions::new()
-                    .append(true)
-                    .open(m.join("p2"))
-                    .and_then(|mut f| f.write_all(b"+")),
-            )
+            outcome(append(&m.join("p2")))
         });
         // What each upper holds: a metadata-only copy's mark as the kernel writes it.
         let marks = |u: &Path| {
