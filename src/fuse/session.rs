@@ -13,7 +13,7 @@ use super::adapter::Adapter;
 use crate::control::{self, server::Control};
 use crate::error::{Context, Result};
 use crate::sys;
-use crate::union::{Config, Inval, Union};
+use crate::union::{Config, Invalidate, Union};
 
 /// Everything needed to mount.
 #[derive(Clone, Debug)]
@@ -87,8 +87,8 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
     // A control client that goes away must cost an EPIPE, never the daemon.
     sys::sigpipe_ignore();
     let r = start(&spec);
-    let (mut session, invalidations, fs) = match r {
-        Ok((s, rx, fs)) => (s, Some(rx), fs),
+    let (mut session, fs) = match r {
+        Ok(started) => started,
         Err(e) => {
             report(&mut ready, &format!("{e}\n"));
             return Err(e);
@@ -122,18 +122,18 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
             })?;
     }
     let notifier = session.notifier();
-    let rx = invalidations.expect("set by start");
-    // Invalidations go out from their own thread: a request handler never waits on the kernel.
+    let (entries, rx) = std::sync::mpsc::channel::<(u64, std::ffi::OsString)>();
+    let n = notifier.clone();
+    // Entry invalidations go out from their own thread: the kernel takes the parent's lock
+    // for one, and the request that caused it may hold that lock.
     std::thread::Builder::new()
         .name("invalidate".into())
         .spawn(move || {
-            for inval in rx {
-                let _ = match inval {
-                    Inval::Attrs(id) => notifier.inval_inode(fuser::INodeNo(id), -1, 0),
-                    Inval::Entry(p, name) => notifier.inval_entry(fuser::INodeNo(p), &name),
-                };
+            for (p, name) in rx {
+                let _ = n.inval_entry(fuser::INodeNo(p), &name);
             }
         })?;
+    fs.set_invalidator(Box::new(KernelCache { notifier, entries }));
     let _ = UNION.set(fs.clone());
     // Seeing copy-on-write is a convenience: a mount without its control socket still serves.
     match control::server::start(fs, spec.mountpoint.clone()) {
@@ -169,18 +169,30 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
     Ok(())
 }
 
-type Started = (
-    fuser::Session<Adapter>,
-    std::sync::mpsc::Receiver<Inval>,
-    Arc<Union>,
-);
+type Started = (fuser::Session<Adapter>, Arc<Union>);
+
+/// The kernel's caches of this mount, told of changes the engine makes behind them.
+struct KernelCache {
+    notifier: fuser::Notifier,
+    entries: std::sync::mpsc::Sender<(u64, std::ffi::OsString)>,
+}
+
+impl Invalidate for KernelCache {
+    fn attrs(&self, id: u64) {
+        // Attributes only (offset -1): the kernel drops them under a spinlock and touches no
+        // page, so this is safe inside any request.
+        let _ = self.notifier.inval_inode(fuser::INodeNo(id), -1, 0);
+    }
+
+    fn entry(&self, parent: u64, name: std::ffi::OsString) {
+        let _ = self.entries.send((parent, name));
+    }
+}
 
 fn start(spec: &MountSpec) -> Result<Started> {
     // The kernel already applied the caller's umask to modes it sends.
     sys::set_umask(0);
     let fs = Arc::new(Union::new(spec.union.clone())?);
-    let (tx, rx) = std::sync::mpsc::channel();
-    fs.set_invalidator(tx);
     let mut opts = vec![
         MountOption::FSName("layerfs".into()),
         MountOption::Subtype("layerfs".into()),
@@ -216,5 +228,5 @@ fn start(spec: &MountSpec) -> Result<Started> {
         &config,
     )
     .ctx(format!("mounting on {}", spec.mountpoint.display()))?;
-    Ok((session, rx, fs))
+    Ok((session, fs))
 }

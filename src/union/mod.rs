@@ -26,7 +26,6 @@ use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result, err};
@@ -88,12 +87,15 @@ pub struct Entry {
     pub attr: Stat,
 }
 
-/// Something the kernel caches that changed behind its back.
-pub enum Inval {
-    /// A node's attributes.
-    Attrs(u64),
-    /// The entry (parent, name).
-    Entry(u64, std::ffi::OsString),
+/// Tells the kernel that something it caches changed behind its back.
+pub trait Invalidate: Send + Sync {
+    /// Node `id`'s attributes. Done before the request that changed them is answered: a
+    /// failed rename that copied a directory up gets no refresh from the kernel, so the
+    /// caller's next stat must already miss the cache. Must not wait on the kernel's locks.
+    fn attrs(&self, id: u64);
+    /// The entry (parent, name). May be queued: the kernel takes the parent's lock for it,
+    /// which the request being served can hold.
+    fn entry(&self, parent: u64, name: std::ffi::OsString);
 }
 
 pub struct Union {
@@ -107,7 +109,7 @@ pub struct Union {
     pub cfg: Config,
     /// Where to say what the kernel caches that changed behind its back (attributes of a
     /// parent after a copy-up, names given to a reissued node): the FUSE side tells the kernel.
-    invalidate: OnceLock<Sender<Inval>>,
+    invalidate: OnceLock<Box<dyn Invalidate>>,
     /// Counters and the event stream (`layerfs stats`, `layerfs events`).
     pub obs: Arc<Observer>,
 }
@@ -197,13 +199,13 @@ impl Union {
     }
 
     /// Ask to be told when something the kernel caches goes stale.
-    pub fn set_invalidator(&self, tx: Sender<Inval>) {
-        let _ = self.invalidate.set(tx);
+    pub fn set_invalidator(&self, inval: Box<dyn Invalidate>) {
+        let _ = self.invalidate.set(inval);
     }
 
     pub(crate) fn attrs_changed(&self, id: u64) {
-        if let Some(tx) = self.invalidate.get() {
-            let _ = tx.send(Inval::Attrs(id));
+        if let Some(inval) = self.invalidate.get() {
+            inval.attrs(id);
         }
     }
 
@@ -231,9 +233,9 @@ impl Union {
             old.state.write().expect("node state lock").detached = keep;
         }
         log::debug!("node {id} reissued as {}", new.id);
-        if let Some(tx) = self.invalidate.get() {
+        if let Some(inval) = self.invalidate.get() {
             for (p, n) in new.state().names() {
-                let _ = tx.send(Inval::Entry(p, n.to_owned()));
+                inval.entry(p, n.to_owned());
             }
         }
     }
