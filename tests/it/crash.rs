@@ -3,7 +3,6 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::path::Path;
 use std::time::Duration;
 
 use crate::require_fuse;
@@ -16,16 +15,6 @@ fn content(i: usize) -> Vec<u8> {
     (0..SIZE)
         .map(|j| ((i * 31 + j / 4096) % 251) as u8)
         .collect()
-}
-
-fn kill_daemon(mnt: &Path) {
-    let pid = daemon_pid(mnt).expect("daemon running");
-    run_timeout(
-        std::process::Command::new("kill").args(["-KILL", &pid.to_string()]),
-        10,
-    );
-    assert!(wait_until(10, || daemon_pid(mnt).is_none()), "daemon died");
-    let _ = layerfs::sys::umount(mnt, true);
 }
 
 #[test]

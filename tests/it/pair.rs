@@ -188,6 +188,23 @@ impl Pair {
             Some(self.mount_layerfs(&self.s.path("lu"), &self.s.path("lw"), &self.s.path("lmnt")));
     }
 
+    /// Both mounts down and up again over their own upper and workdir; with `kill`,
+    /// layerfs's daemon is killed (-9) instead of unmounted: nothing may live only in its
+    /// memory.
+    pub fn remount_both(&mut self, kill: bool) {
+        if kill {
+            kill_daemon(self.lmnt());
+        }
+        self.k = None;
+        self.l = None;
+        self.k = Some(Kernel::mount(
+            &self.kernel_opts(&self.s.path("ku"), &self.s.path("kw")),
+            &self.s.path("kmnt"),
+        ));
+        self.l =
+            Some(self.mount_layerfs(&self.s.path("lu"), &self.s.path("lw"), &self.s.path("lmnt")));
+    }
+
     /// Persistence and on-disk compatibility: layerfs remounted and the kernel on layerfs's
     /// upper show the kernel's live tree; layerfs on the kernel's upper shows what the kernel
     /// itself shows on that upper with a fresh workdir (with index=on, copy-ups of lower hard

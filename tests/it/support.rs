@@ -169,6 +169,14 @@ impl Drop for Layerfs {
     }
 }
 
+/// kill -9 the daemon serving `mnt`, then detach its dead mount.
+pub fn kill_daemon(mnt: &Path) {
+    let pid = daemon_pid(mnt).expect("daemon running");
+    run_timeout(Command::new("kill").args(["-KILL", &pid.to_string()]), 10);
+    assert!(wait_until(10, || daemon_pid(mnt).is_none()), "daemon died");
+    let _ = sys::umount(mnt, true);
+}
+
 /// Process `pid` is gone (or a zombie).
 pub fn exited(pid: i32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()

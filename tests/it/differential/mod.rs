@@ -1,6 +1,9 @@
 //! The standing differential harness: from a seed, random lower layers and a random operation
 //! sequence run in lockstep on kernel overlayfs (redirect_dir=on) and layerfs; every outcome and
 //! errno is compared, the whole tree periodically, and at the end persistence and interop.
+//! Now and then both mounts go down and come up again (`Op::Remount`; half the time the
+//! layerfs daemon is killed with -9 instead of unmounted), and the run goes on over what each
+//! read back from disk.
 //!
 //! A mismatch prints the seed, the operation index and a shrunk reproduction; a stuck
 //! operation ends the process the same way (see `watchdog`). Replay with
@@ -115,6 +118,11 @@ fn run(seed: u64, setup: Setup, ops: Option<&[Op]>, n: usize) -> (Vec<Op>, Optio
         };
         done.push(op.clone());
         watchdog::beat(format!("seed {seed}, op {i}: {op:?}"), p.scratch_root());
+        if let Op::Remount { kill } = op {
+            drop((k, l));
+            p.remount_both(kill);
+            (k, l) = (Side::new(p.kmnt()), Side::new(p.lmnt()));
+        }
         let (ko, lo) = (ops::apply(&mut k, &op), ops::apply(&mut l, &op));
         if ko != lo && !l.kept_as_opened(&op, &lo) && !linked_by_another_name(&p, &op, &ko, &lo) {
             return (
@@ -125,7 +133,7 @@ fn run(seed: u64, setup: Setup, ops: Option<&[Op]>, n: usize) -> (Vec<Op>, Optio
                 }),
             );
         }
-        if matches!(op, Op::Check) || i % 10 == 9 || i + 1 == total {
+        if matches!(op, Op::Check | Op::Remount { .. }) || i % 10 == 9 || i + 1 == total {
             // A tree difference is a mismatch of this operation.
             let r =
                 std::panic::catch_unwind(AssertUnwindSafe(|| p.check(&format!("after op {i}"))));
@@ -334,6 +342,10 @@ fn soak_shared_mount() {
                 let mut history: Vec<String> = Vec::new();
                 while start.elapsed() < Duration::from_secs(secs) {
                     let op = ops::random_op(&mut rng, &ops::listing(&k.root));
+                    // Workers share the mounts: none takes them down.
+                    if matches!(op, Op::Remount { .. }) {
+                        continue;
+                    }
                     let (ko, lo) = (ops::apply(&mut k, &op), ops::apply(&mut l, &op));
                     history.push(format!("{i}: {op:?} -> {ko}"));
                     assert!(

@@ -98,6 +98,12 @@ pub enum Op {
         link: Option<PathBuf>,
     },
     Check,
+    /// Unmount both (kept fds closed first) and mount them again over the same upper and
+    /// workdir; later operations run on what each read back from disk. With `kill`, the
+    /// layerfs daemon is killed (-9) rather than unmounted.
+    Remount {
+        kill: bool,
+    },
 }
 
 pub const SLOTS: usize = 4;
@@ -332,6 +338,8 @@ pub fn apply(side: &mut Side, op: &Op) -> String {
             })
         }
         Op::Check => "check".into(),
+        // Done by the runner, which owns the mounts.
+        Op::Remount { .. } => "remount".into(),
     }
 }
 
@@ -497,6 +505,7 @@ pub fn random_op(r: &mut Rng, tree: &[(PathBuf, char)]) -> Op {
             len: r.below(70_000) as usize,
             link: r.chance(80).then(|| target(r)),
         },
+        _ if r.chance(25) => Op::Remount { kill: r.chance(50) },
         _ => Op::Check,
     }
 }
