@@ -642,31 +642,27 @@ impl Union {
             let ns = self.cfg.marker_ns;
             if self.metacopy_mark(fd.as_fd(), last)? {
                 // Metadata only here too: the data is further down, where this copy's own
-                // redirect says (ovl_check_redirect); an absolute one goes on past an opaque
-                // directory, as the kernel's resets d->stop.
+                // redirect says (ovl_check_redirect), or at its own path. An opaque
+                // directory passed on the way ends nothing (the kernel sets d->stop there,
+                // then clears it at a metadata-only copy); by name, the parent's layers
+                // (`within`) already end at one.
                 let redirect = sys::getxattr(XTarget::At(fd.as_fd(), last), ns.redirect())?
                     .filter(|r| !r.is_empty());
                 chain.deferred = redirect.clone().filter(|r| r.first() == Some(&b'/'));
-                match redirect {
-                    Some(r) => {
-                        let absolute = r.first() == Some(&b'/');
-                        path = match redirect_target(dirs, &r) {
-                            Some(p) => p,
-                            // (As above: for the data-only layers, if no walk refuses it.)
-                            None if absolute => {
-                                self.walk_to_dotdot(l, &r)?;
-                                break;
-                            }
-                            None => return Err(err(libc::EIO)),
-                        };
-                        if absolute {
-                            within = None;
-                        } else if last_layer {
+                if let Some(r) = redirect {
+                    let absolute = r.first() == Some(&b'/');
+                    path = match redirect_target(dirs, &r) {
+                        Some(p) => p,
+                        // (As above: for the data-only layers, if no walk refuses it.)
+                        None if absolute => {
+                            self.walk_to_dotdot(l, &r)?;
                             break;
                         }
+                        None => return Err(err(libc::EIO)),
+                    };
+                    if absolute {
+                        within = None;
                     }
-                    None if last_layer => break,
-                    None => {}
                 }
                 l += 1;
                 continue;

@@ -406,17 +406,38 @@ fn chains_of_lower_metacopy_redirects_are_followed_as_in_the_kernel() {
             set_xattr(l1.join("o/m"), "trusted.overlay.metacopy", b"");
             set_xattr(l1.join("o"), "trusted.overlay.opaque", b"y");
             write(l2.join("o/m"), data);
+            // Walked from the roots (after an absolute redirect), an opaque directory ends
+            // the search only where the name is missing: a metadata-only copy there sends it
+            // on below, by its relative redirect or its own path, as the kernel's lookup
+            // clears d->stop at one (metacopy soak, seed 1190028: layerfs gave EIO).
+            meta(&l0.join("r"), n, b"/q/hop");
+            meta(&l1.join("q/hop"), n, b"data2");
+            write(l2.join("q/data2"), data);
+            meta(&l0.join("r2"), n, b"/q/same");
+            fs::File::create(l1.join("q/same"))
+                .unwrap()
+                .set_len(n)
+                .unwrap();
+            set_xattr(l1.join("q/same"), "trusted.overlay.metacopy", b"");
+            write(l2.join("q/same"), data);
+            meta(&l0.join("r3"), n, b"/q/none");
+            write(l2.join("q/none"), data);
+            set_xattr(l1.join("q"), "trusted.overlay.opaque", b"y");
             vec![l0, l1, l2]
         },
         "metacopy=on",
     );
-    for f in ["x", "mc", "s/y", "s/y2", "g", "d/data", "o/m", "o/abs"] {
+    for f in [
+        "x", "mc", "s/y", "s/y2", "g", "d/data", "o/m", "o/abs", "r", "r2", "r3",
+    ] {
         p.same(&format!("read {f}"), |m| outcome(fs::read(m.join(f))));
         p.same(&format!("blocks of {f}"), |m| {
             outcome(fs::metadata(m.join(f)).map(|md| (md.len(), md.blocks())))
         });
     }
     assert_eq!(fs::read(p.lmnt().join("x")).unwrap(), data);
+    assert_eq!(fs::read(p.lmnt().join("r")).unwrap(), data);
+    assert_eq!(fs::read(p.lmnt().join("r2")).unwrap(), data);
     p.same("chmod x (metadata-only copy-up)", |m| {
         outcome(fs::set_permissions(
             m.join("x"),
