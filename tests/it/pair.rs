@@ -19,6 +19,10 @@ pub struct Pair {
     pub extra: String,
     /// Mount options given to layerfs only (e.g. `passthrough=upper`).
     pub ours: String,
+    /// Each mount runs over the other's upper and workdir (`remount_both` with `swap`).
+    pub swapped: bool,
+    /// Has been swapped at some point: the uppers mix what both wrote.
+    pub crossed: bool,
     /// Last: fields drop in order, so the mounts above are gone before their directories.
     pub s: Scratch,
 }
@@ -77,12 +81,11 @@ impl Pair {
             l: None,
             extra: extra.to_string(),
             ours: ours.to_string(),
+            swapped: false,
+            crossed: false,
         };
-        p.k = Some(Kernel::mount(
-            &p.kernel_opts(&p.s.path("ku"), &p.s.path("kw")),
-            &p.s.path("kmnt"),
-        ));
-        p.l = Some(p.mount_layerfs(&p.s.path("lu"), &p.s.path("lw"), &p.s.path("lmnt")));
+        p.mount_kernel();
+        p.remount_layerfs();
         p
     }
 
@@ -178,31 +181,70 @@ impl Pair {
             what,
             &snapshot(self.kmnt()),
             &snapshot(self.lmnt()),
-            &linked_up_dirs(&self.upper()),
+            &self.linked(),
+            self.crossed,
         );
+    }
+
+    /// The directories a lookup copied up to link a name up (see `linked_up_dirs`): in
+    /// layerfs's upper, and once crossed in the kernel's too.
+    fn linked(&self) -> std::collections::BTreeSet<Vec<u8>> {
+        let mut l = linked_up_dirs(&self.upper());
+        if self.crossed {
+            l.extend(linked_up_dirs(&self.kernel_dirs().0));
+        }
+        l
+    }
+
+    /// The upper and workdir the kernel mounts.
+    pub fn kernel_dirs(&self) -> (PathBuf, PathBuf) {
+        let (u, w) = if self.swapped {
+            ("lu", "lw")
+        } else {
+            ("ku", "kw")
+        };
+        (self.s.path(u), self.s.path(w))
+    }
+
+    /// The upper and workdir layerfs mounts.
+    pub fn layerfs_dirs(&self) -> (PathBuf, PathBuf) {
+        let (u, w) = if self.swapped {
+            ("ku", "kw")
+        } else {
+            ("lu", "lw")
+        };
+        (self.s.path(u), self.s.path(w))
+    }
+
+    fn mount_kernel(&mut self) {
+        let (u, w) = self.kernel_dirs();
+        self.k = Some(Kernel::mount(
+            &self.kernel_opts(&u, &w),
+            &self.s.path("kmnt"),
+        ));
     }
 
     pub fn remount_layerfs(&mut self) {
         self.l = None;
-        self.l =
-            Some(self.mount_layerfs(&self.s.path("lu"), &self.s.path("lw"), &self.s.path("lmnt")));
+        let (u, w) = self.layerfs_dirs();
+        self.l = Some(self.mount_layerfs(&u, &w, &self.s.path("lmnt")));
     }
 
-    /// Both mounts down and up again over their own upper and workdir; with `kill`,
-    /// layerfs's daemon is killed (-9) instead of unmounted: nothing may live only in its
-    /// memory.
-    pub fn remount_both(&mut self, kill: bool) {
+    /// Both mounts down and up again; with `kill`, layerfs's daemon is killed (-9) instead
+    /// of unmounted (nothing may live only in its memory); with `swap`, each comes up over
+    /// the other's upper and workdir (each must carry on from what the other wrote).
+    pub fn remount_both(&mut self, kill: bool, swap: bool) {
         if kill {
             kill_daemon(self.lmnt());
         }
         self.k = None;
         self.l = None;
-        self.k = Some(Kernel::mount(
-            &self.kernel_opts(&self.s.path("ku"), &self.s.path("kw")),
-            &self.s.path("kmnt"),
-        ));
-        self.l =
-            Some(self.mount_layerfs(&self.s.path("lu"), &self.s.path("lw"), &self.s.path("lmnt")));
+        if swap {
+            self.swapped = !self.swapped;
+            self.crossed = true;
+        }
+        self.mount_kernel();
+        self.remount_layerfs();
     }
 
     /// Persistence and on-disk compatibility: layerfs remounted and the kernel on layerfs's
@@ -213,12 +255,13 @@ impl Pair {
         let expected = snapshot(self.kmnt());
         let inos = inode_map(self.lmnt());
         self.remount_layerfs();
-        let linked = linked_up_dirs(&self.upper());
+        let linked = self.linked();
         assert_same_tree_linked(
             "layerfs after remount",
             &expected,
             &snapshot(self.lmnt()),
             &linked,
+            self.crossed,
         );
         // Every st_ino stays what it was, copies included (their origin's); except, in the
         // userxattr format, copies of what can't carry a user.* xattr (symlinks, devices,
@@ -241,18 +284,17 @@ impl Pair {
         self.l = None;
         self.k = None;
         let (kw3, lw2) = (self.s.mkdir("kw3"), self.s.mkdir("lw2"));
+        let ((ku, kw), (lu, lw)) = (self.kernel_dirs(), self.layerfs_dirs());
         {
             // With layerfs's workdir: the kernel (index=on) reads layerfs's index too, so
             // names of a lower hard link never linked up share the copy there as well.
-            let k_on_ours = Kernel::mount(
-                &self.kernel_opts(&self.s.path("lu"), &self.s.path("lw")),
-                &self.s.path("x1"),
-            );
+            let k_on_ours = Kernel::mount(&self.kernel_opts(&lu, &lw), &self.s.path("x1"));
             assert_same_tree_linked(
                 "kernel on layerfs's upper",
                 &expected,
                 &snapshot(&k_on_ours.mnt),
                 &linked,
+                self.crossed,
             );
             // The kernel reads the origins layerfs wrote, and its index.
             assert_same_inos(
@@ -264,28 +306,25 @@ impl Pair {
         }
         {
             // And layerfs reads the kernel's.
-            let ours_on_k =
-                self.mount_layerfs(&self.s.path("ku"), &self.s.path("kw"), &self.s.path("x2"));
+            let ours_on_k = self.mount_layerfs(&ku, &kw, &self.s.path("x2"));
             let seen = snapshot(&ours_on_k.mnt);
             // (The walk linked names up, in the kernel's upper now.)
             assert_same_tree_linked(
                 "layerfs on the kernel's upper and workdir",
                 &expected,
                 &seen,
-                &linked_up_dirs(&self.s.path("ku")),
+                &linked_up_dirs(&ku),
+                self.crossed,
             );
         }
         // Without the workdir (lost, or not carried along): layerfs shows what the kernel
         // itself shows then.
         let kernel_view = {
-            let k_again = Kernel::mount(
-                &self.kernel_opts(&self.s.path("ku"), &kw3),
-                &self.s.path("x3"),
-            );
+            let k_again = Kernel::mount(&self.kernel_opts(&ku, &kw3), &self.s.path("x3"));
             snapshot(&k_again.mnt)
         };
         {
-            let ours_on_k = self.mount_layerfs(&self.s.path("ku"), &lw2, &self.s.path("x2"));
+            let ours_on_k = self.mount_layerfs(&ku, &lw2, &self.s.path("x2"));
             assert_same_tree(
                 "layerfs on the kernel's upper",
                 &kernel_view,
@@ -299,7 +338,8 @@ impl Pair {
         self.s.path("")
     }
 
+    /// layerfs's upper.
     pub fn upper(&self) -> PathBuf {
-        self.s.path("lu")
+        self.layerfs_dirs().0
     }
 }

@@ -118,9 +118,9 @@ fn run(seed: u64, setup: Setup, ops: Option<&[Op]>, n: usize) -> (Vec<Op>, Optio
         };
         done.push(op.clone());
         watchdog::beat(format!("seed {seed}, op {i}: {op:?}"), p.scratch_root());
-        if let Op::Remount { kill } = op {
+        if let Op::Remount { kill, swap } = op {
             drop((k, l));
-            p.remount_both(kill);
+            p.remount_both(kill, swap);
             (k, l) = (Side::new(p.kmnt()), Side::new(p.lmnt()));
         }
         let (ko, lo) = (ops::apply(&mut k, &op), ops::apply(&mut l, &op));

@@ -98,11 +98,12 @@ pub enum Op {
         link: Option<PathBuf>,
     },
     Check,
-    /// Unmount both (kept fds closed first) and mount them again over the same upper and
-    /// workdir; later operations run on what each read back from disk. With `kill`, the
-    /// layerfs daemon is killed (-9) rather than unmounted.
+    /// Unmount both (kept fds closed first) and mount them again; later operations run on
+    /// what each read back from disk. With `kill`, the layerfs daemon is killed (-9) rather
+    /// than unmounted; with `swap`, each comes up over the other's upper and workdir.
     Remount {
         kill: bool,
+        swap: bool,
     },
 }
 
@@ -505,7 +506,10 @@ pub fn random_op(r: &mut Rng, tree: &[(PathBuf, char)]) -> Op {
             len: r.below(70_000) as usize,
             link: r.chance(80).then(|| target(r)),
         },
-        _ if r.chance(25) => Op::Remount { kill: r.chance(50) },
+        _ if r.chance(25) => Op::Remount {
+            kill: r.chance(50),
+            swap: r.chance(40),
+        },
         _ => Op::Check,
     }
 }
