@@ -372,11 +372,14 @@ fn renaming_a_metacopy_with_a_long_data_path_does_what_the_kernel_does() {
 #[test]
 fn chains_of_lower_metacopy_redirects_are_followed_as_in_the_kernel() {
     require_fuse!();
+    // A metadata-only copy of `size` bytes, with `redirect` unless it is empty.
     let meta = |p: &Path, size: u64, redirect: &[u8]| {
         fs::create_dir_all(p.parent().unwrap()).unwrap();
         fs::File::create(p).unwrap().set_len(size).unwrap();
         set_xattr(p, "trusted.overlay.metacopy", b"");
-        set_xattr(p, "trusted.overlay.redirect", redirect);
+        if !redirect.is_empty() {
+            set_xattr(p, "trusted.overlay.redirect", redirect);
+        }
     };
     let data = b"the data at the end of the chain";
     let n = data.len() as u64;
@@ -399,11 +402,7 @@ fn chains_of_lower_metacopy_redirects_are_followed_as_in_the_kernel() {
             // In an opaque directory: by its name the data below is out of reach (EIO, as
             // the kernel: the parent merges nothing below); an absolute redirect reaches it.
             meta(&l1.join("o/abs"), n, b"/d/data");
-            fs::File::create(l1.join("o/m"))
-                .unwrap()
-                .set_len(n)
-                .unwrap();
-            set_xattr(l1.join("o/m"), "trusted.overlay.metacopy", b"");
+            meta(&l1.join("o/m"), n, b"");
             set_xattr(l1.join("o"), "trusted.overlay.opaque", b"y");
             write(l2.join("o/m"), data);
             // Walked from the roots (after an absolute redirect), an opaque directory ends
@@ -414,11 +413,7 @@ fn chains_of_lower_metacopy_redirects_are_followed_as_in_the_kernel() {
             meta(&l1.join("q/hop"), n, b"data2");
             write(l2.join("q/data2"), data);
             meta(&l0.join("r2"), n, b"/q/same");
-            fs::File::create(l1.join("q/same"))
-                .unwrap()
-                .set_len(n)
-                .unwrap();
-            set_xattr(l1.join("q/same"), "trusted.overlay.metacopy", b"");
+            meta(&l1.join("q/same"), n, b"");
             write(l2.join("q/same"), data);
             meta(&l0.join("r3"), n, b"/q/none");
             write(l2.join("q/none"), data);

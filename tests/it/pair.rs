@@ -198,21 +198,17 @@ impl Pair {
 
     /// The upper and workdir the kernel mounts.
     pub fn kernel_dirs(&self) -> (PathBuf, PathBuf) {
-        let (u, w) = if self.swapped {
-            ("lu", "lw")
-        } else {
-            ("ku", "kw")
-        };
-        (self.s.path(u), self.s.path(w))
+        self.dirs(!self.swapped)
     }
 
     /// The upper and workdir layerfs mounts.
     pub fn layerfs_dirs(&self) -> (PathBuf, PathBuf) {
-        let (u, w) = if self.swapped {
-            ("ku", "kw")
-        } else {
-            ("lu", "lw")
-        };
+        self.dirs(self.swapped)
+    }
+
+    /// The kernel's first upper and workdir (`ku`, `kw`), or layerfs's (`lu`, `lw`).
+    fn dirs(&self, kernels: bool) -> (PathBuf, PathBuf) {
+        let (u, w) = if kernels { ("ku", "kw") } else { ("lu", "lw") };
         (self.s.path(u), self.s.path(w))
     }
 
