@@ -410,8 +410,11 @@ impl Union {
                         return Ok(Step::Stop);
                     }
                 }
+                // An empty lower file is not checked (its data is nothing either way: no
+                // getxattr per empty file); an empty upper one is (its marks are read
+                // anyway): a write must take the mark off with it.
                 let data = match (kind, parent) {
-                    (Kind::File, Some(p)) if st.st_size > 0 && has(ns.metacopy()) => {
+                    (Kind::File, Some(p)) if (upper || st.st_size > 0) && has(ns.metacopy()) => {
                         self.metacopy_data(l, pfd, name, p)?
                     }
                     _ => None,
@@ -527,8 +530,7 @@ impl Union {
         Ok(())
     }
 
-    /// For a regular file in layer `l` that is a metadata-only copy: where its data is. Empty
-    /// files are never checked (their data is nothing either way).
+    /// For a regular file in layer `l` that is a metadata-only copy: where its data is.
     fn metacopy_data(
         &self,
         l: usize,

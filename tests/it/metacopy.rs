@@ -205,6 +205,68 @@ fn a_metacopy_upper_is_refused_without_metacopy_on_as_the_kernel_does() {
     assert_eq!(ours, kernel, "never the hole where the data should be");
 }
 
+/// The kernel copies an empty file up metadata-only too. layerfs read such a copy as a plain
+/// empty file, so a write left the mark on it, and after a remount the written bytes were
+/// read from the (empty) lower file: nothing (soak with swapped uppers, seed 1190039). The
+/// write now brings the copy up as the kernel does: mark gone, data kept; and without
+/// metacopy=on such a copy is refused as the kernel refuses it.
+#[test]
+fn an_empty_file_the_kernel_copied_up_metadata_only_is_written_as_in_the_kernel() {
+    require_fuse!();
+    let s = Scratch::new();
+    let lower = s.mkdir("l");
+    write(lower.join("empty"), b"");
+    let up = s.mkdir("u");
+    let kernel_rw = |work: &str, extra: &str| {
+        Kernel::mount(
+            &format!(
+                "{},redirect_dir=on{extra}",
+                rw_opts(&lower, &up, &s.mkdir(work))
+            ),
+            &s.path("k"),
+        )
+    };
+    {
+        let k = kernel_rw("kw", ",metacopy=on");
+        fs::set_permissions(k.mnt.join("empty"), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    assert!(
+        xattr_names(&up.join("empty")).contains(&"trusted.overlay.metacopy".to_string()),
+        "the kernel's copy is metadata-only"
+    );
+    let kernel_refuses = {
+        let k = kernel_rw("kw2", "");
+        fs::read(k.mnt.join("empty")).map_err(|e| e.raw_os_error())
+    };
+    let ours_refuses = {
+        let m = Layerfs::mount(&rw_opts(&lower, &up, &s.mkdir("w0")), &s.path("m"));
+        fs::read(m.mnt.join("empty")).map_err(|e| e.raw_os_error())
+    };
+    assert_eq!(kernel_refuses, Err(Some(libc::EPERM)));
+    assert_eq!(ours_refuses, kernel_refuses);
+    let opts = format!("{},metacopy=on", rw_opts(&lower, &up, &s.mkdir("w")));
+    {
+        let m = Layerfs::mount(&opts, &s.path("m"));
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(m.mnt.join("empty"))
+            .unwrap();
+        f.write_all(b"written through layerfs").unwrap();
+        drop(f);
+        assert_eq!(read_all(&m.mnt.join("empty")), b"written through layerfs");
+    }
+    assert!(
+        !xattr_names(&up.join("empty")).contains(&"trusted.overlay.metacopy".to_string()),
+        "the write took the mark off"
+    );
+    {
+        let m = Layerfs::mount(&opts, &s.path("m"));
+        assert_eq!(read_all(&m.mnt.join("empty")), b"written through layerfs");
+    }
+    let k = kernel_rw("kw3", ",metacopy=on");
+    assert_eq!(read_all(&k.mnt.join("empty")), b"written through layerfs");
+}
+
 /// The data of a metadata-only copy is looked up as a lookup walks: a whiteout hiding its
 /// directory in a layer between the copy and the data ends the search (EIO, as the kernel),
 /// never reaching a file further down that the union doesn't show.
