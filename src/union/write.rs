@@ -1016,6 +1016,24 @@ impl Union {
         let Some(path) = kernels.filter(|_| !n.is_dir()) else {
             return Ok(());
         };
+        // The upper directory of a metadata-only copy (ours came up whole: None).
+        let up = match n.state().data {
+            Some(_) => Some(self.dir_fd(p, 0)?),
+            None => None,
+        };
+        if let Some(up) = &up {
+            // A redirect the copy has stays, as ovl_set_redirect keeps one: where a relative
+            // one would do, and always an absolute one (the kernel's link gives one: the
+            // file's other names may be in other directories; data-only soak with swapped
+            // uppers, seed 1210479, replaced it with a relative one and they lost the data).
+            let has = sys::getxattr(XTarget::At(up.as_fd(), name), self.cfg.marker_ns.redirect())?
+                .filter(|r| !r.is_empty());
+            if let Some(r) = has
+                && (r.first() == Some(&b'/') || (samedir && !self.data_is_hard_link(n)?))
+            {
+                return Ok(());
+            }
+        }
         // As ovl_need_absolute_redirect: relative only within the directory, and never for a
         // lower hard link (its other names may be elsewhere; metacopy soak, seed 987334).
         let relative = match path.split_last() {
@@ -1032,7 +1050,7 @@ impl Union {
         if value.len() > REDIRECT_MAX {
             return Err(err(libc::EXDEV));
         }
-        if n.state().data.is_none() {
+        let Some(up) = up else {
             // Ours came up whole; the kernel's would carry this redirect from now on (metacopy
             // soak, seed 972050: moved across directories again, the kernel kept its
             // absolute redirect while we measured one from the new place and refused).
@@ -1041,8 +1059,7 @@ impl Union {
                 s.kernel_redirect = Some(path);
             }
             return Ok(());
-        }
-        let up = self.dir_fd(p, 0)?;
+        };
         sys::setxattr(
             XTarget::At(up.as_fd(), name),
             self.cfg.marker_ns.redirect(),

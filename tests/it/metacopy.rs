@@ -267,6 +267,62 @@ fn an_empty_file_the_kernel_copied_up_metadata_only_is_written_as_in_the_kernel(
     assert_eq!(read_all(&k.mnt.join("empty")), b"written through layerfs");
 }
 
+/// The kernel's link of a metadata-only copy gives it an absolute redirect (its other name
+/// may be in another directory; layerfs brings the data up instead), and a later move
+/// within the directory keeps it, as ovl_set_redirect keeps a redirect that is absolute.
+/// layerfs, moving such a copy on an upper the kernel wrote, replaced it with the relative
+/// one a move in place would write, so the name in the other directory looked for the data
+/// beside itself: EIO after a remount (data-only soak with swapped uppers, seed 1210479).
+#[test]
+fn a_linked_metacopy_keeps_its_absolute_redirect_when_moved_as_in_the_kernel() {
+    require_fuse!();
+    let layers = |s: &Scratch| {
+        let l = s.mkdir("l");
+        write(l.join("a"), b"linked data");
+        write(l.join("e"), b"");
+        s.mkdir("l/d");
+        vec![l]
+    };
+    let mut p = Pair::with_options(layers, "metacopy=on");
+    p.same("chmod, link, then move in place", |m| {
+        fs::set_permissions(m.join("a"), fs::Permissions::from_mode(0o600)).unwrap();
+        (
+            outcome(fs::hard_link(m.join("a"), m.join("d/c"))),
+            outcome(fs::rename(m.join("a"), m.join("mm"))),
+            outcome(fs::read(m.join("d/c"))),
+        )
+    });
+    p.remount_both(false, false);
+    p.same("read both names after a remount, move again", |m| {
+        (
+            outcome(fs::read(m.join("d/c"))),
+            outcome(fs::rename(m.join("mm"), m.join("nn"))),
+            outcome(fs::read(m.join("nn"))),
+        )
+    });
+    p.check("after the moves");
+    // On an upper the kernel wrote: its link of the empty file (metadata-only, absolute
+    // redirect), then layerfs moves it in place.
+    p.remount_both(false, true);
+    p.same("the kernel's linked copy, moved by the other", |m| {
+        (
+            outcome(fs::hard_link(m.join("e"), m.join("d/f"))),
+            outcome(fs::rename(m.join("e"), m.join("ee"))),
+        )
+    });
+    p.remount_both(false, true);
+    p.same("read after the moves", |m| {
+        (
+            outcome(fs::rename(m.join("ee"), m.join("e2"))),
+            outcome(fs::read(m.join("d/f"))),
+        )
+    });
+    p.remount_both(false, false);
+    p.same("read after a remount", |m| outcome(fs::read(m.join("d/f"))));
+    p.check("after the swaps");
+    p.check_interop();
+}
+
 /// The data of a metadata-only copy is looked up as a lookup walks: a whiteout hiding its
 /// directory in a layer between the copy and the data ends the search (EIO, as the kernel),
 /// never reaching a file further down that the union doesn't show.

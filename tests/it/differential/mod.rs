@@ -7,7 +7,8 @@
 //!
 //! A mismatch prints the seed, the operation index and a shrunk reproduction; a stuck
 //! operation ends the process the same way (see `watchdog`). Replay with
-//! `LAYERFS_SEED=<seed> [LAYERFS_OPS=<n>] cargo test --test it differential::replay -- --ignored`.
+//! `LAYERFS_SEED=<seed> [LAYERFS_OPS=<n>] cargo test --test it differential::replay -- --ignored`
+//! (`LAYERFS_KEEP=i,j,...` then runs only those operations, as a shrunk reproduction names them).
 //! CI runs `LAYERFS_SEEDS` seeds (default 40) of `LAYERFS_OPS` operations (default 120);
 //! `LAYERFS_DIFF_OPTIONS` adds mount options to both sides (e.g. `metacopy=on`; `userxattr`
 //! soaks the rootless format: no redirects on the kernel's side, `user.overlay.*` markers in
@@ -173,7 +174,8 @@ fn panic_text(e: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Drop chunks of the operation list while the run still mismatches (bounded tries).
-fn shrink(seed: u64, setup: Setup, mut ops: Vec<Op>) -> Vec<Op> {
+/// Each operation keeps its index in the generated sequence (`LAYERFS_KEEP` replays a subset).
+fn shrink(seed: u64, setup: Setup, mut ops: Vec<(usize, Op)>) -> Vec<(usize, Op)> {
     let deadline = Instant::now() + Duration::from_secs(env_u64("LAYERFS_SHRINK_SECS", 90));
     let mut chunk = ops.len() / 2;
     while chunk >= 1 && Instant::now() < deadline {
@@ -182,7 +184,7 @@ fn shrink(seed: u64, setup: Setup, mut ops: Vec<Op>) -> Vec<Op> {
         while i < ops.len() && Instant::now() < deadline {
             let mut candidate = ops.clone();
             candidate.drain(i..(i + chunk).min(ops.len()));
-            let (_, m) = run(seed, setup, Some(&candidate), 0);
+            let (_, m) = run(seed, setup, Some(&only_ops(&candidate)), 0);
             if m.is_some() {
                 ops = candidate;
                 progressed = true;
@@ -197,27 +199,34 @@ fn shrink(seed: u64, setup: Setup, mut ops: Vec<Op>) -> Vec<Op> {
     ops
 }
 
+fn only_ops(ops: &[(usize, Op)]) -> Vec<Op> {
+    ops.iter().map(|(_, o)| o.clone()).collect()
+}
+
 /// Run one seed; on mismatch, shrink and fail with a reproduction.
 fn check_seed(seed: u64, setup: Setup, n: usize) -> usize {
     let (ops, m) = run(seed, setup, None, n);
     let Some(m) = m else { return ops.len() };
-    let upto = ops[..=m.index.min(ops.len() - 1)].to_vec();
-    let small = shrink(seed, setup, upto);
-    let repro: Vec<String> = small
+    let upto = ops[..=m.index.min(ops.len() - 1)]
         .iter()
+        .cloned()
         .enumerate()
-        .map(|(i, o)| format!("  {i}: {o:?}"))
         .collect();
+    let small = shrink(seed, setup, upto);
+    let repro: Vec<String> = small.iter().map(|(i, o)| format!("  {i}: {o:?}")).collect();
+    let keep: Vec<String> = small.iter().map(|(i, _)| i.to_string()).collect();
     panic!(
         "differential mismatch: seed {seed}, operation {} of {}\n{}\n\nshrunk reproduction ({} ops; the layers come from the seed):\n{}\n\
-         replay: LAYERFS_SEED={seed} LAYERFS_OPS={} LAYERFS_DIFF_DATA={} cargo test --test it differential::replay -- --ignored --nocapture",
+         replay: LAYERFS_SEED={seed} LAYERFS_OPS={} LAYERFS_DIFF_DATA={} cargo test --test it differential::replay -- --ignored --nocapture\n\
+         (the shrunk one alone: add LAYERFS_KEEP={})",
         m.index,
         ops.len(),
         m.detail,
         small.len(),
         repro.join("\n"),
         m.index + 1,
-        setup.data_layers
+        setup.data_layers,
+        keep.join(",")
     );
 }
 
@@ -263,7 +272,17 @@ fn replay() {
     require_fuse!();
     let seed = env_u64("LAYERFS_SEED", 1);
     let n = env_u64("LAYERFS_OPS", 120) as usize;
-    let (ops, m) = run(seed, Setup::from_env(), None, n);
+    let (mut ops, mut m) = run(seed, Setup::from_env(), None, n);
+    // `LAYERFS_KEEP=i,j,...`: then only those of the operations generated, on a fresh pair.
+    if let Ok(keep) = std::env::var("LAYERFS_KEEP") {
+        let keep: Vec<usize> = keep
+            .split(',')
+            .filter_map(|i| i.trim().parse().ok())
+            .collect();
+        ops = keep.iter().filter_map(|&i| ops.get(i).cloned()).collect();
+        eprintln!("replaying operations {keep:?} of seed {seed} alone");
+        m = run(seed, Setup::from_env(), Some(&ops), 0).1;
+    }
     for (i, o) in ops.iter().enumerate() {
         eprintln!("{i}: {o:?}");
     }
