@@ -1016,6 +1016,10 @@ impl Union {
         let Some(path) = kernels.filter(|_| !n.is_dir()) else {
             return Ok(());
         };
+        // As ovl_need_absolute_redirect: a relative redirect would do only within the
+        // directory, and never for a lower hard link (its other names may be elsewhere;
+        // metacopy soak, seed 987334).
+        let in_place = samedir && !self.data_is_hard_link(n)?;
         // The upper directory of a metadata-only copy (ours came up whole: None).
         let up = match n.state().data {
             Some(_) => Some(self.dir_fd(p, 0)?),
@@ -1029,19 +1033,14 @@ impl Union {
             let has = sys::getxattr(XTarget::At(up.as_fd(), name), self.cfg.marker_ns.redirect())?
                 .filter(|r| !r.is_empty());
             if let Some(r) = has
-                && (r.first() == Some(&b'/') || (samedir && !self.data_is_hard_link(n)?))
+                && (r.first() == Some(&b'/') || in_place)
             {
                 return Ok(());
             }
         }
-        // As ovl_need_absolute_redirect: relative only within the directory, and never for a
-        // lower hard link (its other names may be elsewhere; metacopy soak, seed 987334).
+        // Relative only where the data's directory is this one's lower path.
         let relative = match path.split_last() {
-            Some((last, dir))
-                if samedir
-                    && *dir == self.lower_path_of(p, &p.state())?
-                    && !self.data_is_hard_link(n)? =>
-            {
+            Some((last, dir)) if in_place && *dir == self.lower_path_of(p, &p.state())? => {
                 Some(last.as_bytes().to_vec())
             }
             _ => None,
