@@ -84,7 +84,15 @@ impl Union {
             return Ok(()); // another opener won the race
         }
         if st.unlinked {
-            return Err(err(libc::ENOENT));
+            // A lower file changed through an fd after its last name went (fchmod, fsetxattr):
+            // the kernel copies it up to the name it had, where a whiteout or another entry
+            // now is (EEXIST), or into a directory since removed (ENOENT).
+            let parent_gone = self.node(st.parent).map_or(true, |p| p.state().unlinked);
+            return Err(err(if parent_gone {
+                libc::ENOENT
+            } else {
+                libc::EEXIST
+            }));
         }
         let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
         let started = std::time::Instant::now();

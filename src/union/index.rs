@@ -237,26 +237,28 @@ impl Union {
 
     /// A name of upper file `kept` (an fd on it, taken before) left the union: if that was
     /// the last name of an indexed copy, remove its index entry (as the kernel's
-    /// ovl_cleanup_index). An fd that stays open keeps the file itself alive.
-    pub(crate) fn name_dropped(&self, kept: &OwnedFd) {
+    /// ovl_cleanup_index). An fd that stays open keeps the file itself alive. Returns
+    /// whether the file still has names in the union: other names of the lower hard link,
+    /// perhaps not looked up yet, which reach the copy through the index.
+    pub(crate) fn name_dropped(&self, kept: &OwnedFd) -> bool {
         let Some(ix) = self.index() else {
-            return;
+            return false;
         };
         let x = XTarget::Fd(kept.as_fd());
         let Ok(st) = sys::fstat(kept.as_fd()) else {
-            return;
+            return false;
         };
-        if st.st_nlink != 1 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return false;
         }
         let Some((b'U', diff)) = format::nlink_diff(x) else {
-            return;
+            return false;
         };
-        if !last_link_gone(diff) {
-            return;
+        if st.st_nlink != 1 || !last_link_gone(diff) {
+            return true;
         }
         let Ok(Some(origin)) = sys::getxattr(x, self.cfg.marker_ns.origin()) else {
-            return;
+            return false;
         };
         if ix.holds(&origin, st.st_ino) {
             match sys::unlinkat(ix.fd.as_fd(), &name_of(&origin), false) {
@@ -264,6 +266,7 @@ impl Union {
                 Err(e) => log::warn!("index: entry of an unlinked file not removed: {e}"),
             }
         }
+        false
     }
 
     /// For a name that resolved to a lower hard link: if another of its names was copied up

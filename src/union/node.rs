@@ -55,6 +55,10 @@ pub struct NodeState {
     pub redirect_layer: usize,
     /// Removed from the union while still referenced (open or not yet forgotten).
     pub unlinked: bool,
+    /// Unlinked, but a lower hard link whose other names (not looked up yet) reach its copy
+    /// through the index: their lookups revive this node, so the kernel keeps one inode for
+    /// the file (an fd still open on the removed name sees changes made through them).
+    pub named_elsewhere: bool,
     /// For an unlinked non-directory: an O_PATH fd that keeps reaching the object.
     pub detached: Option<Arc<OwnedFd>>,
     /// Other names of a hard-linked non-directory (same real inode, so the same node).
@@ -134,6 +138,7 @@ impl NodeState {
             lower_path: None,
             redirect_layer: 0,
             unlinked: false,
+            named_elsewhere: false,
             detached: None,
             aliases: Vec::new(),
             data: None,
@@ -231,6 +236,13 @@ impl Node {
         !self.is_retired() && !self.state.read().expect("node state lock").unlinked
     }
 
+    /// Live, or removed from the union while its object still is in it (`named_elsewhere`):
+    /// a lookup of the object may give this node's id.
+    fn keeps_its_id(&self) -> bool {
+        let s = self.state.read().expect("node state lock");
+        !self.is_retired() && (!s.unlinked || s.named_elsewhere)
+    }
+
     pub fn st_ino(&self) -> u64 {
         self.st_ino
     }
@@ -325,19 +337,19 @@ impl NodeTable {
     pub fn id_for(&self, natural: u64) -> u64 {
         // Nearly always: nothing moved, the number free or live. No lookup waits on a lock.
         if self.moved_len.load(Ordering::Acquire) == 0
-            && self.get(natural).is_none_or(|n| n.is_live())
+            && self.get(natural).is_none_or(|n| n.keeps_its_id())
         {
             return natural;
         }
         let mut moved = self.moved.lock().expect("moved lock");
         if let Some(&f) = moved.get(&natural) {
-            if self.get(f).is_some_and(|n| n.is_live()) {
+            if self.get(f).is_some_and(|n| n.keeps_its_id()) {
                 return f;
             }
             moved.remove(&natural);
         }
         let id = match self.get(natural) {
-            Some(n) if !n.is_live() => {
+            Some(n) if !n.keeps_its_id() => {
                 let f = self.next_reissued.fetch_add(1, Ordering::Relaxed);
                 moved.insert(natural, f);
                 f

@@ -540,13 +540,15 @@ impl Union {
     /// working (through `keep`) for whoever still holds it; an upper file's index entry goes
     /// with its last name.
     fn detach(&self, n: &Node, parent: u64, name: &OsStr, keep: Option<Arc<OwnedFd>>) {
-        if let Some(k) = keep.as_ref().filter(|_| n.top_layer() == 0) {
-            self.name_dropped(k);
-        }
+        let named_elsewhere = keep
+            .as_ref()
+            .filter(|_| n.top_layer() == 0)
+            .is_some_and(|k| self.name_dropped(k));
         {
             let mut s = n.state.write().expect("node state lock");
             if s.remove_name(parent, name) {
                 s.unlinked = true;
+                s.named_elsewhere = named_elsewhere;
                 if keep.is_some() {
                     s.detached = keep;
                 }
@@ -567,6 +569,7 @@ impl Union {
         if n.is_dir() {
             return Err(err(libc::EISDIR));
         }
+        self.index_before_removal(&n)?;
         let upper = self.dir_fd(&p, 0)?;
         let in_upper = n.top_layer() == 0;
         let below = self.exists_below(&p, name)?;
@@ -578,6 +581,20 @@ impl Union {
         }
         self.detach(&n, p.id, name, keep);
         self.removed(p.id, name, "unlink", !in_upper || below);
+        Ok(())
+    }
+
+    /// Before a name of a lower hard link goes (unlink, rename over it), copy the file up
+    /// into the index, as the kernel's ovl_nlink_start: the union count kept there then
+    /// drops with the name, the file's other names (met later) share the copy, and an fd
+    /// still open on the removed name changes that copy.
+    fn index_before_removal(&self, n: &Arc<Node>) -> Result<()> {
+        if n.kind != Kind::File || n.top_layer() == 0 || self.index().is_none() {
+            return Ok(());
+        }
+        if self.real(n)?.stat()?.st_nlink > 1 {
+            self.copy_up(n, Data::Meta)?;
+        }
         Ok(())
     }
 
@@ -845,6 +862,10 @@ impl Union {
                 let k = self.kernel_meta_data(d, &np, newname)?;
                 self.copy_up(d, Data::Meta)?;
                 Some((d, k))
+            }
+            (Some(d), false) => {
+                self.index_before_removal(d)?;
+                None
             }
             _ => None,
         };

@@ -454,6 +454,96 @@ fn readers_see_a_later_copy_up_and_unlinked_files_stay_usable() {
 }
 
 #[test]
+fn changes_through_an_fd_whose_lower_file_lost_its_name_fail_as_in_the_kernel() {
+    require_fuse!();
+    // The kernel copies such a file up to the name it had: a whiteout or another entry is
+    // there now (EEXIST), or its directory is gone (ENOENT). A hard link's copy goes to the
+    // file's other name. fstat keeps working.
+    let mut p = Pair::new(stack);
+    let through_fd = |m: &Path, path: &str, lose: &dyn Fn(&Path)| {
+        let f = fs::File::open(m.join(path)).unwrap();
+        lose(m);
+        let chmod = outcome(f.set_permissions(PermissionsExt::from_mode(0o700)));
+        let xattr = outcome(sys::setxattr(
+            sys::XTarget::Fd(f.as_fd()),
+            c"user.k",
+            b"v",
+            0,
+        ));
+        let mode = f.metadata().unwrap().mode();
+        (chmod, xattr, mode)
+    };
+    p.same("unlinked", |m| {
+        through_fd(m, "a", &|m| fs::remove_file(m.join("a")).unwrap())
+    });
+    p.same("renamed over", |m| {
+        through_fd(m, "d/bottom", &|m| {
+            fs::rename(m.join("d/top"), m.join("d/bottom")).unwrap()
+        })
+    });
+    p.same("its directory moved", |m| {
+        through_fd(m, "d/sub/deep/f", &|m| {
+            fs::remove_file(m.join("d/sub/deep/f")).unwrap();
+            fs::rename(m.join("d/sub/deep"), m.join("d/deep2")).unwrap();
+        })
+    });
+    p.same("its directory removed", |m| {
+        through_fd(m, "mv/src/inner", &|m| {
+            fs::remove_file(m.join("mv/src/inner")).unwrap();
+            fs::remove_file(m.join("mv/src/inner2")).unwrap();
+            fs::remove_dir(m.join("mv/src")).unwrap();
+        })
+    });
+    p.same("a hard link's other name", |m| {
+        let r = through_fd(m, "h1", &|m| fs::remove_file(m.join("h1")).unwrap());
+        let h2 = fs::metadata(m.join("h2")).unwrap();
+        (r, h2.mode(), h2.nlink())
+    });
+    p.check("after");
+    p.remount_both(true, false);
+    p.same("the hard link's count after a remount", |m| {
+        fs::metadata(m.join("h2")).unwrap().nlink()
+    });
+}
+
+#[test]
+fn an_fd_on_a_removed_name_of_a_lower_hard_link_sees_changes_made_through_the_others() {
+    require_fuse!();
+    let p = Pair::new(|s| {
+        let l = s.mkdir("l");
+        write(l.join("x1"), b"one file");
+        fs::hard_link(l.join("x1"), l.join("x2")).unwrap();
+        fs::hard_link(l.join("x1"), l.join("x3")).unwrap();
+        write(l.join("y"), b"y");
+        vec![l]
+    });
+    p.same("writable fd, name unlinked", |m| {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.join("x1"))
+            .unwrap();
+        fs::remove_file(m.join("x1")).unwrap();
+        let after_unlink = f.metadata().unwrap().nlink();
+        OpenOptions::new()
+            .write(true)
+            .open(m.join("x2"))
+            .unwrap()
+            .set_len(100_000)
+            .unwrap();
+        fs::rename(m.join("y"), m.join("x3")).unwrap();
+        let st = f.metadata().unwrap();
+        (
+            after_unlink,
+            st.len(),
+            st.nlink(),
+            fs::metadata(m.join("x2")).unwrap().nlink(),
+        )
+    });
+    p.check("after");
+}
+
+#[test]
 fn sparse_files_stay_sparse_and_o_trunc_copies_nothing() {
     require_fuse!();
     let s = Scratch::new();

@@ -79,13 +79,21 @@ pub enum Op {
     RemoveXattr {
         path: PathBuf,
     },
-    /// Keep a read-only fd open in `slot` (reads from it later see copy-ups).
+    /// Keep an fd open in `slot`: read-only (reads from it later see copy-ups), or
+    /// read-write (the open copies the file up, on both sides).
     OpenKeep {
         slot: usize,
         path: PathBuf,
+        write: bool,
     },
     ReadKept {
         slot: usize,
+    },
+    /// An operation through a kept fd, whatever became of its name since (renamed over,
+    /// unlinked, linked, copied up through another name).
+    OnKept {
+        slot: usize,
+        what: KeptOp,
     },
     ListDir {
         path: PathBuf,
@@ -107,6 +115,27 @@ pub enum Op {
     },
 }
 
+/// What `Op::OnKept` does through its fd.
+#[derive(Debug, Clone)]
+pub enum KeptOp {
+    Write {
+        off: u64,
+        len: usize,
+        byte: u8,
+    },
+    Truncate {
+        size: u64,
+    },
+    Chmod {
+        mode: u32,
+    },
+    SetXattr {
+        value: u8,
+    },
+    /// fstat: size, mode and owner (link counts have their documented differences).
+    Stat,
+}
+
 pub const SLOTS: usize = 4;
 
 /// One side of the lockstep run: a mount root and the fds kept open on it.
@@ -115,6 +144,10 @@ pub struct Side {
     pub fds: Vec<Option<File>>,
     /// What each kept fd read when it was opened (a `ReadKept` result).
     pub at_open: Vec<Option<String>>,
+    /// Whether each kept fd was opened for writing.
+    pub writable: Vec<bool>,
+    /// What fstat of each kept fd said when it was opened (a `KeptOp::Stat` result).
+    pub stat_at_open: Vec<Option<String>>,
 }
 
 impl Side {
@@ -123,14 +156,26 @@ impl Side {
             root: root.to_path_buf(),
             fds: (0..SLOTS).map(|_| None).collect(),
             at_open: (0..SLOTS).map(|_| None).collect(),
+            writable: vec![false; SLOTS],
+            stat_at_open: (0..SLOTS).map(|_| None).collect(),
         }
     }
 
     /// Expected difference: a reader open on a lower file before a copy-up keeps reading
     /// the lower data under passthrough (the kernel switches it to the copy), so a kept fd
-    /// may read what it read when opened.
+    /// may read what it read when opened, and fstat may show the attributes it had then (its
+    /// kernel inode is no longer the file's). A writable fd is on the copy it made, on both.
     pub fn kept_as_opened(&self, op: &Op, out: &str) -> bool {
-        matches!(op, Op::ReadKept { slot } if self.at_open[*slot].as_deref() == Some(out))
+        match op {
+            Op::ReadKept { slot } => {
+                !self.writable[*slot] && self.at_open[*slot].as_deref() == Some(out)
+            }
+            Op::OnKept {
+                slot,
+                what: KeptOp::Stat,
+            } => !self.writable[*slot] && self.stat_at_open[*slot].as_deref() == Some(out),
+            _ => false,
+        }
     }
 }
 
@@ -148,6 +193,26 @@ fn read_kept(f: &mut File) -> String {
     let r =
         std::io::Seek::seek(f, std::io::SeekFrom::Start(0)).and_then(|_| f.read_to_end(&mut buf));
     res(r, |n| format!("ok:{n}:{}", hash(&buf)))
+}
+
+fn on_kept(f: &File, what: &KeptOp) -> String {
+    let ok = |_| "ok".to_string();
+    match what {
+        KeptOp::Write { off, len, byte } => {
+            res(sys::pwrite(f.as_fd(), &vec![*byte; *len], *off), |n| {
+                format!("ok:{n}")
+            })
+        }
+        KeptOp::Truncate { size } => res(f.set_len(*size), ok),
+        KeptOp::Chmod { mode } => res(f.set_permissions(PermissionsExt::from_mode(*mode)), ok),
+        KeptOp::SetXattr { value } => res(
+            sys::setxattr(sys::XTarget::Fd(f.as_fd()), c"user.fz", &[*value], 0),
+            ok,
+        ),
+        KeptOp::Stat => res(f.metadata(), |m| {
+            format!("ok:{}:{:o}:{}:{}", m.len(), m.mode(), m.uid(), m.gid())
+        }),
+    }
 }
 
 fn errno(e: std::io::Error) -> String {
@@ -284,23 +349,29 @@ pub fn apply(side: &mut Side, op: &Op) -> String {
                 .and_then(|(d, n)| sys::removexattr(sys::XTarget::At(d.as_fd(), &n), c"user.fz"));
             res(r, |_| "ok".into())
         }
-        Op::OpenKeep { slot, path } => {
+        Op::OpenKeep { slot, path, write } => {
             let r = dir_and_name(&root, path).and_then(|(d, n)| {
                 let st = sys::statat(d.as_fd(), &n)?;
                 if st.st_mode & libc::S_IFMT != libc::S_IFREG {
                     return Err(std::io::Error::from_raw_os_error(libc::EBADF));
                 }
-                File::open(at(path))
+                OpenOptions::new().read(true).write(*write).open(at(path))
             });
             res(r, |mut f| {
                 side.at_open[*slot] = Some(read_kept(&mut f));
+                side.stat_at_open[*slot] = Some(on_kept(&f, &KeptOp::Stat));
                 side.fds[*slot] = Some(f);
+                side.writable[*slot] = *write;
                 "ok".into()
             })
         }
         Op::ReadKept { slot } => match &mut side.fds[*slot] {
             None => "none".into(),
             Some(f) => read_kept(f),
+        },
+        Op::OnKept { slot, what } => match &side.fds[*slot] {
+            None => "none".into(),
+            Some(f) => on_kept(f, what),
         },
         Op::ListDir { path } => {
             let r = std::fs::read_dir(at(path)).and_then(|rd| {
@@ -489,15 +560,34 @@ pub fn random_op(r: &mut Rng, tree: &[(PathBuf, char)]) -> Op {
             }
         }
         19 => {
-            if r.chance(50) {
-                Op::OpenKeep {
-                    slot: r.below(SLOTS as u64) as usize,
+            let slot = r.below(SLOTS as u64) as usize;
+            match r.below(10) {
+                0..=3 => Op::OpenKeep {
+                    slot,
                     path: of(r, 'f'),
-                }
-            } else {
-                Op::ReadKept {
-                    slot: r.below(SLOTS as u64) as usize,
-                }
+                    write: r.chance(40),
+                },
+                4..=6 => Op::ReadKept { slot },
+                _ => Op::OnKept {
+                    slot,
+                    what: match r.below(6) {
+                        0 | 1 => KeptOp::Write {
+                            off: r.below(3 << 20),
+                            len: r.below(70_000) as usize,
+                            byte: r.below(256) as u8,
+                        },
+                        2 => KeptOp::Truncate {
+                            size: r.below(2 << 20),
+                        },
+                        3 => KeptOp::Chmod {
+                            mode: [0o600, 0o755, 0o4755, 0o640][r.below(4) as usize],
+                        },
+                        4 => KeptOp::SetXattr {
+                            value: r.below(9) as u8,
+                        },
+                        _ => KeptOp::Stat,
+                    },
+                },
             }
         }
         20 => Op::ListDir { path: dir(r) },
