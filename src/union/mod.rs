@@ -209,6 +209,21 @@ impl Union {
         }
     }
 
+    /// A change made through a retired node (an fd from before a copy-up): the kernel's
+    /// inode of the node its names lead to now holds stale attributes.
+    pub(crate) fn successors_changed(&self, node: &Node) {
+        if let Some(n) = node.successor_ino().and_then(|ino| self.nodes.live(ino))
+            && n.id != node.id
+        {
+            log::debug!(
+                "node {}: attributes of its successor {} dropped",
+                node.id,
+                n.id
+            );
+            self.attrs_changed(n.id);
+        }
+    }
+
     /// Give node `id`'s names to a new node (see `NodeTable::reissue`) and have the kernel
     /// drop its cached entries for them, so path walks reach the new one.
     pub fn reissue(&self, id: u64) {

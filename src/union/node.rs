@@ -210,6 +210,9 @@ pub struct Node {
     /// Its names went to a successor (see `NodeTable::reissue`); it only serves what the
     /// kernel still holds open, and is never handed out by a lookup again.
     retired: AtomicBool,
+    /// For a retired node: the number (natural id) its object is looked up by now, which
+    /// finds the live node that has its names (0 before).
+    successor_ino: AtomicU64,
 }
 
 impl Node {
@@ -224,11 +227,17 @@ impl Node {
             copy_lock: Mutex::new(()),
             listing: Mutex::new(None),
             retired: AtomicBool::new(false),
+            successor_ino: AtomicU64::new(0),
         }
     }
 
     pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Relaxed)
+    }
+
+    /// For a retired node, the natural id of its object now (see `NodeTable::live`).
+    pub fn successor_ino(&self) -> Option<u64> {
+        Some(self.successor_ino.load(Ordering::Relaxed)).filter(|&n| n != 0)
     }
 
     /// Neither retired nor removed from the union: new names of its object may join it.
@@ -499,6 +508,8 @@ impl NodeTable {
         let state = old.state();
         let names: Vec<(u64, OsString)> = state.names().map(|(p, n)| (p, n.to_owned())).collect();
         let node = Arc::new(Node::new(id, old.kind, natural, state));
+        // (Not the new id: the kernel may forget that node, and a later lookup makes another.)
+        old.successor_ino.store(natural, Ordering::Relaxed);
         self.shard(id)
             .write()
             .expect("table lock")

@@ -1247,6 +1247,7 @@ impl Union {
                 Real::Fd(fd) => sys::futimens(fd.as_fd(), a.atime, a.mtime)?,
             }
         }
+        self.successors_changed(&n);
         self.attr_of(&n)
     }
 
@@ -1260,7 +1261,10 @@ impl Union {
         }
         let n = self.node(id)?;
         self.copy_up(&n, Data::Meta)?;
-        Ok(sys::setxattr(self.real(&n)?.xtarget(), &c, value, flags)?)
+        sys::setxattr(self.real(&n)?.xtarget(), &c, value, flags)?;
+        // (An ACL changes the mode.)
+        self.successors_changed(&n);
+        Ok(())
     }
 
     pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {

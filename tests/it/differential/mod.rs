@@ -217,7 +217,7 @@ fn check_seed(seed: u64, setup: Setup, n: usize) -> usize {
     let keep: Vec<String> = small.iter().map(|(i, _)| i.to_string()).collect();
     panic!(
         "differential mismatch: seed {seed}, operation {} of {}\n{}\n\nshrunk reproduction ({} ops; the layers come from the seed):\n{}\n\
-         replay: LAYERFS_SEED={seed} LAYERFS_OPS={} LAYERFS_DIFF_DATA={} cargo test --test it differential::replay -- --ignored --nocapture\n\
+         replay: LAYERFS_SEED={seed} LAYERFS_OPS={}{} cargo test --test it differential::replay -- --ignored --nocapture\n\
          (the shrunk one alone: add LAYERFS_KEEP={})",
         m.index,
         ops.len(),
@@ -225,9 +225,17 @@ fn check_seed(seed: u64, setup: Setup, n: usize) -> usize {
         small.len(),
         repro.join("\n"),
         m.index + 1,
-        setup.data_layers,
+        replay_env(),
         keep.join(",")
     );
+}
+
+/// The settings of this run a replay needs besides the seed (options, extra layers).
+fn replay_env() -> String {
+    ["LAYERFS_DIFF_DATA", "LAYERFS_DIFF_FILLERS", "LAYERFS_DIFF_OPTIONS", "LAYERFS_DIFF_OURS"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!(" {k}={v}")))
+        .collect()
 }
 
 #[test]
