@@ -3,7 +3,8 @@
 //! errno is compared, the whole tree periodically, and at the end persistence and interop.
 //! Now and then both mounts go down and come up again (`Op::Remount`; half the time the
 //! layerfs daemon is killed with -9 instead of unmounted), and the run goes on over what each
-//! read back from disk.
+//! read back from disk. Kept fds, read-only or read-write, outlive what happens to their
+//! names: the run reads, writes, truncates, chmods, fallocates and copies through them.
 //!
 //! A mismatch prints the seed, the operation index and a shrunk reproduction; a stuck
 //! operation ends the process the same way (see `watchdog`). Replay with
@@ -232,10 +233,15 @@ fn check_seed(seed: u64, setup: Setup, n: usize) -> usize {
 
 /// The settings of this run a replay needs besides the seed (options, extra layers).
 fn replay_env() -> String {
-    ["LAYERFS_DIFF_DATA", "LAYERFS_DIFF_FILLERS", "LAYERFS_DIFF_OPTIONS", "LAYERFS_DIFF_OURS"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| format!(" {k}={v}")))
-        .collect()
+    [
+        "LAYERFS_DIFF_DATA",
+        "LAYERFS_DIFF_FILLERS",
+        "LAYERFS_DIFF_OPTIONS",
+        "LAYERFS_DIFF_OURS",
+    ]
+    .iter()
+    .filter_map(|k| std::env::var(k).ok().map(|v| format!(" {k}={v}")))
+    .collect()
 }
 
 #[test]

@@ -134,6 +134,18 @@ pub enum KeptOp {
     },
     /// fstat: size, mode and owner (link counts have their documented differences).
     Stat,
+    Fallocate {
+        off: u64,
+        len: u64,
+        keep_size: bool,
+    },
+    /// copy_file_range from the fd kept in slot `src`, at the same offset (a read-write one:
+    /// see `apply`).
+    CopyFrom {
+        src: usize,
+        off: u64,
+        len: usize,
+    },
 }
 
 pub const SLOTS: usize = 4;
@@ -212,6 +224,19 @@ fn on_kept(f: &File, what: &KeptOp) -> String {
         KeptOp::Stat => res(f.metadata(), |m| {
             format!("ok:{}:{:o}:{}:{}", m.len(), m.mode(), m.uid(), m.gid())
         }),
+        KeptOp::Fallocate {
+            off,
+            len,
+            keep_size,
+        } => {
+            let mode = if *keep_size {
+                libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                0
+            };
+            res(sys::fallocate(f.as_fd(), mode, *off, *len), ok)
+        }
+        KeptOp::CopyFrom { .. } => unreachable!("applied with both fds at hand"),
     }
 }
 
@@ -369,9 +394,19 @@ pub fn apply(side: &mut Side, op: &Op) -> String {
             None => "none".into(),
             Some(f) => read_kept(f),
         },
-        Op::OnKept { slot, what } => match &side.fds[*slot] {
-            None => "none".into(),
-            Some(f) => on_kept(f, what),
+        Op::OnKept { slot, what } => match (&side.fds[*slot], what) {
+            (None, _) => "none".into(),
+            // A read-only source from before a copy-up may still read the lower data under
+            // passthrough (see `kept_as_opened`); what it copied would then differ.
+            (Some(_), KeptOp::CopyFrom { src, .. }) if !side.writable[*src] => "ro-src".into(),
+            (Some(f), KeptOp::CopyFrom { src, off, len }) => match &side.fds[*src] {
+                None => "none".into(),
+                Some(s) => res(
+                    sys::copy_file_range(s.as_fd(), *off, f.as_fd(), *off, *len),
+                    |n| format!("ok:{n}"),
+                ),
+            },
+            (Some(f), _) => on_kept(f, what),
         },
         Op::ListDir { path } => {
             let r = std::fs::read_dir(at(path)).and_then(|rd| {
@@ -570,7 +605,7 @@ pub fn random_op(r: &mut Rng, tree: &[(PathBuf, char)]) -> Op {
                 4..=6 => Op::ReadKept { slot },
                 _ => Op::OnKept {
                     slot,
-                    what: match r.below(6) {
+                    what: match r.below(8) {
                         0 | 1 => KeptOp::Write {
                             off: r.below(3 << 20),
                             len: r.below(70_000) as usize,
@@ -585,7 +620,17 @@ pub fn random_op(r: &mut Rng, tree: &[(PathBuf, char)]) -> Op {
                         4 => KeptOp::SetXattr {
                             value: r.below(9) as u8,
                         },
-                        _ => KeptOp::Stat,
+                        5 => KeptOp::Stat,
+                        6 => KeptOp::Fallocate {
+                            off: r.below(2 << 20),
+                            len: 1 + r.below(1 << 20),
+                            keep_size: r.chance(50),
+                        },
+                        _ => KeptOp::CopyFrom {
+                            src: r.below(SLOTS as u64) as usize,
+                            off: r.below(1 << 20),
+                            len: r.below(200_000) as usize,
+                        },
                     },
                 },
             }
