@@ -863,6 +863,7 @@ impl Union {
                 self.copy_up(d, Data::Meta)?;
                 Some((d, k))
             }
+            // A lower hard link about to be replaced: into the index first.
             (Some(d), false) => {
                 self.index_before_removal(d)?;
                 None
