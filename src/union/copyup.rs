@@ -87,7 +87,9 @@ impl Union {
             // A lower file changed through an fd after its last name went (fchmod, fsetxattr):
             // the kernel copies it up to the name it had, where a whiteout or another entry
             // now is (EEXIST), or into a directory since removed (ENOENT).
-            let parent_gone = self.node(st.parent).map_or(true, |p| p.state().unlinked);
+            let parent_gone = self
+                .node(st.parent)
+                .map_or(true, |p| p.state.read().expect("node state lock").unlinked);
             return Err(err(if parent_gone {
                 libc::ENOENT
             } else {

@@ -357,10 +357,11 @@ impl Union {
     /// The attributes the union shows for `node`, given the real stat of its top object.
     /// `real` is that object when the caller has it at hand; it is built only if needed.
     pub(crate) fn present(&self, node: &Node, real: Option<&Real>, mut st: Stat) -> Result<Stat> {
-        // As the kernel: the recorded union count only for the index's own entry (it has the
-        // index's link besides its name; it has that link alone once the name went while the
-        // file's other names live on).
-        let linked = !node.is_dir() && {
+        // As the kernel: the recorded union count only for the index's own entry. It has the
+        // index's link besides its name, so a single link settles it without the lock, unless
+        // the object is reached through a detached fd (the name went while the file's other
+        // names live on: `named_elsewhere`).
+        let linked = !node.is_dir() && (st.st_nlink > 1 || matches!(real, Some(Real::Fd(_)))) && {
             let s = node.state.read().expect("node state lock");
             s.indexed && (st.st_nlink > 1 || s.named_elsewhere) && self.layers.is_upper(s.layers[0])
         };
