@@ -52,7 +52,17 @@ impl Union {
                     (s.data.is_some(), s.kernel_meta)
                 };
                 if kernel_meta {
-                    node.state.write().expect("node state lock").kernel_meta = false;
+                    // The kernel's copy would get its data now: it moves like any file.
+                    match sys::removexattr(
+                        self.real(node)?.xtarget(),
+                        self.cfg.marker_ns.whole_copy(),
+                    ) {
+                        Err(e) if e.raw_os_error() != Some(libc::ENODATA) => return Err(e.into()),
+                        _ => {}
+                    }
+                    let mut s = node.state.write().expect("node state lock");
+                    s.kernel_meta = false;
+                    s.kernel_redirect = None;
                 }
                 if meta {
                     return self.copy_up_data(node, data);
@@ -158,7 +168,16 @@ impl Union {
             (_, None) => (Fill::Data(src.clone()), None),
         };
 
-        let built = self.build_copy(wfd.as_fd(), &tmp, &src, &sst, node.kind, &fill);
+        let built = self
+            .build_copy(wfd.as_fd(), &tmp, &src, &sst, node.kind, &fill)
+            .and_then(|()| {
+                // On the copy itself, so the hard link's other names and a remount know it.
+                let t = XTarget::At(wfd.as_fd(), &tmp);
+                match kernel_meta {
+                    true => Ok(sys::setxattr(t, self.cfg.marker_ns.whole_copy(), b"", 0)?),
+                    false => Ok(()),
+                }
+            });
         if let Err(e) = built {
             let _ = super::workdir::remove_tree(wfd.as_fd(), &tmp, 0);
             return Err(e);

@@ -81,6 +81,16 @@ impl MarkerNs {
             MarkerNs::User => c"user.overlay.metacopy",
         }
     }
+    /// layerfs's own: on an upper file copied up whole (an empty file, a hard link) where
+    /// the kernel's copy with metacopy=on would be metadata-only, the redirect that copy
+    /// would carry (an absolute path; empty: none). A private overlay xattr, so neither the
+    /// kernel nor the union's listings show it, and the hard link's other names share it.
+    pub fn whole_copy(self) -> &'static CStr {
+        match self {
+            MarkerNs::Trusted => c"trusted.overlay.layerfs.wholecopy",
+            MarkerNs::User => c"user.overlay.layerfs.wholecopy",
+        }
+    }
 }
 
 /// True for names that are markers in some format and so never visible in the union.
@@ -256,7 +266,6 @@ pub fn absolute_path(path: &[OsString]) -> Vec<u8> {
     v
 }
 
-/// `absolute_path` as text, for messages and events.
 /// An fs-verity digest as `overlay.metacopy` carries it: hash algorithm (FS_VERITY_HASH_ALG_*)
 /// and digest.
 pub type VerityDigest = (u8, Vec<u8>);
@@ -293,6 +302,7 @@ pub fn metacopy_mark_is_invalid(v: &[u8]) -> bool {
     (1..4).contains(&v.len())
 }
 
+/// `absolute_path` as text, for messages and events.
 pub fn show_path(path: &[OsString]) -> String {
     String::from_utf8_lossy(&absolute_path(path)).into_owned()
 }

@@ -36,6 +36,10 @@ pub(crate) struct Found {
     pub fds: Vec<(usize, Arc<OwnedFd>)>,
     /// A metadata-only copy's data.
     pub data: Option<Arc<DataSrc>>,
+    /// An upper file copied up whole where the kernel's copy would be metadata-only
+    /// (`NodeState::kernel_meta`), and the redirect that copy would carry.
+    pub kernel_meta: bool,
+    pub kernel_redirect: Option<Vec<OsString>>,
 }
 
 impl Found {
@@ -52,6 +56,8 @@ impl Found {
             indexed: false,
             fds: Vec::new(),
             data: None,
+            kernel_meta: false,
+            kernel_redirect: None,
         }
     }
 }
@@ -124,6 +130,8 @@ impl Union {
         state.data = f.data;
         state.impure = f.impure;
         state.indexed = f.indexed;
+        state.kernel_meta = f.kernel_meta;
+        state.kernel_redirect = f.kernel_redirect;
         if f.kind == Kind::Dir {
             self.fds.drop_node(id);
             self.names.drop_node(id);
@@ -423,6 +431,17 @@ impl Union {
                     true => self.copy_origin(x, st.st_ino).unzip(),
                     false => (None, None),
                 };
+                // Our whole copy of what the kernel would copy metadata-only: its moves
+                // refuse where the kernel's redirect would be too long, after a remount and
+                // through every name of a hard link alike (metacopy soak, seed 1400009).
+                let whole_copy = match upper && self.cfg.metacopy && has(ns.whole_copy()) {
+                    true => sys::getxattr(x, ns.whole_copy())?,
+                    false => None,
+                };
+                let kernel_redirect = whole_copy
+                    .as_deref()
+                    .filter(|v| !v.is_empty())
+                    .and_then(format::redirect_components);
                 *found = Some(Found {
                     kind,
                     layers: vec![l],
@@ -434,6 +453,8 @@ impl Union {
                     indexed: indexed.unwrap_or(false),
                     fds: Vec::new(),
                     data,
+                    kernel_meta: whole_copy.is_some(),
+                    kernel_redirect,
                 });
             }
             // A non-directory hides everything below, whether it is on top or under a dir.

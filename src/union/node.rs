@@ -67,7 +67,8 @@ pub struct NodeState {
     pub data: Option<Arc<DataSrc>>,
     /// Copied up whole (empty, or a hard link) where the kernel's copy would still be
     /// metadata-only (metacopy=on): moves and links refuse where its redirect would be too
-    /// long. Known within a mount only.
+    /// long. Recorded on the copy (`MarkerNs::whole_copy`), so known after a remount and to
+    /// every name of a hard link.
     pub kernel_meta: bool,
     /// For such a copy once moved: where the kernel's copy's redirect points (kept, as the
     /// kernel keeps a redirect, by later moves).

@@ -1075,10 +1075,16 @@ impl Union {
             // Ours came up whole; the kernel's would carry this redirect from now on (metacopy
             // soak, seed 972050: moved across directories again, the kernel kept its
             // absolute redirect while we measured one from the new place and refused).
-            let mut s = n.state.write().expect("node state lock");
-            if s.kernel_meta {
-                s.kernel_redirect = Some(path);
+            if !n.state().kernel_meta {
+                return Ok(());
             }
+            sys::setxattr(
+                XTarget::At(self.dir_fd(p, 0)?.as_fd(), name),
+                self.cfg.marker_ns.whole_copy(),
+                &format::absolute_path(&path),
+                0,
+            )?;
+            n.state.write().expect("node state lock").kernel_redirect = Some(path);
             return Ok(());
         };
         sys::setxattr(

@@ -482,6 +482,73 @@ fn renaming_a_metacopy_with_a_long_data_path_does_what_the_kernel_does() {
     p.check_interop();
 }
 
+/// A lower hard link is copied up whole where the kernel's copy is metadata-only, so a move
+/// that would need a redirect longer than 256 bytes must still fail with EXDEV: through the
+/// file's other names, reached later through the index, and after a remount. layerfs knew
+/// that only for the node that made the copy: unlinking one name (which copies the file into
+/// the index first) let a long-path name move where the kernel refused (metacopy soak, seed
+/// 1400009). The copy now carries the knowledge (`overlay.layerfs.wholecopy`).
+#[test]
+fn a_whole_copy_of_a_hard_link_moves_as_the_kernels_metadata_only_copy_after_remount() {
+    require_fuse!();
+    let deep = format!("a/{}/{}", "L".repeat(200), "M".repeat(200));
+    let mut p = Pair::with_options(
+        |s| {
+            let v = stack(s);
+            fs::create_dir_all(v[1].join("b")).unwrap();
+            for n in ["one", "two"] {
+                write(v[1].join(&deep).join(n), b"linked data");
+                fs::hard_link(v[1].join(&deep).join(n), v[1].join(format!("b/{n}"))).unwrap();
+                fs::hard_link(v[1].join(&deep).join(n), v[1].join(format!("{n}2"))).unwrap();
+            }
+            v
+        },
+        "metacopy=on",
+    );
+    p.same("a short name removed: into the index first", |m| {
+        (
+            outcome(fs::remove_file(m.join("b/one"))),
+            outcome(fs::rename(m.join("b/two"), m.join("b/two-moved"))),
+        )
+    });
+    p.remount_layerfs();
+    p.same(
+        "the long names, reached through the index after a remount: EXDEV",
+        |m| {
+            let d = m.join(&deep);
+            (
+                outcome(fs::rename(d.join("one"), m.join("one-moved"))),
+                outcome(fs::rename(d.join("two"), m.join("two-moved"))),
+                // Short names move (an absolute redirect of a few bytes).
+                outcome(fs::rename(m.join("one2"), m.join("b/one3"))),
+                fs::metadata(d.join("one")).map(|m| m.nlink()).ok(),
+            )
+        },
+    );
+    p.same(
+        "written: the kernel's copy has its data, so it moves",
+        |m| {
+            let d = m.join(&deep);
+            let w = OpenOptions::new().append(true).open(d.join("one"));
+            let w = w.and_then(|mut f| f.write_all(b"+"));
+            (
+                outcome(w),
+                outcome(fs::rename(d.join("one"), m.join("one-moved"))),
+            )
+        },
+    );
+    p.remount_layerfs();
+    p.same("after a second remount", |m| {
+        (
+            outcome(fs::rename(m.join("one-moved"), m.join(&deep).join("back"))),
+            outcome(fs::rename(m.join(&deep).join("two"), m.join("two-moved"))),
+            fs::read(m.join("b/one3")).ok(),
+        )
+    });
+    p.check("after the moves");
+    p.check_interop();
+}
+
 /// A metadata-only copy in a lower layer whose redirect leads to another metadata-only copy
 /// (layers the kernel wrote with metacopy=on, renamed, then stacked as lowers): the data is
 /// where the last redirect of the chain points, as the kernel's lookup follows each one
