@@ -19,6 +19,7 @@ mod observed;
 pub mod origin;
 pub mod readdir;
 pub mod real;
+pub mod rename;
 pub mod workdir;
 pub mod write;
 
