@@ -397,32 +397,31 @@ impl Union {
         if kind != Kind::Dir {
             if found.is_none() {
                 let x = XTarget::At(pfd.as_fd(), name);
-                // An upper file may carry an origin too: one listxattr tells which of the
-                // two markers to read (most files carry neither).
+                // An upper file may carry several markers (origin, metacopy, ...), an empty
+                // one may be an xwhiteout: one listxattr tells which to read (most objects
+                // carry none). A lower file with data is asked for its metacopy mark alone.
                 let upper = self.layers.is_upper(l);
-                let upper_marks = upper.then(|| sys::listxattr(x).ok()).flatten();
+                let empty = format::may_be_xwhiteout(&st);
+                let marks = (upper || empty).then(|| sys::listxattr(x).ok()).flatten();
                 let ns = self.cfg.marker_ns;
                 let has = |m: &std::ffi::CStr| {
-                    upper_marks
+                    marks
                         .as_ref()
                         .is_none_or(|v| v.iter().any(|n| n.as_slice() == m.to_bytes()))
                 };
                 // An xwhiteout (an empty file marked as a whiteout) ends the lookup as a
-                // whiteout does; an upper file's marks are already read.
-                if format::may_be_xwhiteout(&st) {
-                    let xwhiteout = match &upper_marks {
-                        Some(v) => v.iter().any(|n| format::is_xwhiteout_xattr(n)),
-                        None => format::has_xwhiteout_mark(x),
-                    };
-                    if xwhiteout {
-                        return Ok(Step::Stop);
-                    }
+                // whiteout does.
+                if empty
+                    && marks
+                        .as_ref()
+                        .is_some_and(|v| v.iter().any(|n| format::is_xwhiteout_xattr(n)))
+                {
+                    return Ok(Step::Stop);
                 }
-                // An empty lower file is not checked (its data is nothing either way: no
-                // getxattr per empty file); an empty upper one is (its marks are read
-                // anyway): a write must take the mark off with it.
+                // Every regular file, empty ones too, as ovl_lookup_single: a marked empty
+                // file whose data is missing is EIO (EPERM without metacopy=on).
                 let data = match (kind, parent) {
-                    (Kind::File, Some(p)) if (upper || st.st_size > 0) && has(ns.metacopy()) => {
+                    (Kind::File, Some(p)) if has(ns.metacopy()) => {
                         self.metacopy_data(l, pfd, name, p)?
                     }
                     _ => None,

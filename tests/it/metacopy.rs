@@ -267,6 +267,54 @@ fn an_empty_file_the_kernel_copied_up_metadata_only_is_written_as_in_the_kernel(
     assert_eq!(read_all(&k.mnt.join("empty")), b"written through layerfs");
 }
 
+/// An empty lower file marked metadata-only is looked up as any other: its data found below
+/// (by name or redirect) or EIO where it is missing, and EPERM without metacopy=on, as the
+/// kernel's lookup checks the mark on every regular file. layerfs skipped the check for
+/// empty lower files (to save a getxattr) and read them as empty whatever their mark said.
+#[test]
+fn an_empty_lower_metacopy_file_is_checked_as_the_kernel_checks_it() {
+    require_fuse!();
+    let s = Scratch::new();
+    let (l1, l2) = (s.mkdir("l1"), s.mkdir("l2"));
+    for n in ["present", "missing", "redirected", "plain"] {
+        write(l1.join(n), b"");
+    }
+    write(l2.join("present"), b"");
+    write(l2.join("elsewhere"), b"");
+    let mark = |n: &str, x: &str, v: &[u8]| set_xattr(l1.join(n), x, v);
+    for n in ["present", "missing", "redirected"] {
+        mark(n, "trusted.overlay.metacopy", b"");
+    }
+    mark("redirected", "trusted.overlay.redirect", b"/elsewhere");
+    let look = |m: &Path| {
+        ["present", "missing", "redirected", "plain"].map(|n| {
+            let st = fs::metadata(m.join(n)).map(|st| st.len());
+            let data = fs::read(m.join(n));
+            (
+                n,
+                st.map_err(|e| e.raw_os_error()),
+                data.map_err(|e| e.raw_os_error()),
+            )
+        })
+    };
+    for extra in [",metacopy=on", ""] {
+        let opts = format!("lowerdir={}:{}{extra}", l1.display(), l2.display());
+        let kernel = look(&Kernel::mount(&opts, &s.path("k")).mnt);
+        let ours = look(&Layerfs::mount(&opts, &s.path("m")).mnt);
+        assert_eq!(ours, kernel, "options {opts:?}");
+        let want = if extra.is_empty() {
+            libc::EPERM
+        } else {
+            libc::EIO
+        };
+        assert_eq!(
+            kernel[1].1,
+            Err(Some(want)),
+            "the kernel refuses the missing data"
+        );
+    }
+}
+
 /// The kernel's link of a metadata-only copy gives it an absolute redirect (its other name
 /// may be in another directory; layerfs brings the data up instead), and a later move
 /// within the directory keeps it, as ovl_set_redirect keeps a redirect that is absolute.
