@@ -190,8 +190,20 @@ pub fn layers(r: &mut Rng, s: &Scratch) -> Vec<PathBuf> {
                 )
                 .unwrap(),
                 10 => {
-                    // A hard link to a file of this layer.
-                    let files: Vec<PathBuf> = walk_files(&root);
+                    // A hard link to a file of this layer. Not to a metadata-only copy that
+                    // finds its data by its own name or a relative redirect: the new name
+                    // would look for other data, which no kernel writes, and the kernel,
+                    // keeping one inode for both names, then reads whichever data it met
+                    // first (metacopy soak with fillers, seed 1510351: its result changed
+                    // from run to run).
+                    let ns = opaque_xattr().trim_end_matches("opaque");
+                    let linkable = |f: &PathBuf| {
+                        get_xattr(root.join(f), &format!("{ns}metacopy")).is_none()
+                            || get_xattr(root.join(f), &format!("{ns}redirect"))
+                                .is_some_and(|v| v.first() == Some(&b'/'))
+                    };
+                    let files: Vec<PathBuf> =
+                        walk_files(&root).into_iter().filter(linkable).collect();
                     match r.pick(&files) {
                         Some(f) => std::fs::hard_link(root.join(f), &full).unwrap(),
                         None => write(&full, b"h"),
