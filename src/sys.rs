@@ -937,6 +937,14 @@ pub fn removexattr(t: XTarget<'_>, name: &CStr) -> io::Result<()> {
     .map(drop)
 }
 
+/// `removexattr` where an absent xattr is no error (taking a marker off that may not be on).
+pub fn removexattr_if_present(t: XTarget<'_>, name: &CStr) -> io::Result<()> {
+    match removexattr(t, name) {
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
+        r => r,
+    }
+}
+
 /// Lazily detach a mount (MNT_DETACH) or plainly unmount it.
 pub fn umount(path: &std::path::Path, lazy: bool) -> io::Result<()> {
     let c = cstr(path.as_os_str())?;

@@ -53,13 +53,8 @@ impl Union {
                 };
                 if kernel_meta {
                     // The kernel's copy would get its data now: it moves like any file.
-                    match sys::removexattr(
-                        self.real(node)?.xtarget(),
-                        self.cfg.marker_ns.whole_copy(),
-                    ) {
-                        Err(e) if e.raw_os_error() != Some(libc::ENODATA) => return Err(e.into()),
-                        _ => {}
-                    }
+                    let x = self.cfg.marker_ns.whole_copy();
+                    sys::removexattr_if_present(self.real(node)?.xtarget(), x)?;
                     let mut s = node.state.write().expect("node state lock");
                     s.kernel_meta = false;
                     s.kernel_redirect = None;
@@ -172,11 +167,11 @@ impl Union {
             .build_copy(wfd.as_fd(), &tmp, &src, &sst, node.kind, &fill)
             .and_then(|()| {
                 // On the copy itself, so the hard link's other names and a remount know it.
-                let t = XTarget::At(wfd.as_fd(), &tmp);
-                match kernel_meta {
-                    true => Ok(sys::setxattr(t, self.cfg.marker_ns.whole_copy(), b"", 0)?),
-                    false => Ok(()),
+                if kernel_meta {
+                    let t = XTarget::At(wfd.as_fd(), &tmp);
+                    sys::setxattr(t, self.cfg.marker_ns.whole_copy(), b"", 0)?;
                 }
+                Ok(())
             });
         if let Err(e) = built {
             let _ = super::workdir::remove_tree(wfd.as_fd(), &tmp, 0);
@@ -459,10 +454,7 @@ impl Union {
         }
         let ns = self.cfg.marker_ns;
         for x in [ns.metacopy(), ns.redirect()] {
-            match sys::removexattr(real.xtarget(), x) {
-                Err(e) if e.raw_os_error() != Some(libc::ENODATA) => return Err(e.into()),
-                _ => {}
-            }
+            sys::removexattr_if_present(real.xtarget(), x)?;
         }
         node.state.write().expect("node state lock").data = None;
         self.attrs_changed(node.id);

@@ -95,11 +95,7 @@ impl Union {
             0,
         )?;
         // The kernel's new directory carries none of the old one's markers: no redirect.
-        if let Err(e) = sys::removexattr(XTarget::Fd(dfd.as_fd()), self.cfg.marker_ns.redirect())
-            && e.raw_os_error() != Some(libc::ENODATA)
-        {
-            return Err(e.into());
-        }
+        sys::removexattr_if_present(XTarget::Fd(dfd.as_fd()), self.cfg.marker_ns.redirect())?;
         for e in entries {
             remove_tree(dfd.as_fd(), &e.name, 0)?;
         }
