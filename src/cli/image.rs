@@ -468,10 +468,8 @@ fn read_meta(store: &Store, name: &str) -> Result<Value> {
 
 fn write_meta(store: &Store, name: &str, v: &Value) -> Result<()> {
     let p = container_dir(store, name)?.join("meta.json");
-    let tmp = p.with_extension("json.tmp");
-    fs::write(&tmp, serde_json::to_vec_pretty(v).unwrap_or_default())?;
-    fs::rename(&tmp, &p)?;
-    Ok(())
+    let data = serde_json::to_vec_pretty(v).unwrap_or_default();
+    crate::store::write_atomic(&store.tmp(), &p, &data)
 }
 
 fn containers_using(store: &Store, id: &Digest) -> Result<Vec<String>> {

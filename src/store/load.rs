@@ -376,8 +376,6 @@ fn commit_image(
             i + 1,
             diff_id.short()
         ));
-        let stage = tempdir_in(&store.tmp())?;
-        fs::create_dir(stage.path().join("diff"))?;
         let (stream, gz) = open_stream(&src.data, &src.media_type)?;
         let stream: Box<dyn Read> = if sys::stderr_is_tty() {
             Box::new(Progress {
@@ -390,8 +388,7 @@ fn commit_image(
             stream
         };
         let mut hr = HashingReader::new(stream);
-        let root = sys::open_dir_path(&stage.path().join("diff"))?;
-        let done = unpack::unpack(&mut hr, root.as_fd(), store.marker_ns())
+        let staged = StagedLayer::unpack(store, &mut hr)
             .map_err(|e| e.context(format!("layer {}", diff_id.short())))?;
         let (got, _) = hr.finish().map_err(|e| {
             Error::msg(format!(
@@ -406,7 +403,6 @@ fn commit_image(
                 got.short()
             )));
         }
-        fs::write(stage.path().join("size"), done.bytes.to_string())?;
         // Keep the blob as distributed so export reproduces its digest.
         let (blob, mt) = match (&src.data, blob_bytes) {
             (_, Some(b)) => {
@@ -426,21 +422,13 @@ fn commit_image(
             }
             _ => unreachable!("bytes sources carry their bytes"),
         };
-        File::open(stage.path())?.sync_all()?;
-        let dest = store.layer_dir(diff_id);
-        match fs::rename(stage.path(), &dest) {
-            Ok(()) => stage.keep(),
-            Err(e) if dest.join("diff").is_dir() => drop(e), // another name for the same layer
-            Err(e) => {
-                return Err(Error::from(e).context(format!("storing layer {}", diff_id.short())));
-            }
-        }
+        let size = staged.install(store, diff_id)?;
         new_layers += 1;
         refs.push(LayerRef {
             diff_id: diff_id.clone(),
             blob,
             media_type: mt,
-            size: done.bytes,
+            size,
         });
     }
     store.put_blob(&id, config_bytes)?;
@@ -464,6 +452,49 @@ fn commit_image(
         new_layers,
         reused_layers: reused,
     })
+}
+
+/// A layer unpacked into a staging directory of the store's tmp/, not yet in layers/.
+pub(super) struct StagedLayer {
+    stage: TempDir,
+    bytes: u64,
+}
+
+impl StagedLayer {
+    /// Unpack the layer tar `input` into a new staging directory.
+    pub(super) fn unpack(store: &Store, input: impl Read) -> Result<StagedLayer> {
+        let stage = tempdir_in(&store.tmp())?;
+        fs::create_dir(stage.path().join("diff"))?;
+        let root = sys::open_dir_path(&stage.path().join("diff"))?;
+        let done = unpack::unpack(input, root.as_fd(), store.marker_ns())?;
+        Ok(StagedLayer {
+            stage,
+            bytes: done.bytes,
+        })
+    }
+
+    /// Move the layer to `layers/<diff_id>` once every byte of it is on disk, and return its
+    /// size. A layer is trusted from the moment it is there (later loads reuse it unread), so
+    /// its files' data must not be left to writeback: after a power cut the rename could
+    /// survive while the data did not, leaving empty files in the image for good (the
+    /// failure behind containerd's `sync_fs` and containers/storage's `sync` options). One
+    /// syncfs writes out the whole tree and commits the journal.
+    pub(super) fn install(self, store: &Store, diff_id: &Digest) -> Result<u64> {
+        let ctx = || format!("storing layer {}", diff_id.short());
+        fs::write(self.stage.path().join("size"), self.bytes.to_string()).ctx(ctx())?;
+        let dir = File::open(self.stage.path()).ctx(ctx())?;
+        sys::syncfs(dir.as_fd()).ctx(ctx())?;
+        let dest = store.layer_dir(diff_id);
+        match fs::rename(self.stage.path(), &dest) {
+            Ok(()) => self.stage.keep(),
+            Err(e) if dest.join("diff").is_dir() => drop(e), // another name for the same layer
+            Err(e) => return Err(Error::from(e).context(ctx())),
+        }
+        if let Some(layers) = dest.parent() {
+            File::open(layers)?.sync_all().ctx(ctx())?;
+        }
+        Ok(self.bytes)
+    }
 }
 
 /// A staging directory removed on drop unless kept.

@@ -47,7 +47,9 @@ pub struct Image {
     pub created: Option<String>,
 }
 
-fn write_atomic(dir_tmp: &Path, dest: &Path, data: &[u8]) -> Result<()> {
+/// Temp file in `dir_tmp`, fsync, rename to `dest`, fsync of its directory: after a crash
+/// `dest` holds the old bytes or the new ones, never an empty file.
+pub(crate) fn write_atomic(dir_tmp: &Path, dest: &Path, data: &[u8]) -> Result<()> {
     let tmp = dir_tmp.join(format!("w-{}-{}", std::process::id(), rand_suffix()));
     let mut f = File::create(&tmp).ctx(format!("writing {}", tmp.display()))?;
     f.write_all(data)?;
@@ -306,13 +308,7 @@ impl Store {
         let tar = pack::pack_upper(upper)?;
         let diff_id = Digest::of(&tar);
         if !self.has_layer(&diff_id) {
-            let stage = load::tempdir_in(&self.tmp())?;
-            fs::create_dir(stage.path().join("diff"))?;
-            let root = crate::sys::open_dir_path(&stage.path().join("diff"))?;
-            let done = unpack::unpack(&tar[..], std::os::fd::AsFd::as_fd(&root), self.marker_ns())?;
-            fs::write(stage.path().join("size"), done.bytes.to_string())?;
-            fs::rename(stage.path(), self.layer_dir(&diff_id))
-                .ctx("storing the committed layer")?;
+            load::StagedLayer::unpack(self, &tar[..])?.install(self, &diff_id)?;
         }
         self.put_blob(&diff_id, &tar)?;
         let mut config = self.config(base)?;

@@ -86,7 +86,12 @@ pub fn save(
     format: &str,
 ) -> Result<()> {
     match format {
-        "oci-dir" => save_oci_dir(store, images, out),
+        "oci-dir" => {
+            save_oci_dir(store, images, out)?;
+            // Durable when the command returns, as the tar formats' fsync makes them.
+            let dir = fs::File::open(out)?;
+            Ok(crate::sys::syncfs(std::os::fd::AsFd::as_fd(&dir))?)
+        }
         "oci-archive" => {
             let stage = super::load::tempdir_in(&store.tmp())?;
             save_oci_dir(store, images, stage.path())?;

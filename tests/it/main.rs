@@ -15,6 +15,7 @@ mod index;
 mod inodes;
 mod metacopy;
 mod observe;
+mod power_cut;
 mod read_side;
 mod rootless;
 mod runtime;

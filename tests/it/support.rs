@@ -251,6 +251,7 @@ impl Either {
 /// freed in the last minute or more; with a journal a freed number is reused at once.
 pub struct Ext4Disk {
     pub mnt: PathBuf,
+    img: PathBuf,
 }
 
 impl Ext4Disk {
@@ -279,7 +280,48 @@ impl Ext4Disk {
             eprintln!("skipped: no loop mount of an ext4 image: {}", err.trim());
             return None;
         }
-        Some(Ext4Disk { mnt })
+        Some(Ext4Disk { mnt, img })
+    }
+
+    /// Make everything written so far survive a power cut, as any fsync does: it commits
+    /// the journal (a file's own data only if it is that file's fsync).
+    pub fn commit_journal(&self) {
+        let f = std::fs::File::create(self.mnt.join(".commit-point")).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    /// Cut the power: from here on nothing reaches the disk, not even journal transactions
+    /// committed in memory. Whatever holds files on it must be gone before `power_on`.
+    pub fn cut_power(&self) {
+        let d = std::fs::File::open(&self.mnt).unwrap();
+        sys::shutdown_fs(d.as_fd()).expect("EXT4_IOC_SHUTDOWN");
+    }
+
+    /// Mount the disk again: the journal is replayed and what was on the disk at the cut
+    /// is what there is. It is mounted from a copy of the image: a mount namespace made
+    /// while the disk was mounted (runc, podman and unshare in tests run alongside) keeps
+    /// the shut-down filesystem and its loop device alive, and mount(8) would reuse that
+    /// device and so get the dead filesystem back.
+    pub fn power_on(&mut self) {
+        unmount(&self.mnt);
+        let img = self.img.with_extension("on.img");
+        let (ok, _o, err) = run_timeout(
+            Command::new("cp")
+                .arg("--sparse=always")
+                .arg(&self.img)
+                .arg(&img),
+            30,
+        );
+        assert!(ok, "copying the disk image: {}", err.trim());
+        let (ok, _o, err) = run_timeout(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&self.mnt),
+            30,
+        );
+        assert!(ok, "mounting the disk again: {}", err.trim());
+        self.img = img;
     }
 }
 
