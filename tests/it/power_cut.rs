@@ -55,6 +55,11 @@ fn a_power_cut_after_copy_ups_leaves_each_copy_whole_as_the_kernel_does() {
             .unwrap();
         f.write_all(b"appended").unwrap();
         drop(f);
+        // A new file the user synced, as editors and databases do.
+        let mut f = fs::File::create(mnt.join("saved")).unwrap();
+        f.write_all(&log[..4096]).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
         disk.commit_journal();
         disk.cut_power();
         if let Either::Layerfs(_) = &m {
@@ -83,6 +88,12 @@ fn a_power_cut_after_copy_ups_leaves_each_copy_whole_as_the_kernel_does() {
         assert!(
             got[log.len()..] == b"appended"[..] || got.len() == log.len(),
             "{who}"
+        );
+        let got = fs::read(up.join("saved")).unwrap_or_else(|e| panic!("{who}: saved: {e}"));
+        assert!(
+            got == log[..4096],
+            "{who}: a synced file has {} bytes",
+            got.len()
         );
         // And the union mounts again over it, reading the copies.
         let _m = Either::mount(kernel, &opts, &mnt);
