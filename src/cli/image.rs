@@ -308,23 +308,8 @@ pub fn run_image(root: &Path, cmd: ImageCmd) -> Result<i32> {
                 println!("Untagged: {t}");
             }
             store.set_tags(&tags)?;
-            fs::remove_file(
-                store
-                    .root
-                    .join("images")
-                    .join(format!("{}.json", img.id.hex())),
-            )?;
-            let _ = fs::remove_file(store.catalog_path(&img));
-            let still: Vec<Digest> = store
-                .images()?
-                .iter()
-                .flat_map(|i| i.layers.iter().map(|l| l.diff_id.clone()))
-                .collect();
-            for l in &img.layers {
-                if !still.contains(&l.diff_id) && store.has_layer(&l.diff_id) {
-                    fs::remove_dir_all(store.layer_dir(&l.diff_id))?;
-                    println!("Deleted layer: {}", l.diff_id);
-                }
+            for l in store.remove_image(&img)? {
+                println!("Deleted layer: {l}");
             }
             println!("Deleted: {}", img.id);
         }
@@ -637,7 +622,7 @@ pub fn run_container(root: &Path, cmd: ContainerCmd) -> Result<i32> {
                     "container {name} is mounted on {mp}: unmount it first"
                 )));
             }
-            fs::remove_dir_all(container_dir(&store, &name)?)?;
+            store.discard(&container_dir(&store, &name)?)?;
         }
         ContainerCmd::Mount { name, mountpoint } => {
             let store = Store::open(root, true)?;

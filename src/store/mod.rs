@@ -10,7 +10,7 @@ pub mod reference;
 pub mod save;
 pub mod unpack;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -45,6 +45,13 @@ pub struct Image {
     pub id: Digest,
     pub layers: Vec<LayerRef>,
     pub created: Option<String>,
+}
+
+impl Image {
+    /// The blobs the image keeps in the store: its config and its layers as distributed.
+    fn blobs(&self) -> impl Iterator<Item = &Digest> {
+        std::iter::once(&self.id).chain(self.layers.iter().map(|l| &l.blob))
+    }
 }
 
 /// Temp file in `dir_tmp`, fsync, rename to `dest`, fsync of its directory: after a crash
@@ -181,6 +188,61 @@ impl Store {
                 .join(format!("{}.json", img.id.hex())),
             &data,
         )
+    }
+
+    /// Delete image `img`, whose tags are already gone: its record and catalog, then each of
+    /// its layers and blobs that no other image uses; returns the layers deleted. The record
+    /// goes first, so a crash leaves unused layers behind, never an image missing a layer.
+    pub fn remove_image(&self, img: &Image) -> Result<Vec<Digest>> {
+        let record = self
+            .root
+            .join("images")
+            .join(format!("{}.json", img.id.hex()));
+        fs::remove_file(&record).ctx(format!("deleting {}", record.display()))?;
+        let _ = fs::remove_file(self.catalog_path(img));
+        let others = self.images()?;
+        let layers_used: HashSet<&Digest> = others
+            .iter()
+            .flat_map(|i| i.layers.iter().map(|l| &l.diff_id))
+            .collect();
+        let blobs_used: HashSet<&Digest> = others.iter().flat_map(Image::blobs).collect();
+        let mut deleted = Vec::new();
+        for l in &img.layers {
+            if !layers_used.contains(&l.diff_id) && self.has_layer(&l.diff_id) {
+                self.discard(&self.layer_dir(&l.diff_id))?;
+                deleted.push(l.diff_id.clone());
+            }
+        }
+        for b in img.blobs() {
+            if !blobs_used.contains(b) {
+                match fs::remove_file(self.blob_path(b)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(Error::from(e).context(format!("deleting blob {b}")));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Take directory `dir` out of the store by one rename into tmp/, then delete it there.
+    /// Deleting in place, a crash (or ^C) part way left a layer that still looked present,
+    /// to be reused half-empty by the next load, or a container with part of its upper.
+    /// What cannot be deleted now stays in tmp/, emptied at every writable open.
+    pub fn discard(&self, dir: &Path) -> Result<()> {
+        let gone = self
+            .tmp()
+            .join(format!("discard-{}-{}", std::process::id(), rand_suffix()));
+        fs::rename(dir, &gone).ctx(format!("deleting {}", dir.display()))?;
+        if let Err(e) = fs::remove_dir_all(&gone) {
+            log::warn!(
+                "{} stays in {} until the next store write: {e}",
+                dir.display(),
+                gone.display()
+            );
+        }
+        Ok(())
     }
 
     pub fn images(&self) -> Result<Vec<Image>> {
