@@ -47,13 +47,6 @@ pub struct Image {
     pub created: Option<String>,
 }
 
-impl Image {
-    /// The blobs the image keeps in the store: its config and its layers as distributed.
-    fn blobs(&self) -> impl Iterator<Item = &Digest> {
-        std::iter::once(&self.id).chain(self.layers.iter().map(|l| &l.blob))
-    }
-}
-
 /// Temp file in `dir_tmp`, fsync, rename to `dest`, fsync of its directory: after a crash
 /// `dest` holds the old bytes or the new ones, never an empty file.
 pub(crate) fn write_atomic(dir_tmp: &Path, dest: &Path, data: &[u8]) -> Result<()> {
@@ -190,37 +183,62 @@ impl Store {
         )
     }
 
-    /// Delete image `img`, whose tags are already gone: its record and catalog, then each of
-    /// its layers and blobs that no other image uses; returns the layers deleted. The record
-    /// goes first, so a crash leaves unused layers behind, never an image missing a layer.
+    /// Delete image `img`, whose tags are already gone: its record, then (`prune`) whatever
+    /// no image uses any more; returns the layers deleted. The record goes first, so a crash
+    /// leaves unused layers behind (for the next prune), never an image missing a layer.
     pub fn remove_image(&self, img: &Image) -> Result<Vec<Digest>> {
         let record = self
             .root
             .join("images")
             .join(format!("{}.json", img.id.hex()));
         fs::remove_file(&record).ctx(format!("deleting {}", record.display()))?;
-        let _ = fs::remove_file(self.catalog_path(img));
-        let others = self.images()?;
-        let layers_used: HashSet<&Digest> = others
+        self.prune()
+    }
+
+    /// Delete every layer, blob and catalog that no image uses: those of a removed image,
+    /// and those a crash left (a load stopped between its layers and its image record).
+    fn prune(&self) -> Result<Vec<Digest>> {
+        let images = self.images()?;
+        let ids: HashSet<&str> = images.iter().map(|i| i.id.hex()).collect();
+        let layers: HashSet<&str> = images
             .iter()
-            .flat_map(|i| i.layers.iter().map(|l| &l.diff_id))
+            .flat_map(|i| i.layers.iter().map(|l| l.diff_id.hex()))
             .collect();
-        let blobs_used: HashSet<&Digest> = others.iter().flat_map(Image::blobs).collect();
-        let mut deleted = Vec::new();
-        for l in &img.layers {
-            if !layers_used.contains(&l.diff_id) && self.has_layer(&l.diff_id) {
-                self.discard(&self.layer_dir(&l.diff_id))?;
-                deleted.push(l.diff_id.clone());
-            }
-        }
-        for b in img.blobs() {
-            if !blobs_used.contains(b) {
-                match fs::remove_file(self.blob_path(b)) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(Error::from(e).context(format!("deleting blob {b}")));
-                    }
-                    _ => {}
+        let blobs: HashSet<&str> = images
+            .iter()
+            .flat_map(|i| i.layers.iter().map(|l| l.blob.hex()))
+            .chain(ids.iter().copied())
+            .collect();
+        // Only names the store gives (64 hex digits): a daemon writes its catalog through a
+        // temporary name beside it.
+        let unused = |dir: &str, used: &HashSet<&str>| -> Result<Vec<PathBuf>> {
+            let mut v = Vec::new();
+            for e in fs::read_dir(self.root.join(dir))? {
+                let e = e?;
+                let ours = e.file_name().to_str().is_some_and(|n| {
+                    n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()) && !used.contains(n)
+                });
+                if ours {
+                    v.push(e.path());
                 }
+            }
+            Ok(v)
+        };
+        let mut deleted = Vec::new();
+        for dir in unused("layers", &layers)? {
+            self.discard(&dir)?;
+            let name = dir.file_name().unwrap_or_default().to_string_lossy();
+            deleted.extend(Digest::parse(&format!("sha256:{name}")));
+        }
+        for f in unused("blobs/sha256", &blobs)?
+            .into_iter()
+            .chain(unused("catalogs", &ids)?)
+        {
+            match fs::remove_file(&f) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::from(e).context(format!("deleting {}", f.display())));
+                }
+                _ => {}
             }
         }
         Ok(deleted)

@@ -1000,8 +1000,8 @@ impl Drop for Mutable {
 }
 
 /// `image rm` frees what only that image used, its blobs too (they stayed before, and
-/// `system df` said 0B over megabytes), and takes a layer out of layers/ before deleting
-/// it: a delete that stops part way (here at a file that cannot be unlinked, where ^C or a
+/// `system df` said 0B over megabytes), and whatever a crash left unused; it takes a layer
+/// out of layers/ before deleting it: a delete that stops part way (here at a file that cannot be unlinked, where ^C or a
 /// crash would stop it) never leaves a layer the next load takes for present.
 #[test]
 fn image_rm_frees_layers_and_blobs_and_never_leaves_half_a_layer() {
@@ -1011,12 +1011,16 @@ fn image_rm_frees_layers_and_blobs_and_never_leaves_half_a_layer() {
     let archive = archive.to_str().unwrap();
     ok(&root, &["image", "load", archive]);
     let (layers, blobs) = (layer_count(&root), blob_count(&root));
+    // What a load stopped between its layers and its image record leaves: no image uses it.
+    let orphan = "ab".repeat(32);
+    fs::create_dir_all(root.join("layers").join(&orphan).join("diff")).unwrap();
+    fs::write(root.join("blobs/sha256").join(&orphan), b"x").unwrap();
     // bb-multi-docker's layers are all bb-committed-docker's too.
     ok(&root, &["image", "rm", "bb-multi-docker:1"]);
     assert_eq!(
         (layer_count(&root), blob_count(&root)),
         (layers, blobs - 1),
-        "only bb-multi-docker's config goes"
+        "only bb-multi-docker's config and the orphans go"
     );
     ok(&root, &["image", "rm", "bb-committed-docker:1"]);
     ok(&root, &["image", "rm", "bb-base-docker:1"]);
