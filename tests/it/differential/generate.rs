@@ -317,6 +317,8 @@ pub fn data_layers(seed: u64, s: &Scratch, lowers: &[PathBuf], n: usize) -> Vec<
     symlink("a", data[0].join("objects/alink")).unwrap();
     write(data[0].join("top-of-data"), b"never a name of the tree");
     let bottom = lowers.len() - 1;
+    // Copies above the bottom that find their data by a name in the layers below.
+    let mut by_name: Vec<(usize, PathBuf, PathBuf)> = Vec::new();
     for (i, layer) in lowers.iter().enumerate() {
         let dirs = walk_dirs(layer);
         let copies = if i == bottom {
@@ -360,9 +362,32 @@ pub fn data_layers(seed: u64, s: &Scratch, lowers: &[PathBuf], n: usize) -> Vec<
                 .set_len(size.max(1))
                 .unwrap();
             set_xattr(&full, &format!("{ns}metacopy"), b"");
+            // (A relative redirect names a sibling; none, the copy's own name.)
+            if i < bottom && !redirect.as_ref().is_some_and(|v| v.starts_with(b"/")) {
+                let name = redirect
+                    .clone()
+                    .map_or(format!("m{k}").into(), OsString::from_vec);
+                by_name.push((i, full.clone(), dir.join(name)));
+            }
             if let Some(v) = redirect {
                 set_xattr(&full, &format!("{ns}redirect"), &v);
             }
+        }
+    }
+    // Such a copy has the size of the file it finds below, as any copy the kernel makes (it
+    // reads the data file's bytes, a copy-up copies the copy's size: seed 1530458, a 5-byte
+    // copy over a 1026-byte object). Lowest first, so a chain takes the size of its end.
+    for (i, full, target) in by_name.into_iter().rev() {
+        let found = lowers[i + 1..]
+            .iter()
+            .find_map(|l| std::fs::symlink_metadata(l.join(&target)).ok());
+        if let Some(m) = found.filter(|m| m.is_file()) {
+            std::fs::File::options()
+                .write(true)
+                .open(&full)
+                .unwrap()
+                .set_len(m.len())
+                .unwrap();
         }
     }
     data
