@@ -163,11 +163,18 @@ fn load_oci(store: &Store, dir: &Path, say: &mut dyn FnMut(String)) -> Result<Ve
         let sources = layers
             .into_iter()
             .map(|(d, mt, size)| {
-                let data = oci_blob(dir, &d, Some(size))?;
+                let path = dir.join("blobs/sha256").join(d.hex());
+                if !path.is_file() {
+                    return Err(Error::msg(format!(
+                        "blob {d} is missing from {}",
+                        dir.display()
+                    )));
+                }
                 Ok(Source {
-                    blob: d,
+                    blob: Some(d),
+                    size: Some(size),
                     media_type: mt,
-                    data: SourceData::Bytes(data),
+                    path,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -250,9 +257,10 @@ fn load_docker(store: &Store, dir: &Path, say: &mut dyn FnMut(String)) -> Result
                 )));
             }
             sources.push(Source {
-                blob: Digest::of(&[]),
+                blob: None,
+                size: None,
                 media_type: String::new(),
-                data: SourceData::File(p),
+                path: p,
             });
         }
         out.push(commit_image(store, &cdata, &config, sources, tags, say)?);
@@ -283,41 +291,47 @@ impl Read for Progress {
     }
 }
 
-enum SourceData {
-    Bytes(Vec<u8>),
-    File(PathBuf),
-}
-
+/// A layer as the input holds it: a file, read as a stream (never whole in memory).
 struct Source {
-    /// Verified digest of the blob (OCI); for docker archives computed while reading.
-    blob: Digest,
+    /// The blob's digest where the manifest names it (OCI), checked as it is stored;
+    /// docker archives name layers by path.
+    blob: Option<Digest>,
+    /// Its size where the manifest gives it.
+    size: Option<u64>,
+    /// As the manifest says; found from the bytes when empty.
     media_type: String,
-    data: SourceData,
+    path: PathBuf,
 }
 
-fn open_stream(data: &SourceData, media_type: &str) -> Result<(Box<dyn Read>, bool)> {
+/// The layer's media type: the manifest's, else what its first bytes say.
+fn layer_media_type(given: &str, blob: &Path) -> Result<String> {
+    if !given.is_empty() {
+        return Ok(given.to_string());
+    }
     let mut head = [0u8; 4];
-    let mut raw: Box<dyn Read> = match data {
-        SourceData::Bytes(b) => {
-            head[..b.len().min(4)].copy_from_slice(&b[..b.len().min(4)]);
-            Box::new(std::io::Cursor::new(b.clone()))
-        }
-        SourceData::File(p) => {
-            let mut f = File::open(p)?;
-            let _ = f.read(&mut head)?;
-            Box::new(BufReader::new(File::open(p)?))
-        }
-    };
+    let _ = File::open(blob)?.read(&mut head)?;
+    Ok(match head {
+        [0x28, 0xb5, 0x2f, 0xfd] => "application/vnd.oci.image.layer.v1.tar+zstd",
+        [0x1f, 0x8b, ..] => "application/vnd.oci.image.layer.v1.tar+gzip",
+        _ => "application/vnd.oci.image.layer.v1.tar",
+    }
+    .to_string())
+}
+
+/// The layer tar in `path`, decompressed as its media type (or its first bytes) says.
+pub(super) fn open_stream(path: &Path, media_type: &str) -> Result<Box<dyn Read>> {
+    let mut head = [0u8; 4];
+    let _ = File::open(path)?.read(&mut head)?;
+    let raw = BufReader::with_capacity(1 << 20, File::open(path)?);
     if media_type.contains("zstd") || head == [0x28, 0xb5, 0x2f, 0xfd] {
         let d = ruzstd::decoding::StreamingDecoder::new(raw)
             .map_err(|e| Error::msg(format!("not a valid zstd stream: {e}")))?;
-        return Ok((Box::new(d), true));
+        return Ok(Box::new(d));
     }
-    let gz = media_type.contains("gzip") || head[..2] == [0x1f, 0x8b];
-    if gz {
-        raw = Box::new(flate2::read::GzDecoder::new(raw));
+    if media_type.contains("gzip") || head[..2] == [0x1f, 0x8b] {
+        return Ok(Box::new(flate2::read::GzDecoder::new(raw)));
     }
-    Ok((raw, gz))
+    Ok(Box::new(raw))
 }
 
 /// Extract and verify every layer not yet stored, then record the image and its tags.
@@ -348,10 +362,10 @@ fn commit_image(
     let mut refs = Vec::new();
     let n = sources.len();
     for (i, (src, diff_id)) in sources.into_iter().zip(&diff_ids).enumerate() {
-        let blob_bytes = match &src.data {
-            SourceData::Bytes(b) => Some(b.clone()),
-            SourceData::File(_) => None,
-        };
+        // The blob as distributed goes in first, checked against the manifest: export
+        // reproduces its digest, and the layer is read from the stored copy.
+        let blob = store.put_blob_file(&src.path, src.blob.as_ref(), src.size)?;
+        let media_type = layer_media_type(&src.media_type, &store.blob_path(&blob))?;
         if store.has_layer(diff_id) {
             say(format!(
                 "layer {}/{n} {} already present",
@@ -359,14 +373,10 @@ fn commit_image(
                 diff_id.short()
             ));
             reused += 1;
-            let blob = match &src.data {
-                SourceData::File(p) => Digest::of(&fs::read(p)?),
-                SourceData::Bytes(_) => src.blob.clone(),
-            };
             refs.push(LayerRef {
                 diff_id: diff_id.clone(),
                 blob,
-                media_type: src.media_type,
+                media_type,
                 size: store.layer_size(diff_id),
             });
             continue;
@@ -376,7 +386,7 @@ fn commit_image(
             i + 1,
             diff_id.short()
         ));
-        let (stream, gz) = open_stream(&src.data, &src.media_type)?;
+        let stream = open_stream(&store.blob_path(&blob), &media_type)?;
         let stream: Box<dyn Read> = if sys::stderr_is_tty() {
             Box::new(Progress {
                 inner: stream,
@@ -403,31 +413,12 @@ fn commit_image(
                 got.short()
             )));
         }
-        // Keep the blob as distributed so export reproduces its digest.
-        let (blob, mt) = match (&src.data, blob_bytes) {
-            (_, Some(b)) => {
-                store.put_blob(&src.blob, &b)?;
-                (src.blob.clone(), src.media_type.clone())
-            }
-            (SourceData::File(p), None) => {
-                let b = fs::read(p)?;
-                let d = Digest::of(&b);
-                store.put_blob(&d, &b)?;
-                let mt = if gz {
-                    "application/vnd.oci.image.layer.v1.tar+gzip"
-                } else {
-                    "application/vnd.oci.image.layer.v1.tar"
-                };
-                (d, mt.to_string())
-            }
-            _ => unreachable!("bytes sources carry their bytes"),
-        };
         let size = staged.install(store, diff_id)?;
         new_layers += 1;
         refs.push(LayerRef {
             diff_id: diff_id.clone(),
             blob,
-            media_type: mt,
+            media_type,
             size,
         });
     }
@@ -544,11 +535,10 @@ pub fn import(
 ) -> Result<Loaded> {
     // A bad tag is refused before the tarball is read.
     let tag = normalize_ref(tag)?;
-    let src = SourceData::File(path.to_path_buf());
     if !path.is_file() {
         return Err(Error::msg(format!("{} is not a file", path.display())));
     }
-    let (stream, _) = open_stream(&src, "")?;
+    let stream = open_stream(path, "")?;
     let (diff_id, _) = HashingReader::new(stream)
         .finish()
         .map_err(|e| Error::msg(format!("{}: truncated or corrupt: {e}", path.display())))?;
@@ -565,9 +555,10 @@ pub fn import(
     });
     let bytes = serde_json::to_vec(&config).map_err(|e| Error::msg(e.to_string()))?;
     let source = Source {
-        blob: Digest::of(&[]),
+        blob: None,
+        size: None,
         media_type: String::new(),
-        data: src,
+        path: path.to_path_buf(),
     };
     commit_image(store, &bytes, &config, vec![source], vec![tag], say)
 }

@@ -3,6 +3,7 @@
 //!
 //! Every durable write is temp + fsync + rename; writers hold an flock on `ROOT/lock`.
 
+pub mod blob;
 pub mod digest;
 pub mod load;
 pub mod pack;
@@ -157,14 +158,6 @@ impl Store {
         } else {
             MarkerNs::User
         }
-    }
-
-    pub fn put_blob(&self, d: &Digest, data: &[u8]) -> Result<()> {
-        let p = self.blob_path(d);
-        if !p.exists() {
-            write_atomic(&self.tmp(), &p, data)?;
-        }
-        Ok(())
     }
 
     pub fn read_blob(&self, d: &Digest) -> Result<Vec<u8>> {
@@ -385,12 +378,15 @@ impl Store {
     ) -> Result<Image> {
         // A bad tag is refused before the layer is packed.
         let tag = tag.as_deref().map(normalize_ref).transpose()?;
-        let tar = pack::pack_upper(upper)?;
-        let diff_id = Digest::of(&tar);
+        // The layer tar is the blob (uncompressed: its digest is the diff_id).
+        let mut w = blob::BlobWriter::new(self)?;
+        pack::pack_upper(upper, &mut w)?;
+        let diff_id = w.finish(self, None, None)?;
         if !self.has_layer(&diff_id) {
-            load::StagedLayer::unpack(self, &tar[..])?.install(self, &diff_id)?;
+            let tar = File::open(self.blob_path(&diff_id))?;
+            load::StagedLayer::unpack(self, std::io::BufReader::new(tar))?
+                .install(self, &diff_id)?;
         }
-        self.put_blob(&diff_id, &tar)?;
         let mut config = self.config(base)?;
         let now = rfc3339_now();
         config["created"] = serde_json::json!(now);
@@ -415,10 +411,10 @@ impl Store {
         self.put_blob(&id, &bytes)?;
         let mut layers = base.layers.clone();
         layers.push(LayerRef {
+            size: self.layer_size(&diff_id),
             diff_id: diff_id.clone(),
             blob: diff_id,
             media_type: "application/vnd.oci.image.layer.v1.tar".into(),
-            size: tar.len() as u64,
         });
         let img = Image {
             id,

@@ -184,13 +184,15 @@ fn is_metacopy(full: &Path) -> Result<bool> {
     Ok(false)
 }
 
-pub fn pack_upper(upper: &Path) -> Result<Vec<u8>> {
+/// Write the upper dir `upper` as an OCI layer tar into `out`.
+pub fn pack_upper(upper: &Path, out: impl Write) -> Result<()> {
     let mut p = Packer {
-        tar: tar::Builder::new(Vec::new()),
+        tar: tar::Builder::new(out),
         links: HashMap::new(),
     };
     p.tar.mode(tar::HeaderMode::Complete);
     p.walk(upper, "")
         .ctx(format!("packing {}", upper.display()))?;
-    Ok(p.tar.into_inner()?)
+    p.tar.into_inner()?;
+    Ok(())
 }

@@ -14,10 +14,19 @@ use crate::error::{Context, Error, Result};
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 
-fn oci_layer_type(mt: &str, blob: &[u8]) -> &'static str {
-    if mt.contains("zstd") || blob.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+/// The first bytes of a stored blob (its compression's magic).
+fn head(store: &Store, d: &Digest) -> Result<[u8; 4]> {
+    let mut h = [0u8; 4];
+    let _ = fs::File::open(store.blob_path(d))
+        .ctx(format!("blob {d}"))?
+        .read(&mut h)?;
+    Ok(h)
+}
+
+fn oci_layer_type(mt: &str, head: [u8; 4]) -> &'static str {
+    if mt.contains("zstd") || head == [0x28, 0xb5, 0x2f, 0xfd] {
         "application/vnd.oci.image.layer.v1.tar+zstd"
-    } else if mt.contains("gzip") || blob.starts_with(&[0x1f, 0x8b]) {
+    } else if mt.contains("gzip") || head[..2] == [0x1f, 0x8b] {
         "application/vnd.oci.image.layer.v1.tar+gzip"
     } else {
         "application/vnd.oci.image.layer.v1.tar"
@@ -40,9 +49,12 @@ pub fn save_oci_dir(store: &Store, images: &[(Image, Vec<String>)], out: &Path) 
         let (cd, cs) = put(out, &config)?;
         let mut layers = Vec::new();
         for l in &img.layers {
-            let blob = store.read_blob(&l.blob)?;
-            let (d, s) = put(out, &blob)?;
-            layers.push(json!({"mediaType": oci_layer_type(&l.media_type, &blob), "digest": d.as_str(), "size": s}));
+            // Copied as a file: a layer blob may be larger than memory.
+            let d = &l.blob;
+            let s = fs::copy(store.blob_path(d), out.join("blobs/sha256").join(d.hex()))
+                .ctx(format!("blob {d}"))?;
+            let mt = oci_layer_type(&l.media_type, head(store, d)?);
+            layers.push(json!({"mediaType": mt, "digest": d.as_str(), "size": s}));
         }
         let manifest = json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
             "config": {"mediaType": OCI_CONFIG, "digest": cd.as_str(), "size": cs}, "layers": layers});
@@ -107,18 +119,11 @@ pub fn save(
                 for l in &img.layers {
                     // docker-archive layers are the uncompressed tars (their sha256 is the diff_id).
                     let name = format!("{}.tar", l.diff_id.hex());
-                    let blob = store.read_blob(&l.blob)?;
-                    let mut tar = Vec::new();
-                    if blob.starts_with(&[0x1f, 0x8b]) {
-                        flate2::read::GzDecoder::new(&blob[..]).read_to_end(&mut tar)?;
-                    } else if blob.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-                        ruzstd::decoding::StreamingDecoder::new(&blob[..])
-                            .map_err(|e| Error::msg(format!("layer {}: {e}", l.diff_id)))?
-                            .read_to_end(&mut tar)?;
-                    } else {
-                        tar = blob;
-                    }
-                    fs::write(stage.path().join(&name), tar)?;
+                    let mut tar =
+                        super::load::open_stream(&store.blob_path(&l.blob), &l.media_type)
+                            .map_err(|e| e.context(format!("layer {}", l.diff_id)))?;
+                    let mut f = fs::File::create(stage.path().join(&name))?;
+                    std::io::copy(&mut tar, &mut f).ctx(format!("layer {}", l.diff_id))?;
                     layers.push(Value::from(name));
                 }
                 manifest.push(json!({"Config": config, "RepoTags": tags, "Layers": layers}));
