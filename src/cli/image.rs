@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
@@ -15,11 +16,12 @@ use crate::store::{Image, Store, load, normalize_ref};
 pub enum ImageCmd {
     /// Load images from an OCI layout dir, an oci-archive tar or a docker-archive tar.
     #[command(
-        after_help = "Examples:\n  layerfs image load ./oci-layout-dir\n  layerfs image load busybox.oci.tar\n  docker save busybox | layerfs image load /dev/stdin"
+        after_help = "Examples:\n  layerfs image load ./oci-layout-dir\n  layerfs image load busybox.oci.tar\n  docker save busybox | layerfs image load\n  layerfs image save app:1 | ssh host layerfs image load"
     )]
     Load {
-        /// An OCI image layout directory, or an oci-archive or docker-archive tar.
-        path: PathBuf,
+        /// An OCI image layout directory, or an oci-archive or docker-archive tar; standard
+        /// input when absent or `-` (as `docker load`).
+        path: Option<PathBuf>,
     },
     /// A flat rootfs tarball (plain, gzip or zstd) as a one-layer image, like `docker import`.
     Import {
@@ -71,13 +73,18 @@ pub enum ImageCmd {
         format: String,
     },
     /// Write images out: an OCI layout dir, an oci-archive or a docker-archive tar.
+    #[command(
+        after_help = "Examples:\n  layerfs image save app:1 -o app.tar\n  layerfs image save app:1 --format docker-archive | docker load\n  layerfs image save app:1 -o ./app-layout --format oci-dir"
+    )]
     Save {
         /// Images (name[:tag] or ID) to write, with their tags.
         #[arg(required = true)]
         images: Vec<String>,
-        /// Where to write: a tar file, or a new directory for oci-dir.
+        /// Where to write: a tar file (written whole under a temporary name, then renamed),
+        /// or a new directory for oci-dir. A tar goes to standard output when absent or `-`
+        /// (as `docker save`), unless that is a terminal.
         #[arg(short = 'o', long = "output")]
-        output: PathBuf,
+        output: Option<PathBuf>,
         /// The output format.
         #[arg(long, value_parser = ["oci-dir", "oci-archive", "docker-archive"], default_value = "oci-archive")]
         format: String,
@@ -217,6 +224,15 @@ fn progress(line: String) {
 pub fn run_image(root: &Path, cmd: ImageCmd) -> Result<i32> {
     match cmd {
         ImageCmd::Load { path } => {
+            let path = match path {
+                Some(p) if p != Path::new("-") => p,
+                _ if std::io::stdin().is_terminal() => {
+                    return Err(Error::msg(
+                        "no image given and standard input is a terminal: name a file or pipe a tar in",
+                    ));
+                }
+                _ => PathBuf::from("/dev/stdin"),
+            };
             let store = Store::open(root, true)?;
             for l in load::load(&store, &path, &mut progress)? {
                 let names = if l.tags.is_empty() {
@@ -365,7 +381,22 @@ pub fn run_image(root: &Path, cmd: ImageCmd) -> Result<i32> {
             output,
             format,
         } => {
-            if output.exists()
+            let output = match output {
+                Some(p) if p != Path::new("-") => p,
+                _ if format == "oci-dir" => {
+                    return Err(Error::msg(
+                        "--format oci-dir writes a directory: give it with -o DIR",
+                    ));
+                }
+                _ if std::io::stdout().is_terminal() => {
+                    return Err(Error::msg(
+                        "refusing to write a tar to a terminal: give -o FILE or redirect the output",
+                    ));
+                }
+                _ => PathBuf::from("-"),
+            };
+            if output != Path::new("-")
+                && output.exists()
                 && (format != "oci-dir"
                     || fs::read_dir(&output)
                         .map(|mut d| d.next().is_some())
@@ -385,11 +416,11 @@ pub fn run_image(root: &Path, cmd: ImageCmd) -> Result<i32> {
                 sel.push((img, t));
             }
             crate::store::save::save(&store, &sel, &output, &format)?;
-            eprintln!(
-                "saved {} image(s) to {} ({format})",
-                sel.len(),
-                output.display()
-            );
+            let to = match output.to_str() {
+                Some("-") => "standard output".to_string(),
+                _ => output.display().to_string(),
+            };
+            eprintln!("saved {} image(s) to {to} ({format})", sel.len());
         }
         ImageCmd::Layers { image, svg, format } => {
             let store = Store::open(root, false)?;

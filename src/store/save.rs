@@ -2,7 +2,7 @@
 //! from the blobs the store kept, so layer digests and diff_ids are those that were loaded.
 
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use serde_json::{Value, json};
@@ -81,14 +81,35 @@ pub fn save_oci_dir(store: &Store, images: &[(Image, Vec<String>)], out: &Path) 
     Ok(())
 }
 
-/// Tar up a directory's contents (sorted, for stable output) into `out`.
+/// Tar up a directory's contents (sorted, for stable output) into `out`: standard output
+/// for `-`, else a file that appears whole or not at all (a temporary name beside it,
+/// fsynced, then renamed).
 fn tar_dir(dir: &Path, out: &Path) -> Result<()> {
-    let f = fs::File::create(out).ctx(format!("output {}", out.display()))?;
-    let mut b = tar::Builder::new(f);
-    b.mode(tar::HeaderMode::Deterministic);
-    b.append_dir_all(".", dir)?;
-    b.into_inner()?.sync_all()?;
-    Ok(())
+    fn tar_into<W: Write>(dir: &Path, w: W) -> Result<W> {
+        let mut b = tar::Builder::new(w);
+        b.mode(tar::HeaderMode::Deterministic);
+        b.append_dir_all(".", dir)?;
+        Ok(b.into_inner()?)
+    }
+    if out == Path::new("-") {
+        let mut w = tar_into(dir, std::io::BufWriter::new(std::io::stdout().lock()))?;
+        return Ok(w.flush()?);
+    }
+    let name = out.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let written = fs::File::create(&tmp)
+        .ctx(format!("output {}", out.display()))
+        .and_then(|f| {
+            let f = tar_into(dir, std::io::BufWriter::new(f))?
+                .into_inner()
+                .map_err(|e| Error::from(e.into_error()))?;
+            f.sync_all()?;
+            fs::rename(&tmp, out).ctx(format!("output {}", out.display()))
+        });
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 pub fn save(

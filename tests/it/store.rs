@@ -1197,3 +1197,43 @@ fn layers_larger_than_the_heap_stream_through_import_save_load_and_commit() {
         want
     );
 }
+
+/// `image save` without -o (or with `-o -`) streams the tar to standard output and
+/// `image load` without a path reads standard input, as `docker save | docker load`; a
+/// save to a file leaves nothing but the file (it is written under a temporary name and
+/// renamed: interrupted, it leaves no half tar under the name asked for).
+#[test]
+fn image_save_streams_to_standard_output_and_load_reads_standard_input() {
+    let s = Scratch::new();
+    let (a, b, c) = (s.path("a"), s.path("b"), s.path("c"));
+    ok(
+        &a,
+        &["image", "load", fixture("buildah-oci").to_str().unwrap()],
+    );
+    for (to, format, load) in [(&b, "docker-archive", ""), (&c, "oci-archive", " -")] {
+        let pipe = format!(
+            "{BIN} --root {} image save bb-multi --format {format} | {BIN} --root {} image load{load}",
+            a.display(),
+            to.display()
+        );
+        let (piped, out, err) = run_timeout(Command::new("sh").arg("-c").arg(&pipe), 120);
+        assert!(
+            piped && out.contains("Loaded image: bb-multi:latest"),
+            "{pipe}: {out}{err}"
+        );
+        assert_same_tree(
+            format,
+            &snapshot(&a.join("layers")),
+            &snapshot(&to.join("layers")),
+        );
+    }
+    let dir = s.mkdir("out");
+    let file = dir.join("bb.tar");
+    ok(
+        &a,
+        &["image", "save", "bb-base", "-o", file.to_str().unwrap()],
+    );
+    assert_eq!(listing(&dir), vec![std::ffi::OsString::from("bb.tar")]);
+    let (refused, _, err) = lfs(&a, &["image", "save", "bb-base", "--format", "oci-dir"]);
+    assert!(!refused && err.contains("-o DIR"), "{err}");
+}
