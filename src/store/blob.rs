@@ -97,6 +97,14 @@ impl Write for BlobWriter {
     }
 }
 
+/// A blob's first four bytes: the magic of its compression (zstd, gzip), if any.
+pub fn magic(path: &Path) -> Result<[u8; 4]> {
+    let mut head = [0u8; 4];
+    let mut f = File::open(path).ctx(format!("reading {}", path.display()))?;
+    let _ = io::Read::read(&mut f, &mut head)?;
+    Ok(head)
+}
+
 impl Store {
     /// Store the file `src` as a blob, checked against the digest and size a manifest gives;
     /// returns its digest. A blob already stored under `expected` is not read again.

@@ -308,9 +308,7 @@ fn layer_media_type(given: &str, blob: &Path) -> Result<String> {
     if !given.is_empty() {
         return Ok(given.to_string());
     }
-    let mut head = [0u8; 4];
-    let _ = File::open(blob)?.read(&mut head)?;
-    Ok(match head {
+    Ok(match super::blob::magic(blob)? {
         [0x28, 0xb5, 0x2f, 0xfd] => "application/vnd.oci.image.layer.v1.tar+zstd",
         [0x1f, 0x8b, ..] => "application/vnd.oci.image.layer.v1.tar+gzip",
         _ => "application/vnd.oci.image.layer.v1.tar",
@@ -320,8 +318,7 @@ fn layer_media_type(given: &str, blob: &Path) -> Result<String> {
 
 /// The layer tar in `path`, decompressed as its media type (or its first bytes) says.
 pub(super) fn open_stream(path: &Path, media_type: &str) -> Result<Box<dyn Read>> {
-    let mut head = [0u8; 4];
-    let _ = File::open(path)?.read(&mut head)?;
+    let head = super::blob::magic(path)?;
     let raw = BufReader::with_capacity(1 << 20, File::open(path)?);
     if media_type.contains("zstd") || head == [0x28, 0xb5, 0x2f, 0xfd] {
         let d = ruzstd::decoding::StreamingDecoder::new(raw)

@@ -2,7 +2,7 @@
 //! from the blobs the store kept, so layer digests and diff_ids are those that were loaded.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 
 use serde_json::{Value, json};
@@ -13,15 +13,6 @@ use crate::error::{Context, Error, Result};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-
-/// The first bytes of a stored blob (its compression's magic).
-fn head(store: &Store, d: &Digest) -> Result<[u8; 4]> {
-    let mut h = [0u8; 4];
-    let _ = fs::File::open(store.blob_path(d))
-        .ctx(format!("blob {d}"))?
-        .read(&mut h)?;
-    Ok(h)
-}
 
 fn oci_layer_type(mt: &str, head: [u8; 4]) -> &'static str {
     if mt.contains("zstd") || head == [0x28, 0xb5, 0x2f, 0xfd] {
@@ -53,7 +44,7 @@ pub fn save_oci_dir(store: &Store, images: &[(Image, Vec<String>)], out: &Path) 
             let d = &l.blob;
             let s = fs::copy(store.blob_path(d), out.join("blobs/sha256").join(d.hex()))
                 .ctx(format!("blob {d}"))?;
-            let mt = oci_layer_type(&l.media_type, head(store, d)?);
+            let mt = oci_layer_type(&l.media_type, super::blob::magic(&store.blob_path(d))?);
             layers.push(json!({"mediaType": mt, "digest": d.as_str(), "size": s}));
         }
         let manifest = json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
