@@ -25,7 +25,7 @@ pub enum ImageCmd {
     },
     /// A flat rootfs tarball (plain, gzip or zstd) as a one-layer image, like `docker import`.
     Import {
-        /// The rootfs tarball.
+        /// The rootfs tarball; `-` reads standard input (as `docker import -`).
         tar: PathBuf,
         /// The new image's name[:tag] (tag `latest` if none).
         reference: String,
@@ -247,6 +247,10 @@ pub fn run_image(root: &Path, cmd: ImageCmd) -> Result<i32> {
             }
         }
         ImageCmd::Import { tar, reference } => {
+            let tar = match tar.to_str() {
+                Some("-") => PathBuf::from("/dev/stdin"),
+                _ => tar,
+            };
             let store = Store::open(root, true)?;
             let l = load::import(&store, &tar, &reference, &mut progress)?;
             println!("{}", l.id);

@@ -532,10 +532,31 @@ pub fn import(
 ) -> Result<Loaded> {
     // A bad tag is refused before the tarball is read.
     let tag = normalize_ref(tag)?;
-    if !path.is_file() {
+    if path.is_dir() {
         return Err(Error::msg(format!("{} is not a file", path.display())));
     }
-    let stream = open_stream(path, "")?;
+    // Stored first, as given: the input is read once (it may be a pipe), and the diff_id
+    // (for the config) and the layer both come from the stored copy.
+    let blob = store.put_blob_file(path, None, None)?;
+    let imported = import_blob(store, &blob, path, tag, say);
+    let used = |i: &Image| i.layers.iter().any(|l| l.blob == blob);
+    if imported.is_err() && store.images().is_ok_and(|v| !v.iter().any(used)) {
+        // What is not a layer leaves nothing behind.
+        let _ = fs::remove_file(store.blob_path(&blob));
+    }
+    imported
+}
+
+/// `import` of the stored blob `blob` (the tarball as given).
+fn import_blob(
+    store: &Store,
+    blob: &Digest,
+    path: &Path,
+    tag: String,
+    say: &mut dyn FnMut(String),
+) -> Result<Loaded> {
+    let stored = store.blob_path(blob);
+    let stream = open_stream(&stored, "")?;
     let (diff_id, _) = HashingReader::new(stream)
         .finish()
         .map_err(|e| Error::msg(format!("{}: truncated or corrupt: {e}", path.display())))?;
@@ -552,10 +573,10 @@ pub fn import(
     });
     let bytes = serde_json::to_vec(&config).map_err(|e| Error::msg(e.to_string()))?;
     let source = Source {
-        blob: None,
+        blob: Some(blob.clone()),
         size: None,
         media_type: String::new(),
-        path: path.to_path_buf(),
+        path: stored,
     };
     commit_image(store, &bytes, &config, vec![source], vec![tag], say)
 }

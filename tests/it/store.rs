@@ -1198,8 +1198,9 @@ fn layers_larger_than_the_heap_stream_through_import_save_load_and_commit() {
     );
 }
 
-/// `image save` without -o (or with `-o -`) streams the tar to standard output and
-/// `image load` without a path reads standard input, as `docker save | docker load`; a
+/// `image save` without -o (or with `-o -`) streams the tar to standard output, `image load`
+/// without a path reads standard input, as `docker save | docker load`, and `image import -`
+/// reads a tarball from it, as `docker import -`; a
 /// save to a file leaves nothing but the file (it is written under a temporary name and
 /// renamed: interrupted, it leaves no half tar under the name asked for).
 #[test]
@@ -1236,4 +1237,34 @@ fn image_save_streams_to_standard_output_and_load_reads_standard_input() {
     assert_eq!(listing(&dir), vec![std::ffi::OsString::from("bb.tar")]);
     let (refused, _, err) = lfs(&a, &["image", "save", "bb-base", "--format", "oci-dir"]);
     assert!(!refused && err.contains("-o DIR"), "{err}");
+
+    // `image import -` reads a rootfs tarball from standard input (once: it is a pipe).
+    let rootfs = s.mkdir("rootfs");
+    write(rootfs.join("etc/hello"), b"from a pipe");
+    let d = s.path("d");
+    let pipe = format!(
+        "tar -C {} -czf - . | {BIN} --root {} image import - piped:1",
+        rootfs.display(),
+        d.display()
+    );
+    let (piped, out, err) = run_timeout(Command::new("sh").arg("-c").arg(&pipe), 120);
+    assert!(piped && out.starts_with("sha256:"), "{pipe}: {out}{err}");
+    let layer = fs::read_dir(d.join("layers"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        fs::read(layer.path().join("diff/etc/hello")).unwrap(),
+        b"from a pipe"
+    );
+    // What is not a tar leaves no blob behind.
+    let blobs = blob_count(&d);
+    let pipe = format!(
+        "echo garbage | {BIN} --root {} image import - bad:1",
+        d.display()
+    );
+    let (bad, _, err) = run_timeout(Command::new("sh").arg("-c").arg(&pipe), 120);
+    assert!(!bad && err.contains("layerfs:"), "{err}");
+    assert_eq!(blob_count(&d), blobs);
 }
