@@ -759,9 +759,16 @@ pub fn system_df(root: &Path, format: &str) -> Result<i32> {
         containers += 1;
         cbytes += du(&e.path().join("upper"));
     }
+    // The layers as distributed (kept so `image save` reproduces their digests) and configs.
+    let (mut blobs, mut blob_bytes) = (0, 0);
+    for e in fs::read_dir(store.root.join("blobs/sha256"))?.flatten() {
+        blobs += 1;
+        blob_bytes += e.metadata().map_or(0, |m| m.len());
+    }
+    let total = layer_bytes + cbytes + blob_bytes;
     let v = json!({"Images": images.len(), "Layers": uses.len(), "LayersSize": layer_bytes,
         "SharedLayers": shared.len(), "SharedSize": shared_bytes, "Containers": containers,
-        "ContainersSize": cbytes, "TotalSize": layer_bytes + cbytes});
+        "ContainersSize": cbytes, "Blobs": blobs, "BlobsSize": blob_bytes, "TotalSize": total});
     if format == "json" {
         print_json(&v);
     } else {
@@ -791,11 +798,13 @@ pub fn system_df(root: &Path, format: &str) -> Result<i32> {
             ""
         );
         println!(
-            "{:<12} {:>6} {:>12}",
-            "Total",
-            "",
-            human(layer_bytes + cbytes)
+            "{:<12} {:>6} {:>12} {:>14}",
+            "Blobs",
+            blobs,
+            human(blob_bytes),
+            ""
         );
+        println!("{:<12} {:>6} {:>12}", "Total", "", human(total));
     }
     Ok(0)
 }

@@ -112,7 +112,7 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: image::ContainerCmd,
     },
-    /// Store-wide information: `system df` shows images, layers, containers, shared and total.
+    /// Store-wide information: `system df` shows images, layers, containers, blobs, shared and total.
     System {
         #[command(subcommand)]
         cmd: SystemCmd,
@@ -176,7 +176,8 @@ pub enum Cmd {
 
 #[derive(Subcommand, Debug)]
 pub enum SystemCmd {
-    /// Disk use: images, layers (and how many are shared), containers, total.
+    /// Disk use: images, layers (and how many are shared), containers, the blobs kept for
+    /// `image save`, total.
     Df {
         #[arg(long, value_parser = ["table", "json"], default_value = "table")]
         format: String,

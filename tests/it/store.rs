@@ -634,6 +634,13 @@ fn import_a_rootfs_tarball_and_system_df_counts_sharing() {
     );
     assert_eq!(df["SharedLayers"], 1);
     assert_eq!(df["Containers"], 1);
+    // Every blob kept counts: configs and layers as distributed.
+    assert_eq!(df["Blobs"].as_u64().unwrap() as usize, blob_count(&root));
+    let sizes = ["LayersSize", "ContainersSize", "BlobsSize"].map(|k| df[k].as_u64().unwrap());
+    assert!(
+        sizes[2] > 0 && df["TotalSize"] == sizes.iter().sum::<u64>(),
+        "{df}"
+    );
     let (bad, _, err) = lfs(&root, &["image", "import", "/nonexistent.tar", "x"]);
     assert!(!bad && err.trim().lines().count() == 1, "{err}");
 }
