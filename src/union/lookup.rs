@@ -639,7 +639,15 @@ impl Union {
             // The same walk as a redirect's: the data is the file the lower layers' union
             // shows at `path`, so a whiteout, a non-directory or an opaque directory on the
             // way ends the search as it ends a lookup.
-            let (fd, last_layer) = match self.walk_dirs(l, dirs)? {
+            let (walk, passed) = self.walk_dirs_noting(l, dirs)?;
+            if passed {
+                // Data-only layers are searched only for a chain whose last redirect check
+                // found an absolute one: a directory passed on the way ends that, so a
+                // chain stopping below it fails (EIO), as the kernel's (metacopy soak with
+                // data-only layers, seed 1530936).
+                chain.deferred = None;
+            }
+            let (fd, last_layer) = match walk {
                 LayerWalk::Dir(fd, opaque) => (fd, opaque),
                 LayerWalk::Missing => {
                     l += 1;
@@ -810,28 +818,39 @@ impl Union {
     /// Walk the directories of lower path `dirs` in layer `l`, as the kernel's
     /// ovl_lookup_layer does.
     fn walk_dirs(&self, l: usize, dirs: &[OsString]) -> Result<LayerWalk> {
+        Ok(self.walk_dirs_noting(l, dirs)?.0)
+    }
+
+    /// `walk_dirs`, and whether it passed a directory that is not opaque: the kernel's
+    /// lookup checks each such directory for a redirect, which forgets whether the last
+    /// redirect read was absolute (ovl_check_redirect).
+    fn walk_dirs_noting(&self, l: usize, dirs: &[OsString]) -> Result<(LayerWalk, bool)> {
         let mut fd = self.layers.layers[l].root.clone();
-        let mut opaque = false;
+        let (mut opaque, mut passed) = (false, false);
         for c in dirs {
             // One open per component: ENOTDIR is a non-directory (a whiteout, a symlink:
             // O_NOFOLLOW) standing there.
             match sys::openat(fd.as_fd(), c, libc::O_PATH | libc::O_DIRECTORY, 0) {
                 Ok(next) => {
-                    opaque |=
+                    let here =
                         format::dir_markers_of(XTarget::At(fd.as_fd(), c), next.as_fd()).opaque;
+                    passed |= !here;
+                    opaque |= here;
                     fd = Arc::new(next);
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
-                    return Ok(LayerWalk::Blocked);
+                    return Ok((LayerWalk::Blocked, passed));
                 }
-                Err(_) if format::has_oci_whiteout(fd.as_fd(), c) => return Ok(LayerWalk::Blocked),
+                Err(_) if format::has_oci_whiteout(fd.as_fd(), c) => {
+                    return Ok((LayerWalk::Blocked, passed));
+                }
                 // An opaque directory passed on the way hides the layers below even where the
                 // rest of the path is missing here (the kernel's lookup stops at it).
-                Err(_) if opaque => return Ok(LayerWalk::Blocked),
-                Err(_) => return Ok(LayerWalk::Missing),
+                Err(_) if opaque => return Ok((LayerWalk::Blocked, passed)),
+                Err(_) => return Ok((LayerWalk::Missing, passed)),
             }
         }
-        Ok(LayerWalk::Dir(fd, opaque))
+        Ok((LayerWalk::Dir(fd, opaque), passed))
     }
 
     /// The path of directory `p` in the lower layers: its redirect target, else its parent's

@@ -260,6 +260,17 @@ fn data_only_layers_end_metacopy_chains_as_in_the_kernel() {
             // And one whose walk does not: on to the data-only layers (seed 1130004).
             meta(&l0.join("dotdot3"), n, Some(b"/nowhere/../objects/ab/cd"));
             write(l1.join("objects/ab/cd"), b"a tree file, not the data");
+            // A chain whose walk below its absolute redirect passed a directory is no
+            // longer one the data-only layers end (the kernel's redirect check of that
+            // directory forgot the absolute redirect): EIO, where the data-only layer has
+            // the object (metacopy soak with data-only layers, seed 1530936).
+            write(d0.join("objects/zz"), b"the object zz");
+            write(d0.join("objects/ab/here"), b"the object ab/here");
+            write(d0.join("other/zz"), b"the object other/zz");
+            s.mkdir("l1/objects/ab/here");
+            meta(&l0.join("past-a-dir"), 17, Some(b"/objects/ab/here"));
+            meta(&l0.join("dir-but-no-file"), 13, Some(b"/objects/zz"));
+            meta(&l0.join("no-dir"), 19, Some(b"/other/zz"));
             (vec![l0, l1], vec![d0])
         },
         "metacopy=on",
@@ -276,6 +287,9 @@ fn data_only_layers_end_metacopy_chains_as_in_the_kernel() {
         "dotdot2",
         "dotdot3",
         "objects/ab/cd",
+        "past-a-dir",
+        "dir-but-no-file",
+        "no-dir",
     ] {
         p.same(&format!("stat {f}"), |m| size_and_blocks(m, f));
         p.same(&format!("read {f}"), |m| outcome(fs::read(m.join(f))));
