@@ -34,11 +34,21 @@ fn str_field<'a>(v: &'a Value, k: &str, what: &str) -> Result<&'a str> {
         .ok_or_else(|| Error::msg(format!("{what}: missing \"{k}\"")))
 }
 
+/// Where a blob of an OCI layout is, if it is there.
+fn oci_blob_path(dir: &Path, d: &Digest) -> Result<PathBuf> {
+    let p = dir.join("blobs/sha256").join(d.hex());
+    if !p.is_file() {
+        return Err(Error::msg(format!(
+            "blob {d} is missing from {}",
+            dir.display()
+        )));
+    }
+    Ok(p)
+}
+
 /// Read a blob of an OCI layout, checking its digest and (if given) size.
 fn oci_blob(dir: &Path, d: &Digest, size: Option<u64>) -> Result<Vec<u8>> {
-    let p = dir.join("blobs/sha256").join(d.hex());
-    let data = fs::read(&p)
-        .map_err(|_| Error::msg(format!("blob {d} is missing from {}", dir.display())))?;
+    let data = fs::read(oci_blob_path(dir, d)?)?;
     if let Some(s) = size
         && data.len() as u64 != s
     {
@@ -163,13 +173,7 @@ fn load_oci(store: &Store, dir: &Path, say: &mut dyn FnMut(String)) -> Result<Ve
         let sources = layers
             .into_iter()
             .map(|(d, mt, size)| {
-                let path = dir.join("blobs/sha256").join(d.hex());
-                if !path.is_file() {
-                    return Err(Error::msg(format!(
-                        "blob {d} is missing from {}",
-                        dir.display()
-                    )));
-                }
+                let path = oci_blob_path(dir, &d)?;
                 Ok(Source {
                     blob: Some(d),
                     size: Some(size),
