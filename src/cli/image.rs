@@ -16,11 +16,11 @@ use crate::store::{Image, Store, load, normalize_ref};
 pub enum ImageCmd {
     /// Load images from an OCI layout dir, an oci-archive tar or a docker-archive tar.
     #[command(
-        after_help = "Examples:\n  layerfs image load ./oci-layout-dir\n  layerfs image load busybox.oci.tar\n  docker save busybox | layerfs image load\n  layerfs image save app:1 | ssh host layerfs image load"
+        after_help = "Examples:\n  layerfs image load ./oci-layout-dir\n  layerfs image load busybox.oci.tar\n  docker save busybox | layerfs image load\n  docker save busybox | gzip > bb.tar.gz; layerfs image load bb.tar.gz\n  layerfs image save app:1 | ssh host layerfs image load"
     )]
     Load {
-        /// An OCI image layout directory, or an oci-archive or docker-archive tar; standard
-        /// input when absent or `-` (as `docker load`).
+        /// An OCI image layout directory, or an oci-archive or docker-archive tar (plain,
+        /// gzip or zstd); standard input when absent or `-` (as `docker load`).
         path: Option<PathBuf>,
     },
     /// A flat rootfs tarball (plain, gzip or zstd) as a one-layer image, like `docker import`.

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufReader, Read};
+use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
 
@@ -76,11 +76,22 @@ pub fn load(store: &Store, path: &Path, say: &mut dyn FnMut(String)) -> Result<V
         }
         return load_oci(store, path, say);
     }
-    // A tar: stage it (safely) and see what it holds.
-    let stage = tempdir_in(&store.tmp())?;
+    // A tar, plain or compressed as docker load takes it: stage it (safely) and see what it
+    // holds.
     let f = File::open(path).ctx(format!("image {}", path.display()))?;
+    let stream =
+        decompressed(BufReader::new(f), "").map_err(|e| e.context(path.display().to_string()))?;
+    let tar = unpack::tar_start(stream).map_err(|e| match e.to_string() {
+        m if m == unpack::NOT_TAR => Error::msg(format!(
+            "{}: not an image archive (a tar, plain or gzip- or zstd-compressed, or an OCI \
+             layout directory)",
+            path.display()
+        )),
+        _ => e.context(path.display().to_string()),
+    })?;
+    let stage = tempdir_in(&store.tmp())?;
     let root = sys::open_dir_path(stage.path())?;
-    unpack::unpack(BufReader::new(f), root.as_fd(), store.marker_ns())
+    unpack::unpack(tar, root.as_fd(), store.marker_ns())
         .map_err(|e| e.context(format!("reading archive {}", path.display())))?;
     if stage.path().join("oci-layout").exists() {
         load_oci(store, stage.path(), say)
@@ -322,15 +333,34 @@ fn layer_media_type(given: &str, blob: &Path) -> Result<String> {
 
 /// The layer tar in `path`, decompressed as its media type (or its first bytes) says.
 pub(super) fn open_stream(path: &Path, media_type: &str) -> Result<Box<dyn Read>> {
-    let head = super::blob::magic(path)?;
-    let raw = BufReader::with_capacity(1 << 20, File::open(path)?);
-    if media_type.contains("zstd") || head == [0x28, 0xb5, 0x2f, 0xfd] {
+    let raw = File::open(path).ctx(format!("reading {}", path.display()))?;
+    decompressed(BufReader::with_capacity(1 << 20, raw), media_type)
+}
+
+/// `raw` decompressed as `media_type` or its first bytes say (gzip, zstd), else as it is. Reads
+/// nothing it does not hand on, so `raw` may be a pipe.
+fn decompressed(mut raw: BufReader<File>, media_type: &str) -> Result<Box<dyn Read>> {
+    const ZSTD: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+    let head = raw.fill_buf()?;
+    if media_type.contains("zstd") || head.starts_with(&ZSTD) {
         let d = ruzstd::decoding::StreamingDecoder::new(raw)
             .map_err(|e| Error::msg(format!("not a valid zstd stream: {e}")))?;
         return Ok(Box::new(d));
     }
-    if media_type.contains("gzip") || head[..2] == [0x1f, 0x8b] {
+    if media_type.contains("gzip") || head.starts_with(&[0x1f, 0x8b]) {
         return Ok(Box::new(flate2::read::GzDecoder::new(raw)));
+    }
+    // docker load takes these too; say what to do rather than "not a tar".
+    for (magic, kind, tool) in [
+        (&b"BZh"[..], "bzip2", "bunzip2"),
+        (&[0xfd, b'7', b'z', b'X', b'Z', 0][..], "xz", "unxz"),
+    ] {
+        if head.starts_with(magic) {
+            return Err(Error::msg(format!(
+                "{kind}-compressed, which layerfs does not read: decompress it first ({tool}), \
+                 or use gzip or zstd"
+            )));
+        }
     }
     Ok(Box::new(raw))
 }
@@ -560,7 +590,14 @@ fn import_blob(
     say: &mut dyn FnMut(String),
 ) -> Result<Loaded> {
     let stored = store.blob_path(blob);
-    let stream = open_stream(&stored, "")?;
+    let stream = open_stream(&stored, "").map_err(|e| e.context(path.display().to_string()))?;
+    let stream = unpack::tar_start(stream).map_err(|e| match e.to_string() {
+        m if m == unpack::NOT_TAR => Error::msg(format!(
+            "{}: not a tar archive (plain or gzip- or zstd-compressed)",
+            path.display()
+        )),
+        _ => e.context(path.display().to_string()),
+    })?;
     let (diff_id, _) = HashingReader::new(stream)
         .finish()
         .map_err(|e| Error::msg(format!("{}: truncated or corrupt: {e}", path.display())))?;

@@ -142,9 +142,50 @@ fn show(p: &[OsString]) -> String {
         .join("/")
 }
 
+/// `tar_start`'s error for a stream that is no tar (callers word it for what they read).
+pub const NOT_TAR: &str = "not a tar archive";
+
+/// The stream `input`, whole, once its first 512-byte block has been checked to be a tar
+/// header (or the zero block that ends an archive; an empty stream passes too). What is no tar
+/// gets one clear error here instead of the tar reader's words about the bytes it met.
+pub fn tar_start<R: Read>(mut input: R) -> Result<std::io::Chain<std::io::Cursor<Vec<u8>>, R>> {
+    let mut block = Vec::with_capacity(512);
+    (&mut input)
+        .take(512)
+        .read_to_end(&mut block)
+        .map_err(|e| bad(format!("reading: {e}")))?;
+    let zero = block.iter().all(|&b| b == 0);
+    if !block.is_empty() && !(block.len() == 512 && (zero || header_checksum_ok(&block))) {
+        return Err(bad(NOT_TAR));
+    }
+    Ok(std::io::Cursor::new(block).chain(input))
+}
+
+/// Does the tar header `h` (512 bytes) carry its own checksum: the sum of its bytes with the
+/// checksum field (148..156) counted as spaces, in octal there? Old tars summed signed bytes.
+fn header_checksum_ok(h: &[u8]) -> bool {
+    let field = &h[148..156];
+    let digits: Vec<u8> = field
+        .iter()
+        .copied()
+        .skip_while(|&b| b == b' ')
+        .take_while(|b| b.is_ascii_digit())
+        .collect();
+    let Some(want) = std::str::from_utf8(&digits)
+        .ok()
+        .and_then(|d| i64::from_str_radix(d, 8).ok())
+    else {
+        return false;
+    };
+    let outside = h[..148].iter().chain(&h[156..]);
+    let unsigned: i64 = outside.clone().map(|&b| i64::from(b)).sum::<i64>() + 8 * 32;
+    let signed: i64 = outside.map(|&b| i64::from(b as i8)).sum::<i64>() + 8 * 32;
+    want == unsigned || want == signed
+}
+
 /// Unpack the tar stream `input` into the (empty) directory `root`.
 pub fn unpack(input: impl Read, root: BorrowedFd<'_>, ns: MarkerNs) -> Result<Unpacked> {
-    let mut ar = tar::Archive::new(input);
+    let mut ar = tar::Archive::new(tar_start(input)?);
     let mut cx = Ctx {
         root,
         ns,

@@ -364,6 +364,31 @@ fn bad_input_is_refused_and_leaves_the_store_as_it_was() {
             "not valid JSON",
         ),
     ];
+    // Files that are no image archive at all: one line that says so (not the tar reader's
+    // words about the bytes it met), or what to do with a compression layerfs does not read.
+    let text = s.path("passwd");
+    fs::write(&text, "root:x:0:0:root:/root:/bin/bash\n".repeat(40)).unwrap();
+    let xz = s.path("image.tar.xz");
+    fs::write(
+        &xz,
+        [&[0xfd, b'7', b'z', b'X', b'Z', 0][..], &[0u8; 600]].concat(),
+    )
+    .unwrap();
+    let bz = s.path("image.tar.bz2");
+    fs::write(&bz, [&b"BZh9"[..], &[1u8; 600]].concat()).unwrap();
+    let cases = cases.into_iter().chain([
+        (
+            "text file",
+            text,
+            "not an image archive (a tar, plain or gzip- or zstd-compressed",
+        ),
+        (
+            "xz",
+            xz,
+            "xz-compressed, which layerfs does not read: decompress it first (unxz)",
+        ),
+        ("bzip2", bz, "bzip2-compressed, which layerfs does not read"),
+    ]);
     for (what, path, needle) in cases {
         let (okl, _, err) = lfs(&root, &["image", "load", path.to_str().unwrap()]);
         assert!(!okl, "{what}: must fail");
@@ -1218,9 +1243,17 @@ fn image_save_streams_to_standard_output_and_load_reads_standard_input() {
         &a,
         &["image", "load", fixture("buildah-oci").to_str().unwrap()],
     );
-    for (to, format, load) in [(&b, "docker-archive", ""), (&c, "oci-archive", " -")] {
+    // The last pair: a compressed archive loads as docker load takes it (`save | gzip |
+    // load`); a zstd-compressed file follows.
+    let gz = s.path("gz");
+    for (to, format, load) in [
+        (&b, "docker-archive", ""),
+        (&c, "oci-archive", " -"),
+        (&gz, "docker-archive", ""),
+    ] {
+        let gzip = if to == &gz { " | gzip -c" } else { "" };
         let pipe = format!(
-            "{BIN} --root {} image save bb-multi --format {format} | {BIN} --root {} image load{load}",
+            "{BIN} --root {} image save bb-multi --format {format}{gzip} | {BIN} --root {} image load{load}",
             a.display(),
             to.display()
         );
@@ -1235,6 +1268,28 @@ fn image_save_streams_to_standard_output_and_load_reads_standard_input() {
             &snapshot(&to.join("layers")),
         );
     }
+    let tar = s.path("bb.plain.tar");
+    ok(
+        &a,
+        &["image", "save", "bb-multi", "-o", tar.to_str().unwrap()],
+    );
+    let zst = s.path("bb.tar.zst");
+    fs::write(
+        &zst,
+        ruzstd::encoding::compress_to_vec(
+            &fs::read(&tar).unwrap()[..],
+            ruzstd::encoding::CompressionLevel::Fastest,
+        ),
+    )
+    .unwrap();
+    let z = s.path("z");
+    let out = ok(&z, &["image", "load", zst.to_str().unwrap()]);
+    assert!(out.contains("Loaded image: bb-multi:latest"), "{out}");
+    assert_same_tree(
+        "zstd",
+        &snapshot(&a.join("layers")),
+        &snapshot(&z.join("layers")),
+    );
     let dir = s.mkdir("out");
     let file = dir.join("bb.tar");
     ok(
@@ -1272,6 +1327,13 @@ fn image_save_streams_to_standard_output_and_load_reads_standard_input() {
         d.display()
     );
     let (bad, _, err) = run_timeout(Command::new("sh").arg("-c").arg(&pipe), 120);
-    assert!(!bad && err.contains("layerfs:"), "{err}");
+    assert_eq!(
+        (bad, err.trim()),
+        (
+            false,
+            "layerfs: /dev/stdin: not a tar archive (plain or gzip- or zstd-compressed)"
+        ),
+        "{pipe}"
+    );
     assert_eq!(blob_count(&d), blobs);
 }
