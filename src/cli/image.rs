@@ -45,9 +45,13 @@ pub enum ImageCmd {
     },
     /// Untag an image; an image left without tags is deleted with its unshared layers.
     #[command(alias = "remove")]
+    #[command(
+        after_help = "Each reference is removed in turn; one that cannot be is reported and the rest go on (exit 1 if any failed), as `docker rmi`."
+    )]
     Rm {
         /// name[:tag] (removes that tag), or an ID (removes the image and all its tags).
-        reference: String,
+        #[arg(required = true)]
+        references: Vec<String>,
     },
     /// Per layer, newest first: CREATED, CREATED BY, SIZE, COMMENT.
     History {
@@ -110,9 +114,16 @@ pub enum ContainerCmd {
         format: String,
     },
     /// Delete a container's writable layer (the image stays).
+    #[command(
+        after_help = "Each container is removed in turn and its name printed; one that cannot be is reported and the rest go on (exit 1 if any failed), as `docker rm`."
+    )]
     Rm {
-        /// The container.
-        name: String,
+        /// The containers.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Unmount a mounted container first (refused while something on it is busy).
+        #[arg(short, long)]
+        force: bool,
     },
     /// JSON: name, image, its layer dirs (top first), the writable layer, the mountpoint.
     Inspect {
@@ -299,39 +310,9 @@ pub fn run_image(root: &Path, cmd: ImageCmd) -> Result<i32> {
             tags.insert(normalize_ref(&target)?, img.id);
             store.set_tags(&tags)?;
         }
-        ImageCmd::Rm { reference } => {
+        ImageCmd::Rm { references } => {
             let store = Store::open(root, true)?;
-            let img = store.resolve(&reference)?;
-            let mut tags = store.tags()?;
-            let by_tag = normalize_ref(&reference)
-                .ok()
-                .filter(|t| tags.contains_key(t));
-            let users = containers_using(&store, &img.id)?;
-            match &by_tag {
-                Some(t) if tags_of(&tags, &img.id).len() > 1 => {
-                    tags.remove(t);
-                    store.set_tags(&tags)?;
-                    println!("Untagged: {t}");
-                    return Ok(0);
-                }
-                _ => {}
-            }
-            if !users.is_empty() {
-                return Err(Error::msg(format!(
-                    "image {} is in use by container(s) {}",
-                    img.id.short(),
-                    users.join(", ")
-                )));
-            }
-            for t in tags_of(&tags, &img.id) {
-                tags.remove(&t);
-                println!("Untagged: {t}");
-            }
-            store.set_tags(&tags)?;
-            for l in store.remove_image(&img)? {
-                println!("Deleted layer: {l}");
-            }
-            println!("Deleted: {}", img.id);
+            return Ok(each(&references, |r| remove_image(&store, r)));
         }
         ImageCmd::History { image, format } => {
             let store = Store::open(root, false)?;
@@ -587,6 +568,71 @@ pub(crate) fn container_path(store: &Store, name: &str) -> Result<PathBuf> {
     container_dir(store, name)
 }
 
+/// `image rm` of one reference: untag it, and delete the image when no tag is left.
+fn remove_image(store: &Store, reference: &str) -> Result<()> {
+    let img = store.resolve(reference)?;
+    let mut tags = store.tags()?;
+    let by_tag = normalize_ref(reference)
+        .ok()
+        .filter(|t| tags.contains_key(t));
+    let users = containers_using(store, &img.id)?;
+    match &by_tag {
+        Some(t) if tags_of(&tags, &img.id).len() > 1 => {
+            tags.remove(t);
+            store.set_tags(&tags)?;
+            println!("Untagged: {t}");
+            return Ok(());
+        }
+        _ => {}
+    }
+    if !users.is_empty() {
+        return Err(Error::msg(format!(
+            "image {} is in use by container(s) {}",
+            img.id.short(),
+            users.join(", ")
+        )));
+    }
+    for t in tags_of(&tags, &img.id) {
+        tags.remove(&t);
+        println!("Untagged: {t}");
+    }
+    store.set_tags(&tags)?;
+    for l in store.remove_image(&img)? {
+        println!("Deleted layer: {l}");
+    }
+    println!("Deleted: {}", img.id);
+    Ok(())
+}
+
+/// Run `f` on each of `items`, reporting each failure on its own line and going on, as docker
+/// does with several names; the exit code is 1 if any failed.
+fn each(items: &[String], mut f: impl FnMut(&str) -> Result<()>) -> i32 {
+    let mut code = 0;
+    for i in items {
+        if let Err(e) = f(i) {
+            eprintln!("layerfs: {}", crate::error::one_line(&e.to_string()));
+            code = 1;
+        }
+    }
+    code
+}
+
+/// `container rm` of one container; `force` unmounts a mounted one first.
+fn remove_container(store: &Store, name: &str, force: bool) -> Result<()> {
+    let m = read_meta(store, name)?;
+    if let Some(mp) = m["Mountpoint"].as_str()
+        && crate::sys::is_mountpoint(Path::new(mp))
+    {
+        if !force {
+            return Err(Error::msg(format!(
+                "container {name} is mounted on {mp}: unmount it first (or rm -f)"
+            )));
+        }
+        umount_container(store, name)?;
+    }
+    store.discard(&container_dir(store, name)?)
+}
+
 pub fn run_container(root: &Path, cmd: ContainerCmd) -> Result<i32> {
     match cmd {
         ContainerCmd::Create { image, name } => {
@@ -647,17 +693,13 @@ pub fn run_container(root: &Path, cmd: ContainerCmd) -> Result<i32> {
             m["ImageTags"] = json!(tags_of(&store.tags()?, &img.id));
             print_json(&json!([m]));
         }
-        ContainerCmd::Rm { name } => {
+        ContainerCmd::Rm { names, force } => {
             let store = Store::open(root, true)?;
-            let m = read_meta(&store, &name)?;
-            if let Some(mp) = m["Mountpoint"].as_str()
-                && crate::sys::is_mountpoint(Path::new(mp))
-            {
-                return Err(Error::msg(format!(
-                    "container {name} is mounted on {mp}: unmount it first"
-                )));
-            }
-            store.discard(&container_dir(&store, &name)?)?;
+            return Ok(each(&names, |name| {
+                remove_container(&store, name, force)?;
+                println!("{name}");
+                Ok(())
+            }));
         }
         ContainerCmd::Mount { name, mountpoint } => {
             let store = Store::open(root, true)?;

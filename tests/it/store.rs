@@ -108,7 +108,27 @@ fn oci_layout_from_buildah_loads_and_mounts_as_a_container() {
         !rm_ok && err.contains("mounted"),
         "refuses to remove a mounted container: {err}"
     );
-    ok(&root, &["container", "umount", "c1"]);
+    // Several names, as `docker rm`: each is tried and printed when gone, each failure gets
+    // its own line, and the exit code says one failed.
+    ok(&root, &["container", "create", "bb-base", "--name", "c2"]);
+    let (rm_ok, out, err) = lfs(&root, &["container", "rm", "c2", "c1", "nope"]);
+    assert_eq!((rm_ok, out.trim()), (false, "c2"), "{err}");
+    let errs: Vec<&str> = err.lines().collect();
+    assert_eq!(errs.len(), 2, "{err}");
+    assert!(
+        errs[0].contains("container c1 is mounted on") && errs[0].ends_with("(or rm -f)"),
+        "{err}"
+    );
+    assert_eq!(errs[1], "layerfs: no such container: nope");
+    // -f unmounts a mounted container first.
+    assert_eq!(ok(&root, &["container", "rm", "-f", "c1"]).trim(), "c1");
+    assert!(!layerfs::sys::is_mountpoint(&mnt), "rm -f unmounted it");
+    assert!(!ok(&root, &["container", "ls"]).contains("c1"));
+    // `image rm` takes several references alike.
+    let (rm_ok, out, err) = lfs(&root, &["image", "rm", "nope", "bb-base"]);
+    assert!(!rm_ok && out.contains("Untagged: bb-base:latest"), "{out}");
+    assert_eq!(err.trim(), "layerfs: no such image: nope");
+    assert!(!ok(&root, &["images"]).contains("bb-base"));
 }
 
 #[test]
