@@ -23,6 +23,39 @@ pub struct WorkDir {
     pid: std::sync::OnceLock<u32>,
     /// Name (in the work dir) of the shared whiteout inode new whiteouts are linked to.
     shared_whiteout: Mutex<Option<OsString>>,
+    /// The upper and work dirs, locked for as long as this mount lives (see `claim`).
+    _in_use: [std::fs::File; 2],
+}
+
+/// How long a mount waits for another mount of the same upper or work dir to let go: a
+/// daemon whose mount was just unmounted exits within milliseconds.
+const IN_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Lock `path` (flock, exclusive) for one mount. Two mounts of one upper or work dir would
+/// corrupt each other: each empties `work/` and the index's orphans at mount, under the other's
+/// copy-ups. The kernel refuses such a second mount (EBUSY, with index=on, which layerfs's
+/// format always is), and so does layerfs, whichever of the two roles each mount gives it.
+fn claim(role: &str, path: &Path) -> Result<std::fs::File> {
+    let f = std::fs::File::open(path).ctx(format!("{role} {}", path.display()))?;
+    let start = std::time::Instant::now();
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < IN_USE_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::msg(format!(
+                    "{role} {} is in use by another mount (as upperdir or workdir); two \
+                     mounts of one would corrupt each other",
+                    path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::from(e).context(format!("locking {role} {}", path.display())));
+            }
+        }
+    }
 }
 
 impl WorkDir {
@@ -40,6 +73,7 @@ impl WorkDir {
                 upper.path.display()
             )));
         }
+        let in_use = [claim("upperdir", &upper.path)?, claim("workdir", path)?];
         sys::mkdirat_if_missing(base.as_fd(), OsStr::new("work"), 0)
             .map_err(|e| Error::from(e).context(format!("workdir {}", path.display())))?;
         // Mode 0 keeps others out, as the kernel does; an unprivileged daemon (no
@@ -62,6 +96,7 @@ impl WorkDir {
             counter: AtomicU64::new(0),
             pid: std::sync::OnceLock::new(),
             shared_whiteout: Mutex::new(None),
+            _in_use: in_use,
         };
         check_incompat(w.fd.as_fd(), path)?;
         w.clean().ctx(format!("cleaning {}/work", path.display()))?;

@@ -1,6 +1,7 @@
 //! The command line as users and container tools call it: errors are one clear line, the
 //! mount-program form works, and every way of unmounting ends the daemon.
 
+use std::path::Path;
 use std::process::Command;
 
 use crate::require_fuse;
@@ -285,4 +286,67 @@ fn lowerdir_plus_and_option_values_are_taken_as_the_kernel_takes_them() {
         assert_one_line_error(&["mount", "-o", &opts, lm.to_str().unwrap()], needle);
         assert!(listing(&lm).is_empty(), "{opts}: nothing mounted");
     }
+}
+
+/// Two mounts of one upper or work dir would corrupt each other (each empties `work/` and the
+/// index's orphans at mount, under the other's copy-ups): the kernel refuses the second mount
+/// (index=on, which layerfs's format always is), and so does layerfs, whatever role the second
+/// mount gives the dir. The first mount is unharmed, and a remount right after an unmount
+/// (its daemon perhaps still exiting) goes through.
+#[test]
+fn an_upper_or_workdir_in_use_by_another_mount_is_refused_as_the_kernel_does() {
+    require_fuse!();
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    write(low.join("f"), b"lower");
+    let d = |n: &str| s.mkdir(n);
+    // The oracle: the kernel refuses the same upper under a second mount.
+    let (ku, kw, kw2) = (d("ku"), d("kw"), d("kw2"));
+    let opts = |u: &Path, w: &Path| {
+        format!(
+            "lowerdir={},upperdir={},workdir={}",
+            low.display(),
+            u.display(),
+            w.display()
+        )
+    };
+    let _k = Kernel::mount(&format!("{},index=on", opts(&ku, &kw)), &s.path("k1"));
+    let second = Kernel::try_mount(&format!("{},index=on", opts(&ku, &kw2)), &s.path("k2"));
+    assert!(
+        second.is_err(),
+        "the kernel refuses a second mount of an upper"
+    );
+
+    let (u, w, u2, w2) = (d("u"), d("w"), d("u2"), d("w2"));
+    let a = Layerfs::mount(&opts(&u, &w), &s.path("a"));
+    for (upper, work, role, dir) in [
+        (&u, &w2, "upperdir", &u),
+        (&u2, &w, "workdir", &w),
+        (&w, &w2, "upperdir", &w),
+        (&u2, &u, "workdir", &u),
+    ] {
+        let e = Layerfs::try_mount(&opts(upper, work), &s.path("b"))
+            .err()
+            .unwrap_or_else(|| panic!("a second mount over {} must be refused", dir.display()));
+        assert_eq!(
+            e,
+            format!(
+                "layerfs: {role} {} is in use by another mount (as upperdir or workdir); two \
+                 mounts of one would corrupt each other",
+                dir.display()
+            )
+        );
+        assert!(!layerfs::sys::is_mountpoint(&s.path("b")));
+    }
+    write(a.mnt.join("f"), b"written through the first mount");
+    assert_eq!(
+        std::fs::read(u.join("f")).unwrap(),
+        b"written through the first mount"
+    );
+    drop(a);
+    let again = Layerfs::mount(&opts(&u, &w), &s.path("a"));
+    assert_eq!(
+        std::fs::read(again.mnt.join("f")).unwrap(),
+        b"written through the first mount"
+    );
 }
