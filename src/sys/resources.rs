@@ -89,3 +89,12 @@ pub fn unpin_thread() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Run the calling thread at SCHED_IDLE: it gets a CPU only when nothing else wants one (for
+/// work that must never delay a request).
+pub fn idle_priority() -> io::Result<()> {
+    // SAFETY: a zeroed sched_param is valid (priority 0, the only one SCHED_IDLE takes).
+    let param: libc::sched_param = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is the calling thread; param is a valid pointer for the call.
+    check(unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) }).map(|_| ())
+}

@@ -248,6 +248,13 @@ impl<FS: Filesystem> Session<FS> {
     /// # Errors
     /// Returns any final error when the session comes to an end.
     pub fn run(self) -> io::Result<()> {
+        self.run_with(|| {})
+    }
+
+    /// As `run`, calling `serving` once every thread is started and, with FUSE over io_uring,
+    /// every queue has registered its entries: from then on a request is served at once (a
+    /// request arriving earlier waits for a thread to start, or for the queues).
+    pub fn run_with(self, serving: impl FnOnce()) -> io::Result<()> {
         let Session {
             filesystem,
             ch,
@@ -260,6 +267,7 @@ impl<FS: Filesystem> Session<FS> {
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
+        let started = std::time::Instant::now();
 
         if !cfg!(target_os = "linux") && n_threads != 1 {
             // TODO: check whether it works on macOS/FreeBSD and enable if it works.
@@ -297,6 +305,9 @@ impl<FS: Filesystem> Session<FS> {
 
         let mut threads = Vec::with_capacity(n_threads);
         let uring_live = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Queue threads that have handed the kernel their entries (or given up).
+        let registered = Arc::new((std::sync::Mutex::new(0usize), std::sync::Condvar::new()));
+        let mut queues = 0usize;
 
         for (i, ch) in channels.into_iter().enumerate() {
             let thread_name = format!("fuser-{i}");
@@ -326,6 +337,8 @@ impl<FS: Filesystem> Session<FS> {
             ));
             for qid in 0..cpus {
                 for t in 0..per_queue {
+                    queues += 1;
+                    let registered = registered.clone();
                     let board = board.clone();
                     let thread_name = format!("fuser-uring-{qid}-{t}");
                     let event_loop = SessionEventLoop {
@@ -337,6 +350,14 @@ impl<FS: Filesystem> Session<FS> {
                         uring_live: uring_live.clone(),
                     };
                     threads.push(thread::Builder::new().name(thread_name).spawn(move || {
+                        let mut signalled = false;
+                        let mut signal = || {
+                            if !std::mem::replace(&mut signalled, true) {
+                                let (n, cv) = &*registered;
+                                *n.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                                cv.notify_all();
+                            }
+                        };
                         if let Err(e) = crate::uring::serve_queue(
                             &event_loop,
                             qid,
@@ -344,14 +365,29 @@ impl<FS: Filesystem> Session<FS> {
                             &board,
                             cfg,
                             payload,
+                            &mut signal,
                         ) {
                             warn!("io_uring queue {qid} not served: {e}");
                         }
+                        signal();
                         Ok(())
                     })?);
                 }
             }
         }
+
+        // Bounded: a queue that cannot register leaves the requests on /dev/fuse, which serves.
+        {
+            let (n, cv) = &*registered;
+            let guard = n.lock().unwrap_or_else(|e| e.into_inner());
+            let _ =
+                cv.wait_timeout_while(guard, std::time::Duration::from_secs(1), |n| *n < queues);
+        }
+        debug!(
+            "serving {:?} after the threads started ({queues} io_uring queues)",
+            started.elapsed()
+        );
+        serving();
 
         let mut reply: io::Result<()> = Ok(());
         for thread in threads {

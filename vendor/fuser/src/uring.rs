@@ -448,6 +448,7 @@ pub(crate) fn serve_queue<FS: Filesystem>(
     board: &MoveBoard,
     cfg: UringConfig,
     payload_size: usize,
+    registered: &mut dyn FnMut(),
 ) -> io::Result<()> {
     pin_to_cpu(qid);
     let n = cfg.entries.max(1);
@@ -466,6 +467,9 @@ pub(crate) fn serve_queue<FS: Filesystem>(
         .setup_coop_taskrun()
         .build((n as u32).next_power_of_two().max(2))
         .and_then(|mut ring| {
+            register(se, qid, &mut ring, &slots)?;
+            registered();
+            // After registering: the probe starts a thread, which the mount need not wait for.
             let idle_commit = cfg.idle_commit && idle_commit_possible();
             let modes = (idle_commit, cfg.adaptive_commit);
             serve_ring(se, qid, me, board, &mut ring, &slots, modes)
@@ -475,6 +479,28 @@ pub(crate) fn serve_queue<FS: Filesystem>(
     // process ends soon after anyway.
     std::mem::forget(slots);
     r
+}
+
+/// Hand the kernel every entry of the queue now, before waiting for a request: once every
+/// queue has, the kernel sends requests over io_uring (the session then reports the mount
+/// serving). An entry refused with EAGAIN is registered again by `serve_ring`.
+fn register<FS: Filesystem>(
+    se: &SessionEventLoop<FS>,
+    qid: usize,
+    ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
+    slots: &[Arc<UringSlot>],
+) -> io::Result<()> {
+    let fd = se.ch.as_fd().as_raw_fd();
+    for (i, s) in slots.iter().enumerate() {
+        let sqe = register_cmd(fd, qid as u16, &s.buf, i as u64);
+        // SAFETY: the iovecs and buffers in `slots` are never freed (see serve_queue).
+        unsafe { ring.submission().push(&sqe) }
+            .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+    }
+    match ring.submit() {
+        Err(e) if e.raw_os_error() != Some(libc::EINTR) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn serve_ring<FS: Filesystem>(
@@ -488,12 +514,6 @@ fn serve_ring<FS: Filesystem>(
 ) -> io::Result<()> {
     let fd = se.ch.as_fd().as_raw_fd();
     let n = slots.len();
-    for (i, s) in slots.iter().enumerate() {
-        let sqe = register_cmd(fd, qid as u16, &s.buf, i as u64);
-        // SAFETY: the iovecs and buffers in `slots` are never freed (see serve_queue).
-        unsafe { ring.submission().push(&sqe) }
-            .map_err(|_| io::Error::other("io_uring submission queue full"))?;
-    }
     let mut register_retries = 0;
     let sender = se.ch.sender();
     let mut done = Vec::with_capacity(n);
