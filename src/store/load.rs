@@ -79,16 +79,15 @@ pub fn load(store: &Store, path: &Path, say: &mut dyn FnMut(String)) -> Result<V
     // A tar, plain or compressed as docker load takes it: stage it (safely) and see what it
     // holds.
     let f = File::open(path).ctx(format!("image {}", path.display()))?;
-    let stream =
-        decompressed(BufReader::new(f), "").map_err(|e| e.context(path.display().to_string()))?;
-    let tar = unpack::tar_start(stream).map_err(|e| match e.to_string() {
-        m if m == unpack::NOT_TAR => Error::msg(format!(
-            "{}: not an image archive (a tar, plain or gzip- or zstd-compressed, or an OCI \
-             layout directory)",
-            path.display()
-        )),
-        _ => e.context(path.display().to_string()),
-    })?;
+    let tar = decompressed(BufReader::new(f), "")
+        .and_then(|s| {
+            unpack::tar_start(
+                s,
+                "not an image archive (a tar, plain or gzip- or zstd-compressed, or an OCI \
+                 layout directory)",
+            )
+        })
+        .map_err(|e| e.context(path.display().to_string()))?;
     let stage = tempdir_in(&store.tmp())?;
     let root = sys::open_dir_path(stage.path())?;
     unpack::unpack(tar, root.as_fd(), store.marker_ns())
@@ -590,14 +589,9 @@ fn import_blob(
     say: &mut dyn FnMut(String),
 ) -> Result<Loaded> {
     let stored = store.blob_path(blob);
-    let stream = open_stream(&stored, "").map_err(|e| e.context(path.display().to_string()))?;
-    let stream = unpack::tar_start(stream).map_err(|e| match e.to_string() {
-        m if m == unpack::NOT_TAR => Error::msg(format!(
-            "{}: not a tar archive (plain or gzip- or zstd-compressed)",
-            path.display()
-        )),
-        _ => e.context(path.display().to_string()),
-    })?;
+    let stream = open_stream(&stored, "")
+        .and_then(|s| unpack::tar_start(s, "not a tar archive (plain or gzip- or zstd-compressed)"))
+        .map_err(|e| e.context(path.display().to_string()))?;
     let (diff_id, _) = HashingReader::new(stream)
         .finish()
         .map_err(|e| Error::msg(format!("{}: truncated or corrupt: {e}", path.display())))?;

@@ -142,13 +142,14 @@ fn show(p: &[OsString]) -> String {
         .join("/")
 }
 
-/// `tar_start`'s error for a stream that is no tar (callers word it for what they read).
-pub const NOT_TAR: &str = "not a tar archive";
-
 /// The stream `input`, whole, once its first 512-byte block has been checked to be a tar
 /// header (or the zero block that ends an archive; an empty stream passes too). What is no tar
-/// gets one clear error here instead of the tar reader's words about the bytes it met.
-pub fn tar_start<R: Read>(mut input: R) -> Result<std::io::Chain<std::io::Cursor<Vec<u8>>, R>> {
+/// gets the error `not_tar` (worded for what the caller reads) instead of the tar reader's
+/// words about the bytes it met.
+pub fn tar_start<R: Read>(
+    mut input: R,
+    not_tar: &str,
+) -> Result<std::io::Chain<std::io::Cursor<Vec<u8>>, R>> {
     let mut block = Vec::with_capacity(512);
     (&mut input)
         .take(512)
@@ -156,7 +157,7 @@ pub fn tar_start<R: Read>(mut input: R) -> Result<std::io::Chain<std::io::Cursor
         .map_err(|e| bad(format!("reading: {e}")))?;
     let zero = block.iter().all(|&b| b == 0);
     if !block.is_empty() && !(block.len() == 512 && (zero || header_checksum_ok(&block))) {
-        return Err(bad(NOT_TAR));
+        return Err(bad(not_tar));
     }
     Ok(std::io::Cursor::new(block).chain(input))
 }
@@ -185,7 +186,7 @@ fn header_checksum_ok(h: &[u8]) -> bool {
 
 /// Unpack the tar stream `input` into the (empty) directory `root`.
 pub fn unpack(input: impl Read, root: BorrowedFd<'_>, ns: MarkerNs) -> Result<Unpacked> {
-    let mut ar = tar::Archive::new(tar_start(input)?);
+    let mut ar = tar::Archive::new(tar_start(input, "not a tar archive")?);
     let mut cx = Ctx {
         root,
         ns,
