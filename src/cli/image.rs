@@ -61,9 +61,13 @@ pub enum ImageCmd {
         format: String,
     },
     /// JSON: Id, RepoTags, Created, Config, RootFS.Layers, Size, layer paths.
+    #[command(
+        after_help = "Several images give one JSON array, in the order asked; one that is not found is reported and the rest are shown (exit 1), as `docker image inspect`."
+    )]
     Inspect {
         /// name[:tag] or ID.
-        image: String,
+        #[arg(required = true)]
+        images: Vec<String>,
     },
     /// Per layer, top first: the files it adds, changes and deletes relative to the layers
     /// below, its size, and the bytes of lower files it hides; --svg draws the stack.
@@ -126,9 +130,13 @@ pub enum ContainerCmd {
         force: bool,
     },
     /// JSON: name, image, its layer dirs (top first), the writable layer, the mountpoint.
+    #[command(
+        after_help = "Several containers give one JSON array, in the order asked; one that is not found is reported and the rest are shown (exit 1), as `docker inspect`."
+    )]
     Inspect {
-        /// The container.
-        name: String,
+        /// The containers.
+        #[arg(required = true)]
+        names: Vec<String>,
     },
     /// Mount a container's root filesystem (image layers + its writable layer).
     Mount {
@@ -411,23 +419,28 @@ pub fn run_image(root: &Path, cmd: ImageCmd) -> Result<i32> {
             let store = Store::open(root, false)?;
             super::observe::image_layer_maps(&store, &image, &format, svg.as_deref())?;
         }
-        ImageCmd::Inspect { image } => {
+        ImageCmd::Inspect { images } => {
             let store = Store::open(root, false)?;
-            let img = store.resolve(&image)?;
-            let cfg = store.config(&img)?;
-            let tags = tags_of(&store.tags()?, &img.id);
-            let v = json!([{
-                "Id": img.id.as_str(),
-                "RepoTags": tags,
-                "Created": img.created,
-                "Architecture": cfg.get("architecture"),
-                "Os": cfg.get("os"),
-                "Config": cfg.get("config"),
-                "RootFS": {"Type": "layers", "Layers": img.layers.iter().map(|l| l.diff_id.as_str()).collect::<Vec<_>>()},
-                "Size": image_size(&store, &img),
-                "LayerPaths": img.layers.iter().map(|l| store.layer_dir(&l.diff_id).join("diff")).collect::<Vec<_>>(),
-            }]);
-            print_json(&v);
+            let mut found = Vec::new();
+            let code = each(&images, |r| {
+                let img = store.resolve(r)?;
+                let cfg = store.config(&img)?;
+                let tags = tags_of(&store.tags()?, &img.id);
+                found.push(json!({
+                    "Id": img.id.as_str(),
+                    "RepoTags": tags,
+                    "Created": img.created,
+                    "Architecture": cfg.get("architecture"),
+                    "Os": cfg.get("os"),
+                    "Config": cfg.get("config"),
+                    "RootFS": {"Type": "layers", "Layers": img.layers.iter().map(|l| l.diff_id.as_str()).collect::<Vec<_>>()},
+                    "Size": image_size(&store, &img),
+                    "LayerPaths": img.layers.iter().map(|l| store.layer_dir(&l.diff_id).join("diff")).collect::<Vec<_>>(),
+                }));
+                Ok(())
+            });
+            print_json(&Value::Array(found));
+            return Ok(code);
         }
     }
     Ok(0)
@@ -682,16 +695,22 @@ pub fn run_container(root: &Path, cmd: ContainerCmd) -> Result<i32> {
                 }
             }
         }
-        ContainerCmd::Inspect { name } => {
+        ContainerCmd::Inspect { names } => {
             let store = Store::open(root, false)?;
-            let mut m = read_meta(&store, &name)?;
-            let img = store.resolve(m["Image"].as_str().unwrap_or(""))?;
-            let dir = container_dir(&store, &name)?;
-            m["LowerDirs"] = json!(lowers(&store, &img));
-            m["UpperDir"] = json!(dir.join("upper"));
-            m["WorkDir"] = json!(dir.join("work"));
-            m["ImageTags"] = json!(tags_of(&store.tags()?, &img.id));
-            print_json(&json!([m]));
+            let mut found = Vec::new();
+            let code = each(&names, |name| {
+                let mut m = read_meta(&store, name)?;
+                let img = store.resolve(m["Image"].as_str().unwrap_or(""))?;
+                let dir = container_dir(&store, name)?;
+                m["LowerDirs"] = json!(lowers(&store, &img));
+                m["UpperDir"] = json!(dir.join("upper"));
+                m["WorkDir"] = json!(dir.join("work"));
+                m["ImageTags"] = json!(tags_of(&store.tags()?, &img.id));
+                found.push(m);
+                Ok(())
+            });
+            print_json(&Value::Array(found));
+            return Ok(code);
         }
         ContainerCmd::Rm { names, force } => {
             let store = Store::open(root, true)?;

@@ -124,6 +124,28 @@ fn oci_layout_from_buildah_loads_and_mounts_as_a_container() {
     assert_eq!(ok(&root, &["container", "rm", "-f", "c1"]).trim(), "c1");
     assert!(!layerfs::sys::is_mountpoint(&mnt), "rm -f unmounted it");
     assert!(!ok(&root, &["container", "ls"]).contains("c1"));
+    // So do the inspects: one JSON array of what was found, in the order asked, and one line
+    // for each name that was not (exit 1), as docker's.
+    let (both, out, err) = lfs(&root, &["image", "inspect", "bb-base", "nope", "bb-multi"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tags: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["RepoTags"][0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        (both, tags),
+        (false, vec!["bb-base:latest", "bb-multi:latest"])
+    );
+    assert_eq!(err.trim(), "layerfs: no such image: nope");
+    ok(&root, &["container", "create", "bb-multi", "--name", "c3"]);
+    let (one, out, err) = lfs(&root, &["container", "inspect", "nope", "c3"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((one, v.as_array().unwrap().len()), (false, 1), "{out}");
+    assert_eq!(v[0]["Name"], "c3");
+    ok(&root, &["container", "rm", "c3"]);
+    assert_eq!(err.trim(), "layerfs: no such container: nope");
     // `image rm` takes several references alike.
     let (rm_ok, out, err) = lfs(&root, &["image", "rm", "nope", "bb-base"]);
     assert!(!rm_ok && out.contains("Untagged: bb-base:latest"), "{out}");
