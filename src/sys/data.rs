@@ -11,7 +11,6 @@ pub const FSXATTR_SIZE: usize = 28;
 
 /// _IOR('X', 31, struct fsxattr) and _IOW('X', 32, struct fsxattr); libc lacks them.
 pub const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
-
 pub const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
 
 /// The size of a file-attribute ioctl's argument; None for any other command.

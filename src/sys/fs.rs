@@ -189,9 +189,7 @@ pub fn unlinkat(dir: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> io::Result<(
 }
 
 pub const RENAME_NOREPLACE: u32 = libc::RENAME_NOREPLACE;
-
 pub const RENAME_EXCHANGE: u32 = libc::RENAME_EXCHANGE;
-
 pub const RENAME_WHITEOUT: u32 = libc::RENAME_WHITEOUT;
 
 pub fn renameat2(

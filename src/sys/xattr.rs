@@ -77,13 +77,9 @@ fn xattr_buf_call(mut f: impl FnMut(*mut u8, usize) -> libc::ssize_t) -> io::Res
 // by (dirfd, name), or by an O_PATH fd with AT_EMPTY_PATH: no /proc path to resolve on each
 // call. Older kernels answer ENOSYS once; from then on the /proc paths are used.
 const SYS_SETXATTRAT: libc::c_long = 463;
-
 const SYS_GETXATTRAT: libc::c_long = 464;
-
 const SYS_LISTXATTRAT: libc::c_long = 465;
-
 const SYS_REMOVEXATTRAT: libc::c_long = 466;
-
 static NO_XATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[repr(C)]
