@@ -20,10 +20,14 @@ pub enum ImageCmd {
     )]
     Load {
         /// An OCI image layout directory, or an oci-archive or docker-archive tar (plain,
-        /// gzip or zstd); standard input when absent or `-` (as `docker load`).
+        /// gzip, zstd, xz or bzip2); standard input when absent or `-` (as `docker load`).
         path: Option<PathBuf>,
     },
-    /// A flat rootfs tarball (plain, gzip or zstd) as a one-layer image, like `docker import`.
+    /// A flat rootfs tarball (plain, gzip, zstd, xz or bzip2) as a one-layer image, like
+    /// `docker import`.
+    #[command(
+        after_help = "Examples:\n  layerfs image import rootfs.tar.xz debian:12\n  tar -C ./rootfs -cf - . | layerfs image import - mine:1"
+    )]
     Import {
         /// The rootfs tarball; `-` reads standard input (as `docker import -`).
         tar: PathBuf,

@@ -120,8 +120,24 @@ impl Store {
             return Ok(d.clone());
         }
         let mut f = File::open(src).ctx(format!("reading {}", src.display()))?;
+        self.put_blob_reader(&mut f, src, expected, size)
+    }
+
+    /// Store what `src` (read from `what`, maybe through a decoder) reads as a blob, checked
+    /// as `put_blob_file` checks it.
+    pub fn put_blob_reader(
+        &self,
+        src: &mut dyn io::Read,
+        what: &Path,
+        expected: Option<&Digest>,
+        size: Option<u64>,
+    ) -> Result<Digest> {
         let mut w = BlobWriter::new(self)?;
-        io::copy(&mut f, &mut w).ctx(format!("reading {}", src.display()))?;
+        io::copy(src, &mut w).map_err(|e| match e.raw_os_error() {
+            Some(_) => Error::from(e).context(format!("reading {}", what.display())),
+            // A decoder's own words (a bad checksum, a stream cut short).
+            None => Error::msg(format!("{}: {e}", what.display())),
+        })?;
         w.finish(self, expected, size)
     }
 

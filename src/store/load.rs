@@ -79,12 +79,13 @@ pub fn load(store: &Store, path: &Path, say: &mut dyn FnMut(String)) -> Result<V
     // A tar, plain or compressed as docker load takes it: stage it (safely) and see what it
     // holds.
     let f = File::open(path).ctx(format!("image {}", path.display()))?;
-    let tar = decompressed(BufReader::new(f), "")
+    let tar = archive_stream(BufReader::new(f))
+        .map(|s| shown(s, format!("reading {}", path.display())))
         .and_then(|s| {
             unpack::tar_start(
                 s,
-                "not an image archive (a tar, plain or gzip- or zstd-compressed, or an OCI \
-                 layout directory)",
+                "not an image archive (a tar, plain or gzip-, zstd-, xz- or bzip2-compressed, \
+                 or an OCI layout directory)",
             )
         })
         .map_err(|e| e.context(path.display().to_string()))?;
@@ -290,6 +291,19 @@ struct Progress {
     label: String,
 }
 
+/// `stream`, its progress shown in place under `label` when standard error is a terminal.
+fn shown(stream: Box<dyn Read>, label: String) -> Box<dyn Read> {
+    if !sys::stderr_is_tty() {
+        return stream;
+    }
+    Box::new(Progress {
+        inner: stream,
+        done: 0,
+        next: 0,
+        label,
+    })
+}
+
 impl Read for Progress {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
@@ -336,6 +350,9 @@ pub(super) fn open_stream(path: &Path, media_type: &str) -> Result<Box<dyn Read>
     decompressed(BufReader::with_capacity(1 << 20, raw), media_type)
 }
 
+const XZ: [u8; 6] = [0xfd, b'7', b'z', b'X', b'Z', 0];
+const BZIP2: &[u8] = b"BZh";
+
 /// `raw` decompressed as `media_type` or its first bytes say (gzip, zstd), else as it is. Reads
 /// nothing it does not hand on, so `raw` may be a pipe.
 fn decompressed(mut raw: BufReader<File>, media_type: &str) -> Result<Box<dyn Read>> {
@@ -349,19 +366,58 @@ fn decompressed(mut raw: BufReader<File>, media_type: &str) -> Result<Box<dyn Re
     if media_type.contains("gzip") || head.starts_with(&[0x1f, 0x8b]) {
         return Ok(Box::new(flate2::read::GzDecoder::new(raw)));
     }
-    // docker load takes these too; say what to do rather than "not a tar".
-    for (magic, kind, tool) in [
-        (&b"BZh"[..], "bzip2", "bunzip2"),
-        (&[0xfd, b'7', b'z', b'X', b'Z', 0][..], "xz", "unxz"),
-    ] {
+    // A layer: the image spec allows no other compression (an archive's goes through
+    // `archive_stream`).
+    for (magic, kind) in [(BZIP2, "bzip2"), (&XZ[..], "xz")] {
         if head.starts_with(magic) {
             return Err(Error::msg(format!(
-                "{kind}-compressed, which layerfs does not read: decompress it first ({tool}), \
-                 or use gzip or zstd"
+                "{kind}-compressed, which the OCI image spec does not allow for a layer (a tar, \
+                 plain or gzip- or zstd-compressed)"
             )));
         }
     }
     Ok(Box::new(raw))
+}
+
+/// Whether the first bytes are xz's or bzip2's magic.
+fn xz_or_bzip2(head: &[u8]) -> bool {
+    head.starts_with(&XZ) || head.starts_with(BZIP2)
+}
+
+/// A whole archive or rootfs tarball (`image load`, `image import`), decompressed as its first
+/// bytes say. Beside gzip and zstd this reads what `docker load` and `docker import` also
+/// take, xz and bzip2 (distributions ship rootfs tarballs as `.tar.xz`), though no layer
+/// inside may use them.
+fn archive_stream(mut raw: BufReader<File>) -> Result<Box<dyn Read>> {
+    let head = raw.fill_buf()?;
+    if head.starts_with(&XZ) {
+        // Several concatenated streams decode as one, as `xz -d` does.
+        let inner = Box::new(lzma_rust2::XzReader::new(raw, true));
+        return Ok(Box::new(Decoding { kind: "xz", inner }));
+    }
+    if head.starts_with(BZIP2) {
+        let inner = Box::new(bzip2::read::MultiBzDecoder::new(raw));
+        return Ok(Box::new(Decoding {
+            kind: "bzip2",
+            inner,
+        }));
+    }
+    decompressed(raw, "")
+}
+
+/// A decoder whose own errors ("dist overflow") say what they are about.
+struct Decoding {
+    kind: &'static str,
+    inner: Box<dyn Read>,
+}
+
+impl Read for Decoding {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).map_err(|e| match e.raw_os_error() {
+            Some(_) => e,
+            None => std::io::Error::other(format!("truncated or corrupt {} data ({e})", self.kind)),
+        })
+    }
 }
 
 /// Extract and verify every layer not yet stored, then record the image and its tags.
@@ -416,17 +472,10 @@ fn commit_image(
             i + 1,
             diff_id.short()
         ));
-        let stream = open_stream(&store.blob_path(&blob), &media_type)?;
-        let stream: Box<dyn Read> = if sys::stderr_is_tty() {
-            Box::new(Progress {
-                inner: stream,
-                done: 0,
-                next: 0,
-                label: format!("layer {}/{n}", i + 1),
-            })
-        } else {
-            stream
-        };
+        let stream = shown(
+            open_stream(&store.blob_path(&blob), &media_type)?,
+            format!("layer {}/{n}", i + 1),
+        );
         let mut hr = HashingReader::new(stream);
         let staged = StagedLayer::unpack(store, &mut hr)
             .map_err(|e| e.context(format!("layer {}", diff_id.short())))?;
@@ -555,7 +604,7 @@ pub fn tempdir_in(base: &Path) -> Result<TempDir> {
     )))
 }
 
-/// `image import`: a flat rootfs tarball (plain or gzip) as a one-layer image, like
+/// `image import`: a flat rootfs tarball (plain or compressed) as a one-layer image, like
 /// `docker import`: a generated config whose only diff_id is the tarball's.
 pub fn import(
     store: &Store,
@@ -568,9 +617,18 @@ pub fn import(
     if path.is_dir() {
         return Err(Error::msg(format!("{} is not a file", path.display())));
     }
-    // Stored first, as given: the input is read once (it may be a pipe), and the diff_id
-    // (for the config) and the layer both come from the stored copy.
-    let blob = store.put_blob_file(path, None, None)?;
+    // Stored first: the input is read once (it may be a pipe), and the diff_id (for the
+    // config) and the layer both come from the stored copy. That copy is the input as
+    // given, unless xz or bzip2 compress it: then it is the tar, as no layer blob may be
+    // either.
+    let reading = || format!("reading {}", path.display());
+    let mut raw = BufReader::with_capacity(1 << 20, File::open(path).ctx(reading())?);
+    let input = if xz_or_bzip2(raw.fill_buf().ctx(reading())?) {
+        archive_stream(raw)?
+    } else {
+        Box::new(raw)
+    };
+    let blob = store.put_blob_reader(&mut shown(input, reading()), path, None, None)?;
     let imported = import_blob(store, &blob, path, tag, say);
     let used = |i: &Image| i.layers.iter().any(|l| l.blob == blob);
     if imported.is_err() && store.images().is_ok_and(|v| !v.iter().any(used)) {
@@ -590,7 +648,12 @@ fn import_blob(
 ) -> Result<Loaded> {
     let stored = store.blob_path(blob);
     let stream = open_stream(&stored, "")
-        .and_then(|s| unpack::tar_start(s, "not a tar archive (plain or gzip- or zstd-compressed)"))
+        .and_then(|s| {
+            unpack::tar_start(
+                s,
+                "not a tar archive (plain or gzip-, zstd-, xz- or bzip2-compressed)",
+            )
+        })
         .map_err(|e| e.context(path.display().to_string()))?;
     let (diff_id, _) = HashingReader::new(stream)
         .finish()

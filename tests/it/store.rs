@@ -14,6 +14,21 @@ fn ok(root: &Path, args: &[&str]) -> String {
     out
 }
 
+/// Run a shell pipeline (2 minutes at most); its standard output, once it succeeded.
+fn shell(pipeline: &str) -> String {
+    let (done, out, err) = run_timeout(Command::new("sh").arg("-c").arg(pipeline), 120);
+    assert!(done, "{pipeline}: {out}{err}");
+    out
+}
+
+/// What the file `rel` holds in the only layer of the store at `root`.
+fn only_layer_file(root: &Path, rel: &str) -> Vec<u8> {
+    let mut layers = fs::read_dir(root.join("layers")).unwrap();
+    let layer = layers.next().unwrap().unwrap();
+    assert!(layers.next().is_none(), "one layer in {}", root.display());
+    fs::read(layer.path().join("diff").join(rel)).unwrap()
+}
+
 /// A store in `s` with the buildah fixture (bb-base, bb-multi) loaded.
 fn buildah_store(s: &Scratch) -> PathBuf {
     let root = s.path("store");
@@ -407,29 +422,34 @@ fn bad_input_is_refused_and_leaves_the_store_as_it_was() {
         ),
     ];
     // Files that are no image archive at all: one line that says so (not the tar reader's
-    // words about the bytes it met), or what to do with a compression layerfs does not read.
+    // words about the bytes it met); a compressed archive cut short or damaged says that.
     let text = s.path("passwd");
     fs::write(&text, "root:x:0:0:root:/root:/bin/bash\n".repeat(40)).unwrap();
-    let xz = s.path("image.tar.xz");
-    fs::write(
-        &xz,
-        [&[0xfd, b'7', b'z', b'X', b'Z', 0][..], &[0u8; 600]].concat(),
-    )
-    .unwrap();
-    let bz = s.path("image.tar.bz2");
-    fs::write(&bz, [&b"BZh9"[..], &[1u8; 600]].concat()).unwrap();
+    let compressed = |tool: &str| {
+        let out = s.path(&format!("docker-save.tar.{tool}"));
+        shell(&format!(
+            "{tool} -c {} > {}",
+            fixture("docker-save-multi.tar").display(),
+            out.display()
+        ));
+        fs::read(out).unwrap()
+    };
+    let xz = s.path("cut.tar.xz");
+    let data = compressed("xz");
+    fs::write(&xz, &data[..data.len() / 3]).unwrap();
+    let bz = s.path("damaged.tar.bz2");
+    let mut data = compressed("bzip2");
+    let i = data.len() / 2;
+    data[i] ^= 0xff;
+    fs::write(&bz, data).unwrap();
     let cases = cases.into_iter().chain([
         (
             "text file",
             text,
-            "not an image archive (a tar, plain or gzip- or zstd-compressed",
+            "not an image archive (a tar, plain or gzip-, zstd-, xz- or bzip2-compressed",
         ),
-        (
-            "xz",
-            xz,
-            "xz-compressed, which layerfs does not read: decompress it first (unxz)",
-        ),
-        ("bzip2", bz, "bzip2-compressed, which layerfs does not read"),
+        ("xz cut short", xz, "truncated or corrupt xz data"),
+        ("bzip2 damaged", bz, "truncated or corrupt bzip2 data"),
     ]);
     for (what, path, needle) in cases {
         let (okl, _, err) = lfs(&root, &["image", "load", path.to_str().unwrap()]);
@@ -1285,24 +1305,25 @@ fn image_save_streams_to_standard_output_and_load_reads_standard_input() {
         &a,
         &["image", "load", fixture("buildah-oci").to_str().unwrap()],
     );
-    // The last pair: a compressed archive loads as docker load takes it (`save | gzip |
+    // The last three: a compressed archive loads as docker load takes it (`save | gzip |
     // load`); a zstd-compressed file follows.
-    let gz = s.path("gz");
-    for (to, format, load) in [
-        (&b, "docker-archive", ""),
-        (&c, "oci-archive", " -"),
-        (&gz, "docker-archive", ""),
+    let (gz, xz, bz) = (s.path("gz"), s.path("xz"), s.path("bz"));
+    for (to, format, load, compress) in [
+        (&b, "docker-archive", "", ""),
+        (&c, "oci-archive", " -", ""),
+        (&gz, "docker-archive", "", " | gzip -c"),
+        (&xz, "oci-archive", "", " | xz -T2 -c"),
+        (&bz, "docker-archive", " -", " | bzip2 -c"),
     ] {
-        let gzip = if to == &gz { " | gzip -c" } else { "" };
         let pipe = format!(
-            "{BIN} --root {} image save bb-multi --format {format}{gzip} | {BIN} --root {} image load{load}",
+            "{BIN} --root {} image save bb-multi --format {format}{compress} | {BIN} --root {} image load{load}",
             a.display(),
             to.display()
         );
-        let (piped, out, err) = run_timeout(Command::new("sh").arg("-c").arg(&pipe), 120);
+        let out = shell(&pipe);
         assert!(
-            piped && out.contains("Loaded image: bb-multi:latest"),
-            "{pipe}: {out}{err}"
+            out.contains("Loaded image: bb-multi:latest"),
+            "{pipe}: {out}"
         );
         assert_same_tree(
             format,
@@ -1351,17 +1372,46 @@ fn image_save_streams_to_standard_output_and_load_reads_standard_input() {
         rootfs.display(),
         d.display()
     );
-    let (piped, out, err) = run_timeout(Command::new("sh").arg("-c").arg(&pipe), 120);
-    assert!(piped && out.starts_with("sha256:"), "{pipe}: {out}{err}");
-    let layer = fs::read_dir(d.join("layers"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        fs::read(layer.path().join("diff/etc/hello")).unwrap(),
-        b"from a pipe"
+    assert!(shell(&pipe).starts_with("sha256:"), "{pipe}");
+    assert_eq!(only_layer_file(&d, "etc/hello"), b"from a pipe");
+    // A rootfs tarball compressed with xz or bzip2 (as distributions ship them) imports as
+    // `docker import` takes it. The layer blob is the tar itself, which no layer may be
+    // compressed with either; the two imports share it, and it saves and loads elsewhere.
+    let blobs = blob_count(&d);
+    for (tool, name) in [("xz", "xz:1"), ("bzip2", "bz:1")] {
+        let file = s.path(&format!("rootfs.{tool}"));
+        let pipe = format!(
+            "tar -C {} -cf - . | {tool} -c > {} && {BIN} --root {} image import {} {name}",
+            rootfs.display(),
+            file.display(),
+            d.display(),
+            file.display(),
+        );
+        assert!(shell(&pipe).starts_with("sha256:"), "{pipe}");
+    }
+    // One layer blob, the tar (its digest is the diff_id), beside two configs.
+    assert_eq!(blob_count(&d), blobs + 3);
+    let diff_id = |img: &str| {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&d, &["image", "inspect", img])).unwrap();
+        v[0]["RootFS"]["Layers"][0].as_str().unwrap().to_string()
+    };
+    let tar = diff_id("xz:1");
+    assert_eq!(tar, diff_id("bz:1"));
+    assert!(
+        d.join("blobs/sha256")
+            .join(&tar["sha256:".len()..])
+            .is_file(),
+        "{tar}"
     );
+    let moved = s.path("moved");
+    let pipe = format!(
+        "{BIN} --root {} image save xz:1 | {BIN} --root {} image load",
+        d.display(),
+        moved.display()
+    );
+    assert!(shell(&pipe).contains("Loaded image: xz:1"), "{pipe}");
+    assert_eq!(only_layer_file(&moved, "etc/hello"), b"from a pipe");
     // What is not a tar leaves no blob behind.
     let blobs = blob_count(&d);
     let pipe = format!(
@@ -1373,7 +1423,7 @@ fn image_save_streams_to_standard_output_and_load_reads_standard_input() {
         (bad, err.trim()),
         (
             false,
-            "layerfs: /dev/stdin: not a tar archive (plain or gzip- or zstd-compressed)"
+            "layerfs: /dev/stdin: not a tar archive (plain or gzip-, zstd-, xz- or bzip2-compressed)"
         ),
         "{pipe}"
     );
