@@ -503,15 +503,6 @@ fn containers_using(store: &Store, id: &Digest) -> Result<Vec<String>> {
     Ok(v)
 }
 
-/// The image's layer dirs, top first (lowerdir order).
-fn lowers(store: &Store, img: &Image) -> Vec<PathBuf> {
-    img.layers
-        .iter()
-        .rev()
-        .map(|l| store.layer_dir(&l.diff_id).join("diff"))
-        .collect()
-}
-
 /// Where container `name` is mounted now, if it is (a recorded mountpoint that is live).
 pub(crate) fn mounted_at(store: &Store, name: &str) -> Result<Option<PathBuf>> {
     let m = read_meta(store, name)?;
@@ -532,7 +523,8 @@ pub(crate) fn mount_container(store: &Store, name: &str, mountpoint: &Path) -> R
     }
     let img = store.resolve(m["Image"].as_str().unwrap_or(""))?;
     let dir = container_dir(store, name)?;
-    let low: Vec<String> = lowers(store, &img)
+    let low: Vec<String> = store
+        .lowers(&img)
         .iter()
         .map(|p| p.to_string_lossy().replace(':', "\\:").replace(',', "\\,"))
         .collect();
@@ -706,7 +698,7 @@ pub fn run_container(root: &Path, cmd: ContainerCmd) -> Result<i32> {
                 let mut m = read_meta(&store, name)?;
                 let img = store.resolve(m["Image"].as_str().unwrap_or(""))?;
                 let dir = container_dir(&store, name)?;
-                m["LowerDirs"] = json!(lowers(&store, &img));
+                m["LowerDirs"] = json!(store.lowers(&img));
                 m["UpperDir"] = json!(dir.join("upper"));
                 m["WorkDir"] = json!(dir.join("work"));
                 m["ImageTags"] = json!(tags_of(&store.tags()?, &img.id));
@@ -761,7 +753,7 @@ pub fn run_container(root: &Path, cmd: ContainerCmd) -> Result<i32> {
             let store = Store::open(root, false)?;
             let m = read_meta(&store, &name)?;
             let img = store.resolve(m["Image"].as_str().unwrap_or(""))?;
-            let lows = lowers(&store, &img);
+            let lows = store.lowers(&img);
             let upper = container_dir(&store, &name)?.join("upper");
             let mut out = Vec::new();
             diff_walk(&upper, Path::new(""), &lows, &mut out)?;

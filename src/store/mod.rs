@@ -143,6 +143,15 @@ impl Store {
         self.root.join("layers").join(diff_id.hex())
     }
 
+    /// The image's layer dirs, top first (lowerdir order).
+    pub fn lowers(&self, img: &Image) -> Vec<PathBuf> {
+        img.layers
+            .iter()
+            .rev()
+            .map(|l| self.layer_dir(&l.diff_id).join("diff"))
+            .collect()
+    }
+
     /// The lower catalog of `img`'s layer stack (`catalog=` of its containers' mounts).
     pub fn catalog_path(&self, img: &Image) -> PathBuf {
         self.root.join("catalogs").join(img.id.hex())
@@ -380,7 +389,11 @@ impl Store {
         let tag = tag.as_deref().map(normalize_ref).transpose()?;
         // The layer tar is the blob (uncompressed: its digest is the diff_id).
         let mut w = blob::BlobWriter::new(self)?;
-        pack::pack_upper(upper, &mut w)?;
+        let below = pack::Below {
+            lowers: self.lowers(base),
+            ns: self.marker_ns(),
+        };
+        pack::pack_upper(upper, &below, &mut w)?;
         let diff_id = w.finish(self, None, None)?;
         if !self.has_layer(&diff_id) {
             let tar = File::open(self.blob_path(&diff_id))?;

@@ -1,17 +1,23 @@
 //! Pack a container's writable layer (kernel overlayfs format) into an OCI layer tar: char 0/0
 //! whiteouts become `.wh.NAME` files, opaque directories get a `.wh..wh..opq` entry, hard links
-//! stay links, xattrs (but the overlay's own) go into PAX `SCHILY.xattr.*` records.
+//! stay links, xattrs (but the overlay's own) go into PAX `SCHILY.xattr.*` records. What has no
+//! plain-layer form is packed from the merged view: a renamed lower directory (a redirect) as
+//! a whole opaque directory, a metadata-only copy with its data.
 //! Entries are sorted, so the same upper always packs to the same bytes.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Error, Result, err};
 use crate::sys::{self, XTarget};
-use crate::union::format;
+use crate::union::node::ROOT_ID;
+use crate::union::{self, Union, format};
 
 fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
     // "<len> key=value\n", where len counts itself.
@@ -27,23 +33,110 @@ fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
 }
 
 fn header(md: &fs::Metadata, kind: tar::EntryType, size: u64) -> tar::Header {
+    header_of(md.mode(), md.uid(), md.gid(), md.mtime(), kind, size)
+}
+
+fn header_of(
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    kind: tar::EntryType,
+    size: u64,
+) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
-    h.set_mode(md.mode() & 0o7777);
-    h.set_uid(md.uid() as u64);
-    h.set_gid(md.gid() as u64);
-    h.set_mtime(md.mtime().max(0) as u64);
+    h.set_mode(mode & 0o7777);
+    h.set_uid(uid as u64);
+    h.set_gid(gid as u64);
+    h.set_mtime(mtime.max(0) as u64);
     h.set_size(size);
     h
 }
 
-struct Packer<W: Write> {
-    tar: tar::Builder<W>,
-    /// (dev, ino) of files already packed -> their path, for hard links.
-    links: HashMap<(u64, u64), String>,
+/// The container's tree as its mount shows it: a read-only union of the upper over the
+/// image's layers, opened in this process (no FUSE, no workdir). It holds what the upper
+/// alone cannot put in a plain layer: the content of a renamed lower directory (a redirect)
+/// and the data of a metadata-only copy.
+struct Merged(Union);
+
+impl Merged {
+    fn open(upper: &Path, below: &Below) -> Result<Merged> {
+        let mut lowers = vec![upper.to_path_buf()];
+        lowers.extend_from_slice(&below.lowers);
+        let cfg = union::Config {
+            upper: None,
+            work: None,
+            lowers,
+            data_lowers: Vec::new(),
+            fsync: false,
+            metacopy: true,
+            marker_ns: below.ns,
+            ids: Default::default(),
+            catalog: None,
+            verity: union::Verity::Off,
+        };
+        Ok(Merged(Union::new(cfg)?))
+    }
+
+    /// The node at `rel` ('/'-separated, under the root).
+    fn resolve(&self, rel: &str) -> Result<u64> {
+        let mut id = ROOT_ID;
+        for c in rel.split('/') {
+            id = self.0.lookup(id, OsStr::new(c))?.id;
+        }
+        Ok(id)
+    }
+
+    /// The data of file `id` (a metadata-only copy's is read from the layer holding it).
+    fn data(&self, id: u64) -> Result<fs::File> {
+        let fh = self.0.open(id, libc::O_RDONLY)?;
+        let fd = self.0.backing_of(fh).map(|(fd, _, _)| fd.try_clone());
+        self.0.release(fh);
+        Ok(fs::File::from(fd.ok_or_else(|| err(libc::EBADF))??))
+    }
+
+    /// Its xattrs as a mount shows them (the overlay's own hidden).
+    fn xattrs(&self, id: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for n in self.0.listxattr(id)?.split(|&b| b == 0) {
+            if n.is_empty() || format::is_private_xattr(n) {
+                continue;
+            }
+            out.push((n.to_vec(), self.0.getxattr(id, OsStr::from_bytes(n))?));
+        }
+        Ok(out)
+    }
 }
 
-impl<W: Write> Packer<W> {
+/// What the upper lies over: the image's layer dirs (top first) and the marker namespace.
+pub struct Below {
+    pub lowers: Vec<PathBuf>,
+    pub ns: format::MarkerNs,
+}
+
+struct Packer<'a, W: Write> {
+    tar: tar::Builder<W>,
+    /// (dev, ino) of files already packed -> their path, for hard links; files packed from
+    /// the merged view are keyed (MERGED_DEV, its st_ino).
+    links: HashMap<(u64, u64), String>,
+    upper: &'a Path,
+    below: &'a Below,
+    /// Opened at the first redirect or metadata-only copy met.
+    merged: Option<Rc<Merged>>,
+}
+
+/// The `links` key space of files packed from the merged view.
+const MERGED_DEV: u64 = u64::MAX;
+
+impl<W: Write> Packer<'_, W> {
+    fn merged(&mut self) -> Result<Rc<Merged>> {
+        if self.merged.is_none() {
+            self.merged = Some(Rc::new(Merged::open(self.upper, self.below)?));
+        }
+        Ok(self.merged.clone().expect("just opened"))
+    }
+
     fn xattrs(&mut self, full: &Path, rel: &str, is_symlink: bool) -> Result<()> {
         if is_symlink {
             return Ok(());
@@ -51,18 +144,27 @@ impl<W: Write> Packer<W> {
         let dir = sys::open_dir_path(full.parent().unwrap_or(Path::new("/")))?;
         let name = full.file_name().unwrap_or_default();
         let t = XTarget::At(std::os::fd::AsFd::as_fd(&dir), name);
-        let mut recs = Vec::new();
+        let mut pairs = Vec::new();
         for n in sys::listxattr(t)? {
             if format::is_private_xattr(&n) {
                 continue;
             }
             let c = std::ffi::CString::new(n.clone()).map_err(|_| Error::msg("bad xattr name"))?;
             if let Some(v) = sys::getxattr(t, &c)? {
-                recs.extend(pax_record(
-                    &format!("SCHILY.xattr.{}", String::from_utf8_lossy(&n)),
-                    &v,
-                ));
+                pairs.push((n, v));
             }
+        }
+        self.pax(rel, &pairs)
+    }
+
+    /// A PAX header carrying `pairs` as `SCHILY.xattr.*` records for the entry `rel`.
+    fn pax(&mut self, rel: &str, pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+        let mut recs = Vec::new();
+        for (n, v) in pairs {
+            recs.extend(pax_record(
+                &format!("SCHILY.xattr.{}", String::from_utf8_lossy(n)),
+                v,
+            ));
         }
         if !recs.is_empty() {
             let mut h = tar::Header::new_ustar();
@@ -109,23 +211,23 @@ impl<W: Write> Packer<W> {
             }
             if ft.is_dir() {
                 let d = sys::open_dir_path(&full)?;
-                if format::dir_markers(std::os::fd::AsFd::as_fd(&d))
-                    .redirect
-                    .is_some()
-                {
-                    return Err(Error::msg(format!(
-                        "/{r} is a renamed lower directory (a redirect); committing those is not supported yet"
-                    )));
-                }
+                let markers = format::dir_markers(std::os::fd::AsFd::as_fd(&d));
                 self.xattrs(&full, &r, false)?;
                 let mut h = header(&md, tar::EntryType::Directory, 0);
                 self.tar
                     .append_data(&mut h, format!("{r}/"), std::io::empty())?;
-                if format::dir_markers(std::os::fd::AsFd::as_fd(&d)).opaque {
-                    let mut o = header(&md, tar::EntryType::Regular, 0);
-                    o.set_mode(0o644);
-                    self.tar
-                        .append_data(&mut o, format!("{r}/.wh..wh..opq"), std::io::empty())?;
+                if markers.redirect.is_some() {
+                    // A renamed lower directory. A plain layer has no redirects: it holds
+                    // the directory whole, opaque, as the mount shows it (the whiteout at
+                    // its old name is in the upper already).
+                    self.opaque(&md, &r)?;
+                    let m = self.merged()?;
+                    let id = m.resolve(&r)?;
+                    self.walk_merged(&m, id, &r)?;
+                    continue;
+                }
+                if markers.opaque {
+                    self.opaque(&md, &r)?;
                 }
                 self.walk(root, &r)?;
                 continue;
@@ -138,15 +240,17 @@ impl<W: Write> Packer<W> {
                 }
                 self.links.insert((md.dev(), md.ino()), r.clone());
             }
-            if ft.is_file() && md.len() > 0 && is_metacopy(&full)? {
-                return Err(Error::msg(format!(
-                    "/{r} is a metadata-only copy (metacopy=on) whose data is in a lower layer; committing those is not supported yet"
-                )));
-            }
             self.xattrs(&full, &r, ft.is_symlink())?;
             if ft.is_file() {
                 let mut h = header(&md, tar::EntryType::Regular, md.len());
-                self.tar.append_data(&mut h, &r, fs::File::open(&full)?)?;
+                // A metadata-only copy (metacopy=on): its data is in a layer below.
+                let data = if md.len() > 0 && is_metacopy(&full)? {
+                    let m = self.merged()?;
+                    m.data(m.resolve(&r)?)?
+                } else {
+                    fs::File::open(&full)?
+                };
+                self.tar.append_data(&mut h, &r, data.take(md.len()))?;
             } else if ft.is_symlink() {
                 let target = fs::read_link(&full)?;
                 let mut h = header(&md, tar::EntryType::Symlink, 0);
@@ -171,7 +275,80 @@ impl<W: Write> Packer<W> {
     }
 }
 
-/// The layer tar of an upper directory.
+impl<W: Write> Packer<'_, W> {
+    /// The `.wh..wh..opq` entry that makes directory `rel` hide what the layers below hold.
+    fn opaque(&mut self, md: &fs::Metadata, rel: &str) -> Result<()> {
+        let mut o = header(md, tar::EntryType::Regular, 0);
+        o.set_mode(0o644);
+        self.tar
+            .append_data(&mut o, format!("{rel}/.wh..wh..opq"), std::io::empty())?;
+        Ok(())
+    }
+
+    /// Everything under directory `dir` of the merged view, at `rel` in the tar.
+    fn walk_merged(&mut self, m: &Merged, dir: u64, rel: &str) -> Result<()> {
+        let mut entries = m.0.list_dir(dir)?;
+        entries.retain(|e| e.name != "." && e.name != "..");
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        for e in entries {
+            let r = format!("{rel}/{}", e.name.to_string_lossy());
+            let entry = m.0.lookup(dir, &e.name)?;
+            let packed = self.merged_entry(m, entry.id, &entry.attr, &r);
+            m.0.forget(entry.id, 1);
+            packed?;
+        }
+        Ok(())
+    }
+
+    fn merged_entry(&mut self, m: &Merged, id: u64, st: &sys::Stat, r: &str) -> Result<()> {
+        let fmt = st.st_mode & libc::S_IFMT;
+        let head =
+            |kind, size| header_of(st.st_mode, st.st_uid, st.st_gid, st.st_mtime, kind, size);
+        if fmt != libc::S_IFDIR && st.st_nlink > 1 {
+            let key = (MERGED_DEV, st.st_ino);
+            if let Some(first) = self.links.get(&key) {
+                let mut h = head(tar::EntryType::Link, 0);
+                self.tar.append_link(&mut h, r, first)?;
+                return Ok(());
+            }
+            self.links.insert(key, r.to_string());
+        }
+        if fmt != libc::S_IFLNK {
+            self.pax(r, &m.xattrs(id)?)?;
+        }
+        match fmt {
+            libc::S_IFDIR => {
+                let mut h = head(tar::EntryType::Directory, 0);
+                self.tar
+                    .append_data(&mut h, format!("{r}/"), std::io::empty())?;
+                self.walk_merged(m, id, r)?;
+            }
+            libc::S_IFREG => {
+                let size = st.st_size as u64;
+                let mut h = head(tar::EntryType::Regular, size);
+                self.tar.append_data(&mut h, r, m.data(id)?.take(size))?;
+            }
+            libc::S_IFLNK => {
+                let mut h = head(tar::EntryType::Symlink, 0);
+                self.tar.append_link(&mut h, r, m.0.readlink(id)?)?;
+            }
+            libc::S_IFIFO | libc::S_IFCHR | libc::S_IFBLK => {
+                let kind = match fmt {
+                    libc::S_IFIFO => tar::EntryType::Fifo,
+                    libc::S_IFCHR => tar::EntryType::Char,
+                    _ => tar::EntryType::Block,
+                };
+                let mut h = head(kind, 0);
+                let _ = h.set_device_major(libc::major(st.st_rdev));
+                let _ = h.set_device_minor(libc::minor(st.st_rdev));
+                self.tar.append_data(&mut h, r, std::io::empty())?;
+            }
+            _ => {} // sockets are not layer content
+        }
+        Ok(())
+    }
+}
+
 /// Does this upper file carry a metacopy marker (its data lives in a lower layer)?
 fn is_metacopy(full: &Path) -> Result<bool> {
     let dir = sys::open_dir_path(full.parent().unwrap_or(Path::new("/")))?;
@@ -184,11 +361,14 @@ fn is_metacopy(full: &Path) -> Result<bool> {
     Ok(false)
 }
 
-/// Write the upper dir `upper` as an OCI layer tar into `out`.
-pub fn pack_upper(upper: &Path, out: impl Write) -> Result<()> {
+/// Write the upper dir `upper`, over the layers `below`, as an OCI layer tar into `out`.
+pub fn pack_upper(upper: &Path, below: &Below, out: impl Write) -> Result<()> {
     let mut p = Packer {
         tar: tar::Builder::new(out),
         links: HashMap::new(),
+        upper,
+        below,
+        merged: None,
     };
     p.tar.mode(tar::HeaderMode::Complete);
     p.walk(upper, "")

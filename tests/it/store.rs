@@ -549,6 +549,117 @@ fn manifest_layer_digests(dir: &Path) -> Vec<String> {
     out
 }
 
+/// A plain layer has no redirects and no metadata-only copies, yet `mv` of a lower directory
+/// in a container makes one and `metacopy=on` the other: the commit packs the renamed
+/// directory whole (opaque) and the copies with their data, and the image it makes shows
+/// what the kernel shows for the container (its upper read over the image's layers).
+#[test]
+fn a_commit_holds_renamed_lower_dirs_and_metadata_only_copies_as_the_kernel_shows_them() {
+    require_fuse!();
+    let s = Scratch::new();
+    let root = buildah_store(&s);
+    ok(&root, &["container", "create", "bb-multi", "--name", "c"]);
+    let insp: serde_json::Value =
+        serde_json::from_str(&ok(&root, &["container", "inspect", "c"])).unwrap();
+    let dir = |k: &str| PathBuf::from(insp[0][k].as_str().unwrap());
+    let lowers: Vec<PathBuf> = insp[0]["LowerDirs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| PathBuf::from(p.as_str().unwrap()))
+        .collect();
+    let upper = dir("UpperDir");
+    let mnt = s.mkdir("mnt");
+    {
+        let m = Layerfs::mount(
+            &format!(
+                "lowerdir={},upperdir={},workdir={},metacopy=on",
+                lowerdir(&lowers),
+                upper.display(),
+                dir("WorkDir").display()
+            ),
+            &mnt,
+        );
+        let at = |p: &str| m.mnt.join(p);
+        fs::hard_link(at("data/hello.txt"), at("data/hello.link")).unwrap();
+        chmod(at("data/keep"), 0o600);
+        fs::rename(at("data"), at("data2")).unwrap();
+        fs::rename(at("data2/sub"), at("data2/sub2")).unwrap();
+        fs::create_dir(at("data2/sub2/deeper")).unwrap();
+        write(at("data2/new"), b"made after the move");
+        set_xattr(at("data2/new"), "user.k", b"v");
+        fs::remove_file(at("data2/built-on")).unwrap();
+        chmod(at("bin/busybox"), 0o700);
+        fs::rename(at("etc/passwd"), at("etc/passwd.moved")).unwrap();
+    }
+    // What the upper holds is what this test is about.
+    let has = |rel: &str, x: &str| get_xattr(upper.join(rel), x).is_some();
+    assert!(has("data2", "trusted.overlay.redirect"));
+    assert!(has("bin/busybox", "trusted.overlay.metacopy"));
+    assert!(has("etc/passwd.moved", "trusted.overlay.metacopy"));
+
+    let mut upper_and_lowers = vec![upper.clone()];
+    upper_and_lowers.extend(lowers);
+    let kernel = {
+        let k = Kernel::mount(
+            &format!(
+                "lowerdir={},metacopy=on,redirect_dir=follow",
+                lowerdir(&upper_and_lowers)
+            ),
+            &s.path("kmnt"),
+        );
+        snapshot(&k.mnt)
+    };
+    let id = ok(&root, &["container", "commit", "c", "moved:1"]);
+    assert!(id.starts_with("sha256:"), "{id}");
+    ok(&root, &["container", "create", "moved:1", "--name", "c2"]);
+    let mnt2 = s.mkdir("mnt2");
+    ok(&root, &["container", "mount", "c2", mnt2.to_str().unwrap()]);
+    let committed = {
+        let _g = Mounted(mnt2.clone());
+        snapshot(&mnt2)
+    };
+    // A merged directory counts one link in the kernel; committed, it is a plain one.
+    let plain = |t: &Tree| -> Tree {
+        t.iter()
+            .map(|(k, v)| {
+                let mut v = v.clone();
+                if v.kind == 'd' {
+                    v.nlink = 0;
+                }
+                (k.clone(), v)
+            })
+            .collect()
+    };
+    assert_same_tree(
+        "committed image vs the kernel's view of the container",
+        &plain(&kernel),
+        &plain(&committed),
+    );
+    assert_eq!(committed[&b"data2/hello.link"[..]].nlink, 2);
+    assert_eq!(committed[&b"bin/busybox"[..]].mode & 0o777, 0o700);
+    // The layer: the old name whited out, the new one opaque.
+    let top = fs::read_dir(root.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter_map(|p| {
+            let names: Vec<String> = tar::Archive::new(fs::File::open(&p).ok()?)
+                .entries()
+                .ok()?
+                .map(|e| {
+                    e.ok()
+                        .map(|e| e.path().unwrap().to_string_lossy().into_owned())
+                })
+                .collect::<Option<_>>()?;
+            names.iter().any(|n| n == "data2/new").then_some(names)
+        })
+        .next()
+        .expect("the committed layer");
+    for want in [".wh.data", "data2/.wh..wh..opq", "data2/sub2/deeper/"] {
+        assert!(top.iter().any(|n| n == want), "{want}: {top:?}");
+    }
+}
+
 #[test]
 fn commit_and_save_round_trip_through_another_store() {
     require_fuse!();
