@@ -753,44 +753,13 @@ pub fn run_container(root: &Path, cmd: ContainerCmd) -> Result<i32> {
             let store = Store::open(root, false)?;
             let m = read_meta(&store, &name)?;
             let img = store.resolve(m["Image"].as_str().unwrap_or(""))?;
-            let lows = store.lowers(&img);
             let upper = container_dir(&store, &name)?.join("upper");
-            let mut out = Vec::new();
-            diff_walk(&upper, Path::new(""), &lows, &mut out)?;
-            out.sort_by(|a, b| a.1.cmp(&b.1));
-            for (k, p) in out {
-                println!("{k} /{}", p.display());
+            for (k, p) in crate::store::changes::changes(&upper, &store.below(&img))? {
+                println!("{k} /{p}");
             }
         }
     }
     Ok(0)
-}
-
-/// A (added), C (changed: exists below), D (deleted: whiteout) for each upper entry.
-fn diff_walk(
-    upper: &Path,
-    rel: &Path,
-    lows: &[PathBuf],
-    out: &mut Vec<(char, PathBuf)>,
-) -> Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    for e in fs::read_dir(upper.join(rel))?.flatten() {
-        let p = rel.join(e.file_name());
-        let ft = e.file_type()?;
-        let md = e.metadata()?;
-        let below = lows
-            .iter()
-            .any(|l| fs::symlink_metadata(l.join(&p)).is_ok());
-        if ft.is_char_device() && std::os::unix::fs::MetadataExt::rdev(&md) == 0 {
-            out.push(('D', p));
-            continue;
-        }
-        out.push((if below { 'C' } else { 'A' }, p.clone()));
-        if ft.is_dir() {
-            diff_walk(upper, &p, lows, out)?;
-        }
-    }
-    Ok(())
 }
 
 /// `system df`: images, layers, containers; what is shared and the total.

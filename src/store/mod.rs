@@ -4,8 +4,10 @@
 //! Every durable write is temp + fsync + rename; writers hold an flock on `ROOT/lock`.
 
 pub mod blob;
+pub mod changes;
 pub mod digest;
 pub mod load;
+pub mod merged;
 pub mod pack;
 pub mod reference;
 pub mod save;
@@ -150,6 +152,14 @@ impl Store {
             .rev()
             .map(|l| self.layer_dir(&l.diff_id).join("diff"))
             .collect()
+    }
+
+    /// What a container of `img` has below its upper.
+    pub fn below(&self, img: &Image) -> merged::Below {
+        merged::Below {
+            lowers: self.lowers(img),
+            ns: self.marker_ns(),
+        }
     }
 
     /// The lower catalog of `img`'s layer stack (`catalog=` of its containers' mounts).
@@ -389,11 +399,7 @@ impl Store {
         let tag = tag.as_deref().map(normalize_ref).transpose()?;
         // The layer tar is the blob (uncompressed: its digest is the diff_id).
         let mut w = blob::BlobWriter::new(self)?;
-        let below = pack::Below {
-            lowers: self.lowers(base),
-            ns: self.marker_ns(),
-        };
-        pack::pack_upper(upper, &below, &mut w)?;
+        pack::pack_upper(upper, &self.below(base), &mut w)?;
         let diff_id = w.finish(self, None, None)?;
         if !self.has_layer(&diff_id) {
             let tar = File::open(self.blob_path(&diff_id))?;

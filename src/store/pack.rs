@@ -6,18 +6,16 @@
 //! Entries are sorted, so the same upper always packs to the same bytes.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 
-use crate::error::{Context, Error, Result, err};
+use super::merged::{Below, Merged};
+use crate::error::{Context, Error, Result};
 use crate::sys::{self, XTarget};
-use crate::union::node::ROOT_ID;
-use crate::union::{self, Union, format};
+use crate::union::format;
 
 fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
     // "<len> key=value\n", where len counts itself.
@@ -54,67 +52,6 @@ fn header_of(
     h
 }
 
-/// The container's tree as its mount shows it: a read-only union of the upper over the
-/// image's layers, opened in this process (no FUSE, no workdir). It holds what the upper
-/// alone cannot put in a plain layer: the content of a renamed lower directory (a redirect)
-/// and the data of a metadata-only copy.
-struct Merged(Union);
-
-impl Merged {
-    fn open(upper: &Path, below: &Below) -> Result<Merged> {
-        let mut lowers = vec![upper.to_path_buf()];
-        lowers.extend_from_slice(&below.lowers);
-        let cfg = union::Config {
-            upper: None,
-            work: None,
-            lowers,
-            data_lowers: Vec::new(),
-            fsync: false,
-            metacopy: true,
-            marker_ns: below.ns,
-            ids: Default::default(),
-            catalog: None,
-            verity: union::Verity::Off,
-        };
-        Ok(Merged(Union::new(cfg)?))
-    }
-
-    /// The node at `rel` ('/'-separated, under the root).
-    fn resolve(&self, rel: &str) -> Result<u64> {
-        let mut id = ROOT_ID;
-        for c in rel.split('/') {
-            id = self.0.lookup(id, OsStr::new(c))?.id;
-        }
-        Ok(id)
-    }
-
-    /// The data of file `id` (a metadata-only copy's is read from the layer holding it).
-    fn data(&self, id: u64) -> Result<fs::File> {
-        let fh = self.0.open(id, libc::O_RDONLY)?;
-        let fd = self.0.backing_of(fh).map(|(fd, _, _)| fd.try_clone());
-        self.0.release(fh);
-        Ok(fs::File::from(fd.ok_or_else(|| err(libc::EBADF))??))
-    }
-
-    /// Its xattrs as a mount shows them (the overlay's own hidden).
-    fn xattrs(&self, id: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut out = Vec::new();
-        for n in self.0.listxattr(id)?.split(|&b| b == 0) {
-            if n.is_empty() || format::is_private_xattr(n) {
-                continue;
-            }
-            out.push((n.to_vec(), self.0.getxattr(id, OsStr::from_bytes(n))?));
-        }
-        Ok(out)
-    }
-}
-
-/// What the upper lies over: the image's layer dirs (top first) and the marker namespace.
-pub struct Below {
-    pub lowers: Vec<PathBuf>,
-    pub ns: format::MarkerNs,
-}
-
 struct Packer<'a, W: Write> {
     tar: tar::Builder<W>,
     /// (dev, ino) of files already packed -> their path, for hard links; files packed from
@@ -122,7 +59,7 @@ struct Packer<'a, W: Write> {
     links: HashMap<(u64, u64), String>,
     upper: &'a Path,
     below: &'a Below,
-    /// Opened at the first redirect or metadata-only copy met.
+    /// The container's view, opened at the first redirect or metadata-only copy met.
     merged: Option<Rc<Merged>>,
 }
 
@@ -132,7 +69,7 @@ const MERGED_DEV: u64 = u64::MAX;
 impl<W: Write> Packer<'_, W> {
     fn merged(&mut self) -> Result<Rc<Merged>> {
         if self.merged.is_none() {
-            self.merged = Some(Rc::new(Merged::open(self.upper, self.below)?));
+            self.merged = Some(Rc::new(Merged::container(self.upper, self.below)?));
         }
         Ok(self.merged.clone().expect("just opened"))
     }
@@ -287,17 +224,7 @@ impl<W: Write> Packer<'_, W> {
 
     /// Everything under directory `dir` of the merged view, at `rel` in the tar.
     fn walk_merged(&mut self, m: &Merged, dir: u64, rel: &str) -> Result<()> {
-        let mut entries = m.0.list_dir(dir)?;
-        entries.retain(|e| e.name != "." && e.name != "..");
-        entries.sort_by(|a, b| a.name.cmp(&b.name));
-        for e in entries {
-            let r = format!("{rel}/{}", e.name.to_string_lossy());
-            let entry = m.0.lookup(dir, &e.name)?;
-            let packed = self.merged_entry(m, entry.id, &entry.attr, &r);
-            m.0.forget(entry.id, 1);
-            packed?;
-        }
-        Ok(())
+        m.walk(dir, rel, &mut |r, id, st| self.merged_entry(m, id, st, r))
     }
 
     fn merged_entry(&mut self, m: &Merged, id: u64, st: &sys::Stat, r: &str) -> Result<()> {
@@ -321,7 +248,6 @@ impl<W: Write> Packer<'_, W> {
                 let mut h = head(tar::EntryType::Directory, 0);
                 self.tar
                     .append_data(&mut h, format!("{r}/"), std::io::empty())?;
-                self.walk_merged(m, id, r)?;
             }
             libc::S_IFREG => {
                 let size = st.st_size as u64;
@@ -330,7 +256,7 @@ impl<W: Write> Packer<'_, W> {
             }
             libc::S_IFLNK => {
                 let mut h = head(tar::EntryType::Symlink, 0);
-                self.tar.append_link(&mut h, r, m.0.readlink(id)?)?;
+                self.tar.append_link(&mut h, r, m.readlink(id)?)?;
             }
             libc::S_IFIFO | libc::S_IFCHR | libc::S_IFBLK => {
                 let kind = match fmt {

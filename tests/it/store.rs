@@ -552,7 +552,8 @@ fn manifest_layer_digests(dir: &Path) -> Vec<String> {
 /// A plain layer has no redirects and no metadata-only copies, yet `mv` of a lower directory
 /// in a container makes one and `metacopy=on` the other: the commit packs the renamed
 /// directory whole (opaque) and the copies with their data, and the image it makes shows
-/// what the kernel shows for the container (its upper read over the image's layers).
+/// what the kernel shows for the container (its upper read over the image's layers). `container
+/// diff` lists the same changes as docker's.
 #[test]
 fn a_commit_holds_renamed_lower_dirs_and_metadata_only_copies_as_the_kernel_shows_them() {
     require_fuse!();
@@ -591,6 +592,10 @@ fn a_commit_holds_renamed_lower_dirs_and_metadata_only_copies_as_the_kernel_show
         fs::remove_file(at("data2/built-on")).unwrap();
         chmod(at("bin/busybox"), 0o700);
         fs::rename(at("etc/passwd"), at("etc/passwd.moved")).unwrap();
+        // A lower dir replaced by a new one of the same name (opaque).
+        fs::remove_dir_all(at("usr")).unwrap();
+        fs::create_dir_all(at("usr/bin")).unwrap();
+        write(at("usr/bin/awk"), b"not busybox");
     }
     // What the upper holds is what this test is about.
     let has = |rel: &str, x: &str| get_xattr(upper.join(rel), x).is_some();
@@ -598,6 +603,33 @@ fn a_commit_holds_renamed_lower_dirs_and_metadata_only_copies_as_the_kernel_show
     assert!(has("bin/busybox", "trusted.overlay.metacopy"));
     assert!(has("etc/passwd.moved", "trusted.overlay.metacopy"));
 
+    // `container diff` as `docker diff` lists it: all a renamed directory holds is added
+    // (nothing in it deleted); what an opaque directory hides is deleted, at its top.
+    let diff = ok(&root, &["container", "diff", "c"]);
+    let lines: Vec<&str> = diff.lines().collect();
+    for want in [
+        "D /data",
+        "A /data2",
+        "A /data2/hello.link",
+        "A /data2/hello.txt",
+        "A /data2/keep",
+        "A /data2/new",
+        "A /data2/sub2/b",
+        "A /data2/sub2/deeper",
+        "C /bin/busybox",
+        "D /etc/passwd",
+        "A /etc/passwd.moved",
+        "C /usr",
+        "C /usr/bin",
+        "C /usr/bin/awk",
+        "D /usr/sbin",
+        "D /usr/bin/ar",
+    ] {
+        assert!(lines.contains(&want), "{want} in {diff}");
+    }
+    for not in ["/data2/built-on", "/etc/group", "/usr/sbin/"] {
+        assert!(!diff.contains(not), "{not} in {diff}");
+    }
     let mut upper_and_lowers = vec![upper.clone()];
     upper_and_lowers.extend(lowers);
     let kernel = {
