@@ -65,9 +65,10 @@ impl Union {
             }
             return Ok(());
         }
-        // Ancestors first, root down, so every copy has an upper parent to land in.
+        // Ancestors first, root down, so every copy has an upper parent to land in: those of
+        // a name the node can still be reached by.
         let mut chain = Vec::new();
-        let mut cur = node.state().parent;
+        let mut cur = self.reachable_name(node)?.0.id;
         while cur != ROOT_ID {
             let n = self.node(cur)?;
             if n.top_layer() == 0 {
@@ -221,9 +222,13 @@ impl Union {
             s.indexed = index_key.is_some();
             s.aliases.clone()
         };
-        // Other names of a lower hard link stay one file: link them up beside the copy.
+        // Other names of a lower hard link stay one file: link them up beside the copy. A
+        // name whose directory the kernel forgot is linked up when it is looked up again
+        // (through the live node, or the index).
         for (ap, an) in aliases {
-            self.link_up_at(&parent, &st.name, ap, &an)?;
+            if self.nodes.get(ap).is_some() {
+                self.link_up_at(&parent, &st.name, ap, &an)?;
+            }
         }
         // nlink (a dir becomes merged), ctime and a broken hard link's count change.
         self.attrs_changed(node.id);
@@ -466,9 +471,8 @@ impl Union {
 
     /// Link a further name of copied-up `node` into the upper layer.
     pub(crate) fn link_up_alias(&self, node: &Arc<Node>, parent: u64, name: &OsStr) -> Result<()> {
-        let st = node.state();
-        let p = self.node(st.parent)?;
-        self.link_up_at(&p, &st.name, parent, name)
+        let (p, n) = self.reachable_name(node)?;
+        self.link_up_at(&p, &n, parent, name)
     }
 
     /// Hard-link upper `src_parent/src_name` as `parent/name` (copying `parent` up first).

@@ -339,8 +339,39 @@ impl Union {
             }
             (st.parent, st.name.clone())
         };
-        let parent = self.node(parent)?;
+        let (parent, name) = match self.nodes.get(parent) {
+            Some(p) => (p, name),
+            None => self.reachable_name(node)?,
+        };
         Ok(Real::At(self.dir_fd(&parent, layer)?, name))
+    }
+
+    /// The node's directory and name to reach it by: its first name whose directory is still
+    /// a node. The kernel may forget the directory of a hard link's first name while another
+    /// name keeps the file in use (memory pressure drops the unused entries; a failed rename
+    /// drops the entries it named): the first such name then becomes the node's first, so
+    /// copy-ups follow it too. ESTALE where no name is left to reach it by.
+    pub(crate) fn reachable_name(&self, node: &Node) -> Result<(Arc<Node>, OsString)> {
+        // The node's lock is not held while the table is asked (the table's lock comes first).
+        let names: Vec<(u64, OsString)> = node
+            .state()
+            .names()
+            .map(|(p, n)| (p, n.to_owned()))
+            .collect();
+        for (i, (p, n)) in names.into_iter().enumerate() {
+            let Some(dir) = self.nodes.get(p) else {
+                continue;
+            };
+            if i > 0 {
+                node.state
+                    .write()
+                    .expect("node state lock")
+                    .make_first(p, &n);
+                log::debug!("node {}: first name now {n:?} in {p}", node.id);
+            }
+            return Ok((dir, n));
+        }
+        Err(err(libc::ESTALE))
     }
 
     /// The topmost real object behind `node`.

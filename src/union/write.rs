@@ -442,7 +442,10 @@ impl Union {
             let s = src.state();
             let mut shortest: Option<usize> = None;
             for (pid, name) in s.names() {
-                let sp = self.node(pid)?;
+                // A name whose directory the kernel forgot is not one it links by.
+                let Some(sp) = self.nodes.get(pid) else {
+                    continue;
+                };
                 if let Some(d) = self.kernel_meta_data(&src, &sp, name)? {
                     let len = format::absolute_path(&d).len();
                     shortest = Some(shortest.map_or(len, |m| m.min(len)));
@@ -464,7 +467,10 @@ impl Union {
         // No name: an O_TMPFILE file (the only such file the kernel lets be linked).
         let from = match &s.detached {
             Some(fd) if s.unlinked => Real::Fd(fd.clone()),
-            _ => Real::At(self.dir_fd(&*self.node(s.parent)?, 0)?, s.name.clone()),
+            _ => {
+                let (dir, name) = self.reachable_name(&src)?;
+                Real::At(self.dir_fd(&dir, 0)?, name)
+            }
         };
         let link_to = |dir: BorrowedFd<'_>, name: &OsStr| match &from {
             Real::Fd(fd) => sys::link_fd(fd.as_fd(), dir, name),

@@ -202,3 +202,63 @@ fn a_legacy_layerfs_index_is_brought_into_the_kernels_format() {
     let origin = get_xattr(up.join("h1"), "trusted.overlay.origin").expect("origin written");
     assert_eq!(entries(&work.join("index")), vec![hex(&origin)]);
 }
+
+/// Found by the data-only-layers soak (metacopy=on, seed 1631371): the kernel may forget the
+/// directory of the name a hard link was first looked up by while another name keeps the
+/// file in use: memory pressure drops unused cached entries (as `drop_caches` does here), and
+/// a failed rename drops those it named. Every later request on the file (getxattr, fchmod,
+/// fstat through the open fd) answered ESTALE, as the daemon reached the file only through
+/// that first name. Now it goes by a name whose directory it still knows, as the kernel
+/// does: the same sequence on both, with the file copied up first and with it still lower.
+#[test]
+fn a_hard_link_in_use_by_one_name_outlives_the_directory_of_its_first_name() {
+    require_fuse!();
+    for copied in [true, false] {
+        let mut seen = Vec::new();
+        for kernel in [true, false] {
+            let s = Scratch::new();
+            let low = linked_lower(&s);
+            let (up, work, mnt) = (s.mkdir("up"), s.mkdir("work"), s.mkdir("mnt"));
+            let _m = Either::mount(kernel, &index_opts(&low, &up, &work), &mnt);
+            // First looked up as d/h3: the node's first name is in d.
+            if copied {
+                append(&mnt.join("d/h3"), b" more");
+            } else {
+                fs::read(mnt.join("d/h3")).unwrap();
+            }
+            let f = fs::File::open(mnt.join("h1")).unwrap();
+            // Unused entries go, d and d/h3 among them; h1 stays (the open file holds it).
+            fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+            let xattr = sys::getxattr(sys::XTarget::Fd(f.as_fd()), c"user.none")
+                .map_err(|e| e.raw_os_error());
+            let chmod = f
+                .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(|e| e.raw_os_error());
+            let mode = f
+                .metadata()
+                .map(|md| md.mode() & 0o777)
+                .map_err(|e| e.raw_os_error());
+            let after: Vec<(Vec<u8>, u64, u32)> = ["h1", "h2", "d/h3"]
+                .iter()
+                .map(|n| {
+                    let md = fs::metadata(mnt.join(n)).unwrap();
+                    (
+                        fs::read(mnt.join(n)).unwrap(),
+                        md.nlink(),
+                        md.mode() & 0o777,
+                    )
+                })
+                .collect();
+            seen.push(format!("{xattr:?} {chmod:?} {mode:?} {after:?}"));
+        }
+        assert_eq!(
+            seen[0], seen[1],
+            "copied first: {copied}; kernel, then layerfs"
+        );
+        assert!(
+            seen[1].starts_with("Ok(None) Ok(()) Ok(384)"),
+            "{}",
+            seen[1]
+        );
+    }
+}
