@@ -223,11 +223,18 @@ impl Union {
             s.aliases.clone()
         };
         // Other names of a lower hard link stay one file: link them up beside the copy. A
-        // name whose directory the kernel forgot is linked up when it is looked up again
-        // (through the live node, or the index).
+        // name whose directory the kernel forgot is no name of the node any more (the
+        // kernel forgot it too): looked up again, it is linked up then, through the live
+        // node or the index.
         for (ap, an) in aliases {
             if self.nodes.get(ap).is_some() {
                 self.link_up_at(&parent, &st.name, ap, &an)?;
+            } else {
+                node.state
+                    .write()
+                    .expect("node state lock")
+                    .remove_name(ap, &an);
+                self.nodes.unindex_if(ap, &an, node.id);
             }
         }
         // nlink (a dir becomes merged), ctime and a broken hard link's count change.
