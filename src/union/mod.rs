@@ -349,8 +349,9 @@ impl Union {
     /// The node's directory and name to reach it by: its first name whose directory is still
     /// a node. The kernel may forget the directory of a hard link's first name while another
     /// name keeps the file in use (memory pressure drops the unused entries; a failed rename
-    /// drops the entries it named): the first such name then becomes the node's first, so
-    /// copy-ups follow it too. ESTALE where no name is left to reach it by.
+    /// drops those it named): the names in forgotten directories are the kernel's no more, so
+    /// they go, and the first name left is one a copy-up can follow. A name looked up again
+    /// later is the node's again. ESTALE where no name is left to reach it by.
     pub(crate) fn reachable_name(&self, node: &Node) -> Result<(Arc<Node>, OsString)> {
         // The node's lock is not held while the table is asked (the table's lock comes first).
         let names: Vec<(u64, OsString)> = node
@@ -358,16 +359,25 @@ impl Union {
             .names()
             .map(|(p, n)| (p, n.to_owned()))
             .collect();
-        for (i, (p, n)) in names.into_iter().enumerate() {
+        let mut gone = Vec::new();
+        for (p, n) in names {
             let Some(dir) = self.nodes.get(p) else {
+                gone.push((p, n));
                 continue;
             };
-            if i > 0 {
-                node.state
-                    .write()
-                    .expect("node state lock")
-                    .make_first(p, &n);
-                log::debug!("node {}: first name now {n:?} in {p}", node.id);
+            if !gone.is_empty() {
+                let mut s = node.state.write().expect("node state lock");
+                for (gp, gn) in &gone {
+                    s.remove_name(*gp, gn);
+                }
+                drop(s);
+                for (gp, gn) in &gone {
+                    self.nodes.unindex_if(*gp, gn, node.id);
+                }
+                log::debug!(
+                    "node {}: names in forgotten dirs dropped: {gone:?}",
+                    node.id
+                );
             }
             return Ok((dir, n));
         }

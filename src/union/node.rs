@@ -180,22 +180,6 @@ impl NodeState {
         false
     }
 
-    /// Make alias `parent/name` the first name (the old first one becomes an alias).
-    pub fn make_first(&mut self, parent: u64, name: &OsStr) {
-        if let Some(i) = self
-            .aliases
-            .iter()
-            .position(|(p, n)| *p == parent && n == name)
-        {
-            let (p, n) = self.aliases.remove(i);
-            let old = (
-                std::mem::replace(&mut self.parent, p),
-                std::mem::replace(&mut self.name, n),
-            );
-            self.aliases.push(old);
-        }
-    }
-
     /// Rename one of the node's names.
     pub fn move_name(&mut self, parent: u64, name: &OsStr, np: u64, nn: &OsStr) {
         if self.parent == parent && self.name == name {
