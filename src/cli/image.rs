@@ -194,6 +194,19 @@ pub enum ContainerCmd {
         #[arg(last = true)]
         cmd: Vec<String>,
     },
+    /// The container's filesystem as one plain tar (image layers and writable layer, as
+    /// mounted), like `docker export`.
+    #[command(
+        after_help = "Examples:\n  layerfs container export web -o web.tar\n  layerfs container export web | layerfs image import - web-flat:1"
+    )]
+    Export {
+        /// The container.
+        name: String,
+        /// The tar file to write (whole or not at all); standard output when absent or `-`,
+        /// unless that is a terminal.
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+    },
     /// The writable layer as a new layer: a new image NEW[:TAG] with a history entry.
     #[command(after_help = "Example:\n  layerfs container commit web web:v2 -m 'installed nginx'")]
     Commit {
@@ -238,6 +251,17 @@ fn tags_of(tags: &BTreeMap<String, Digest>, id: &Digest) -> Vec<String> {
 
 fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Where a tar goes: `-o FILE`, else standard output (`-`), unless that is a terminal.
+fn tar_output(output: Option<PathBuf>) -> Result<PathBuf> {
+    match output {
+        Some(p) if p != Path::new("-") => Ok(p),
+        _ if std::io::stdout().is_terminal() => Err(Error::msg(
+            "refusing to write a tar to a terminal: give -o FILE or redirect the output",
+        )),
+        _ => Ok(PathBuf::from("-")),
+    }
 }
 
 fn progress(line: String) {
@@ -385,12 +409,7 @@ pub fn run_image(root: &Path, cmd: ImageCmd) -> Result<i32> {
                         "--format oci-dir writes a directory: give it with -o DIR",
                     ));
                 }
-                _ if std::io::stdout().is_terminal() => {
-                    return Err(Error::msg(
-                        "refusing to write a tar to a terminal: give -o FILE or redirect the output",
-                    ));
-                }
-                _ => PathBuf::from("-"),
+                _ => tar_output(None)?,
             };
             if output != Path::new("-")
                 && output.exists()
@@ -740,6 +759,17 @@ pub fn run_container(root: &Path, cmd: ContainerCmd) -> Result<i32> {
         ContainerCmd::Umount { name } => {
             let store = Store::open(root, true)?;
             umount_container(&store, &name)?;
+        }
+        ContainerCmd::Export { name, output } => {
+            let output = tar_output(output)?;
+            let store = Store::open(root, false)?;
+            let m = read_meta(&store, &name)?;
+            let img = store.resolve(m["Image"].as_str().unwrap_or(""))?;
+            let upper = container_dir(&store, &name)?.join("upper");
+            let below = store.below(&img);
+            crate::store::save::write_out(&output, |w| {
+                crate::store::pack::pack_merged(&upper, &below, w)
+            })?;
         }
         ContainerCmd::Commit { name, new, message } => {
             let store = Store::open(root, true)?;

@@ -107,7 +107,7 @@ pub enum Cmd {
         format: String,
     },
     /// Containers: a writable layer over an image; create, ls, inspect, rm, mount, umount, diff,
-    /// commit, and run with runc/crun (run, bundle).
+    /// commit, export, and run with runc/crun (run, bundle).
     Container {
         #[command(subcommand)]
         cmd: image::ContainerCmd,

@@ -287,18 +287,36 @@ fn is_metacopy(full: &Path) -> Result<bool> {
     Ok(false)
 }
 
+impl<'a, W: Write> Packer<'a, W> {
+    fn new(upper: &'a Path, below: &'a Below, out: W) -> Self {
+        let mut tar = tar::Builder::new(out);
+        tar.mode(tar::HeaderMode::Complete);
+        Packer {
+            tar,
+            links: HashMap::new(),
+            upper,
+            below,
+            merged: None,
+        }
+    }
+}
+
 /// Write the upper dir `upper`, over the layers `below`, as an OCI layer tar into `out`.
 pub fn pack_upper(upper: &Path, below: &Below, out: impl Write) -> Result<()> {
-    let mut p = Packer {
-        tar: tar::Builder::new(out),
-        links: HashMap::new(),
-        upper,
-        below,
-        merged: None,
-    };
-    p.tar.mode(tar::HeaderMode::Complete);
+    let mut p = Packer::new(upper, below, out);
     p.walk(upper, "")
         .ctx(format!("packing {}", upper.display()))?;
+    p.tar.into_inner()?;
+    Ok(())
+}
+
+/// Write the container's whole tree, as its mount shows it (upper over the layers `below`),
+/// as a plain tar into `out`: `container export`, as `docker export`.
+pub fn pack_merged(upper: &Path, below: &Below, out: impl Write) -> Result<()> {
+    let mut p = Packer::new(upper, below, out);
+    let m = p.merged()?;
+    p.walk_merged(&m, m.resolve("")?, "")
+        .ctx(format!("exporting {}", upper.display()))?;
     p.tar.into_inner()?;
     Ok(())
 }

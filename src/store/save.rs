@@ -72,18 +72,12 @@ pub fn save_oci_dir(store: &Store, images: &[(Image, Vec<String>)], out: &Path) 
     Ok(())
 }
 
-/// Tar up a directory's contents (sorted, for stable output) into `out`: standard output
-/// for `-`, else a file that appears whole or not at all (a temporary name beside it,
-/// fsynced, then renamed).
-fn tar_dir(dir: &Path, out: &Path) -> Result<()> {
-    fn tar_into<W: Write>(dir: &Path, w: W) -> Result<W> {
-        let mut b = tar::Builder::new(w);
-        b.mode(tar::HeaderMode::Deterministic);
-        b.append_dir_all(".", dir)?;
-        Ok(b.into_inner()?)
-    }
+/// Write what `fill` writes to `out`: standard output for `-`, else a file that appears
+/// whole or not at all (a temporary name beside it, fsynced, then renamed).
+pub fn write_out(out: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     if out == Path::new("-") {
-        let mut w = tar_into(dir, std::io::BufWriter::new(std::io::stdout().lock()))?;
+        let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+        fill(&mut w)?;
         return Ok(w.flush()?);
     }
     let name = out.file_name().unwrap_or_default().to_string_lossy();
@@ -91,9 +85,9 @@ fn tar_dir(dir: &Path, out: &Path) -> Result<()> {
     let written = fs::File::create(&tmp)
         .ctx(format!("output {}", out.display()))
         .and_then(|f| {
-            let f = tar_into(dir, std::io::BufWriter::new(f))?
-                .into_inner()
-                .map_err(|e| Error::from(e.into_error()))?;
+            let mut w = std::io::BufWriter::new(f);
+            fill(&mut w)?;
+            let f = w.into_inner().map_err(|e| Error::from(e.into_error()))?;
             f.sync_all()?;
             fs::rename(&tmp, out).ctx(format!("output {}", out.display()))
         });
@@ -101,6 +95,17 @@ fn tar_dir(dir: &Path, out: &Path) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     written
+}
+
+/// Tar up a directory's contents (sorted, for stable output) into `out` (see `write_out`).
+fn tar_dir(dir: &Path, out: &Path) -> Result<()> {
+    write_out(out, |w| {
+        let mut b = tar::Builder::new(w);
+        b.mode(tar::HeaderMode::Deterministic);
+        b.append_dir_all(".", dir)?;
+        b.into_inner()?;
+        Ok(())
+    })
 }
 
 pub fn save(

@@ -553,7 +553,7 @@ fn manifest_layer_digests(dir: &Path) -> Vec<String> {
 /// in a container makes one and `metacopy=on` the other: the commit packs the renamed
 /// directory whole (opaque) and the copies with their data, and the image it makes shows
 /// what the kernel shows for the container (its upper read over the image's layers). `container
-/// diff` lists the same changes as docker's.
+/// diff` lists the same changes as docker's; `container export` writes that tree.
 #[test]
 fn a_commit_holds_renamed_lower_dirs_and_metadata_only_copies_as_the_kernel_shows_them() {
     require_fuse!();
@@ -668,25 +668,38 @@ fn a_commit_holds_renamed_lower_dirs_and_metadata_only_copies_as_the_kernel_show
         &plain(&kernel),
         &plain(&committed),
     );
+    // `container export` writes the same tree as one plain tar: flattened into an image
+    // (`export | import -`, as with docker), it mounts as the kernel shows the container.
+    let flat = shell(&format!(
+        "{BIN} --root {r} container export c | {BIN} --root {r} image import - flat:1",
+        r = root.display()
+    ));
+    assert!(flat.starts_with("sha256:"), "{flat}");
+    ok(&root, &["container", "create", "flat:1", "--name", "c3"]);
+    let mnt3 = s.mkdir("mnt3");
+    ok(&root, &["container", "mount", "c3", mnt3.to_str().unwrap()]);
+    let flattened = {
+        let _g = Mounted(mnt3.clone());
+        snapshot(&mnt3)
+    };
+    assert_same_tree(
+        "exported and imported vs the kernel's view of the container",
+        &plain(&kernel),
+        &plain(&flattened),
+    );
     assert_eq!(committed[&b"data2/hello.link"[..]].nlink, 2);
     assert_eq!(committed[&b"bin/busybox"[..]].mode & 0o777, 0o700);
     // The layer: the old name whited out, the new one opaque.
-    let top = fs::read_dir(root.join("blobs/sha256"))
+    let insp: serde_json::Value =
+        serde_json::from_str(&ok(&root, &["image", "inspect", "moved:1"])).unwrap();
+    let layers = insp[0]["RootFS"]["Layers"].as_array().unwrap();
+    let diff_id = layers.last().unwrap().as_str().unwrap();
+    let blob = fs::File::open(root.join("blobs/sha256").join(&diff_id["sha256:".len()..])).unwrap();
+    let top: Vec<String> = tar::Archive::new(blob)
+        .entries()
         .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter_map(|p| {
-            let names: Vec<String> = tar::Archive::new(fs::File::open(&p).ok()?)
-                .entries()
-                .ok()?
-                .map(|e| {
-                    e.ok()
-                        .map(|e| e.path().unwrap().to_string_lossy().into_owned())
-                })
-                .collect::<Option<_>>()?;
-            names.iter().any(|n| n == "data2/new").then_some(names)
-        })
-        .next()
-        .expect("the committed layer");
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect();
     for want in [".wh.data", "data2/.wh..wh..opq", "data2/sub2/deeper/"] {
         assert!(top.iter().any(|n| n == want), "{want}: {top:?}");
     }
