@@ -347,41 +347,50 @@ impl Union {
     }
 
     /// The node's directory and name to reach it by: its first name whose directory is still
-    /// a node. The kernel may forget the directory of a hard link's first name while another
-    /// name keeps the file in use (memory pressure drops the unused entries; a failed rename
-    /// drops those it named): the names in forgotten directories are the kernel's no more, so
-    /// they go, and the first name left is one a copy-up can follow. A name looked up again
-    /// later is the node's again. ESTALE where no name is left to reach it by.
+    /// a node (see `prune_names`). ESTALE where no name is left to reach it by.
     pub(crate) fn reachable_name(&self, node: &Node) -> Result<(Arc<Node>, OsString)> {
+        self.prune_names(node)
+            .into_iter()
+            .next()
+            .ok_or_else(|| err(libc::ESTALE))
+    }
+
+    /// The node's names whose directories are still nodes, first first. The kernel may forget
+    /// the directory of a hard link's name while another name keeps the file in use (memory
+    /// pressure drops the unused entries; a failed rename drops those it named): the names
+    /// in forgotten directories are the kernel's no more, so they go (unless none would be
+    /// left), and the first name left is one a copy-up can follow. A name looked up again
+    /// later is the node's again.
+    pub(crate) fn prune_names(&self, node: &Node) -> Vec<(Arc<Node>, OsString)> {
         // The node's lock is not held while the table is asked (the table's lock comes first).
         let names: Vec<(u64, OsString)> = node
             .state()
             .names()
             .map(|(p, n)| (p, n.to_owned()))
             .collect();
+        let mut live = Vec::new();
         let mut gone = Vec::new();
         for (p, n) in names {
-            let Some(dir) = self.nodes.get(p) else {
-                gone.push((p, n));
-                continue;
-            };
-            if !gone.is_empty() {
-                let mut s = node.state.write().expect("node state lock");
-                for (gp, gn) in &gone {
-                    s.remove_name(*gp, gn);
-                }
-                drop(s);
-                for (gp, gn) in &gone {
-                    self.nodes.unindex_if(*gp, gn, node.id);
-                }
-                log::debug!(
-                    "node {}: names in forgotten dirs dropped: {gone:?}",
-                    node.id
-                );
+            match self.nodes.get(p) {
+                Some(dir) => live.push((dir, n)),
+                None => gone.push((p, n)),
             }
-            return Ok((dir, n));
         }
-        Err(err(libc::ESTALE))
+        if !live.is_empty() && !gone.is_empty() {
+            let mut s = node.state.write().expect("node state lock");
+            for (gp, gn) in &gone {
+                s.remove_name(*gp, gn);
+            }
+            drop(s);
+            for (gp, gn) in &gone {
+                self.nodes.unindex_if(*gp, gn, node.id);
+            }
+            log::debug!(
+                "node {}: names in forgotten dirs dropped: {gone:?}",
+                node.id
+            );
+        }
+        live
     }
 
     /// The topmost real object behind `node`.

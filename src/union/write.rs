@@ -546,6 +546,10 @@ impl Union {
     /// working (through `keep`) for whoever still holds it; an upper file's index entry goes
     /// with its last name.
     pub(super) fn detach(&self, n: &Node, parent: u64, name: &OsStr, keep: Option<Arc<OwnedFd>>) {
+        // Its other names in directories the kernel forgot do not keep it named.
+        if !n.is_dir() && !n.state.read().expect("node state lock").aliases.is_empty() {
+            self.prune_names(n);
+        }
         let named_elsewhere = keep
             .as_ref()
             .filter(|_| n.top_layer() == 0)

@@ -203,6 +203,15 @@ fn a_legacy_layerfs_index_is_brought_into_the_kernels_format() {
     assert_eq!(entries(&work.join("index")), vec![hex(&origin)]);
 }
 
+/// `linked_lower` mounted (index=on) on the kernel or on layerfs: (scratch, mount, mountpoint).
+fn linked_mount(kernel: bool) -> (Scratch, Either, PathBuf) {
+    let s = Scratch::new();
+    let low = linked_lower(&s);
+    let (up, work, mnt) = (s.mkdir("up"), s.mkdir("work"), s.mkdir("mnt"));
+    let m = Either::mount(kernel, &index_opts(&low, &up, &work), &mnt);
+    (s, m, mnt)
+}
+
 /// Found by the data-only-layers soak (metacopy=on, seed 1631371): the kernel may forget the
 /// directory of the name a hard link was first looked up by while another name keeps the
 /// file in use: memory pressure drops unused cached entries (as `drop_caches` does here), and
@@ -216,10 +225,7 @@ fn a_hard_link_in_use_by_one_name_outlives_the_directory_of_its_first_name() {
     for copied in [true, false] {
         let mut seen = Vec::new();
         for kernel in [true, false] {
-            let s = Scratch::new();
-            let low = linked_lower(&s);
-            let (up, work, mnt) = (s.mkdir("up"), s.mkdir("work"), s.mkdir("mnt"));
-            let _m = Either::mount(kernel, &index_opts(&low, &up, &work), &mnt);
+            let (_s, _m, mnt) = linked_mount(kernel);
             // First looked up as d/h3: the node's first name is in d.
             if copied {
                 append(&mnt.join("d/h3"), b" more");
@@ -265,4 +271,38 @@ fn a_hard_link_in_use_by_one_name_outlives_the_directory_of_its_first_name() {
             seen[1]
         );
     }
+}
+
+/// The same, when the name the file is open by is unlinked and its other name known to the
+/// daemon is in a directory the kernel forgot: the fd kept working on the kernel and answered
+/// ESTALE on layerfs, which took that forgotten name for the file's name.
+#[test]
+fn a_hard_link_open_by_a_name_since_unlinked_outlives_the_directory_of_its_other_name() {
+    require_fuse!();
+    let mut seen = Vec::new();
+    for kernel in [true, false] {
+        let (_s, _m, mnt) = linked_mount(kernel);
+        append(&mnt.join("h1"), b" more");
+        fs::read(mnt.join("d/h3")).unwrap();
+        let f = fs::File::open(mnt.join("h1")).unwrap();
+        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        fs::remove_file(mnt.join("h1")).unwrap();
+        let chmod = f
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| e.raw_os_error());
+        let through_fd = f
+            .metadata()
+            .map(|md| (md.mode() & 0o777, md.nlink()))
+            .map_err(|e| e.raw_os_error());
+        let others: Vec<(u64, u32)> = ["h2", "d/h3"]
+            .iter()
+            .map(|n| {
+                let md = fs::metadata(mnt.join(n)).unwrap();
+                (md.nlink(), md.mode() & 0o777)
+            })
+            .collect();
+        seen.push(format!("{chmod:?} {through_fd:?} {others:?}"));
+    }
+    assert_eq!(seen[0], seen[1], "kernel, then layerfs");
+    assert!(seen[1].starts_with("Ok(()) Ok((384, 2))"), "{}", seen[1]);
 }
