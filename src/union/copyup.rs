@@ -210,7 +210,7 @@ impl Union {
         // and until then a crash shows the lower object, never a partial copy.
         restore_times(upper_parent.as_fd(), &parent_times);
 
-        let aliases = {
+        {
             let mut s = node.state.write().expect("node state lock");
             if node.is_dir() {
                 s.layers.insert(0, 0);
@@ -220,21 +220,13 @@ impl Union {
             s.data = meta_src;
             s.kernel_meta = kernel_meta;
             s.indexed = index_key.is_some();
-            s.aliases.clone()
-        };
-        // Other names of a lower hard link stay one file: link them up beside the copy. A
-        // name whose directory the kernel forgot is no name of the node any more (the
-        // kernel forgot it too): looked up again, it is linked up then, through the live
-        // node or the index.
-        for (ap, an) in aliases {
-            if self.nodes.get(ap).is_some() {
-                self.link_up_at(&parent, &st.name, ap, &an)?;
-            } else {
-                node.state
-                    .write()
-                    .expect("node state lock")
-                    .remove_name(ap, &an);
-                self.nodes.unindex_if(ap, &an, node.id);
+        }
+        // Other names of a lower hard link stay one file: link them up beside the copy. Names
+        // in directories the kernel forgot are dropped (`prune_names`): looked up again, they
+        // are linked up then, through the live node or the index.
+        for (dir, an) in self.prune_names(node) {
+            if (dir.id, an.as_os_str()) != (st.parent, st.name.as_os_str()) {
+                self.link_up_at(&parent, &st.name, dir.id, &an)?;
             }
         }
         // nlink (a dir becomes merged), ctime and a broken hard link's count change.
