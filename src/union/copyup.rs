@@ -58,6 +58,7 @@ impl Union {
                     let mut s = node.state.write().expect("node state lock");
                     s.kernel_meta = false;
                     s.kernel_redirect = None;
+                    s.shrink();
                 }
                 if meta {
                     return self.copy_up_data(node, data);
@@ -142,7 +143,7 @@ impl Union {
             (Data::Empty, _) => (Fill::Nothing, None),
             (Data::Meta, d) => {
                 let mut here = self.lower_path_of(&parent, &parent.state())?;
-                here.push(st.name.clone());
+                here.push(st.name.to_os_string());
                 let redirect = d
                     .as_ref()
                     .filter(|d| d.first_lower != here)
@@ -215,17 +216,18 @@ impl Union {
             if node.is_dir() {
                 s.layers.insert(0, 0);
             } else {
-                s.layers = vec![0];
+                s.layers = smallvec::smallvec![0];
             }
             s.data = meta_src;
             s.kernel_meta = kernel_meta;
             s.indexed = index_key.is_some();
+            s.shrink();
         }
         // Other names of a lower hard link stay one file: link them up beside the copy. Names
         // in directories the kernel forgot are dropped (`prune_names`): looked up again, they
         // are linked up then, through the live node or the index.
         for (dir, an) in self.prune_names(node) {
-            if (dir.id, an.as_os_str()) != (st.parent, st.name.as_os_str()) {
+            if (dir.id, &*an) != (st.parent, &*st.name) {
                 self.link_up_at(&parent, &st.name, dir.id, &an)?;
             }
         }
@@ -344,7 +346,10 @@ impl Union {
             }
         };
         let (last, dirs) = path.split_last().ok_or_else(|| err(libc::EIO))?;
-        Ok(Real::At(self.walk_path(layer, dirs)?, last.clone()))
+        Ok(Real::At(
+            self.walk_path(layer, dirs)?,
+            Arc::from(last.as_os_str()),
+        ))
     }
 
     /// A metadata-only copy's data source, a deferred one looked up in the data-only layers
@@ -423,14 +428,17 @@ impl Union {
     /// The topmost lower object of a metadata-only copy (the kernel's ovl_dentry_lower).
     pub(crate) fn first_lower_real(&self, d: &DataSrc) -> Result<Real> {
         let (last, dirs) = d.first_lower.split_last().ok_or_else(|| err(libc::EIO))?;
-        Ok(Real::At(self.walk_path(d.first_layer, dirs)?, last.clone()))
+        Ok(Real::At(
+            self.walk_path(d.first_layer, dirs)?,
+            Arc::from(last.as_os_str()),
+        ))
     }
 
     /// Bring a metadata-only copy's data up into its upper file (in place: until the
     /// metacopy marker goes, a crash still shows the lower data), or drop it (`Empty`).
     fn copy_up_data(&self, node: &Arc<Node>, data: Data) -> Result<()> {
         let _g = node.copy_lock.lock().expect("copy lock");
-        let Some(d) = node.state().data else {
+        let Some(d) = node.state().data.clone() else {
             return Ok(()); // another writer won the race
         };
         let started = std::time::Instant::now();
@@ -460,7 +468,11 @@ impl Union {
         for x in [ns.metacopy(), ns.redirect()] {
             sys::removexattr_if_present(real.xtarget(), x)?;
         }
-        node.state.write().expect("node state lock").data = None;
+        {
+            let mut s = node.state.write().expect("node state lock");
+            s.data = None;
+            s.shrink();
+        }
         self.attrs_changed(node.id);
         let st = node.state();
         self.copied_up(&st, d.layer().unwrap_or(0), bytes, started.elapsed());

@@ -293,7 +293,7 @@ impl Union {
             return Ok(None);
         }
         let lower = self.dir_fd(p, l)?;
-        let Some(origin) = self.origin_of(&Real::At(lower, name.to_owned()), l) else {
+        let Some(origin) = self.origin_of(&Real::At(lower, Arc::from(name)), l) else {
             return Ok(None);
         };
         let origin = origin.encode();

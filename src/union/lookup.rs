@@ -11,7 +11,7 @@ use super::catalog::{DirKey, ROOT_KEY};
 use super::fanout;
 use super::format;
 use super::names::{MERGE_MIN_LAYERS, Merged, Probe};
-use super::node::{DataAt, DataSrc, Inserted, Kind, Node, NodeState, ROOT_ID};
+use super::node::{DataAt, DataSrc, Inserted, Kind, Layers, Node, NodeState, ROOT_ID};
 use super::{Entry, Union, check_name};
 use crate::error::{Result, err};
 use crate::sys::{self, Stat, XTarget};
@@ -19,7 +19,7 @@ use crate::sys::{self, Stat, XTarget};
 /// What a lookup found for one name.
 pub(crate) struct Found {
     pub kind: Kind,
-    pub layers: Vec<usize>,
+    pub layers: Layers,
     pub top: Stat,
     pub lower_path: Option<Arc<Vec<OsString>>>,
     pub redirect_layer: usize,
@@ -39,7 +39,7 @@ pub(crate) struct Found {
     /// An upper file copied up whole where the kernel's copy would be metadata-only
     /// (`NodeState::kernel_meta`), and the redirect that copy would carry.
     pub kernel_meta: bool,
-    pub kernel_redirect: Option<Vec<OsString>>,
+    pub kernel_redirect: Option<Box<[OsString]>>,
 }
 
 impl Found {
@@ -47,7 +47,7 @@ impl Found {
     fn dir(st: Stat) -> Found {
         Found {
             kind: Kind::Dir,
-            layers: Vec::new(),
+            layers: Layers::new(),
             top: st,
             lower_path: None,
             redirect_layer: 0,
@@ -132,6 +132,7 @@ impl Union {
         state.indexed = f.indexed;
         state.kernel_meta = f.kernel_meta;
         state.kernel_redirect = f.kernel_redirect;
+        state.shrink();
         if f.kind == Kind::Dir {
             self.fds.drop_node(id);
             self.names.drop_node(id);
@@ -443,7 +444,7 @@ impl Union {
                     .and_then(format::redirect_components);
                 *found = Some(Found {
                     kind,
-                    layers: vec![l],
+                    layers: smallvec::smallvec![l],
                     top: st,
                     lower_path: None,
                     redirect_layer: 0,
@@ -453,7 +454,7 @@ impl Union {
                     fds: Vec::new(),
                     data,
                     kernel_meta: whole_copy.is_some(),
-                    kernel_redirect,
+                    kernel_redirect: kernel_redirect.map(Vec::into_boxed_slice),
                 });
             }
             // A non-directory hides everything below, whether it is on top or under a dir.
@@ -863,7 +864,7 @@ impl Union {
         if p.id == ROOT_ID {
             return Ok(Vec::new());
         }
-        let mut names = vec![ps.name.clone()];
+        let mut names = vec![ps.name.to_os_string()];
         let mut cur = ps.parent;
         let mut prefix = Vec::new();
         while cur != ROOT_ID {
@@ -873,7 +874,7 @@ impl Union {
                 prefix = lp.as_ref().clone();
                 break;
             }
-            names.push(s.name.clone());
+            names.push(s.name.to_os_string());
             cur = s.parent;
         }
         names.reverse();

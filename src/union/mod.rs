@@ -282,7 +282,7 @@ impl Union {
             return Ok(fd);
         }
         // Walk up (iteratively: trees can be thousands deep) to the nearest known fd.
-        let mut chain: Vec<(u64, OsString)> = Vec::new();
+        let mut chain: Vec<(u64, Arc<OsStr>)> = Vec::new();
         let mut cur = node.id;
         let mut base: Arc<OwnedFd>;
         loop {
@@ -348,7 +348,7 @@ impl Union {
 
     /// The node's directory and name to reach it by: its first name whose directory is still
     /// a node (see `prune_names`). ESTALE where no name is left to reach it by.
-    pub(crate) fn reachable_name(&self, node: &Node) -> Result<(Arc<Node>, OsString)> {
+    pub(crate) fn reachable_name(&self, node: &Node) -> Result<(Arc<Node>, Arc<OsStr>)> {
         self.prune_names(node)
             .into_iter()
             .next()
@@ -361,12 +361,13 @@ impl Union {
     /// in forgotten directories are the kernel's no more, so they go (unless none would be
     /// left), and the first name left is one a copy-up can follow. A name looked up again
     /// later is the node's again.
-    pub(crate) fn prune_names(&self, node: &Node) -> Vec<(Arc<Node>, OsString)> {
+    pub(crate) fn prune_names(&self, node: &Node) -> Vec<(Arc<Node>, Arc<OsStr>)> {
         // The node's lock is not held while the table is asked (the table's lock comes first).
-        let names: Vec<(u64, OsString)> = node
-            .state()
-            .names()
-            .map(|(p, n)| (p, n.to_owned()))
+        let names: Vec<(u64, Arc<OsStr>)> = node
+            .state
+            .read()
+            .expect("node state lock")
+            .named()
             .collect();
         let mut live = Vec::new();
         let mut gone = Vec::new();
@@ -525,13 +526,13 @@ impl Union {
     /// Which layers hold node `id` (top first) and whether it is a directory (for `which`).
     pub fn layers_of(&self, id: u64) -> Result<(Vec<usize>, bool)> {
         let n = self.node(id)?;
-        Ok((n.state().layers, n.is_dir()))
+        Ok((n.state().layers.to_vec(), n.is_dir()))
     }
 
     /// For a renamed (redirected) directory: the path its lower layers are merged from.
     pub fn redirected_from(&self, id: u64) -> Result<Option<String>> {
         let st = self.node(id)?.state();
-        Ok(st.lower_path.map(|lp| format::show_path(&lp)))
+        Ok(st.lower_path.as_ref().map(|lp| format::show_path(lp)))
     }
 
     /// For a metadata-only copy: the layer and path its data is read from (a data-only

@@ -3,9 +3,11 @@
 //! many layers gets one index of which layers hold each name, so a lookup there costs one hash
 //! probe and one fstatat however deep the stack (a name in one layer of 100: not 100 probes).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
+use std::hash::BuildHasher;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -17,29 +19,85 @@ use crate::sys;
 
 const SHARDS: usize = 16;
 
-/// The names of one lower directory in one layer (markers included).
+/// The names of one lower directory in one layer (markers included), packed: a rootfs walk
+/// keeps one per directory, so each name costs its bytes and an 8-byte slot, not a string
+/// (a heap block and 24 bytes) in a set.
 pub struct LayerNames {
-    names: HashSet<OsString>,
+    /// Every name's bytes, one after another.
+    bytes: Box<[u8]>,
+    /// (offset, length) of each name in `bytes`, hashed by the name.
+    table: hashbrown::HashTable<(u32, u16)>,
+}
+
+/// One hasher for every set (its keys random per process: names come from images).
+fn hash(b: &[u8]) -> u64 {
+    static STATE: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    STATE.get_or_init(Default::default).hash_one(b)
 }
 
 impl LayerNames {
     fn read(dir: BorrowedFd<'_>) -> Result<LayerNames> {
         let rfd = sys::openat(dir, OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-        let names = sys::read_dir_fd(rfd.as_fd())?
-            .into_iter()
-            .map(|e| e.name)
-            .collect();
-        Ok(LayerNames { names })
+        Ok(LayerNames::of(
+            sys::read_dir_fd(rfd.as_fd())?.iter().map(|e| &*e.name),
+        ))
+    }
+
+    fn of<'a>(names: impl Iterator<Item = &'a OsStr> + Clone) -> LayerNames {
+        let mut bytes = Vec::with_capacity(names.clone().map(|n| n.len()).sum());
+        let mut spans = Vec::new();
+        for n in names {
+            // Names are at most NAME_MAX (255) bytes; anything longer cannot be asked for.
+            if let (Ok(off), Ok(len)) = (u32::try_from(bytes.len()), u16::try_from(n.len())) {
+                bytes.extend_from_slice(n.as_bytes());
+                spans.push((off, len));
+            }
+        }
+        let at = |&(o, l): &(u32, u16)| &bytes[o as usize..o as usize + l as usize];
+        let mut table = hashbrown::HashTable::with_capacity(spans.len());
+        for span in spans {
+            table.insert_unique(hash(at(&span)), span, |s| hash(at(s)));
+        }
+        LayerNames {
+            bytes: bytes.into_boxed_slice(),
+            table,
+        }
+    }
+
+    fn span(&self, &(o, l): &(u32, u16)) -> &[u8] {
+        &self.bytes[o as usize..o as usize + l as usize]
+    }
+
+    fn contains(&self, name: &[u8]) -> bool {
+        self.table
+            .find(hash(name), |s| self.span(s) == name)
+            .is_some()
+    }
+
+    /// Every name listed.
+    fn iter(&self) -> impl Iterator<Item = &OsStr> {
+        self.table.iter().map(|s| OsStr::from_bytes(self.span(s)))
     }
 
     /// What this layer's directory says about `name`.
     pub fn probe(&self, name: &OsStr) -> Probe {
-        if self.names.contains(name) {
-            Probe::Present
-        } else if self.names.contains(&format::oci_whiteout_name(name)) {
-            Probe::WhitedOut
-        } else {
-            Probe::Absent
+        if self.contains(name.as_bytes()) {
+            return Probe::Present;
+        }
+        // `.wh.NAME`, built on the stack: this runs for every name absent from a layer.
+        let mut wh = [0u8; format::WH_PREFIX.len() + 255];
+        let len = format::WH_PREFIX.len() + name.len();
+        match wh.get_mut(..len) {
+            Some(key) => {
+                key[..format::WH_PREFIX.len()].copy_from_slice(format::WH_PREFIX);
+                key[format::WH_PREFIX.len()..].copy_from_slice(name.as_bytes());
+                if self.contains(key) {
+                    Probe::WhitedOut
+                } else {
+                    Probe::Absent
+                }
+            }
+            None => Probe::Absent,
         }
     }
 }
@@ -72,10 +130,10 @@ impl Merged {
     fn build(lowers: &[usize], sets: Vec<LayerNames>) -> Merged {
         let mut at: HashMap<OsString, Vec<(usize, bool)>> = HashMap::new();
         for (&l, set) in lowers.iter().zip(sets) {
-            for n in set.names {
-                let (key, listed) = match format::oci_whited_out(&n) {
+            for n in set.iter() {
+                let (key, listed) = match format::oci_whited_out(n) {
                     Some(hidden) => (hidden.to_os_string(), false),
-                    None => (n, true),
+                    None => (n.to_os_string(), true),
                 };
                 let v = at.entry(key).or_default();
                 match v.last_mut() {

@@ -40,21 +40,36 @@ impl Kind {
     }
 }
 
+/// A node's layers, top first: one for a non-directory, and few for most directories, so
+/// held inline (no allocation per node).
+pub type Layers = smallvec::SmallVec<[usize; 2]>;
+
 /// Where a node lives now. Mutated only under the parent's `dir_lock` (rename, unlink) or the
 /// node's `copy_lock` (copy-up).
+///
+/// What few nodes need (a redirect, a metacopy's data, hard-link aliases, ...) is boxed in
+/// `Rare`, allocated at its first write: a rootfs walk holds a node per file, and most are
+/// a name in one layer. Its fields read and write as the state's own (`Deref`).
 #[derive(Clone, Debug)]
 pub struct NodeState {
     pub parent: u64,
-    pub name: OsString,
+    /// Shared with the name index's key (one copy of each name in memory).
+    pub name: Arc<OsStr>,
     /// Layers holding this object, top first. A non-directory has exactly one; a directory has
     /// every layer merged into it (down to an opaque or non-directory entry).
-    pub layers: Vec<usize>,
+    pub layers: Layers,
+    /// Removed from the union while still referenced (open or not yet forgotten).
+    pub unlinked: bool,
+    rare: Option<Box<Rare>>,
+}
+
+/// The state only some nodes have; see `NodeState`.
+#[derive(Clone, Debug)]
+pub struct Rare {
     /// For a renamed (redirected) directory: its path, from the root, in the layers below
     /// `redirect_layer` (the layer whose copy carries the redirect).
     pub lower_path: Option<Arc<Vec<OsString>>>,
     pub redirect_layer: usize,
-    /// Removed from the union while still referenced (open or not yet forgotten).
-    pub unlinked: bool,
     /// Unlinked, but a lower hard link whose other names (not looked up yet) reach its copy
     /// through the index: their lookups revive this node, so the kernel keeps one inode for
     /// the file (an fd still open on the removed name sees changes made through them).
@@ -62,7 +77,7 @@ pub struct NodeState {
     /// For an unlinked non-directory: an O_PATH fd that keeps reaching the object.
     pub detached: Option<Arc<OwnedFd>>,
     /// Other names of a hard-linked non-directory (same real inode, so the same node).
-    pub aliases: Vec<(u64, OsString)>,
+    pub aliases: Vec<(u64, Arc<OsStr>)>,
     /// For a metadata-only copy (metacopy): where its data lives.
     pub data: Option<Arc<DataSrc>>,
     /// Copied up whole (empty, or a hard link) where the kernel's copy would still be
@@ -72,12 +87,54 @@ pub struct NodeState {
     pub kernel_meta: bool,
     /// For such a copy once moved: where the kernel's copy's redirect points (kept, as the
     /// kernel keeps a redirect, by later moves).
-    pub kernel_redirect: Option<Vec<OsString>>,
+    pub kernel_redirect: Option<Box<[OsString]>>,
     /// A directory whose upper copy is marked impure (see `origin.rs`).
     pub impure: bool,
     /// An upper non-directory that is the index's entry for its origin: `overlay.nlink`
     /// counts its links (see `index.rs`).
     pub indexed: bool,
+}
+
+impl Rare {
+    const NONE: Rare = Rare {
+        lower_path: None,
+        redirect_layer: 0,
+        named_elsewhere: false,
+        detached: None,
+        aliases: Vec::new(),
+        data: None,
+        kernel_meta: false,
+        kernel_redirect: None,
+        impure: false,
+        indexed: false,
+    };
+
+    fn is_none(&self) -> bool {
+        self.lower_path.is_none()
+            && self.redirect_layer == 0
+            && !self.named_elsewhere
+            && self.detached.is_none()
+            && self.aliases.is_empty()
+            && self.data.is_none()
+            && !self.kernel_meta
+            && self.kernel_redirect.is_none()
+            && !self.impure
+            && !self.indexed
+    }
+}
+
+impl std::ops::Deref for NodeState {
+    type Target = Rare;
+    fn deref(&self) -> &Rare {
+        static NONE: Rare = Rare::NONE;
+        self.rare.as_deref().unwrap_or(&NONE)
+    }
+}
+
+impl std::ops::DerefMut for NodeState {
+    fn deref_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(|| Box::new(Rare::NONE))
+    }
 }
 
 /// The data of a metadata-only copy: a regular file in a lower layer (which never changes,
@@ -131,29 +188,27 @@ impl DataSrc {
 }
 
 impl NodeState {
-    pub fn new(parent: u64, name: &OsStr, layers: Vec<usize>) -> NodeState {
+    pub fn new(parent: u64, name: &OsStr, layers: impl Into<Layers>) -> NodeState {
         NodeState {
             parent,
-            name: name.to_os_string(),
-            layers,
-            lower_path: None,
-            redirect_layer: 0,
+            name: Arc::from(name),
+            layers: layers.into(),
             unlinked: false,
-            named_elsewhere: false,
-            detached: None,
-            aliases: Vec::new(),
-            data: None,
-            kernel_meta: false,
-            kernel_redirect: None,
-            impure: false,
-            indexed: false,
+            rare: None,
+        }
+    }
+
+    /// Give back the box of rare fields if writes left them all unset.
+    pub fn shrink(&mut self) {
+        if self.rare.as_ref().is_some_and(|r| r.is_none()) {
+            self.rare = None;
         }
     }
 
     /// Every (parent, name) this node is known under.
     pub fn names(&self) -> impl Iterator<Item = (u64, &OsStr)> {
-        std::iter::once((self.parent, self.name.as_os_str()))
-            .chain(self.aliases.iter().map(|(p, n)| (*p, n.as_os_str())))
+        std::iter::once((self.parent, &*self.name))
+            .chain(self.aliases.iter().map(|(p, n)| (*p, &**n)))
     }
 
     /// The layer a read of this node's data is served from: its top one, or for a
@@ -165,33 +220,42 @@ impl NodeState {
             .unwrap_or(self.layers[0])
     }
 
+    /// Every (parent, name) this node is known under, the names shared.
+    pub fn named(&self) -> impl Iterator<Item = (u64, Arc<OsStr>)> + '_ {
+        std::iter::once((self.parent, self.name.clone()))
+            .chain(self.aliases.iter().map(|(p, n)| (*p, n.clone())))
+    }
+
     /// Drop one name; the next alias becomes the primary. True when no name is left.
     pub fn remove_name(&mut self, parent: u64, name: &OsStr) -> bool {
-        if self.parent == parent && self.name == name {
+        if self.parent == parent && &*self.name == name {
             if self.aliases.is_empty() {
                 return true;
             }
             let (p, n) = self.aliases.remove(0);
             self.parent = p;
             self.name = n;
-        } else {
-            self.aliases.retain(|(p, n)| !(*p == parent && n == name));
+        } else if !self.aliases.is_empty() {
+            self.aliases
+                .retain(|(p, n)| !(*p == parent && &**n == name));
         }
         false
     }
 
-    /// Rename one of the node's names.
-    pub fn move_name(&mut self, parent: u64, name: &OsStr, np: u64, nn: &OsStr) {
-        if self.parent == parent && self.name == name {
+    /// Rename one of the node's names; the new name as stored (for the index).
+    pub fn move_name(&mut self, parent: u64, name: &OsStr, np: u64, nn: &OsStr) -> Arc<OsStr> {
+        let new: Arc<OsStr> = Arc::from(nn);
+        if self.parent == parent && &*self.name == name {
             self.parent = np;
-            self.name = nn.to_os_string();
+            self.name = new.clone();
         } else if let Some(a) = self
             .aliases
             .iter_mut()
-            .find(|(p, n)| *p == parent && n == name)
+            .find(|(p, n)| *p == parent && &**n == name)
         {
-            *a = (np, nn.to_os_string());
+            *a = (np, new.clone());
         }
+        new
     }
 }
 
@@ -271,7 +335,39 @@ impl Node {
 }
 
 type Table = RwLock<HashMap<u64, Arc<Node>>>;
-type Index = Mutex<HashMap<(u64, OsString), u64>>;
+type Index = Mutex<hashbrown::HashMap<IndexKey, u64, std::hash::RandomState>>;
+
+/// A (parent, name) of the index. The name is the node state's own (`NodeState::name`, an
+/// alias): a name is held once however many maps know it, and a lookup asks with a borrowed
+/// `Named` (no allocation per request).
+#[derive(PartialEq, Eq)]
+struct IndexKey {
+    parent: u64,
+    name: Arc<OsStr>,
+}
+
+/// A borrowed (parent, name): hashes as the `IndexKey` it equals.
+#[derive(Clone, Copy)]
+struct Named<'a>(u64, &'a OsStr);
+
+impl Hash for IndexKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        Named(self.parent, &self.name).hash(h)
+    }
+}
+
+impl Hash for Named<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.0.hash(h);
+        self.1.hash(h);
+    }
+}
+
+impl hashbrown::Equivalent<IndexKey> for Named<'_> {
+    fn equivalent(&self, k: &IndexKey) -> bool {
+        self.0 == k.parent && self.1 == &*k.name
+    }
+}
 
 pub struct NodeTable {
     table: Vec<Table>,
@@ -326,7 +422,9 @@ impl NodeTable {
     pub fn new() -> NodeTable {
         NodeTable {
             table: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            index: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            index: (0..SHARDS)
+                .map(|_| Mutex::new(hashbrown::HashMap::with_hasher(Default::default())))
+                .collect(),
             next_reissued: AtomicU64::new(REISSUED_BASE),
             moved: Mutex::new(HashMap::new()),
             moved_len: AtomicUsize::new(0),
@@ -402,7 +500,7 @@ impl NodeTable {
         let idx = self.index[index_shard(parent, name)]
             .lock()
             .expect("index lock");
-        let id = *idx.get(&(parent, name.to_os_string()))?;
+        let id = *idx.get(&Named(parent, name))?;
         self.pin(id)
     }
 
@@ -425,14 +523,14 @@ impl NodeTable {
         let mut idx = self.index[index_shard(parent, &name)]
             .lock()
             .expect("index lock");
-        if let Some(&id) = idx.get(&(parent, name.clone()))
+        if let Some(&id) = idx.get(&Named(parent, &name))
             && id == node.id
             && let Some(n) = self.pin(id)
         {
             return Inserted::Existing(n);
         }
         let mut id = node.id;
-        let mut stale: Vec<(u64, OsString)> = Vec::new();
+        let mut stale: Vec<(u64, Arc<OsStr>)> = Vec::new();
         let mut t = self.shard(id).write().expect("table lock");
         if t.get(&id).is_some_and(|n| n.is_retired()) {
             // The kernel still holds the retired node under this number: a new one.
@@ -447,12 +545,12 @@ impl NodeTable {
                 let mut os = old.state.write().expect("node state lock");
                 let new_state = node.state.into_inner().expect("node state lock");
                 if os.unlinked || old.is_dir() {
-                    stale = os.names().map(|(p, n)| (p, n.to_os_string())).collect();
+                    stale = os.named().collect();
                     *os = new_state;
                     drop(os);
                     Inserted::Revived(old.clone())
                 } else {
-                    if !os.names().any(|(p, n)| p == parent && n == name) {
+                    if !os.names().any(|(p, n)| p == parent && n == &*name) {
                         os.aliases.push((parent, name.clone()));
                     }
                     drop(os);
@@ -461,11 +559,7 @@ impl NodeTable {
             }
             Some(old) => {
                 // Same number, other type: a reused inode; the kernel drops the old one.
-                stale = old
-                    .state()
-                    .names()
-                    .map(|(p, n)| (p, n.to_os_string()))
-                    .collect();
+                stale = old.state().named().collect();
                 let lookups = old.lookups.load(Ordering::Relaxed);
                 node.lookups.store(lookups + 1, Ordering::Relaxed);
                 let arc = Arc::new(node);
@@ -480,10 +574,27 @@ impl NodeTable {
             }
         };
         drop(t);
-        idx.insert((parent.to_owned(), name.clone()), id);
+        let name = match &result {
+            // The key shares the name the node keeps (its state may be the one just taken).
+            Inserted::Alias(n) | Inserted::Revived(n) => n
+                .state
+                .read()
+                .expect("node state lock")
+                .named()
+                .find(|(p, n)| *p == parent && **n == *name)
+                .map_or(name, |(_, n)| n),
+            _ => name,
+        };
+        idx.insert(
+            IndexKey {
+                parent,
+                name: name.clone(),
+            },
+            id,
+        );
         drop(idx);
         for (p, n) in stale {
-            if (p, n.as_os_str()) != (parent, name.as_os_str()) {
+            if (p, &*n) != (parent, &*name) {
                 self.unindex_if(p, &n, id);
             }
         }
@@ -507,7 +618,7 @@ impl NodeTable {
             id => id,
         };
         let state = old.state();
-        let names: Vec<(u64, OsString)> = state.names().map(|(p, n)| (p, n.to_owned())).collect();
+        let names: Vec<(u64, Arc<OsStr>)> = state.named().collect();
         let node = Arc::new(Node::new(id, old.kind, natural, state));
         // (Not the new id: the kernel may forget that node, and a later lookup makes another.)
         old.successor_ino.store(natural, Ordering::Relaxed);
@@ -517,9 +628,10 @@ impl NodeTable {
             .insert(id, node.clone());
         for (p, n) in names {
             let mut idx = self.index[index_shard(p, &n)].lock().expect("index lock");
-            let key = (p, n);
-            if idx.get(&key) == Some(&old.id) {
-                idx.insert(key, id);
+            if let Some(v) = idx.get_mut(&Named(p, &n))
+                && *v == old.id
+            {
+                *v = id;
             }
         }
         Some(node)
@@ -562,7 +674,7 @@ impl NodeTable {
         let mut idx = self.index[index_shard(parent, name)]
             .lock()
             .expect("index lock");
-        let key = (parent, name.to_os_string());
+        let key = Named(parent, name);
         if idx.get(&key) == Some(&id) {
             idx.remove(&key);
         }
@@ -573,16 +685,30 @@ impl NodeTable {
         let idx = self.index[index_shard(parent, name)]
             .lock()
             .expect("index lock");
-        idx.get(&(parent, name.to_os_string())).copied()
+        idx.get(&Named(parent, name)).copied()
     }
 
-    /// Move an index entry (rename): (parent, name) -> (new_parent, new_name).
-    pub fn reindex(&self, id: u64, parent: u64, name: &OsStr, new_parent: u64, new_name: &OsStr) {
+    /// Move an index entry (rename): (parent, name) -> (new_parent, new_name), the name as the
+    /// node stores it (`NodeState::move_name`).
+    pub fn reindex(
+        &self,
+        id: u64,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: Arc<OsStr>,
+    ) {
         self.unindex_if(parent, name, id);
-        let mut idx = self.index[index_shard(new_parent, new_name)]
+        let mut idx = self.index[index_shard(new_parent, &new_name)]
             .lock()
             .expect("index lock");
-        idx.insert((new_parent, new_name.to_os_string()), id);
+        idx.insert(
+            IndexKey {
+                parent: new_parent,
+                name: new_name,
+            },
+            id,
+        );
     }
 
     pub fn len(&self) -> usize {

@@ -34,7 +34,7 @@ impl Union {
             }
             let Some(n) = self.nodes.get(cur) else { break };
             let s = n.state.read().expect("node state lock");
-            parts.push(s.name.clone());
+            parts.push(s.name.to_os_string());
             cur = s.parent;
         }
         parts.reverse();

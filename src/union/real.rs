@@ -11,7 +11,8 @@ use crate::sys::{self, Stat, XTarget};
 #[derive(Clone)]
 pub enum Real {
     Fd(Arc<OwnedFd>),
-    At(Arc<OwnedFd>, OsString),
+    /// The name is shared with the node it came from (no copy per request).
+    At(Arc<OwnedFd>, Arc<OsStr>),
 }
 
 impl Real {

@@ -102,7 +102,7 @@ impl Union {
         super::copyup::restore_times(dfd.as_fd(), &times);
         {
             let mut s = d.state.write().expect("node state lock");
-            s.layers = vec![0];
+            s.layers = smallvec::smallvec![0];
             s.lower_path = None;
             s.redirect_layer = 0;
         }
@@ -366,7 +366,7 @@ impl Union {
             return Ok(None);
         }
         if let (true, Some(r)) = (s.kernel_meta, &s.kernel_redirect) {
-            return Ok(Some(r.clone()));
+            return Ok(Some(r.to_vec()));
         }
         let mut here = self.lower_path_of(p, &p.state())?;
         here.push(name.to_os_string());
@@ -449,7 +449,7 @@ impl Union {
                 &format::absolute_path(&path),
                 0,
             )?;
-            n.state.write().expect("node state lock").kernel_redirect = Some(path);
+            n.state.write().expect("node state lock").kernel_redirect = Some(path.into());
             return Ok(());
         };
         sys::setxattr(
@@ -554,14 +554,15 @@ impl Union {
         to: (u64, &OsStr),
         redirect: Option<Arc<Vec<OsString>>>,
     ) {
-        {
+        let new_name = {
             let mut s = n.state.write().expect("node state lock");
-            s.move_name(from.0, from.1, to.0, to.1);
+            let new_name = s.move_name(from.0, from.1, to.0, to.1);
             if let Some(r) = redirect {
                 s.lower_path = Some(r);
                 s.redirect_layer = 0;
             }
-        }
-        self.nodes.reindex(n.id, from.0, from.1, to.0, to.1);
+            new_name
+        };
+        self.nodes.reindex(n.id, from.0, from.1, to.0, new_name);
     }
 }
