@@ -86,6 +86,7 @@ fn report(ready: &mut Option<OwnedFd>, msg: &str) {
 pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
     // A control client that goes away must cost an EPIPE, never the daemon.
     sys::sigpipe_ignore();
+    sys::limit_malloc_arenas(1);
     let r = start(&spec);
     let (mut session, fs) = match r {
         Ok(started) => started,

@@ -1,9 +1,10 @@
 //! Open files and directories: open (copying up for writes), read, write, sync, and the
 //! offsets of a merged directory listing.
 
+use std::collections::HashMap;
 use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::copyup::Data;
 use super::handle::{Handle, Open};
@@ -224,13 +225,14 @@ impl Union {
     /// stable; it is dropped once a read reaches its end. There is no opendir (the kernel
     /// caches listings itself), so a pass is keyed by the directory, not by a handle.
     pub fn readdir(&self, id: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
-        let node = self.dir_node(id)?;
-        let mut l = node.listing.lock().expect("listing lock");
-        let entries = match l.as_ref() {
-            Some(e) if offset != 0 => e.clone(),
-            _ => Arc::new(self.list_dir(id)?),
+        self.dir_node(id)?;
+        let kept = (offset != 0).then(|| self.passes.get(id)).flatten();
+        let entries = match kept {
+            Some(e) => e,
+            None => Arc::new(self.list_dir(id)?),
         };
-        *l = (offset < entries.len() as u64).then(|| entries.clone());
+        self.passes
+            .set(id, (offset < entries.len() as u64).then(|| entries.clone()));
         Ok(entries)
     }
 
@@ -270,4 +272,32 @@ fn drop_privs(fd: BorrowedFd<'_>, gid: u32) -> Result<()> {
         sys::removexattr(XTarget::Fd(fd), CAPS)?;
     }
     Ok(())
+}
+
+/// The listings of readdir passes under way, by directory node: few at a time, so kept
+/// here rather than in every node.
+#[derive(Default)]
+pub(crate) struct Passes {
+    shards: [Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>; 8],
+}
+
+impl Passes {
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Vec<DirEntry>>>> {
+        self.shards[id as usize % self.shards.len()]
+            .lock()
+            .expect("passes lock")
+    }
+
+    fn get(&self, id: u64) -> Option<Arc<Vec<DirEntry>>> {
+        self.shard(id).get(&id).cloned()
+    }
+
+    /// Keep `listing` for the pass's next read, or drop what was kept (None).
+    pub(crate) fn set(&self, id: u64, listing: Option<Arc<Vec<DirEntry>>>) {
+        let mut s = self.shard(id);
+        match listing {
+            Some(l) => s.insert(id, l),
+            None => s.remove(&id),
+        };
+    }
 }

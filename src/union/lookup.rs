@@ -361,10 +361,16 @@ impl Union {
     ) -> Result<Probe> {
         Ok(match merged {
             Some(m) => m.probe(name, l),
-            None => self
-                .names
-                .get(p.id, l, self.dir_fd(p, l)?.as_fd())?
-                .probe(name),
+            None => {
+                let dir = self.dir_fd(p, l)?;
+                match self.names.get(p.id, l, dir.as_fd())?.probe(name) {
+                    // The set holds hashes: a whiteout is confirmed before it hides a name.
+                    Probe::WhitedOut if !format::has_oci_whiteout(dir.as_fd(), name) => {
+                        Probe::Absent
+                    }
+                    probe => probe,
+                }
+            }
         })
     }
 

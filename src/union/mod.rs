@@ -106,6 +106,7 @@ pub struct Union {
     pub(crate) names: names::NameIndex,
     pub(crate) catalog: Option<catalog::Catalog>,
     pub(crate) handles: HandleTable,
+    pub(crate) passes: files::Passes,
     pub(crate) work: Option<WorkDir>,
     pub cfg: Config,
     /// Where to say what the kernel caches that changed behind its back (attributes of a
@@ -166,6 +167,7 @@ impl Union {
                 .map(|p| catalog::Catalog::open(p, &layers)),
             nodes: NodeTable::new(),
             handles: HandleTable::new(),
+            passes: Default::default(),
             layers,
             work,
             cfg,
@@ -469,6 +471,7 @@ impl Union {
         if self.nodes.forget(id, n) {
             self.fds.drop_node(id);
             self.names.drop_node(id);
+            self.passes.set(id, None);
         }
     }
 

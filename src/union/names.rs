@@ -19,67 +19,58 @@ use crate::sys;
 
 const SHARDS: usize = 16;
 
-/// The names of one lower directory in one layer (markers included), packed: a rootfs walk
-/// keeps one per directory, so each name costs its bytes and an 8-byte slot, not a string
-/// (a heap block and 24 bytes) in a set.
+/// The names of one lower directory in one layer (markers included), as 32-bit hashes: a
+/// rootfs walk keeps one set per directory, so a name costs ~6 bytes, not a string. A hash
+/// that is not there means the name is not either. One that is may, rarely, be another
+/// name's: "present" is then answered by the fstatat that follows anyway, and "whited out"
+/// is confirmed on disk before it hides anything (`Union::probe_lower`).
 pub struct LayerNames {
-    /// Every name's bytes, one after another.
-    bytes: Box<[u8]>,
-    /// (offset, length) of each name in `bytes`, hashed by the name.
-    table: hashbrown::HashTable<(u32, u16)>,
+    hashes: hashbrown::HashTable<u32>,
 }
 
-/// One hasher for every set (its keys random per process: names come from images).
-fn hash(b: &[u8]) -> u64 {
+/// A name's hash (keys random per process: names come from images).
+fn hash(b: &[u8]) -> u32 {
     static STATE: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
-    STATE.get_or_init(Default::default).hash_one(b)
+    STATE.get_or_init(Default::default).hash_one(b) as u32
+}
+
+/// Where a 32-bit hash sits in the table (which wants 64 bits, its top ones the most).
+fn spread(h: &u32) -> u64 {
+    (*h as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// The names of a directory (by an fd of it, as a layer's directory fds are O_PATH).
+fn read_names(dir: BorrowedFd<'_>) -> Result<Vec<OsString>> {
+    let rfd = sys::openat(dir, OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    Ok(sys::read_dir_fd(rfd.as_fd())?
+        .into_iter()
+        .map(|e| e.name)
+        .collect())
 }
 
 impl LayerNames {
     fn read(dir: BorrowedFd<'_>) -> Result<LayerNames> {
-        let rfd = sys::openat(dir, OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-        Ok(LayerNames::of(
-            sys::read_dir_fd(rfd.as_fd())?.iter().map(|e| &*e.name),
-        ))
+        Ok(LayerNames::of(read_names(dir)?.iter().map(|n| &**n)))
     }
 
-    fn of<'a>(names: impl Iterator<Item = &'a OsStr> + Clone) -> LayerNames {
-        let mut bytes = Vec::with_capacity(names.clone().map(|n| n.len()).sum());
-        let mut spans = Vec::new();
+    fn of<'a>(names: impl ExactSizeIterator<Item = &'a OsStr>) -> LayerNames {
+        let mut hashes = hashbrown::HashTable::with_capacity(names.len());
         for n in names {
-            // Names are at most NAME_MAX (255) bytes; anything longer cannot be asked for.
-            if let (Ok(off), Ok(len)) = (u32::try_from(bytes.len()), u16::try_from(n.len())) {
-                bytes.extend_from_slice(n.as_bytes());
-                spans.push((off, len));
+            let h = hash(n.as_bytes());
+            if hashes.find(spread(&h), |&x| x == h).is_none() {
+                hashes.insert_unique(spread(&h), h, spread);
             }
         }
-        let at = |&(o, l): &(u32, u16)| &bytes[o as usize..o as usize + l as usize];
-        let mut table = hashbrown::HashTable::with_capacity(spans.len());
-        for span in spans {
-            table.insert_unique(hash(at(&span)), span, |s| hash(at(s)));
-        }
-        LayerNames {
-            bytes: bytes.into_boxed_slice(),
-            table,
-        }
-    }
-
-    fn span(&self, &(o, l): &(u32, u16)) -> &[u8] {
-        &self.bytes[o as usize..o as usize + l as usize]
+        LayerNames { hashes }
     }
 
     fn contains(&self, name: &[u8]) -> bool {
-        self.table
-            .find(hash(name), |s| self.span(s) == name)
-            .is_some()
+        let h = hash(name);
+        self.hashes.find(spread(&h), |&x| x == h).is_some()
     }
 
-    /// Every name listed.
-    fn iter(&self) -> impl Iterator<Item = &OsStr> {
-        self.table.iter().map(|s| OsStr::from_bytes(self.span(s)))
-    }
-
-    /// What this layer's directory says about `name`.
+    /// What this layer's directory says about `name`: `WhitedOut` only as a hash match,
+    /// which the caller confirms.
     pub fn probe(&self, name: &OsStr) -> Probe {
         if self.contains(name.as_bytes()) {
             return Probe::Present;
@@ -127,13 +118,13 @@ pub struct Merged {
 }
 
 impl Merged {
-    fn build(lowers: &[usize], sets: Vec<LayerNames>) -> Merged {
+    fn build(lowers: &[usize], sets: Vec<Vec<OsString>>) -> Merged {
         let mut at: HashMap<OsString, Vec<(usize, bool)>> = HashMap::new();
         for (&l, set) in lowers.iter().zip(sets) {
-            for n in set.iter() {
-                let (key, listed) = match format::oci_whited_out(n) {
+            for n in set {
+                let (key, listed) = match format::oci_whited_out(&n) {
                     Some(hidden) => (hidden.to_os_string(), false),
-                    None => (n.to_os_string(), true),
+                    None => (n, true),
                 };
                 let v = at.entry(key).or_default();
                 match v.last_mut() {
@@ -160,8 +151,8 @@ impl Merged {
         // Many listings, each a disk read on a cold cache: if the first was, the rest are
         // read side by side.
         let started = Instant::now();
-        let mut sets = vec![LayerNames::read(top.as_fd())?];
-        let read = |fd: &Arc<std::os::fd::OwnedFd>| LayerNames::read(fd.as_fd());
+        let mut sets = vec![read_names(top.as_fd())?];
+        let read = |fd: &Arc<std::os::fd::OwnedFd>| read_names(fd.as_fd());
         let rest = if started.elapsed() > fanout::cold() {
             log::debug!("cold: reading {} listings side by side", rest.len());
             fanout::map(rest, read)
@@ -298,5 +289,23 @@ impl NameIndex {
             .lock()
             .expect("names lock")
             .remove(&node);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_set_answers_present_whited_out_and_absent() {
+        let names = [".wh.gone", "here", ".wh..wh..opq", "also-here"].map(OsStr::new);
+        let set = LayerNames::of(names.into_iter());
+        assert_eq!(set.probe(OsStr::new("here")), Probe::Present);
+        assert_eq!(set.probe(OsStr::new("also-here")), Probe::Present);
+        assert_eq!(set.probe(OsStr::new("gone")), Probe::WhitedOut);
+        assert_eq!(set.probe(OsStr::new("elsewhere")), Probe::Absent);
+        // The longest name a layer can hold still has its `.wh.` form asked for.
+        let long = OsString::from("n".repeat(255));
+        assert_eq!(set.probe(&long), Probe::Absent);
     }
 }

@@ -58,14 +58,17 @@ pub struct NodeState {
     /// Layers holding this object, top first. A non-directory has exactly one; a directory has
     /// every layer merged into it (down to an opaque or non-directory entry).
     pub layers: Layers,
-    /// Removed from the union while still referenced (open or not yet forgotten).
-    pub unlinked: bool,
     rare: Option<Box<Rare>>,
 }
 
 /// The state only some nodes have; see `NodeState`.
 #[derive(Clone, Debug)]
 pub struct Rare {
+    /// Removed from the union while still referenced (open or not yet forgotten).
+    pub unlinked: bool,
+    /// For a retired node (see `Node::is_retired`): the number (natural id) its object is
+    /// looked up by now, which finds the live node that has its names (0 before).
+    pub successor_ino: u64,
     /// For a renamed (redirected) directory: its path, from the root, in the layers below
     /// `redirect_layer` (the layer whose copy carries the redirect).
     pub lower_path: Option<Arc<Vec<OsString>>>,
@@ -97,6 +100,8 @@ pub struct Rare {
 
 impl Rare {
     const NONE: Rare = Rare {
+        unlinked: false,
+        successor_ino: 0,
         lower_path: None,
         redirect_layer: 0,
         named_elsewhere: false,
@@ -110,7 +115,9 @@ impl Rare {
     };
 
     fn is_none(&self) -> bool {
-        self.lower_path.is_none()
+        !self.unlinked
+            && self.successor_ino == 0
+            && self.lower_path.is_none()
             && self.redirect_layer == 0
             && !self.named_elsewhere
             && self.detached.is_none()
@@ -193,7 +200,6 @@ impl NodeState {
             parent,
             name: Arc::from(name),
             layers: layers.into(),
-            unlinked: false,
             rare: None,
         }
     }
@@ -270,14 +276,9 @@ pub struct Node {
     pub dir_lock: RwLock<()>,
     /// Serialises copy-up of this node so concurrent first writes copy it up once.
     pub copy_lock: Mutex<()>,
-    /// A directory's listing while a readdir pass is under way.
-    pub listing: Mutex<Option<Arc<Vec<super::readdir::DirEntry>>>>,
     /// Its names went to a successor (see `NodeTable::reissue`); it only serves what the
     /// kernel still holds open, and is never handed out by a lookup again.
     retired: AtomicBool,
-    /// For a retired node: the number (natural id) its object is looked up by now, which
-    /// finds the live node that has its names (0 before).
-    successor_ino: AtomicU64,
 }
 
 impl Node {
@@ -290,9 +291,7 @@ impl Node {
             state: RwLock::new(state),
             dir_lock: RwLock::new(()),
             copy_lock: Mutex::new(()),
-            listing: Mutex::new(None),
             retired: AtomicBool::new(false),
-            successor_ino: AtomicU64::new(0),
         }
     }
 
@@ -302,7 +301,7 @@ impl Node {
 
     /// For a retired node, the natural id of its object now (see `NodeTable::live`).
     pub fn successor_ino(&self) -> Option<u64> {
-        Some(self.successor_ino.load(Ordering::Relaxed)).filter(|&n| n != 0)
+        Some(self.state.read().expect("node state lock").successor_ino).filter(|&n| n != 0)
     }
 
     /// Neither retired nor removed from the union: new names of its object may join it.
@@ -621,7 +620,7 @@ impl NodeTable {
         let names: Vec<(u64, Arc<OsStr>)> = state.named().collect();
         let node = Arc::new(Node::new(id, old.kind, natural, state));
         // (Not the new id: the kernel may forget that node, and a later lookup makes another.)
-        old.successor_ino.store(natural, Ordering::Relaxed);
+        old.state.write().expect("node state lock").successor_ino = natural;
         self.shard(id)
             .write()
             .expect("table lock")
