@@ -135,6 +135,11 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
             }
         })?;
     fs.set_invalidator(Box::new(KernelCache { notifier, entries }));
+    let u = fs.clone();
+    std::thread::Builder::new()
+        .name("reclaim".into())
+        .stack_size(64 << 10)
+        .spawn(move || u.reclaim.run())?;
     let _ = UNION.set(fs.clone());
     // Seeing copy-on-write is a convenience: a mount without its control socket still serves.
     match control::server::start(fs, spec.mountpoint.clone()) {

@@ -114,3 +114,11 @@ pub fn limit_malloc_arenas(n: i32) {
         libc::mallopt(libc::M_ARENA_MAX, n);
     }
 }
+
+/// Give the pages of freed heap memory back to the system (glibc's malloc_trim): a daemon
+/// whose kernel just forgot a walk's worth of inodes otherwise keeps their memory for good.
+/// True if any was given back.
+pub fn release_free_memory() -> bool {
+    // SAFETY: malloc_trim takes a size and has no memory-safety preconditions.
+    unsafe { libc::malloc_trim(0) == 1 }
+}

@@ -19,6 +19,7 @@ mod observed;
 pub mod origin;
 pub mod readdir;
 pub mod real;
+pub mod reclaim;
 pub mod rename;
 pub mod workdir;
 pub mod write;
@@ -107,6 +108,8 @@ pub struct Union {
     pub(crate) catalog: Option<catalog::Catalog>,
     pub(crate) handles: HandleTable,
     pub(crate) passes: files::Passes,
+    /// Counts forgotten nodes, for the daemon's thread that gives their memory back.
+    pub reclaim: reclaim::Reclaim,
     pub(crate) work: Option<WorkDir>,
     pub cfg: Config,
     /// Where to say what the kernel caches that changed behind its back (attributes of a
@@ -168,6 +171,7 @@ impl Union {
             nodes: NodeTable::new(),
             handles: HandleTable::new(),
             passes: Default::default(),
+            reclaim: Default::default(),
             layers,
             work,
             cfg,
@@ -472,6 +476,7 @@ impl Union {
             self.fds.drop_node(id);
             self.names.drop_node(id);
             self.passes.set(id, None);
+            self.reclaim.forgot();
         }
     }
 

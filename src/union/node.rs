@@ -382,6 +382,13 @@ pub struct NodeTable {
 
 const REISSUED_BASE: u64 = 1 << 62;
 
+/// A shard's map holds far fewer entries than it has room for (the kernel forgot most of
+/// its inodes): it gives the room back, keeping twice what is left. Maps never shrink by
+/// themselves, and after a walk of 300k files the two of them held 24 MiB.
+fn sparse(len: usize, capacity: usize) -> bool {
+    capacity > 1024 && len * 8 < capacity
+}
+
 /// What `NodeTable::insert` did.
 pub enum Inserted {
     /// (parent, name) already named this node.
@@ -647,7 +654,16 @@ impl NodeTable {
             // The shard's write lock orders this against `pin`.
             let left = node.lookups.load(Ordering::Relaxed).saturating_sub(n);
             node.lookups.store(left, Ordering::Relaxed);
-            if left == 0 { t.remove(&id) } else { None }
+            if left == 0 {
+                let node = t.remove(&id);
+                if sparse(t.len(), t.capacity()) {
+                    let keep = t.len() * 2;
+                    t.shrink_to(keep);
+                }
+                node
+            } else {
+                None
+            }
         };
         match removed {
             Some(node) => {
@@ -676,6 +692,10 @@ impl NodeTable {
         let key = Named(parent, name);
         if idx.get(&key) == Some(&id) {
             idx.remove(&key);
+            if sparse(idx.len(), idx.capacity()) {
+                let keep = idx.len() * 2;
+                idx.shrink_to(keep);
+            }
         }
     }
 
