@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -333,7 +333,59 @@ impl Node {
     }
 }
 
-type Table = RwLock<HashMap<u64, Arc<Node>>>;
+type Table = RwLock<Nodes>;
+
+/// One shard of the id -> node map. The id is the node's own (`Node::id`, fixed once the
+/// node is shared), so a slot holds the node alone: 8 bytes, not 16 for the pair.
+#[derive(Default)]
+struct Nodes {
+    slots: hashbrown::HashTable<Arc<Node>>,
+    hasher: std::hash::RandomState,
+}
+
+impl Nodes {
+    fn hash(&self, id: u64) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
+    fn get(&self, id: &u64) -> Option<&Arc<Node>> {
+        self.slots.find(self.hash(*id), |n| n.id == *id)
+    }
+
+    /// Put `node` under `id` (its own id), in place of whatever was there.
+    fn insert(&mut self, id: u64, node: Arc<Node>) {
+        debug_assert_eq!(id, node.id);
+        let h = self.hash(id);
+        match self.slots.find_mut(h, |n| n.id == id) {
+            Some(slot) => *slot = node,
+            None => {
+                let hasher = &self.hasher;
+                self.slots.insert_unique(h, node, |n| hasher.hash_one(n.id));
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &u64) -> Option<Arc<Node>> {
+        let h = self.hash(*id);
+        self.slots
+            .find_entry(h, |n| n.id == *id)
+            .ok()
+            .map(|e| e.remove().0)
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn capacity(&self) -> usize {
+        self.slots.capacity()
+    }
+
+    fn shrink_to(&mut self, keep: usize) {
+        let hasher = &self.hasher;
+        self.slots.shrink_to(keep, |n| hasher.hash_one(n.id));
+    }
+}
 type Index = Mutex<hashbrown::HashMap<IndexKey, u64, std::hash::RandomState>>;
 
 /// A (parent, name) of the index. The name is the node state's own (`NodeState::name`, an
@@ -427,7 +479,7 @@ impl Default for NodeTable {
 impl NodeTable {
     pub fn new() -> NodeTable {
         NodeTable {
-            table: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            table: (0..SHARDS).map(|_| RwLock::default()).collect(),
             index: (0..SHARDS)
                 .map(|_| Mutex::new(hashbrown::HashMap::with_hasher(Default::default())))
                 .collect(),
