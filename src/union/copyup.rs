@@ -481,9 +481,31 @@ impl Union {
     }
 
     /// Link a further name of copied-up `node` into the upper layer.
-    pub(crate) fn link_up_alias(&self, node: &Arc<Node>, parent: u64, name: &OsStr) -> Result<()> {
-        let (p, n) = self.reachable_name(node)?;
-        self.link_up_at(&p, &n, parent, name)
+    pub(crate) fn link_up_alias(
+        &self,
+        node: &Arc<Node>,
+        parent: u64,
+        name: &OsStr,
+        lower: usize,
+    ) -> Result<()> {
+        // The source is a name the copy has in the upper layer already: never the one being
+        // linked up (the node took it as an alias before this). If every other name was in a
+        // directory the kernel forgot (soak seed 1700706), the index still holds the copy.
+        let src = self
+            .prune_names(node)
+            .into_iter()
+            .find(|(d, n)| !(d.id == parent && **n == *name));
+        match src {
+            Some((p, n)) => self.link_up_at(&p, &n, parent, name),
+            None => {
+                let p = self.node(parent)?;
+                if self.link_up_from_index(&p, name, lower)? {
+                    Ok(())
+                } else {
+                    Err(err(libc::ESTALE))
+                }
+            }
+        }
     }
 
     /// Hard-link upper `src_parent/src_name` as `parent/name` (copying `parent` up first).

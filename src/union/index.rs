@@ -292,13 +292,29 @@ impl Union {
         if self.nodes.live(self.node_id(f)).is_some() {
             return Ok(None);
         }
+        if !self.link_up_from_index(p, name, l)? {
+            return Ok(None);
+        }
+        // As found in the upper now: its origin's number, and (the kernel's index entries
+        // may be metadata-only copies) where its data is.
+        let up = self.dir_fd(p, 0)?;
+        let top = sys::statat(up.as_fd(), name)?;
+        self.found_upper(p, &up, name, top)
+    }
+
+    /// Link `p/name`, a lower hard link of layer `l`, up from the index entry of its origin
+    /// (the copy of the file all its names share). False if there is no such entry.
+    pub(crate) fn link_up_from_index(&self, p: &Arc<Node>, name: &OsStr, l: usize) -> Result<bool> {
+        let Some(ix) = self.index() else {
+            return Ok(false);
+        };
         let lower = self.dir_fd(p, l)?;
         let Some(origin) = self.origin_of(&Real::At(lower, Arc::from(name)), l) else {
-            return Ok(None);
+            return Ok(false);
         };
         let origin = origin.encode();
         if ix.entry(&origin).is_none() {
-            return Ok(None);
+            return Ok(false);
         }
         let key = name_of(&origin);
         self.copy_up(p, super::copyup::Data::All)?;
@@ -312,9 +328,6 @@ impl Union {
         }
         restore_times(up.as_fd(), &times);
         log::debug!("linked {name:?} up from the index");
-        // As found in the upper now: its origin's number, and (the kernel's index entries
-        // may be metadata-only copies) where its data is.
-        let top = sys::statat(up.as_fd(), name)?;
-        self.found_upper(p, &up, name, top)
+        Ok(true)
     }
 }

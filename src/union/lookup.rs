@@ -152,7 +152,7 @@ impl Union {
             // Another name of a hard link that was copied up: link this name up too, so the
             // union and the upper layer agree that both names are one file.
             if node.top_layer() == 0 && found_layer != 0 {
-                self.link_up_alias(&node, parent, name)?;
+                self.link_up_alias(&node, parent, name, found_layer)?;
             }
         }
         Ok(node)

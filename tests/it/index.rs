@@ -306,3 +306,64 @@ fn a_hard_link_open_by_a_name_since_unlinked_outlives_the_directory_of_its_other
     assert_eq!(seen[0], seen[1], "kernel, then layerfs");
     assert!(seen[1].starts_with("Ok(()) Ok((384, 2))"), "{}", seen[1]);
 }
+
+/// Found by the drop-caches soak (seed 1700706, 2 times in 5 on session 24's code): a lower
+/// hard link copied up through names in one directory; the kernel forgot that directory,
+/// with the file's own forget still queued; meanwhile a lookup of another of its names
+/// (never looked up before) took the new name as the one to link it up from, though the
+/// new name was not in the upper yet. The lookup answered ENOENT, and so did every name of
+/// the file after, as its node now reached it by that name. The kernel links the new name
+/// up from its index entry. The race between the kernel's two forgets cannot be forced
+/// through a mount, so the union is driven through its own calls, as the FUSE side calls it.
+#[test]
+fn a_new_name_of_a_hard_link_whose_known_names_directory_was_forgotten_is_linked_up() {
+    use layerfs::union::{Config, Union};
+    use std::ffi::OsStr;
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    fs::create_dir_all(low.join("d")).unwrap();
+    write(low.join("d/h1"), b"hard");
+    fs::hard_link(low.join("d/h1"), low.join("d/h2")).unwrap();
+    fs::hard_link(low.join("d/h1"), low.join("f0")).unwrap();
+    let (up, work) = (s.mkdir("up"), s.mkdir("work"));
+    let u = Union::new(Config {
+        upper: Some(up.clone()),
+        work: Some(work),
+        lowers: vec![low],
+        data_lowers: Vec::new(),
+        fsync: false,
+        metacopy: false,
+        marker_ns: layerfs::union::format::MarkerNs::Trusted,
+        ids: Default::default(),
+        catalog: None,
+        verity: Default::default(),
+    })
+    .unwrap();
+    let d = u.lookup(1, OsStr::new("d")).unwrap();
+    let h1 = u.lookup(d.id, OsStr::new("h1")).unwrap();
+    let h2 = u.lookup(d.id, OsStr::new("h2")).unwrap();
+    assert_eq!(h1.id, h2.id, "one file, one node");
+    // A write copies it up, with its names known so far (h1, h2).
+    let fh = u.open(h1.id, libc::O_WRONLY | libc::O_APPEND).unwrap();
+    u.write(fh, 4, b" more", None).unwrap();
+    u.release(fh);
+    // The kernel forgets the directory (both its lookups); the file's forget is still queued.
+    u.forget(d.id, 1);
+    let f0 = u
+        .lookup(1, OsStr::new("f0"))
+        .expect("another name of the copied-up file");
+    assert_eq!(f0.id, h1.id, "still one file");
+    assert_eq!(f0.attr.st_nlink, 3);
+    assert_eq!(f0.attr.st_size, 9);
+    assert_eq!(
+        fs::read(up.join("f0")).unwrap(),
+        b"hard more",
+        "linked up, copy and all"
+    );
+    // Its names in the directory answer again once the kernel looks it up anew.
+    let d = u.lookup(1, OsStr::new("d")).unwrap();
+    for n in ["h1", "h2"] {
+        let e = u.lookup(d.id, OsStr::new(n)).unwrap();
+        assert_eq!((e.id, e.attr.st_size), (h1.id, 9), "{n}");
+    }
+}
