@@ -161,24 +161,33 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
     // "ok" once requests are served at once: every thread started and, over io_uring, every
     // queue registered. Reported earlier, the first request (a container's first exec right
     // after the mount) waited for them: about a millisecond here.
-    session
-        .run_with(|| {
-            report(&mut ready, "ok\n");
-            // Off the mount's critical path, and at SCHED_IDLE so that faulting the code in
-            // (about a millisecond) never takes a CPU from the first requests.
-            let _ = std::thread::Builder::new()
-                .name("lock-code".into())
-                .spawn(|| {
-                    if let Err(e) = sys::idle_priority() {
-                        log::debug!("code locked at normal priority: {e}");
-                    }
-                    match sys::lock_own_code() {
-                        Ok(n) => log::debug!("locked {} KiB of code in memory", n >> 10),
-                        Err(e) => log::debug!("code not locked in memory: {e}"),
-                    }
-                });
-        })
-        .ctx("serving the mount")?;
+    let served = session.run_with(|| {
+        report(&mut ready, "ok\n");
+        // Off the mount's critical path, and at SCHED_IDLE so that faulting the code in
+        // (about a millisecond) never takes a CPU from the first requests.
+        let _ = std::thread::Builder::new()
+            .name("lock-code".into())
+            .spawn(|| {
+                if let Err(e) = sys::idle_priority() {
+                    log::debug!("code locked at normal priority: {e}");
+                }
+                match sys::lock_own_code() {
+                    Ok(n) => log::debug!("locked {} KiB of code in memory", n >> 10),
+                    Err(e) => log::debug!("code not locked in memory: {e}"),
+                }
+            });
+    });
+    if let Err(e) = served {
+        // Not serving (a queue could not register, say): say why to the waiting `mount`
+        // and take the mount away rather than leave one whose requests never end.
+        let mut msg = format!("serving the mount: {e}");
+        if msg.contains("io_uring") {
+            msg.push_str(" (io_uring=0 serves over /dev/fuse)");
+        }
+        report(&mut ready, &format!("{msg}\n"));
+        let _ = sys::umount(&spec.mountpoint, true);
+        return Err(e).ctx("serving the mount");
+    }
     if let Some(u) = UNION.get() {
         u.save_catalog();
     }

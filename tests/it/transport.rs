@@ -179,3 +179,50 @@ fn io_uring_option_is_checked() {
         "io_uring=maybe: expected io_uring=0 or io_uring=1",
     );
 }
+
+/// A daemon that may not lock memory (no CAP_IPC_LOCK, RLIMIT_MEMLOCK 0, as in a container)
+/// cannot make its rings: io_uring counts them against the limit. Asked for io_uring at INIT,
+/// the kernel would then hold every request for queues that never register: the mount hung.
+/// The rings are made before INIT answers, so such a daemon serves over /dev/fuse.
+#[test]
+fn a_daemon_that_cannot_make_its_rings_serves_over_dev_fuse() {
+    require_fuse!();
+    if let Some(r) = uring_unavailable() {
+        eprintln!("SKIPPED {}: {r}", module_path!());
+        return;
+    }
+    let s = Scratch::new();
+    let opts = layers(&s);
+    let (mnt, log) = (s.path("m"), s.path("daemon.log"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let (ok, _, err) = run_timeout(
+        std::process::Command::new("prlimit")
+            .args(["--memlock=0:0", "setpriv", "--bounding-set=-ipc_lock", BIN])
+            .args(["mount", "-o", &opts])
+            .arg(&mnt)
+            .arg("--log-file")
+            .arg(&log),
+        30,
+    );
+    assert!(ok, "mount without CAP_IPC_LOCK: {err}");
+    let m = Layerfs { mnt };
+    // In a child with a deadline: on a hung mount the read would never return.
+    let (ok, out, err) = run_timeout(
+        std::process::Command::new("cat").arg(m.mnt.join("lower/a")),
+        10,
+    );
+    assert!(
+        ok && out == "lower a",
+        "read through the mount: {ok} {out:?} {err}"
+    );
+    write(m.mnt.join("lower/b"), b"copied up");
+    assert_eq!(std::fs::read(s.path("u/lower/b")).unwrap(), b"copied up");
+    let st = stats(&m.mnt);
+    assert_eq!(st["transport"]["io_uring"].as_u64(), Some(0), "{st}");
+    assert!(st["transport"]["dev_fuse"].as_u64().unwrap() > 3, "{st}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("transport: /dev/fuse (io_uring rings could not be made"),
+        "daemon log: {log}"
+    );
+}

@@ -141,6 +141,9 @@ pub struct Session<FS: Filesystem> {
     pub(crate) config: Config,
     /// Ring entry payload size, when INIT negotiated FUSE over io_uring.
     pub(crate) uring_payload: Option<usize>,
+    /// The queue threads' rings, made before INIT asked for io_uring.
+    #[cfg(target_os = "linux")]
+    pub(crate) uring_rings: crate::uring::Rings,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -189,6 +192,8 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config: options.clone(),
             uring_payload: None,
+            #[cfg(target_os = "linux")]
+            uring_rings: crate::uring::Rings::default(),
         };
 
         session.handshake()?;
@@ -218,6 +223,8 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config,
             uring_payload: None,
+            #[cfg(target_os = "linux")]
+            uring_rings: crate::uring::Rings::default(),
         };
 
         session.handshake()?;
@@ -264,6 +271,8 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: _,
             config,
             uring_payload,
+            #[cfg(target_os = "linux")]
+            mut uring_rings,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -305,8 +314,12 @@ impl<FS: Filesystem> Session<FS> {
 
         let mut threads = Vec::with_capacity(n_threads);
         let uring_live = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // Queue threads that have handed the kernel their entries (or given up).
-        let registered = Arc::new((std::sync::Mutex::new(0usize), std::sync::Condvar::new()));
+        // Queue threads that have handed the kernel their entries (or given up), and the
+        // first error of a queue that gave up before registering.
+        let registered = Arc::new((
+            std::sync::Mutex::new((0usize, None::<String>)),
+            std::sync::Condvar::new(),
+        ));
         let mut queues = 0usize;
 
         for (i, ch) in channels.into_iter().enumerate() {
@@ -337,6 +350,9 @@ impl<FS: Filesystem> Session<FS> {
             ));
             for qid in 0..cpus {
                 for t in 0..per_queue {
+                    let Some(ring) = uring_rings.0.pop() else {
+                        return Err(io::Error::other("fewer io_uring rings than queue threads"));
+                    };
                     queues += 1;
                     let registered = registered.clone();
                     let board = board.clone();
@@ -351,37 +367,56 @@ impl<FS: Filesystem> Session<FS> {
                     };
                     threads.push(thread::Builder::new().name(thread_name).spawn(move || {
                         let mut signalled = false;
-                        let mut signal = || {
+                        let mut signal = |failed: Option<String>| {
                             if !std::mem::replace(&mut signalled, true) {
                                 let (n, cv) = &*registered;
-                                *n.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                                let mut n = n.lock().unwrap_or_else(|e| e.into_inner());
+                                n.0 += 1;
+                                if n.1.is_none() {
+                                    n.1 = failed;
+                                }
                                 cv.notify_all();
                             }
                         };
-                        if let Err(e) = crate::uring::serve_queue(
+                        let r = crate::uring::serve_queue(
                             &event_loop,
-                            qid,
-                            qid * per_queue + t,
+                            crate::uring::QueueThread {
+                                qid,
+                                me: qid * per_queue + t,
+                                ring,
+                            },
                             &board,
                             cfg,
                             payload,
-                            &mut signal,
-                        ) {
+                            &mut || signal(None),
+                        );
+                        if let Err(e) = &r {
                             warn!("io_uring queue {qid} not served: {e}");
                         }
-                        signal();
+                        // A no-op if the queue registered before it ended.
+                        signal(r.err().map(|e| format!("queue {qid}: {e}")));
                         Ok(())
                     })?);
                 }
             }
         }
 
-        // Bounded: a queue that cannot register leaves the requests on /dev/fuse, which serves.
+        // Bounded: a queue slow to register only delays the requests the kernel holds for it.
+        // One that gave up before registering leaves the kernel holding every request of the
+        // connection for good (INIT asked for io_uring): end the session rather than hang.
         {
             let (n, cv) = &*registered;
             let guard = n.lock().unwrap_or_else(|e| e.into_inner());
-            let _ =
-                cv.wait_timeout_while(guard, std::time::Duration::from_secs(1), |n| *n < queues);
+            let (guard, _) = cv
+                .wait_timeout_while(guard, std::time::Duration::from_secs(1), |n| {
+                    n.0 < queues && n.1.is_none()
+                })
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(e) = &guard.1 {
+                return Err(io::Error::other(format!(
+                    "FUSE over io_uring: {e}; the kernel would hold every request"
+                )));
+            }
         }
         debug!(
             "serving {:?} after the threads started ({queues} io_uring queues)",
@@ -555,14 +590,37 @@ impl<FS: Filesystem> Session<FS> {
             // Config::io_uring asks for FUSE over io_uring where the kernel offers it. The
             // kernel sizes every ring entry for max_write and never sends more than
             // max_pages (256 by default) pages anyway: 1 MiB.
+            #[cfg(target_os = "linux")]
+            let rings = match self.config.io_uring {
+                Some(u) if init.capabilities().contains(InitFlags::FUSE_OVER_IO_URING) => {
+                    let queues = crate::uring::possible_cpus() * u.threads_per_queue.max(1);
+                    crate::uring::create_rings(queues, &u)
+                        .map_err(|e| {
+                            warn!(
+                                "transport: /dev/fuse (io_uring rings could not be made: {e}; \
+                                 io_uring counts them against RLIMIT_MEMLOCK without \
+                                 CAP_IPC_LOCK)"
+                            )
+                        })
+                        .ok()
+                }
+                _ => None,
+            };
+            #[cfg(not(target_os = "linux"))]
+            let rings: Option<()> = None;
             if self.config.io_uring.is_some()
                 && init.capabilities().contains(InitFlags::FUSE_OVER_IO_URING)
+                && rings.is_some()
                 && config
                     .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
                     .is_ok()
                 && config.set_max_write(1 << 20).is_ok()
             {
                 info!("transport: FUSE over io_uring, one queue per CPU");
+                #[cfg(target_os = "linux")]
+                {
+                    self.uring_rings = crate::uring::Rings(rings.unwrap_or_default());
+                }
                 // The kernel refuses ring entries smaller than this (fuse_uring_create).
                 let page = page_size::get();
                 self.uring_payload = Some(
@@ -570,7 +628,9 @@ impl<FS: Filesystem> Session<FS> {
                         .max(8192)
                         .max(config.max_pages() as usize * page),
                 );
-            } else if self.config.io_uring.is_some() {
+            } else if self.config.io_uring.is_some()
+                && !init.capabilities().contains(InitFlags::FUSE_OVER_IO_URING)
+            {
                 info!(
                     "transport: /dev/fuse (the kernel offers no FUSE over io_uring; it needs \
                      fuse.enable_uring=Y: /sys/module/fuse/parameters/enable_uring)"

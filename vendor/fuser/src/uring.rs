@@ -439,17 +439,58 @@ fn register_cmd(fd: i32, qid: u16, buf: &EntryBuf, user_data: u64) -> squeue::En
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
 }
 
+pub(crate) type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
+
+/// Rings made at INIT, waiting for their queue threads.
+#[derive(Default)]
+pub(crate) struct Rings(pub(crate) Vec<Ring>);
+
+impl std::fmt::Debug for Rings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} rings", self.0.len())
+    }
+}
+
+/// The rings of every queue thread (`queues` of them), made before INIT answers. Once INIT
+/// asks for FUSE over io_uring, the kernel holds every request until each queue has
+/// registered, and nothing can take that back: a ring that cannot be made then (io_uring_setup
+/// fails with ENOMEM past RLIMIT_MEMLOCK, as in a container without CAP_IPC_LOCK) would leave
+/// the mount hanging. Made here, such a failure means /dev/fuse instead. Each is made
+/// disabled, so the queue thread that enables it becomes its single issuer.
+pub(crate) fn create_rings(queues: usize, cfg: &UringConfig) -> io::Result<Vec<Ring>> {
+    let entries = (cfg.entries.max(1) as u32).next_power_of_two().max(2);
+    (0..queues)
+        .map(|_| {
+            IoUring::builder()
+                .setup_single_issuer()
+                .setup_defer_taskrun()
+                .setup_coop_taskrun()
+                .setup_r_disabled()
+                .build(entries)
+        })
+        .collect()
+}
+
+/// A queue thread's place: the kernel's queue (`qid`, a CPU), the thread's index among all
+/// queue threads (`me`, for the `MoveBoard`), and its ring.
+pub(crate) struct QueueThread {
+    pub(crate) qid: usize,
+    pub(crate) me: usize,
+    pub(crate) ring: Ring,
+}
+
 /// Serve queue `qid` until the connection ends. Returns Err only if the queue could not
-/// be set up (the kernel then keeps using /dev/fuse).
+/// be set up; if that happens before `registered` is called, the kernel holds every request
+/// of the connection (see `create_rings`).
 pub(crate) fn serve_queue<FS: Filesystem>(
     se: &SessionEventLoop<FS>,
-    qid: usize,
-    me: usize,
+    q: QueueThread,
     board: &MoveBoard,
     cfg: UringConfig,
     payload_size: usize,
     registered: &mut dyn FnMut(),
 ) -> io::Result<()> {
+    let QueueThread { qid, me, ring } = q;
     pin_to_cpu(qid);
     let n = cfg.entries.max(1);
     let slots: Vec<Arc<UringSlot>> = (0..n)
@@ -461,11 +502,11 @@ pub(crate) fn serve_queue<FS: Filesystem>(
             })
         })
         .collect();
-    let r = IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .setup_coop_taskrun()
-        .build((n as u32).next_power_of_two().max(2))
+    // The ring was made disabled (see `create_rings`): the thread enabling it is its issuer.
+    let r = ring
+        .submitter()
+        .register_enable_rings()
+        .map(|()| ring)
         .and_then(|mut ring| {
             register(se, qid, &mut ring, &slots)?;
             registered();
