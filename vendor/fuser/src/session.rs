@@ -596,10 +596,19 @@ impl<FS: Filesystem> Session<FS> {
                     let queues = crate::uring::possible_cpus() * u.threads_per_queue.max(1);
                     crate::uring::create_rings(queues, &u)
                         .map_err(|e| {
+                            let why = match e.raw_os_error() {
+                                Some(libc::ENOMEM) => {
+                                    "; io_uring counts them against RLIMIT_MEMLOCK without \
+                                     CAP_IPC_LOCK"
+                                }
+                                Some(libc::EPERM | libc::ENOSYS) => {
+                                    "; io_uring is off for this process: \
+                                     kernel.io_uring_disabled, or a seccomp filter"
+                                }
+                                _ => "",
+                            };
                             warn!(
-                                "transport: /dev/fuse (io_uring rings could not be made: {e}; \
-                                 io_uring counts them against RLIMIT_MEMLOCK without \
-                                 CAP_IPC_LOCK)"
+                                "transport: /dev/fuse (io_uring rings could not be made: {e}{why})"
                             )
                         })
                         .ok()
