@@ -29,7 +29,7 @@ impl FdCache {
     pub fn new(capacity: usize) -> FdCache {
         FdCache {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            per_shard: (capacity / SHARDS).max(16),
+            per_shard: (capacity / SHARDS).max(1),
             clock: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -62,6 +62,14 @@ impl FdCache {
             s.retain(|_, e| e.used > cut);
         }
         s.insert((node, layer), Entry { fd, used });
+    }
+
+    /// Close every cached fd (those in use stay open until their user is done): the
+    /// process ran out of descriptors, and the cache must never be why a request fails.
+    pub fn shed(&self) {
+        for s in &self.shards {
+            s.lock().expect("fd cache lock").clear();
+        }
     }
 
     /// Forget every fd of a node (it left the table, or its layers changed).

@@ -23,6 +23,11 @@ fn wants_write(flags: i32) -> bool {
 
 impl Union {
     pub fn open(&self, id: u64, flags: i32) -> Result<u64> {
+        // A copy-up done by a first try that failed later stays done: the second finds it.
+        self.with_fd_room(|| self.open_once(id, flags))
+    }
+
+    fn open_once(&self, id: u64, flags: i32) -> Result<u64> {
         let node = self.node(id)?;
         if node.is_dir() {
             return Err(err(libc::EISDIR));

@@ -466,12 +466,14 @@ impl Union {
             // A non-directory hides everything below, whether it is on top or under a dir.
             return Ok(Step::Stop);
         }
-        let dfd = Arc::new(sys::openat(
-            pfd.as_fd(),
-            name,
-            libc::O_PATH | libc::O_DIRECTORY,
-            0,
-        )?);
+        let dfd = Arc::new(self.with_fd_room(|| {
+            Ok(sys::openat(
+                pfd.as_fd(),
+                name,
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+            )?)
+        })?);
         let f = found.get_or_insert_with(|| Found::dir(st));
         if f.lower_ino.is_none() && !self.layers.is_upper(l) {
             f.lower_ino = Some(self.layers.union_ino(l, st.st_ino));

@@ -144,7 +144,9 @@ impl Union {
     /// Open the layers, clean the workdir and build the root node.
     pub fn new(cfg: Config) -> Result<Union> {
         let limit = sys::raise_nofile_limit() as usize;
-        let fd_cache = (limit / 2).max(256);
+        // Half the limit for directory fds, the rest for open files (each holds one) and
+        // copy-ups; where the limit is low, a quarter (the cache sheds when it runs out).
+        let fd_cache = if limit >= 1024 { limit / 2 } else { limit / 4 };
         // Room for the layer roots and the fd cache up front (the daemon has no threads yet),
         // so no request later waits for the kernel to grow the fd table (see reserve_fds);
         // capped, as a table for a million fds would cost megabytes of kernel memory.
@@ -311,7 +313,14 @@ impl Union {
             cur = st.parent;
         }
         for (id, name) in chain.into_iter().rev() {
-            let fd = sys::openat(base.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            let fd = self.with_fd_room(|| {
+                Ok(sys::openat(
+                    base.as_fd(),
+                    &name,
+                    libc::O_PATH | libc::O_DIRECTORY,
+                    0,
+                )?)
+            })?;
             base = Arc::new(fd);
             self.fds.put(id, layer, base.clone());
         }
@@ -322,14 +331,29 @@ impl Union {
     pub(crate) fn walk_path(&self, layer: usize, path: &[OsString]) -> Result<Arc<OwnedFd>> {
         let mut fd = self.layers.layers[layer].root.clone();
         for c in path {
-            fd = Arc::new(sys::openat(
-                fd.as_fd(),
-                c,
-                libc::O_PATH | libc::O_DIRECTORY,
-                0,
-            )?);
+            fd = Arc::new(self.with_fd_room(|| {
+                Ok(sys::openat(
+                    fd.as_fd(),
+                    c,
+                    libc::O_PATH | libc::O_DIRECTORY,
+                    0,
+                )?)
+            })?);
         }
         Ok(fd)
+    }
+
+    /// Run `f`, and once more after emptying the directory fd cache if the process ran out
+    /// of descriptors (EMFILE): for `f` that may simply be run again.
+    pub(crate) fn with_fd_room<T>(&self, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+        match f() {
+            Err(e) if e.errno() == libc::EMFILE => {
+                log::debug!("out of file descriptors: directory fd cache emptied");
+                self.fds.shed();
+                f()
+            }
+            r => r,
+        }
     }
 
     /// The real object behind `node` in `layer`.

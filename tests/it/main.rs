@@ -10,6 +10,7 @@ mod cli;
 mod crash;
 mod data_only;
 mod differential;
+mod fd_limit;
 mod full_disk;
 mod index;
 mod inodes;
