@@ -2,7 +2,7 @@
 //! kernel offers it) and /dev/fuse. Both must give the same filesystem.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::require_fuse;
 use crate::support::*;
@@ -180,21 +180,30 @@ fn io_uring_option_is_checked() {
     );
 }
 
+/// For a test of the fallback to /dev/fuse: a scratch dir, mount options over `layers`, the
+/// mountpoint (made) and a path for the daemon's log. None, the skip printed, where FUSE or
+/// FUSE over io_uring is missing (nothing would fall back).
+fn fallback_case() -> Option<(Scratch, String, PathBuf, PathBuf)> {
+    if let Some(r) = skip_reason().or_else(uring_unavailable) {
+        eprintln!("SKIPPED {}: {r}", module_path!());
+        return None;
+    }
+    let s = Scratch::new();
+    let opts = layers(&s);
+    let (mnt, log) = (s.path("m"), s.path("daemon.log"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    Some((s, opts, mnt, log))
+}
+
 /// A daemon that may not lock memory (no CAP_IPC_LOCK, RLIMIT_MEMLOCK 0, as in a container)
 /// cannot make its rings: io_uring counts them against the limit. Asked for io_uring at INIT,
 /// the kernel would then hold every request for queues that never register: the mount hung.
 /// The rings are made before INIT answers, so such a daemon serves over /dev/fuse.
 #[test]
 fn a_daemon_that_cannot_make_its_rings_serves_over_dev_fuse() {
-    require_fuse!();
-    if let Some(r) = uring_unavailable() {
-        eprintln!("SKIPPED {}: {r}", module_path!());
+    let Some((s, opts, mnt, log)) = fallback_case() else {
         return;
-    }
-    let s = Scratch::new();
-    let opts = layers(&s);
-    let (mnt, log) = (s.path("m"), s.path("daemon.log"));
-    std::fs::create_dir_all(&mnt).unwrap();
+    };
     let (ok, _, err) = run_timeout(
         std::process::Command::new("prlimit")
             .args(["--memlock=0:0", "setpriv", "--bounding-set=-ipc_lock", BIN])
@@ -223,6 +232,53 @@ fn a_daemon_that_cannot_make_its_rings_serves_over_dev_fuse() {
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(
         log.contains("transport: /dev/fuse (io_uring rings could not be made"),
+        "daemon log: {log}"
+    );
+}
+
+/// Where sysfs does not say how many CPUs the kernel makes queues for (a sandbox without
+/// /sys), a guess of one queue left every request waiting for the others: the mount hung.
+/// Now the daemon serves over /dev/fuse. Run in a private mount namespace with
+/// /sys/devices/system/cpu hidden, which mounts, reads and unmounts there.
+#[test]
+fn a_daemon_that_cannot_count_the_kernels_queues_serves_over_dev_fuse() {
+    let Some((_s, opts, mnt, log)) = fallback_case() else {
+        return;
+    };
+    // In the namespace: hide the CPU list, mount, read with a deadline (on a hung mount the
+    // read never returns), count the transports, unmount (a lazy unmount of a hung mount
+    // with no user aborts its connection, so the daemon exits and the namespace goes).
+    let script = r#"mount -t tmpfs none /sys/devices/system/cpu || exit 3
+"$0" mount -o "$1" "$2" --log-file "$3" || exit 4
+timeout 10 cat "$2/lower/a"; echo " rc=$?"
+timeout 10 "$0" stats --format json "$2"
+umount -l "$2""#;
+    let (ok, out, err) = run_timeout(
+        std::process::Command::new("unshare")
+            .args([
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+                BIN,
+                &opts,
+            ])
+            .arg(&mnt)
+            .arg(&log),
+        40,
+    );
+    assert!(ok, "in a mount namespace: {out} {err}");
+    assert!(
+        out.starts_with("lower a rc=0\n"),
+        "read through the mount: {out} {err}"
+    );
+    let st: serde_json::Value = serde_json::from_str(out.lines().nth(1).unwrap_or("")).unwrap();
+    assert_eq!(st["transport"]["io_uring"].as_u64(), Some(0), "{st}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("transport: /dev/fuse (no /sys/devices/system/cpu/possible"),
         "daemon log: {log}"
     );
 }

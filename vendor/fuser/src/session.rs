@@ -344,13 +344,13 @@ impl<FS: Filesystem> Session<FS> {
         #[cfg(target_os = "linux")]
         if let (Some(cfg), Some(payload)) = (config.io_uring, uring_payload) {
             let per_queue = cfg.threads_per_queue.max(1);
-            let cpus = crate::uring::possible_cpus();
+            let cpus = uring_rings.cpus;
             let board = Arc::new(crate::uring::MoveBoard::new(
                 (0..cpus * per_queue).map(|i| i / per_queue).collect(),
             ));
             for qid in 0..cpus {
                 for t in 0..per_queue {
-                    let Some(ring) = uring_rings.0.pop() else {
+                    let Some(ring) = uring_rings.rings.pop() else {
                         return Err(io::Error::other("fewer io_uring rings than queue threads"));
                     };
                     queues += 1;
@@ -593,25 +593,7 @@ impl<FS: Filesystem> Session<FS> {
             #[cfg(target_os = "linux")]
             let rings = match self.config.io_uring {
                 Some(u) if init.capabilities().contains(InitFlags::FUSE_OVER_IO_URING) => {
-                    let queues = crate::uring::possible_cpus() * u.threads_per_queue.max(1);
-                    crate::uring::create_rings(queues, &u)
-                        .map_err(|e| {
-                            let why = match e.raw_os_error() {
-                                Some(libc::ENOMEM) => {
-                                    "; io_uring counts them against RLIMIT_MEMLOCK without \
-                                     CAP_IPC_LOCK"
-                                }
-                                Some(libc::EPERM | libc::ENOSYS) => {
-                                    "; io_uring is off for this process: \
-                                     kernel.io_uring_disabled, or a seccomp filter"
-                                }
-                                _ => "",
-                            };
-                            warn!(
-                                "transport: /dev/fuse (io_uring rings could not be made: {e}{why})"
-                            )
-                        })
-                        .ok()
+                    crate::uring::prepare(&u)
                 }
                 _ => None,
             };
@@ -628,7 +610,7 @@ impl<FS: Filesystem> Session<FS> {
                 info!("transport: FUSE over io_uring, one queue per CPU");
                 #[cfg(target_os = "linux")]
                 {
-                    self.uring_rings = crate::uring::Rings(rings.unwrap_or_default());
+                    self.uring_rings = rings.unwrap_or_default();
                 }
                 // The kernel refuses ring entries smaller than this (fuse_uring_create).
                 let page = page_size::get();

@@ -215,16 +215,20 @@ fn eio(unique: u64) -> Vec<u8> {
     })
 }
 
-/// The CPUs the kernel makes queues for (`num_possible_cpus`, ids 0..n).
-pub(crate) fn possible_cpus() -> usize {
-    let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
+const POSSIBLE: &str = "/sys/devices/system/cpu/possible";
+
+/// The CPUs the kernel makes queues for (`num_possible_cpus`, ids 0..n), if sysfs says.
+/// No guess where it does not (a sandbox without /sys): one queue too few and the kernel
+/// would hold every request for it.
+fn possible_cpus() -> Option<usize> {
+    let s = std::fs::read_to_string(POSSIBLE).ok()?;
     let last = s
         .trim()
         .split(',')
         .filter_map(|r| r.rsplit('-').next())
         .filter_map(|n| n.parse::<usize>().ok())
-        .max();
-    last.map_or(1, |n| n + 1)
+        .max()?;
+    Some(last + 1)
 }
 
 fn set_policy(policy: i32) -> bool {
@@ -441,13 +445,45 @@ fn register_cmd(fd: i32, qid: u16, buf: &EntryBuf, user_data: u64) -> squeue::En
 
 pub(crate) type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
 
-/// Rings made at INIT, waiting for their queue threads.
+/// Rings made at INIT for the queues of `cpus` CPUs, waiting for their queue threads.
 #[derive(Default)]
-pub(crate) struct Rings(pub(crate) Vec<Ring>);
+pub(crate) struct Rings {
+    pub(crate) cpus: usize,
+    pub(crate) rings: Vec<Ring>,
+}
 
 impl std::fmt::Debug for Rings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} rings", self.0.len())
+        write!(f, "{} rings for {} CPUs", self.rings.len(), self.cpus)
+    }
+}
+
+/// Everything FUSE over io_uring needs before INIT may ask for it (see `create_rings`): the
+/// number of queues the kernel will wait for, and a ring for each queue thread. None, with
+/// a warning saying why, where either is missing: the session then serves over /dev/fuse.
+pub(crate) fn prepare(cfg: &UringConfig) -> Option<Rings> {
+    let Some(cpus) = possible_cpus() else {
+        warn!(
+            "transport: /dev/fuse (no {POSSIBLE}: the kernel waits for a queue per possible CPU)"
+        );
+        return None;
+    };
+    match create_rings(cpus * cfg.threads_per_queue.max(1), cfg) {
+        Ok(rings) => Some(Rings { cpus, rings }),
+        Err(e) => {
+            let why = match e.raw_os_error() {
+                Some(libc::ENOMEM) => {
+                    "; io_uring counts them against RLIMIT_MEMLOCK without CAP_IPC_LOCK"
+                }
+                Some(libc::EPERM | libc::ENOSYS) => {
+                    "; io_uring is off for this process: kernel.io_uring_disabled, or a \
+                     seccomp filter"
+                }
+                _ => "",
+            };
+            warn!("transport: /dev/fuse (io_uring rings could not be made: {e}{why})");
+            None
+        }
     }
 }
 
@@ -457,7 +493,7 @@ impl std::fmt::Debug for Rings {
 /// fails with ENOMEM past RLIMIT_MEMLOCK, as in a container without CAP_IPC_LOCK) would leave
 /// the mount hanging. Made here, such a failure means /dev/fuse instead. Each is made
 /// disabled, so the queue thread that enables it becomes its single issuer.
-pub(crate) fn create_rings(queues: usize, cfg: &UringConfig) -> io::Result<Vec<Ring>> {
+fn create_rings(queues: usize, cfg: &UringConfig) -> io::Result<Vec<Ring>> {
     let entries = (cfg.entries.max(1) as u32).next_power_of_two().max(2);
     (0..queues)
         .map(|_| {
