@@ -177,10 +177,14 @@ pub fn kill_daemon(mnt: &Path) {
     let _ = sys::umount(mnt, true);
 }
 
-/// Process `pid` is gone (or a zombie).
+/// Process `pid` is gone, or a zombie with no thread left. A leader that exits before its
+/// other threads already reads as a zombie while they finish (one in a slow syscall, or at
+/// SCHED_IDLE on a busy machine), and the process holds its fds, and so its flock on the
+/// upper and work dirs, until the last one has gone.
 pub fn exited(pid: i32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
-        || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+        || (std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+            && std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count()) <= 1)
 }
 
 /// A kernel overlayfs mount (the oracle), unmounted on drop.
