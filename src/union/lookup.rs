@@ -466,14 +466,7 @@ impl Union {
             // A non-directory hides everything below, whether it is on top or under a dir.
             return Ok(Step::Stop);
         }
-        let dfd = Arc::new(self.with_fd_room(|| {
-            Ok(sys::openat(
-                pfd.as_fd(),
-                name,
-                libc::O_PATH | libc::O_DIRECTORY,
-                0,
-            )?)
-        })?);
+        let dfd = Arc::new(self.open_subdir(pfd.as_fd(), name)?);
         let f = found.get_or_insert_with(|| Found::dir(st));
         if f.lower_ino.is_none() && !self.layers.is_upper(l) {
             f.lower_ino = Some(self.layers.union_ino(l, st.st_ino));
@@ -807,7 +800,7 @@ impl Union {
                 Kind::Symlink => return Err(err(libc::ELOOP)),
                 _ => return Err(err(libc::ENOTDIR)),
             }
-            let next = sys::openat(fd.as_fd(), name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            let next = self.open_subdir(fd.as_fd(), name)?;
             stack.push((Arc::new(next), name.to_os_string()));
         }
         if *last == b".." {
@@ -839,7 +832,7 @@ impl Union {
         for c in dirs {
             // One open per component: ENOTDIR is a non-directory (a whiteout, a symlink:
             // O_NOFOLLOW) standing there.
-            match sys::openat(fd.as_fd(), c, libc::O_PATH | libc::O_DIRECTORY, 0) {
+            match self.open_subdir(fd.as_fd(), c) {
                 Ok(next) => {
                     let here =
                         format::dir_markers_of(XTarget::At(fd.as_fd(), c), next.as_fd()).opaque;
@@ -847,7 +840,7 @@ impl Union {
                     opaque |= here;
                     fd = Arc::new(next);
                 }
-                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                Err(e) if e.errno() == libc::ENOTDIR => {
                     return Ok((LayerWalk::Blocked, passed));
                 }
                 Err(_) if format::has_oci_whiteout(fd.as_fd(), c) => {

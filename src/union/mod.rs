@@ -25,7 +25,7 @@ pub mod workdir;
 pub mod write;
 
 use std::ffi::{CString, OsStr, OsString};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -313,15 +313,7 @@ impl Union {
             cur = st.parent;
         }
         for (id, name) in chain.into_iter().rev() {
-            let fd = self.with_fd_room(|| {
-                Ok(sys::openat(
-                    base.as_fd(),
-                    &name,
-                    libc::O_PATH | libc::O_DIRECTORY,
-                    0,
-                )?)
-            })?;
-            base = Arc::new(fd);
+            base = Arc::new(self.open_subdir(base.as_fd(), &name)?);
             self.fds.put(id, layer, base.clone());
         }
         Ok(base)
@@ -331,16 +323,15 @@ impl Union {
     pub(crate) fn walk_path(&self, layer: usize, path: &[OsString]) -> Result<Arc<OwnedFd>> {
         let mut fd = self.layers.layers[layer].root.clone();
         for c in path {
-            fd = Arc::new(self.with_fd_room(|| {
-                Ok(sys::openat(
-                    fd.as_fd(),
-                    c,
-                    libc::O_PATH | libc::O_DIRECTORY,
-                    0,
-                )?)
-            })?);
+            fd = Arc::new(self.open_subdir(fd.as_fd(), c)?);
         }
         Ok(fd)
+    }
+
+    /// Open directory `name` of `dir` as a handle for the `*at` calls (O_PATH; O_NOFOLLOW
+    /// is in every `sys::openat`), making room in the fd cache if the process ran out.
+    pub(crate) fn open_subdir(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd> {
+        self.with_fd_room(|| Ok(sys::openat(dir, name, libc::O_PATH | libc::O_DIRECTORY, 0)?))
     }
 
     /// Run `f`, and once more after emptying the directory fd cache if the process ran out

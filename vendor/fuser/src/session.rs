@@ -599,9 +599,8 @@ impl<FS: Filesystem> Session<FS> {
             };
             #[cfg(not(target_os = "linux"))]
             let rings: Option<()> = None;
-            if self.config.io_uring.is_some()
-                && init.capabilities().contains(InitFlags::FUSE_OVER_IO_URING)
-                && rings.is_some()
+            // Rings only where io_uring was asked for and is offered.
+            if rings.is_some()
                 && config
                     .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
                     .is_ok()
