@@ -108,20 +108,12 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
             let _ = sys::umount(&mp, true);
         }
     })?;
-    // Spawned after the signals are blocked, like every later thread: a SIGTERM must reach the
-    // signal thread, never kill the process through another thread without unmounting.
-    // fuser's workers notice an unmount only at their next poll timeout (about a second);
-    // a watcher makes the daemon leave at once, so `umount` is followed by its exit.
-    if let Some((fd, _)) = EXIT_GUARD.get() {
-        let fd = fd.as_fd();
-        std::thread::Builder::new()
-            .name("unmount-watch".into())
-            .spawn(move || {
-                sys::wait_fuse_disconnected(fd);
-                info!("connection ended");
-                exit_after_unmount();
-            })?;
-    }
+    // Every later thread is spawned with the signals blocked: a SIGTERM must reach the signal
+    // thread, never kill the process through another thread without unmounting.
+    // No thread watches for the unmount: every serving thread blocks until a request comes or
+    // the connection ends (read gives ENODEV, a ring's commands ENOTCONN), so the last one
+    // out ends the session and `destroy` exits, ~15 ms after the umount. An idle daemon
+    // never wakes (a watcher polling ten times a second woke every idle mount's daemon).
     let notifier = session.notifier();
     let (entries, rx) = std::sync::mpsc::channel::<(u64, std::ffi::OsString)>();
     let n = notifier.clone();

@@ -94,13 +94,3 @@ pub fn fuse_disconnected(fd: BorrowedFd<'_>) -> bool {
     let r = unsafe { libc::poll(&mut p, 1, 0) };
     r == 1 && p.revents & libc::POLLERR != 0
 }
-
-/// Return once the FUSE connection on `fd` has ended (unmounted or aborted).
-pub fn wait_fuse_disconnected(fd: BorrowedFd<'_>) {
-    // Not a blocking poll: the device's wait queue wakes every poller on every request, which
-    // cost a context switch per request (a fifth of the daemon's time in an unlink storm).
-    // A check ten times a second costs nothing and still ends the daemon promptly.
-    while !fuse_disconnected(fd) {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}

@@ -3,6 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use crate::require_fuse;
 use crate::support::*;
@@ -205,7 +206,7 @@ fn a_daemon_that_cannot_make_its_rings_serves_over_dev_fuse() {
         return;
     };
     let (ok, _, err) = run_timeout(
-        std::process::Command::new("prlimit")
+        Command::new("prlimit")
             .args(["--memlock=0:0", "setpriv", "--bounding-set=-ipc_lock", BIN])
             .args(["mount", "-o", &opts])
             .arg(&mnt)
@@ -216,10 +217,7 @@ fn a_daemon_that_cannot_make_its_rings_serves_over_dev_fuse() {
     assert!(ok, "mount without CAP_IPC_LOCK: {err}");
     let m = Layerfs { mnt };
     // In a child with a deadline: on a hung mount the read would never return.
-    let (ok, out, err) = run_timeout(
-        std::process::Command::new("cat").arg(m.mnt.join("lower/a")),
-        10,
-    );
+    let (ok, out, err) = run_timeout(Command::new("cat").arg(m.mnt.join("lower/a")), 10);
     assert!(
         ok && out == "lower a",
         "read through the mount: {ok} {out:?} {err}"
@@ -254,7 +252,7 @@ timeout 10 cat "$2/lower/a"; echo " rc=$?"
 timeout 10 "$0" stats --format json "$2"
 umount -l "$2""#;
     let (ok, out, err) = run_timeout(
-        std::process::Command::new("unshare")
+        Command::new("unshare")
             .args([
                 "-m",
                 "--propagation",
@@ -281,4 +279,103 @@ umount -l "$2""#;
         log.contains("transport: /dev/fuse (no /sys/devices/system/cpu/possible"),
         "daemon log: {log}"
     );
+}
+
+/// Context switches so far of each thread of process `pid`: tid -> (name, count).
+fn switches(pid: i32) -> std::collections::BTreeMap<String, (String, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let n: u64 = ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
+            .iter()
+            .map(|k| field(k).parse::<u64>().unwrap_or(0))
+            .sum();
+        out.insert(
+            t.file_name().to_string_lossy().into_owned(),
+            (field("Name:"), n),
+        );
+    }
+    out
+}
+
+/// Requests the daemon has served (`layerfs stats`: every operation, FORGETs included).
+fn requests(mnt: &Path) -> u64 {
+    let st = stats(mnt);
+    let t = &st["transport"];
+    t["io_uring"].as_u64().unwrap() + t["dev_fuse"].as_u64().unwrap()
+}
+
+/// A mount nobody uses costs no CPU: no daemon thread wakes without a request (a host runs
+/// one daemon per container; fuse-overlayfs sleeps likewise). And the daemon still leaves
+/// as soon as it is unmounted, though no thread watches for that (its serving threads see
+/// the connection end). Over io_uring and over /dev/fuse.
+#[test]
+fn an_idle_daemon_never_wakes_and_leaves_once_unmounted() {
+    require_fuse!();
+    let mut transports = vec![false];
+    match uring_unavailable() {
+        None => transports.push(true),
+        Some(r) => eprintln!("{}: io_uring part skipped: {r}", module_path!()),
+    }
+    for uring in transports {
+        let s = Scratch::new();
+        let opts = format!("{},io_uring={}", layers(&s), u8::from(uring));
+        let m = Layerfs::mount(&opts, &s.path("m"));
+        workload(&m.mnt);
+        let pid = daemon_pid(&m.mnt).expect("daemon pid");
+        // The short-lived thread that locks the daemon's code in memory is done.
+        assert!(
+            wait_until(10, || !switches(pid)
+                .values()
+                .any(|(n, _)| n == "lock-code")),
+            "lock-code thread still running"
+        );
+        // Another test dropping the page cache makes the kernel send FORGETs to every
+        // mount: a window in which requests came is measured again.
+        let mut woke = None;
+        for _ in 0..5 {
+            let before = requests(&m.mnt);
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let a = switches(pid);
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            let b = switches(pid);
+            if requests(&m.mnt) != before {
+                continue;
+            }
+            woke = Some(
+                b.iter()
+                    .filter(|(tid, (_, n))| a.get(*tid).is_none_or(|(_, m)| m != n))
+                    .map(|(tid, (name, n))| {
+                        format!("{name} ({tid}): {} -> {n}", a.get(tid).map_or(0, |x| x.1))
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            break;
+        }
+        let woke = woke.expect("requests kept coming to an idle mount for 5 windows of 2 s");
+        assert!(
+            woke.is_empty(),
+            "io_uring={}: idle daemon threads woke within 2 s: {woke:?}",
+            u8::from(uring)
+        );
+        let (ok, _o, err) = run_timeout(Command::new("umount").arg(&m.mnt), 10);
+        assert!(ok, "umount: {err}");
+        assert!(
+            wait_until(3, || exited(pid)),
+            "io_uring={}: daemon still running 3 s after umount",
+            u8::from(uring)
+        );
+    }
 }
