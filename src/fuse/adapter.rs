@@ -381,6 +381,10 @@ impl Filesystem for Adapter {
         super::session::exit_after_unmount();
     }
 
+    fn disconnected(&self) {
+        super::session::exit_soon();
+    }
+
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _op = self.fs.obs.begin(Op::Lookup, req.pid());
         debug!("lookup {} {:?}", parent.0, name);

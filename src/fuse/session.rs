@@ -55,11 +55,43 @@ static CONTROL: OnceLock<Control> = OnceLock::new();
 /// The union, for what it keeps on the way out (its catalog).
 static UNION: OnceLock<Arc<Union>> = OnceLock::new();
 
+/// How long the serving threads get to return once the connection has ended (they take
+/// about 15 ms) before the daemon exits without them.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The connection ended: every serving thread returns, and the last one out exits through
+/// `destroy`. One stuck in a request (a layer on a hung filesystem) would keep the daemon,
+/// and the lock on its upper and work dirs, until that request ends: after a grace period
+/// the daemon exits anyway (its requests wait killably). No thread waits for this while
+/// the mount lives, so an idle daemon never wakes.
+pub fn exit_soon() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("exit-grace".into())
+            .stack_size(64 << 10)
+            .spawn(|| {
+                std::thread::sleep(EXIT_GRACE);
+                log::warn!(
+                    "a request still running {EXIT_GRACE:?} after the connection ended: exiting"
+                );
+                exit_after_unmount();
+            });
+        if let Err(e) = spawned {
+            log::warn!("no exit grace thread ({e}): a stuck request would keep the daemon");
+        }
+    });
+}
+
 /// Called when the session ends (from `destroy`). fuser 0.18's drop guard would unmount the
 /// mountpoint *path* even after someone else unmounted us — taking down a new mount made there
 /// meanwhile (its connection check reads POLLERR the wrong way round). So exit here, before that
-/// guard runs, unmounting only if our own connection is still alive.
+/// guard runs, unmounting only if our own connection is still alive. Once only: a second
+/// caller (`exit_soon`'s, racing `destroy`) waits here for the first to end the process.
 pub fn exit_after_unmount() -> ! {
+    static EXITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // Held until the process ends (a poisoned lock lets the next caller finish the job).
+    let _exiting = EXITING.lock();
     if let Some(c) = CONTROL.get() {
         c.remove();
     }
@@ -112,8 +144,9 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
     // thread, never kill the process through another thread without unmounting.
     // No thread watches for the unmount: every serving thread blocks until a request comes or
     // the connection ends (read gives ENODEV, a ring's commands ENOTCONN), so the last one
-    // out ends the session and `destroy` exits, ~15 ms after the umount. An idle daemon
-    // never wakes (a watcher polling ten times a second woke every idle mount's daemon).
+    // out ends the session and `destroy` exits, ~15 ms after the umount (`exit_soon` covers
+    // one that never returns). An idle daemon never wakes (a watcher polling ten times a
+    // second woke every idle mount's daemon).
     let notifier = session.notifier();
     let (entries, rx) = std::sync::mpsc::channel::<(u64, std::ffi::OsString)>();
     let n = notifier.clone();

@@ -281,6 +281,18 @@ umount -l "$2""#;
     );
 }
 
+/// The transports to test: /dev/fuse, and io_uring where the kernel offers it (else the
+/// skip is printed).
+fn transports() -> Vec<bool> {
+    match uring_unavailable() {
+        None => vec![false, true],
+        Some(r) => {
+            eprintln!("io_uring part skipped: {r}");
+            vec![false]
+        }
+    }
+}
+
 /// Context switches so far of each thread of process `pid`: tid -> (name, count).
 fn switches(pid: i32) -> std::collections::BTreeMap<String, (String, u64)> {
     let mut out = std::collections::BTreeMap::new();
@@ -324,12 +336,7 @@ fn requests(mnt: &Path) -> u64 {
 #[test]
 fn an_idle_daemon_never_wakes_and_leaves_once_unmounted() {
     require_fuse!();
-    let mut transports = vec![false];
-    match uring_unavailable() {
-        None => transports.push(true),
-        Some(r) => eprintln!("{}: io_uring part skipped: {r}", module_path!()),
-    }
-    for uring in transports {
+    for uring in transports() {
         let s = Scratch::new();
         let opts = format!("{},io_uring={}", layers(&s), u8::from(uring));
         let m = Layerfs::mount(&opts, &s.path("m"));
@@ -377,5 +384,123 @@ fn an_idle_daemon_never_wakes_and_leaves_once_unmounted() {
             "io_uring={}: daemon still running 3 s after umount",
             u8::from(uring)
         );
+    }
+}
+
+/// SIGCONT for a process stopped by a test, whatever happens to the test.
+struct Stopped(i32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        run_timeout(
+            Command::new("kill").args(["-CONT", &self.0.to_string()]),
+            10,
+        );
+    }
+}
+
+/// A child process killed and reaped on drop.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Does a thread of `pid` wait for a FUSE reply (in a request to another FUSE mount)?
+fn waits_on_fuse(pid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+        tasks.flatten().any(|t| {
+            std::fs::read_to_string(t.path().join("wchan"))
+                .is_ok_and(|w| w.trim() == "request_wait_answer")
+        })
+    })
+}
+
+/// A request stuck for good (its lower layer is on a filesystem that stopped answering) must
+/// not keep the daemon, and with it the lock on the upper and work dirs, once the connection
+/// has ended: the daemon exits after a grace period, and the same upper mounts again. No
+/// thread watches the connection while the mount lives (see the idle test above).
+#[test]
+fn a_stuck_request_does_not_keep_the_daemon_once_its_connection_ends() {
+    require_fuse!();
+    for uring in transports() {
+        let s = Scratch::new();
+        let low = s.mkdir("low");
+        std::fs::create_dir(low.join("sub")).unwrap();
+        for i in 0..50 {
+            write(low.join(format!("sub/f{i}")), format!("{i}").as_bytes());
+        }
+        // The lower layer of the mount under test is itself a FUSE mount (read-only), over
+        // /dev/fuse: a request it never read can be killed, where one already handed to a
+        // daemon (over a ring, or read and then stopped) is waited out by the kernel, and
+        // no process can leave while one of its threads waits so (nor could the watcher
+        // thread's exit that this replaces).
+        let inner = Layerfs::mount(
+            &format!("lowerdir={},io_uring=0", low.display()),
+            &s.path("inner"),
+        );
+        let opts = format!(
+            "{},io_uring={}",
+            rw_opts(&inner.mnt, &s.mkdir("u"), &s.mkdir("w")),
+            u8::from(uring)
+        );
+        let outer = Layerfs::mount(&opts, &s.path("m"));
+        let conn = {
+            let dev = std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(&outer.mnt).unwrap());
+            (dev & 0xff) | ((dev >> 12) & 0xfff00)
+        };
+        let abort = PathBuf::from(format!("/sys/fs/fuse/connections/{conn}/abort"));
+        if !abort.exists() {
+            run_timeout(
+                Command::new("mount").args(["-t", "fusectl", "none", "/sys/fs/fuse/connections"]),
+                10,
+            );
+        }
+        if !abort.exists() {
+            eprintln!(
+                "SKIPPED {}: no {} (fusectl)",
+                module_path!(),
+                abort.display()
+            );
+            return;
+        }
+        let (inner_pid, outer_pid) = (
+            daemon_pid(&inner.mnt).expect("inner daemon"),
+            daemon_pid(&outer.mnt).expect("outer daemon"),
+        );
+        let stopped = Stopped(inner_pid);
+        run_timeout(
+            Command::new("kill").args(["-STOP", &inner_pid.to_string()]),
+            10,
+        );
+        let stat = Reaped(
+            Command::new("stat")
+                .arg(outer.mnt.join("sub/f7"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        assert!(
+            wait_until(10, || waits_on_fuse(outer_pid)),
+            "no daemon thread stuck on the stopped lower filesystem"
+        );
+        std::fs::write(&abort, "1").unwrap();
+        assert!(
+            wait_until(8, || exited(outer_pid)),
+            "io_uring={}: daemon still running 8 s after its connection ended",
+            u8::from(uring)
+        );
+        // The request is still stuck: the daemon left without it.
+        assert!(waits_on_fuse(inner_pid) || !exited(inner_pid));
+        drop(stopped);
+        drop(stat);
+        let mnt = outer.mnt.clone();
+        drop(outer);
+        let again = Layerfs::mount(&opts, &mnt);
+        assert_eq!(std::fs::read(again.mnt.join("sub/f7")).unwrap(), b"7");
     }
 }

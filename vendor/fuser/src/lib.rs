@@ -415,6 +415,11 @@ pub trait Filesystem: Send + Sync + 'static {
     /// Called on filesystem exit.
     fn destroy(&mut self) {}
 
+    /// The connection ended (unmounted or aborted). Called by each serving thread that sees
+    /// it, while other threads may still be finishing a request; `destroy` follows once all
+    /// have returned, which a request stuck for good (say, on a hung filesystem) prevents.
+    fn disconnected(&self) {}
+
     /// Look up a directory entry by name and get its attributes.
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         warn!("[Not Implemented] lookup(parent: {parent:#x?}, name {name:?})");

@@ -719,7 +719,12 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                         ));
                     }
                 },
-                Err(nix::errno::Errno::ENODEV) => return Ok(()),
+                Err(nix::errno::Errno::ENODEV) => {
+                    if let Some(fs) = &self.filesystem.fs {
+                        fs.disconnected();
+                    }
+                    return Ok(());
+                }
                 Err(err) => return Err(err.into()),
             }
         }

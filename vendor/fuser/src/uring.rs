@@ -657,6 +657,9 @@ fn serve_ring<FS: Filesystem>(
                 return match -res {
                     libc::ENOTCONN | libc::ECANCELED | libc::ENODEV | libc::ECONNABORTED => {
                         debug!("io_uring queue {qid}: connection ended ({err})");
+                        if let Some(fs) = &se.filesystem.fs {
+                            fs.disconnected();
+                        }
                         Ok(())
                     }
                     _ => {
