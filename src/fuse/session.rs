@@ -62,8 +62,9 @@ const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// The connection ended: every serving thread returns, and the last one out exits through
 /// `destroy`. One stuck in a request (a layer on a hung filesystem) would keep the daemon,
 /// and the lock on its upper and work dirs, until that request ends: after a grace period
-/// the daemon exits anyway (its requests wait killably). No thread waits for this while
-/// the mount lives, so an idle daemon never wakes.
+/// the daemon exits anyway (a thread whose request another FUSE daemon has not read yet
+/// dies with it; one already handed over is waited out by the kernel). No thread waits for
+/// this while the mount lives, so an idle daemon never wakes.
 pub fn exit_soon() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
