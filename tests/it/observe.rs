@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use crate::support::*;
 
 /// `layerfs events --format json` in the background; killed on drop.
 struct Watcher {
-    child: Child,
+    _child: Reaped,
     lines: Receiver<Value>,
 }
 
@@ -42,7 +42,10 @@ impl Watcher {
                 == Some(before + 1)),
             "events never subscribed"
         );
-        Watcher { child, lines }
+        Watcher {
+            _child: Reaped(child),
+            lines,
+        }
     }
 
     /// Every event that arrives within `quiet` of the previous one (bounded at 10 s).
@@ -56,13 +59,6 @@ impl Watcher {
             }
         }
         v
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -169,6 +169,16 @@ impl Drop for Layerfs {
     }
 }
 
+/// A child process killed and reaped on drop, whatever happens to the test.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// kill -9 the daemon serving `mnt`, then detach its dead mount.
 pub fn kill_daemon(mnt: &Path) {
     let pid = daemon_pid(mnt).expect("daemon running");

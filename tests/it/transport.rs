@@ -398,16 +398,6 @@ impl Drop for Stopped {
     }
 }
 
-/// A child process killed and reaped on drop.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Does a thread of `pid` wait for a FUSE reply (in a request to another FUSE mount)?
 fn waits_on_fuse(pid: i32) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
