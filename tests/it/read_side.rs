@@ -559,3 +559,50 @@ fn xattr_whiteouts_delete_as_in_the_kernel() {
     p.assert_no_panic();
     p.check_interop();
 }
+
+/// The kernel keeps a symlink's target (FUSE_CACHE_SYMLINKS): a path through a symlink costs
+/// no READLINK once the target is known, and a symlink replaced under the same name (a new
+/// node) shows its own target, before and after a remount.
+#[test]
+fn symlink_targets_are_read_once_and_replacements_show() {
+    require_fuse!();
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    write(low.join("usr/bin/tool"), b"tool");
+    write(low.join("usr/sbin/tool"), b"stool");
+    symlink("usr/bin", low.join("bin")).unwrap();
+    symlink("t1", low.join("l")).unwrap();
+    let opts = rw_opts(&low, &s.mkdir("up"), &s.mkdir("work"));
+    let l = Layerfs::mount(&opts, &s.path("mnt"));
+    let target = |name: &str| std::fs::read_link(l.mnt.join(name)).unwrap();
+    for _ in 0..50 {
+        assert_eq!(std::fs::read(l.mnt.join("bin/tool")).unwrap(), b"tool");
+        assert_eq!(target("l"), PathBuf::from("t1"));
+    }
+    let readlinks = stats(&l.mnt)["ops"]["readlink"]["count"].as_u64();
+    // Once per symlink; a little more if another test's cache drop evicted a target.
+    assert!(
+        readlinks.is_some_and(|n| (2..=6).contains(&n)),
+        "READLINKs for 2 symlinks followed 50 times each: {readlinks:?}"
+    );
+    // New symlinks under the old names: by unlink + symlink, by rename over, and over a
+    // lower one in a path (after a copy-up of it).
+    std::fs::remove_file(l.mnt.join("l")).unwrap();
+    symlink("t2", l.mnt.join("l")).unwrap();
+    assert_eq!(target("l"), PathBuf::from("t2"));
+    symlink("t3", l.mnt.join("m")).unwrap();
+    std::fs::rename(l.mnt.join("m"), l.mnt.join("l")).unwrap();
+    assert_eq!(target("l"), PathBuf::from("t3"));
+    std::os::unix::fs::lchown(l.mnt.join("bin"), Some(1), Some(1)).unwrap();
+    assert_eq!(std::fs::read(l.mnt.join("bin/tool")).unwrap(), b"tool");
+    symlink("usr/sbin", l.mnt.join("bin2")).unwrap();
+    std::fs::rename(l.mnt.join("bin2"), l.mnt.join("bin")).unwrap();
+    assert_eq!(std::fs::read(l.mnt.join("bin/tool")).unwrap(), b"stool");
+    drop(l);
+    let l = Layerfs::mount(&opts, &s.path("mnt"));
+    assert_eq!(
+        std::fs::read_link(l.mnt.join("l")).unwrap(),
+        PathBuf::from("t3")
+    );
+    assert_eq!(std::fs::read(l.mnt.join("bin/tool")).unwrap(), b"stool");
+}
