@@ -595,6 +595,13 @@ fn symlink_targets_are_read_once_and_replacements_show() {
     assert_eq!(target("l"), PathBuf::from("t3"));
     std::os::unix::fs::lchown(l.mnt.join("bin"), Some(1), Some(1)).unwrap();
     assert_eq!(std::fs::read(l.mnt.join("bin/tool")).unwrap(), b"tool");
+    // The upper reuses a freed inode number at once; each new symlink is still a new node.
+    for i in 0..50 {
+        let t = PathBuf::from(format!("t{i}"));
+        symlink(&t, l.mnt.join("s")).unwrap();
+        assert_eq!(target("s"), t);
+        std::fs::remove_file(l.mnt.join("s")).unwrap();
+    }
     symlink("usr/sbin", l.mnt.join("bin2")).unwrap();
     std::fs::rename(l.mnt.join("bin2"), l.mnt.join("bin")).unwrap();
     assert_eq!(std::fs::read(l.mnt.join("bin/tool")).unwrap(), b"stool");
