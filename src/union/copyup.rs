@@ -28,6 +28,13 @@ pub enum Data {
     Meta,
 }
 
+/// How `copy_up_one` ended: the node is in the upper layer (copied now or already), or the
+/// name it is reachable by now is in a directory not copied up yet.
+enum Landed {
+    Done,
+    NeedsParent,
+}
+
 impl Union {
     fn require_upper(&self) -> Result<()> {
         if !self.writable() {
@@ -66,29 +73,46 @@ impl Union {
             }
             return Ok(());
         }
-        // Ancestors first, root down, so every copy has an upper parent to land in: those of
-        // a name the node can still be reached by.
-        let mut chain = Vec::new();
-        let mut cur = self.reachable_name(node)?.0.id;
-        while cur != ROOT_ID {
-            let n = self.node(cur)?;
-            if n.top_layer() == 0 {
-                break;
+        // A hard link's names can change while this runs: the kernel may forget the
+        // directories of one name (memory pressure; their FORGETs served meanwhile), which
+        // then goes (`prune_names`), and the copy lands by a name left, whose ancestors may
+        // need copying first. So a copy that lost its way is tried again by the name left.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.copy_up_by_a_name(node, data) {
+                Ok(Landed::Done) => return Ok(()),
+                Ok(Landed::NeedsParent) if tries < 3 => {}
+                Err(e) if e.errno() == libc::ESTALE && tries < 3 => {}
+                Ok(Landed::NeedsParent) => return Err(err(libc::ESTALE)),
+                Err(e) => return Err(e),
             }
-            cur = n.state().parent;
-            chain.push(n);
+        }
+    }
+
+    /// Ancestors first, root down, so every copy has an upper parent to land in: those of a
+    /// name the node can be reached by.
+    fn copy_up_by_a_name(&self, node: &Arc<Node>, data: Data) -> Result<Landed> {
+        let mut chain = Vec::new();
+        let (mut cur, _) = self.reachable_name(node)?;
+        while cur.id != ROOT_ID && cur.top_layer() != 0 {
+            let up = cur.state.read().expect("node state lock").parent;
+            chain.push(cur);
+            cur = self.node(up)?;
         }
         for anc in chain.iter().rev() {
-            self.copy_up_one(anc, Data::All)?;
+            if let Landed::NeedsParent = self.copy_up_one(anc, Data::All)? {
+                return Ok(Landed::NeedsParent);
+            }
         }
         self.copy_up_one(node, data)
     }
 
-    fn copy_up_one(&self, node: &Arc<Node>, data: Data) -> Result<()> {
+    fn copy_up_one(&self, node: &Arc<Node>, data: Data) -> Result<Landed> {
         let _g = node.copy_lock.lock().expect("copy lock");
         let st = node.state();
         if st.layers[0] == 0 {
-            return Ok(()); // another opener won the race
+            return Ok(Landed::Done); // another opener won the race
         }
         if st.unlinked {
             // A lower file changed through an fd after its last name went (fchmod, fsetxattr):
@@ -105,9 +129,14 @@ impl Union {
         }
         let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
         let started = std::time::Instant::now();
+        // The name the copy lands by: the first still reachable. The parent is held here, so
+        // a FORGET of it from now on does not matter.
+        let (parent, name) = self.reachable_name(node)?;
+        if parent.top_layer() != 0 {
+            return Ok(Landed::NeedsParent);
+        }
         let src = self.real_in(node, st.layers[0])?;
         let sst = src.stat()?;
-        let parent = self.node(st.parent)?;
         let upper_parent = self.dir_fd(&parent, 0)?;
         let parent_times = sys::fstat(upper_parent.as_fd())?;
         let wfd = work.fd.clone();
@@ -143,7 +172,7 @@ impl Union {
             (Data::Empty, _) => (Fill::Nothing, None),
             (Data::Meta, d) => {
                 let mut here = self.lower_path_of(&parent, &parent.state())?;
-                here.push(st.name.to_os_string());
+                here.push(name.to_os_string());
                 let redirect = d
                     .as_ref()
                     .filter(|d| d.first_lower != here)
@@ -188,7 +217,7 @@ impl Union {
             .filter(|o| {
                 let t = XTarget::At(wfd.as_fd(), &tmp);
                 sys::setxattr(t, self.cfg.marker_ns.origin(), o, 0)
-                    .inspect_err(|e| log::warn!("copy-up of {:?}: no origin: {e}", st.name))
+                    .inspect_err(|e| log::warn!("copy-up of {name:?}: no origin: {e}"))
                     .is_ok()
             });
         let index_key = self.index_copy(origin.as_deref(), &sst, wfd.as_fd(), &tmp);
@@ -197,7 +226,7 @@ impl Union {
             wfd.as_fd(),
             &tmp,
             upper_parent.as_fd(),
-            &st.name,
+            &name,
             sys::RENAME_NOREPLACE,
         ) {
             if let Some(key) = &index_key {
@@ -227,8 +256,8 @@ impl Union {
         // in directories the kernel forgot are dropped (`prune_names`): looked up again, they
         // are linked up then, through the live node or the index.
         for (dir, an) in self.prune_names(node) {
-            if (dir.id, &*an) != (st.parent, &*st.name) {
-                self.link_up_at(&parent, &st.name, dir.id, &an)?;
+            if (dir.id, &*an) != (parent.id, &*name) {
+                self.link_up_at(&parent, &name, dir.id, &an)?;
             }
         }
         // nlink (a dir becomes merged), ctime and a broken hard link's count change.
@@ -239,8 +268,8 @@ impl Union {
             _ => st.layers[0],
         };
         self.copied_up(&st, from, bytes, started.elapsed());
-        log::debug!("copied up {:?} (node {}, {:?})", st.name, node.id, data);
-        Ok(())
+        log::debug!("copied up {name:?} (node {}, {data:?})", node.id);
+        Ok(Landed::Done)
     }
 
     /// Build the copy of `src` as `tmp` in the work directory.
