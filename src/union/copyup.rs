@@ -80,12 +80,14 @@ impl Union {
         let mut tries = 0;
         loop {
             tries += 1;
-            match self.copy_up_by_a_name(node, data) {
+            let lost = match self.copy_up_by_a_name(node, data) {
                 Ok(Landed::Done) => return Ok(()),
-                Ok(Landed::NeedsParent) if tries < 3 => {}
-                Err(e) if e.errno() == libc::ESTALE && tries < 3 => {}
-                Ok(Landed::NeedsParent) => return Err(err(libc::ESTALE)),
+                Ok(Landed::NeedsParent) => err(libc::ESTALE),
+                Err(e) if e.errno() == libc::ESTALE => e,
                 Err(e) => return Err(e),
+            };
+            if tries == 3 {
+                return Err(lost);
             }
         }
     }
