@@ -398,6 +398,18 @@ impl Drop for Stopped {
     }
 }
 
+/// Is every thread of `pid` in the stopped state (`T` in its stat)?
+fn all_threads_stopped(pid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+        tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            })
+        })
+    })
+}
+
 /// Does a thread of `pid` wait for a FUSE reply (in a request to another FUSE mount)?
 fn waits_on_fuse(pid: i32) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
@@ -464,6 +476,13 @@ fn a_stuck_request_does_not_keep_the_daemon_once_its_connection_ends() {
         run_timeout(
             Command::new("kill").args(["-STOP", &inner_pid.to_string()]),
             10,
+        );
+        // kill(1) returns once the signal is queued; the group stop reaches the other
+        // threads only after the one picked for it runs, and until then they still serve
+        // requests (CI's loaded machine saw the stat below answered).
+        assert!(
+            wait_until(10, || all_threads_stopped(inner_pid)),
+            "inner daemon not stopped 10 s after SIGSTOP"
         );
         let stat = Reaped(
             Command::new("stat")
