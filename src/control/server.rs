@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use serde_json::{Value, json};
 
-use super::{is_layerfs, socket_dirs, socket_name};
+use super::{socket_dirs, socket_name};
 use crate::error::{Error, Result};
 use crate::store::describe_layer_dir;
 use crate::sys;
@@ -51,11 +51,9 @@ fn private_dir(uid: u32) -> Result<PathBuf> {
 }
 
 /// The device number of the layerfs mount we just made at `mountpoint`.
-fn our_dev(mountpoint: &Path) -> Option<String> {
-    sys::mounts()
-        .into_iter()
-        .rfind(|m| is_layerfs(m) && m.mountpoint == mountpoint)
-        .map(|m| m.dev)
+fn our_dev(mountpoint: &Path) -> std::io::Result<String> {
+    // Just mounted, so ours is the filesystem on top there.
+    sys::mounted_dev(mountpoint)
 }
 
 /// What `info` answers: the mount and its layers, top first.
@@ -111,10 +109,9 @@ impl Drop for Control {
 }
 
 /// Listen on this mount's control socket, answering from a thread of its own.
-pub fn start(fs: Arc<Union>, mountpoint: PathBuf) -> Result<Control> {
+pub fn start(fs: Arc<Union>, mountpoint: PathBuf) -> Result<(Control, Clients)> {
     let uid = sys::geteuid();
-    let dev = our_dev(&mountpoint)
-        .ok_or_else(|| Error::msg(format!("{} is not in mountinfo", mountpoint.display())))?;
+    let dev = our_dev(&mountpoint).map_err(|e| Error::from(e).context(mountpoint.display()))?;
     let path = private_dir(uid)?.join(socket_name(&dev));
     // A file left by a daemon that died: its mount is gone, so the name is free.
     let _ = std::fs::remove_file(&path);
@@ -123,30 +120,60 @@ pub fn start(fs: Arc<Union>, mountpoint: PathBuf) -> Result<Control> {
     let md = std::fs::symlink_metadata(&path)?;
     let id = (md.dev(), md.ino());
     info!("control socket {}", path.display());
-    let started = Instant::now();
-    let clients = Arc::new(AtomicUsize::new(0));
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                if clients.load(Ordering::Relaxed) >= MAX_CLIENTS {
-                    let _ = refuse(conn, "too many control clients");
-                    continue;
+    let clients = Clients {
+        listener,
+        fs,
+        mountpoint,
+        uid,
+        started: Instant::now(),
+    };
+    Ok((Control { path, id }, clients))
+}
+
+/// The bound control socket, not answered yet: a client that connects meanwhile waits in
+/// the listen backlog. The session starts its thread once the mount serves.
+pub struct Clients {
+    listener: UnixListener,
+    fs: Arc<Union>,
+    mountpoint: PathBuf,
+    uid: u32,
+    started: Instant,
+}
+
+impl Clients {
+    /// Answer clients, from a thread of their own, from now on.
+    pub fn spawn(self) -> std::io::Result<()> {
+        let Clients {
+            listener,
+            fs,
+            mountpoint,
+            uid,
+            started,
+        } = self;
+        let clients = Arc::new(AtomicUsize::new(0));
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    if clients.load(Ordering::Relaxed) >= MAX_CLIENTS {
+                        let _ = refuse(conn, "too many control clients");
+                        continue;
+                    }
+                    let (fs, mp, clients) = (fs.clone(), mountpoint.clone(), clients.clone());
+                    clients.fetch_add(1, Ordering::Relaxed);
+                    let _ = std::thread::Builder::new()
+                        .name("control-client".into())
+                        .spawn(move || {
+                            if let Err(e) = serve(conn, &fs, &mp, uid, started) {
+                                debug!("control client: {e}");
+                            }
+                            clients.fetch_sub(1, Ordering::Relaxed);
+                        });
                 }
-                let (fs, mp, clients) = (fs.clone(), mountpoint.clone(), clients.clone());
-                clients.fetch_add(1, Ordering::Relaxed);
-                let _ = std::thread::Builder::new()
-                    .name("control-client".into())
-                    .spawn(move || {
-                        if let Err(e) = serve(conn, &fs, &mp, uid, started) {
-                            debug!("control client: {e}");
-                        }
-                        clients.fetch_sub(1, Ordering::Relaxed);
-                    });
-            }
-        })?;
-    Ok(Control { path, id })
+            })?;
+        Ok(())
+    }
 }
 
 fn refuse(mut conn: UnixStream, msg: &str) -> std::io::Result<()> {

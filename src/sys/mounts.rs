@@ -83,6 +83,42 @@ fn unescape_mountinfo(s: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The device ("major:minor", as mountinfo writes it) of the filesystem mounted on `path`,
+/// from the attributes the kernel holds: a FUSE mount whose daemon does not serve yet answers
+/// without a request (AT_STATX_DONT_SYNC), and no mount table is read.
+pub fn mounted_dev(path: &std::path::Path) -> io::Result<String> {
+    let c = cstr(path.as_os_str())?;
+    // SAFETY: statx fills a zeroed plain struct.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    let flags = libc::AT_STATX_DONT_SYNC | libc::AT_NO_AUTOMOUNT;
+    // SAFETY: valid NUL-terminated path and out pointer.
+    check(unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), flags, 0, &mut st) })?;
+    Ok(format!("{}:{}", st.stx_dev_major, st.stx_dev_minor))
+}
+
+/// Wait until `fd` can be read (data or end of file), at most `timeout`; false on timeout.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // Rounded up, so that a wait never ends a little before the deadline and spins.
+        let ms = libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd.
+        match unsafe { libc::poll(&mut p, 1, ms) } {
+            -1 if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+            -1 => return Err(io::Error::last_os_error()),
+            0 if left.is_zero() => return Ok(false),
+            0 => {}
+            _ => return Ok(true),
+        }
+    }
+}
+
 /// Has the FUSE connection on this /dev/fuse fd ended (the kernel reports POLLERR)?
 pub fn fuse_disconnected(fd: BorrowedFd<'_>) -> bool {
     let mut p = libc::pollfd {
