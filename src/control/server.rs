@@ -109,7 +109,7 @@ impl Drop for Control {
 }
 
 /// Listen on this mount's control socket, answering from a thread of its own.
-pub fn start(fs: Arc<Union>, mountpoint: PathBuf) -> Result<(Control, Clients)> {
+pub fn start(fs: Arc<Union>, mountpoint: PathBuf) -> Result<Control> {
     let uid = sys::geteuid();
     let dev = our_dev(&mountpoint).map_err(|e| Error::from(e).context(mountpoint.display()))?;
     let path = private_dir(uid)?.join(socket_name(&dev));
@@ -120,60 +120,30 @@ pub fn start(fs: Arc<Union>, mountpoint: PathBuf) -> Result<(Control, Clients)> 
     let md = std::fs::symlink_metadata(&path)?;
     let id = (md.dev(), md.ino());
     info!("control socket {}", path.display());
-    let clients = Clients {
-        listener,
-        fs,
-        mountpoint,
-        uid,
-        started: Instant::now(),
-    };
-    Ok((Control { path, id }, clients))
-}
-
-/// The bound control socket, not answered yet: a client that connects meanwhile waits in
-/// the listen backlog. The session starts its thread once the mount serves.
-pub struct Clients {
-    listener: UnixListener,
-    fs: Arc<Union>,
-    mountpoint: PathBuf,
-    uid: u32,
-    started: Instant,
-}
-
-impl Clients {
-    /// Answer clients, from a thread of their own, from now on.
-    pub fn spawn(self) -> std::io::Result<()> {
-        let Clients {
-            listener,
-            fs,
-            mountpoint,
-            uid,
-            started,
-        } = self;
-        let clients = Arc::new(AtomicUsize::new(0));
-        std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    let Ok(conn) = conn else { continue };
-                    if clients.load(Ordering::Relaxed) >= MAX_CLIENTS {
-                        let _ = refuse(conn, "too many control clients");
-                        continue;
-                    }
-                    let (fs, mp, clients) = (fs.clone(), mountpoint.clone(), clients.clone());
-                    clients.fetch_add(1, Ordering::Relaxed);
-                    let _ = std::thread::Builder::new()
-                        .name("control-client".into())
-                        .spawn(move || {
-                            if let Err(e) = serve(conn, &fs, &mp, uid, started) {
-                                debug!("control client: {e}");
-                            }
-                            clients.fetch_sub(1, Ordering::Relaxed);
-                        });
+    let started = Instant::now();
+    let clients = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                if clients.load(Ordering::Relaxed) >= MAX_CLIENTS {
+                    let _ = refuse(conn, "too many control clients");
+                    continue;
                 }
-            })?;
-        Ok(())
-    }
+                let (fs, mp, clients) = (fs.clone(), mountpoint.clone(), clients.clone());
+                clients.fetch_add(1, Ordering::Relaxed);
+                let _ = std::thread::Builder::new()
+                    .name("control-client".into())
+                    .spawn(move || {
+                        if let Err(e) = serve(conn, &fs, &mp, uid, started) {
+                            debug!("control client: {e}");
+                        }
+                        clients.fetch_sub(1, Ordering::Relaxed);
+                    });
+            }
+        })?;
+    Ok(Control { path, id })
 }
 
 fn refuse(mut conn: UnixStream, msg: &str) -> std::io::Result<()> {

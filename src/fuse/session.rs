@@ -151,40 +151,29 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
     let notifier = session.notifier();
     let (entries, rx) = std::sync::mpsc::channel::<(u64, std::ffi::OsString)>();
     let n = notifier.clone();
+    // Entry invalidations go out from their own thread: the kernel takes the parent's lock
+    // for one, and the request that caused it may hold that lock.
+    std::thread::Builder::new()
+        .name("invalidate".into())
+        .spawn(move || {
+            for (p, name) in rx {
+                let _ = n.inval_entry(fuser::INodeNo(p), &name);
+            }
+        })?;
     fs.set_invalidator(Box::new(KernelCache { notifier, entries }));
+    let u = fs.clone();
+    std::thread::Builder::new()
+        .name("reclaim".into())
+        .stack_size(64 << 10)
+        .spawn(move || u.reclaim.run())?;
     let _ = UNION.set(fs.clone());
     // Seeing copy-on-write is a convenience: a mount without its control socket still serves.
-    let clients = match control::server::start(fs.clone(), spec.mountpoint.clone()) {
-        Ok((c, clients)) => {
+    match control::server::start(fs, spec.mountpoint.clone()) {
+        Ok(c) => {
             let _ = CONTROL.set(c);
-            Some(clients)
         }
-        Err(e) => {
-            log::warn!("no control socket (stats, events, which unavailable): {e}");
-            None
-        }
-    };
-    // The helper threads start once the mount serves, off its critical path: what they are
-    // handed meanwhile waits (entry invalidations in their channel, control clients in the
-    // listen backlog, memory to reclaim).
-    let mp_helpers = spec.mountpoint.clone();
-    let helpers = move || -> std::io::Result<()> {
-        // Entry invalidations go out from their own thread: the kernel takes the parent's
-        // lock for one, and the request that caused it may hold that lock.
-        std::thread::Builder::new()
-            .name("invalidate".into())
-            .spawn(move || {
-                for (p, name) in rx {
-                    let _ = n.inval_entry(fuser::INodeNo(p), &name);
-                }
-            })?;
-        let u = fs.clone();
-        std::thread::Builder::new()
-            .name("reclaim".into())
-            .stack_size(64 << 10)
-            .spawn(move || u.reclaim.run())?;
-        clients.map_or(Ok(()), control::server::Clients::spawn)
-    };
+        Err(e) => log::warn!("no control socket (stats, events, which unavailable): {e}"),
+    }
     info!(
         "mounted {} ({} layers, {})",
         spec.mountpoint.display(),
@@ -200,12 +189,6 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
     // after the mount) waited for them: about a millisecond here.
     let served = session.run_with(|| {
         report(&mut ready, "ok\n");
-        if let Err(e) = helpers() {
-            // Short of threads: without its invalidations the kernel would keep stale
-            // names, so the mount goes rather than serve them.
-            log::error!("starting the daemon's helper threads: {e}; unmounting");
-            let _ = sys::umount(&mp_helpers, true);
-        }
         // Off the mount's critical path, and at SCHED_IDLE so that faulting the code in
         // (about a millisecond) never takes a CPU from the first requests.
         let _ = std::thread::Builder::new()
