@@ -136,6 +136,36 @@ fn mount_program_form_and_every_way_to_unmount() {
         "daemon code locked: VmLck {} kB",
         locked_kib()
     );
+    // And loaded, not only marked: every page of the executable's code mapping is resident
+    // in the daemon (it locks on fault, then reads the code a page at a time).
+    let code_size_rss = || -> Option<(u64, u64)> {
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        let mut lines = smaps.lines();
+        while let Some(l) = lines.next() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() >= 6 && f[1].contains('x') && Path::new(f[5]) == exe {
+                let field = |name: &str, lines: &[&str]| -> Option<u64> {
+                    lines
+                        .iter()
+                        .find_map(|l| l.strip_prefix(name))?
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                };
+                let block: Vec<&str> = lines.clone().take_while(|l| !l.contains('-')).collect();
+                return Some((field("Size:", &block)?, field("Rss:", &block)?));
+            }
+        }
+        None
+    };
+    assert!(
+        wait_until(10, || code_size_rss()
+            .is_some_and(|(size, rss)| rss == size)),
+        "daemon code resident (Size, Rss in kB): {:?}",
+        code_size_rss()
+    );
     let (ok, err) = layerfs(&["umount", mnt.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(wait_until(10, || exited(pid)), "daemon exits after umount");
