@@ -118,6 +118,8 @@ fn mount_program_form_and_every_way_to_unmount() {
     // `layerfs -o ... MOUNTPOINT`: how containers-storage calls a mount program.
     let (ok, err) = layerfs(&["-o", &opts, mnt.to_str().unwrap()]);
     assert!(ok, "{err}");
+    // Unmounted on drop if an assertion below fails before the test's own umount.
+    let _first = Layerfs { mnt: mnt.clone() };
     assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"hello");
     let pid = daemon_pid(&mnt).expect("daemon running");
     // As root the daemon's code is locked in memory: a cache drop or memory pressure must not
