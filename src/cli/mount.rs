@@ -75,7 +75,11 @@ fn wait_ready(r: OwnedFd, pid: i32) -> Result<()> {
     let mut buf = [0u8; 512];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if !sys::wait_readable(f.as_fd(), left).unwrap_or(false) {
+        let ready = match sys::wait_readable(f.as_fd(), left) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => r.unwrap_or(false),
+        };
+        if !ready {
             sys::kill(pid, libc::SIGKILL);
             sys::wait_child(pid);
             return Err(Error::msg("the daemon did not finish mounting within 60 s"));

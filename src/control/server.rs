@@ -50,12 +50,6 @@ fn private_dir(uid: u32) -> Result<PathBuf> {
     )))
 }
 
-/// The device number of the layerfs mount we just made at `mountpoint`.
-fn our_dev(mountpoint: &Path) -> std::io::Result<String> {
-    // Just mounted, so ours is the filesystem on top there.
-    sys::mounted_dev(mountpoint)
-}
-
 /// What `info` answers: the mount and its layers, top first.
 fn info(fs: &Union, mountpoint: &Path) -> Value {
     let mut layers = Vec::new();
@@ -111,7 +105,9 @@ impl Drop for Control {
 /// Listen on this mount's control socket, answering from a thread of its own.
 pub fn start(fs: Arc<Union>, mountpoint: PathBuf) -> Result<Control> {
     let uid = sys::geteuid();
-    let dev = our_dev(&mountpoint).map_err(|e| Error::from(e).context(mountpoint.display()))?;
+    // Just mounted, so ours is the filesystem on top there.
+    let dev =
+        sys::mounted_dev(&mountpoint).map_err(|e| Error::from(e).context(mountpoint.display()))?;
     let path = private_dir(uid)?.join(socket_name(&dev));
     // A file left by a daemon that died: its mount is gone, so the name is free.
     let _ = std::fs::remove_file(&path);
