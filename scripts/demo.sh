@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 if ! command -v fusermount3 >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 >/dev/null
 fi
-cargo build --release -q
-bin=$PWD/target/release/layerfs
+# The binary's path as cargo reports it (.cargo/config.toml names the target: target/<host>/release).
+bin=$(cargo build --release -q --message-format=json | sed -n 's/.*"executable":"\([^"]*\/layerfs\)".*/\1/p')
+[ -x "$bin" ] || { echo "demo: cargo build reported no layerfs binary" >&2; exit 1; }
 work=$(mktemp -d /tmp/layerfs-demo.XXXXXX)
 cp -a examples/sample "$work/layers"
 mkdir -p "$work/upper" "$work/work" "$work/rootfs"
