@@ -134,6 +134,12 @@ fn io_uring_and_dev_fuse_serve_the_same_filesystem() {
                 via_uring > 9 * via_dev,
                 "io_uring mount: {via_uring} requests over io_uring, {via_dev} over /dev/fuse"
             );
+            // ... which one /dev/fuse thread serves.
+            assert_eq!(
+                dev_fuse_threads(pid),
+                1,
+                "/dev/fuse threads of an io_uring mount"
+            );
             // Every reply that woke a caller was committed one way or the other.
             let commits = commits(&st);
             assert!(
@@ -144,6 +150,13 @@ fn io_uring_and_dev_fuse_serve_the_same_filesystem() {
             assert_eq!(via_uring, 0, "io_uring=0 mount used io_uring");
             assert_eq!(commits(&st), 0, "io_uring=0 mount committed on a ring");
             assert!(via_dev > 1000, "{via_dev} requests over /dev/fuse");
+            // One /dev/fuse thread per CPU the daemon may run on, at least 2.
+            let pid = daemon_pid(&m.mnt).expect("daemon pid");
+            assert_eq!(
+                dev_fuse_threads(pid),
+                cpus_allowed(pid).max(2),
+                "/dev/fuse threads"
+            );
         }
         trees.push((snapshot(&m.mnt), snapshot(&s.path("u"))));
         m.unmount();
@@ -156,21 +169,52 @@ fn io_uring_and_dev_fuse_serve_the_same_filesystem() {
     );
 }
 
-/// (thread name, scheduling policy) of each io_uring queue thread of process `pid`.
-fn uring_thread_policies(pid: i32) -> Vec<(String, i32)> {
+/// (thread name, scheduling policy) of each thread of process `pid`.
+fn thread_policies(pid: i32) -> Vec<(String, i32)> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap();
         let (head, rest) = stat.rsplit_once(") ").unwrap();
         let name = head.split_once(" (").unwrap().1.to_string();
-        if !name.starts_with("fuser-uring") {
-            continue;
-        }
         // Field 41 (policy); `rest` starts at field 3.
         let policy = rest.split(' ').nth(41 - 3).unwrap().parse().unwrap();
         out.push((name, policy));
     }
     out
+}
+
+/// (thread name, scheduling policy) of each io_uring queue thread of process `pid`.
+fn uring_thread_policies(pid: i32) -> Vec<(String, i32)> {
+    let mut out = thread_policies(pid);
+    out.retain(|(name, _)| name.starts_with("fuser-uring"));
+    out
+}
+
+/// How many CPUs process `pid` may run on (`Cpus_allowed_list: 0-1,4`).
+fn cpus_allowed(pid: i32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list");
+    list.trim()
+        .split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+/// How many threads of process `pid` read /dev/fuse (fuser names them `fuser-N`).
+fn dev_fuse_threads(pid: i32) -> usize {
+    thread_policies(pid)
+        .iter()
+        .filter(|(name, _)| {
+            name.strip_prefix("fuser-")
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .count()
 }
 
 #[test]

@@ -275,7 +275,15 @@ impl<FS: Filesystem> Session<FS> {
             mut uring_rings,
         } = self;
 
-        let n_threads = config.n_threads.unwrap_or(1);
+        // With FUSE over io_uring the queues serve every request once registered: /dev/fuse
+        // then carries only FORGET and INTERRUPT, which one thread keeps up with.
+        let uring =
+            cfg!(target_os = "linux") && config.io_uring.is_some() && uring_payload.is_some();
+        let n_threads = if uring {
+            1
+        } else {
+            config.n_threads.unwrap_or(1)
+        };
         let started = std::time::Instant::now();
 
         if !cfg!(target_os = "linux") && n_threads != 1 {
