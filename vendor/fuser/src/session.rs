@@ -330,23 +330,6 @@ impl<FS: Filesystem> Session<FS> {
         ));
         let mut queues = 0usize;
 
-        for (i, ch) in channels.into_iter().enumerate() {
-            let thread_name = format!("fuser-{i}");
-            let event_loop = SessionEventLoop {
-                thread_name: thread_name.clone(),
-                filesystem: filesystem.clone(),
-                ch,
-                allowed,
-                session_owner,
-                uring_live: uring_live.clone(),
-            };
-            threads.push(
-                thread::Builder::new()
-                    .name(thread_name)
-                    .spawn(move || event_loop.event_loop())?,
-            );
-        }
-
         // FUSE over io_uring: per-CPU queues beside the /dev/fuse threads, which still get
         // FORGET and INTERRUPT (and everything until all queues are registered).
         #[cfg(target_os = "linux")]
@@ -426,6 +409,26 @@ impl<FS: Filesystem> Session<FS> {
                 )));
             }
         }
+        // The /dev/fuse threads start last: over io_uring they only take FORGET and
+        // INTERRUPT, so the queue threads the mount waits for get the CPUs first (a request
+        // sent before every queue registered waits on /dev/fuse for a moment).
+        for (i, ch) in channels.into_iter().enumerate() {
+            let thread_name = format!("fuser-{i}");
+            let event_loop = SessionEventLoop {
+                thread_name: thread_name.clone(),
+                filesystem: filesystem.clone(),
+                ch,
+                allowed,
+                session_owner,
+                uring_live: uring_live.clone(),
+            };
+            threads.push(
+                thread::Builder::new()
+                    .name(thread_name)
+                    .spawn(move || event_loop.event_loop())?,
+            );
+        }
+
         debug!(
             "serving {:?} after the threads started ({queues} io_uring queues)",
             started.elapsed()
