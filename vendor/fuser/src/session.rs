@@ -258,9 +258,10 @@ impl<FS: Filesystem> Session<FS> {
         self.run_with(|| {})
     }
 
-    /// As `run`, calling `serving` once every thread is started and, with FUSE over io_uring,
-    /// every queue has registered its entries: from then on a request is served at once (a
-    /// request arriving earlier waits for a thread to start, or for the queues).
+    /// As `run`, calling `serving` once the /dev/fuse threads are started and, with FUSE over
+    /// io_uring, every queue has an entry registered (by its first thread; the others go on
+    /// registering theirs): from then on a request is served at once (a request arriving
+    /// earlier waits for a thread to start, or for the queues).
     pub fn run_with(self, serving: impl FnOnce()) -> io::Result<()> {
         let Session {
             filesystem,
@@ -339,12 +340,15 @@ impl<FS: Filesystem> Session<FS> {
             let board = Arc::new(crate::uring::MoveBoard::new(
                 (0..cpus * per_queue).map(|i| i / per_queue).collect(),
             ));
-            for qid in 0..cpus {
-                for t in 0..per_queue {
+            // The kernel serves over io_uring once every queue has one entry registered, so
+            // the mount waits for the first thread of each queue only, and those start first.
+            for t in 0..per_queue {
+                for qid in 0..cpus {
                     let Some(ring) = uring_rings.rings.pop() else {
                         return Err(io::Error::other("fewer io_uring rings than queue threads"));
                     };
-                    queues += 1;
+                    let gates = t == 0;
+                    queues += usize::from(gates);
                     let registered = registered.clone();
                     let board = board.clone();
                     let thread_name = format!("fuser-uring-{qid}-{t}");
@@ -359,7 +363,7 @@ impl<FS: Filesystem> Session<FS> {
                     threads.push(thread::Builder::new().name(thread_name).spawn(move || {
                         let mut signalled = false;
                         let mut signal = |failed: Option<String>| {
-                            if !std::mem::replace(&mut signalled, true) {
+                            if gates && !std::mem::replace(&mut signalled, true) {
                                 let (n, cv) = &*registered;
                                 let mut n = n.lock().unwrap_or_else(|e| e.into_inner());
                                 n.0 += 1;
