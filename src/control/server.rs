@@ -102,19 +102,8 @@ impl Drop for Control {
     }
 }
 
-/// A bound control socket that nobody answers yet.
-pub struct Listening {
-    listener: UnixListener,
-    fs: Arc<Union>,
-    mountpoint: PathBuf,
-    uid: u32,
-    started: Instant,
-}
-
-/// Bind this mount's control socket. `Listening::serve` starts answering: the daemon binds
-/// before its mount command returns (so a `layerfs stats` right after it finds the socket)
-/// and serves once the mount is live; a client connecting in between waits in the backlog.
-pub fn bind(fs: Arc<Union>, mountpoint: PathBuf) -> Result<(Control, Listening)> {
+/// Listen on this mount's control socket, answering from a thread of its own.
+pub fn start(fs: Arc<Union>, mountpoint: PathBuf) -> Result<Control> {
     let uid = sys::geteuid();
     // Just mounted, so ours is the filesystem on top there.
     let dev =
@@ -127,50 +116,30 @@ pub fn bind(fs: Arc<Union>, mountpoint: PathBuf) -> Result<(Control, Listening)>
     let md = std::fs::symlink_metadata(&path)?;
     let id = (md.dev(), md.ino());
     info!("control socket {}", path.display());
-    let listening = Listening {
-        listener,
-        fs,
-        mountpoint,
-        uid,
-        started: Instant::now(),
-    };
-    Ok((Control { path, id }, listening))
-}
-
-impl Listening {
-    /// Answer clients, from a thread of its own.
-    pub fn serve(self) -> std::io::Result<()> {
-        let Listening {
-            listener,
-            fs,
-            mountpoint,
-            uid,
-            started,
-        } = self;
-        let clients = Arc::new(AtomicUsize::new(0));
-        std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    let Ok(conn) = conn else { continue };
-                    if clients.load(Ordering::Relaxed) >= MAX_CLIENTS {
-                        let _ = refuse(conn, "too many control clients");
-                        continue;
-                    }
-                    let (fs, mp, clients) = (fs.clone(), mountpoint.clone(), clients.clone());
-                    clients.fetch_add(1, Ordering::Relaxed);
-                    let _ = std::thread::Builder::new()
-                        .name("control-client".into())
-                        .spawn(move || {
-                            if let Err(e) = serve(conn, &fs, &mp, uid, started) {
-                                debug!("control client: {e}");
-                            }
-                            clients.fetch_sub(1, Ordering::Relaxed);
-                        });
+    let started = Instant::now();
+    let clients = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                if clients.load(Ordering::Relaxed) >= MAX_CLIENTS {
+                    let _ = refuse(conn, "too many control clients");
+                    continue;
                 }
-            })?;
-        Ok(())
-    }
+                let (fs, mp, clients) = (fs.clone(), mountpoint.clone(), clients.clone());
+                clients.fetch_add(1, Ordering::Relaxed);
+                let _ = std::thread::Builder::new()
+                    .name("control-client".into())
+                    .spawn(move || {
+                        if let Err(e) = serve(conn, &fs, &mp, uid, started) {
+                            debug!("control client: {e}");
+                        }
+                        clients.fetch_sub(1, Ordering::Relaxed);
+                    });
+            }
+        })?;
+    Ok(Control { path, id })
 }
 
 fn refuse(mut conn: UnixStream, msg: &str) -> std::io::Result<()> {

@@ -115,82 +115,6 @@ fn report(ready: &mut Option<OwnedFd>, msg: &str) {
     }
 }
 
-/// The daemon's threads that serve no request: started once the mount is live, off the
-/// mount command's critical path. Until then a signal stays pending, invalidations queue in
-/// the channel, forgotten nodes are counted, and control clients wait in the backlog.
-struct Helpers {
-    unmounter: fuser::SessionUnmounter,
-    mountpoint: PathBuf,
-    signals: sys::TermSignals,
-    notifier: fuser::Notifier,
-    invalidations: std::sync::mpsc::Receiver<(u64, std::ffi::OsString)>,
-    fs: Arc<Union>,
-    control: Option<control::server::Listening>,
-}
-
-impl Helpers {
-    fn start(self) {
-        let Helpers {
-            mut unmounter,
-            mountpoint,
-            signals,
-            notifier,
-            invalidations,
-            fs,
-            control,
-        } = self;
-        let mp = mountpoint.clone();
-        let handled = signals.handle(move |sig| {
-            info!("signal {sig}: unmounting {}", mp.display());
-            if unmounter.unmount().is_err() {
-                let _ = sys::umount(&mp, true);
-            }
-        });
-        if let Err(e) = handled {
-            log::error!("no signal thread ({e}): SIGTERM will not unmount; umount still does");
-        }
-        // Entry invalidations go out from their own thread: the kernel takes the parent's
-        // lock for one, and the request that caused it may hold that lock.
-        let spawned = std::thread::Builder::new()
-            .name("invalidate".into())
-            .spawn(move || {
-                for (p, name) in invalidations {
-                    let _ = notifier.inval_entry(fuser::INodeNo(p), &name);
-                }
-            });
-        if let Err(e) = spawned {
-            // Without it the kernel would go on showing names the union no longer has.
-            log::error!("no invalidation thread ({e}): unmounting");
-            let _ = sys::umount(&mountpoint, true);
-            return;
-        }
-        let u = fs.clone();
-        if let Err(e) = std::thread::Builder::new()
-            .name("reclaim".into())
-            .stack_size(64 << 10)
-            .spawn(move || u.reclaim.run())
-        {
-            log::warn!("no reclaim thread ({e}): freed node memory stays with the daemon");
-        }
-        if let Some(Err(e)) = control.map(control::server::Listening::serve) {
-            log::warn!("control socket not answered (stats, events, which unavailable): {e}");
-        }
-        // At SCHED_IDLE, so that faulting the code in (about a millisecond) never takes a CPU
-        // from the first requests.
-        let _ = std::thread::Builder::new()
-            .name("lock-code".into())
-            .spawn(|| {
-                if let Err(e) = sys::idle_priority() {
-                    log::debug!("code locked at normal priority: {e}");
-                }
-                match sys::lock_own_code() {
-                    Ok(n) => log::debug!("locked {} KiB of code in memory", n >> 10),
-                    Err(e) => log::debug!("code not locked in memory: {e}"),
-                }
-            });
-    }
-}
-
 /// Mount and serve; `ready` (the parent's pipe) gets "ok" once the mount is live, or the error.
 pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
     // A control client that goes away must cost an EPIPE, never the daemon.
@@ -209,32 +133,47 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
         .try_clone_to_owned()
         .ctx("duplicating the FUSE fd")?;
     let _ = EXIT_GUARD.set((devfd, spec.mountpoint.clone()));
-    // Blocked before any thread starts: a SIGTERM waits for the handler (started below, once
-    // the mount is live), never killing the process through another thread unmounted.
-    let signals = sys::block_termination_signals()?;
+    let mut unmounter = session.unmount_callable();
+    let mp = spec.mountpoint.clone();
+    sys::on_termination_signal(move |sig| {
+        info!("signal {sig}: unmounting {}", mp.display());
+        if unmounter.unmount().is_err() {
+            let _ = sys::umount(&mp, true);
+        }
+    })?;
+    // Every later thread is spawned with the signals blocked: a SIGTERM must reach the signal
+    // thread, never kill the process through another thread without unmounting.
     // No thread watches for the unmount: every serving thread blocks until a request comes or
     // the connection ends (read gives ENODEV, a ring's commands ENOTCONN), so the last one
     // out ends the session and `destroy` exits, ~15 ms after the umount (`exit_soon` covers
     // one that never returns). An idle daemon never wakes (a watcher polling ten times a
     // second woke every idle mount's daemon).
     let notifier = session.notifier();
-    let (entries, invalidations) = std::sync::mpsc::channel::<(u64, std::ffi::OsString)>();
-    fs.set_invalidator(Box::new(KernelCache {
-        notifier: notifier.clone(),
-        entries,
-    }));
+    let (entries, rx) = std::sync::mpsc::channel::<(u64, std::ffi::OsString)>();
+    let n = notifier.clone();
+    // Entry invalidations go out from their own thread: the kernel takes the parent's lock
+    // for one, and the request that caused it may hold that lock.
+    std::thread::Builder::new()
+        .name("invalidate".into())
+        .spawn(move || {
+            for (p, name) in rx {
+                let _ = n.inval_entry(fuser::INodeNo(p), &name);
+            }
+        })?;
+    fs.set_invalidator(Box::new(KernelCache { notifier, entries }));
+    let u = fs.clone();
+    std::thread::Builder::new()
+        .name("reclaim".into())
+        .stack_size(64 << 10)
+        .spawn(move || u.reclaim.run())?;
     let _ = UNION.set(fs.clone());
     // Seeing copy-on-write is a convenience: a mount without its control socket still serves.
-    let control = match control::server::bind(fs.clone(), spec.mountpoint.clone()) {
-        Ok((c, listening)) => {
+    match control::server::start(fs, spec.mountpoint.clone()) {
+        Ok(c) => {
             let _ = CONTROL.set(c);
-            Some(listening)
         }
-        Err(e) => {
-            log::warn!("no control socket (stats, events, which unavailable): {e}");
-            None
-        }
-    };
+        Err(e) => log::warn!("no control socket (stats, events, which unavailable): {e}"),
+    }
     info!(
         "mounted {} ({} layers, {})",
         spec.mountpoint.display(),
@@ -245,23 +184,24 @@ pub fn serve(spec: MountSpec, mut ready: Option<OwnedFd>) -> Result<()> {
             "read-only"
         }
     );
-    let helpers = Helpers {
-        unmounter: session.unmount_callable(),
-        mountpoint: spec.mountpoint.clone(),
-        signals,
-        notifier,
-        invalidations,
-        fs,
-        control,
-    };
     // "ok" once requests are served at once: every thread started and, over io_uring, every
     // queue registered. Reported earlier, the first request (a container's first exec right
-    // after the mount) waited for them: about a millisecond here. The helper threads start
-    // only then: started before, they took the CPUs from the threads the mount waits for
-    // (0.4-0.6 ms of a 3.5-4.5 ms mount command after an idle spell).
+    // after the mount) waited for them: about a millisecond here.
     let served = session.run_with(|| {
         report(&mut ready, "ok\n");
-        helpers.start();
+        // Off the mount's critical path, and at SCHED_IDLE so that faulting the code in
+        // (about a millisecond) never takes a CPU from the first requests.
+        let _ = std::thread::Builder::new()
+            .name("lock-code".into())
+            .spawn(|| {
+                if let Err(e) = sys::idle_priority() {
+                    log::debug!("code locked at normal priority: {e}");
+                }
+                match sys::lock_own_code() {
+                    Ok(n) => log::debug!("locked {} KiB of code in memory", n >> 10),
+                    Err(e) => log::debug!("code not locked in memory: {e}"),
+                }
+            });
     });
     if let Err(e) = served {
         // Not serving (a queue could not register, say): say why to the waiting `mount`

@@ -6,15 +6,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use super::check;
 
-/// SIGTERM, SIGINT and SIGHUP, blocked by `block_termination_signals`.
-pub struct TermSignals(libc::sigset_t);
-
-/// Block SIGTERM, SIGINT and SIGHUP in this thread and in every thread it spawns from now on:
-/// one sent before `TermSignals::handle` starts its thread stays pending until then, and none
-/// can end the process through another thread without the handler's unmount.
-pub fn block_termination_signals() -> io::Result<TermSignals> {
+/// Block SIGTERM/SIGINT/SIGHUP in this thread (and threads it spawns later), then wait for one
+/// in a dedicated thread and run `f`. Lets the daemon unmount cleanly on a signal.
+pub fn on_termination_signal(f: impl FnOnce(i32) + Send + 'static) -> io::Result<()> {
     // SAFETY: sigset manipulation on a local set; pthread_sigmask affects only this thread.
-    unsafe {
+    let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
@@ -24,26 +20,19 @@ pub fn block_termination_signals() -> io::Result<TermSignals> {
         if r != 0 {
             return Err(io::Error::from_raw_os_error(r));
         }
-        Ok(TermSignals(set))
-    }
-}
-
-impl TermSignals {
-    /// Run `f` with the first of the signals sent, on a thread of its own.
-    pub fn handle(self, f: impl FnOnce(i32) + Send + 'static) -> io::Result<()> {
-        let set = self.0;
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: set is a valid, initialised signal set.
-                let r = unsafe { libc::sigwait(&set, &mut sig) };
-                if r == 0 {
-                    f(sig);
-                }
-            })?;
-        Ok(())
-    }
+        set
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: set is a valid, initialised signal set.
+            let r = unsafe { libc::sigwait(&set, &mut sig) };
+            if r == 0 {
+                f(sig);
+            }
+        })?;
+    Ok(())
 }
 
 /// Start a new session (detach from the controlling terminal); for the daemon child.
