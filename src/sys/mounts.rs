@@ -98,28 +98,30 @@ pub fn mounted_dev(path: &std::path::Path) -> io::Result<String> {
 
 /// Wait until `fd` can be read (data or end of file), at most `timeout`; false on timeout.
 pub fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
     // Rounded up: a wait never ends a little before the deadline for the caller to spin on.
     let ms = libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+    poll_one(fd, libc::POLLIN, ms).map(|revents| revents != 0)
+}
+
+/// poll(2) on one fd: the events it reports (0 once `ms` have passed).
+fn poll_one(
+    fd: BorrowedFd<'_>,
+    events: libc::c_short,
+    ms: libc::c_int,
+) -> io::Result<libc::c_short> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     match unsafe { libc::poll(&mut p, 1, ms) } {
         -1 => Err(io::Error::last_os_error()),
-        n => Ok(n > 0),
+        _ => Ok(p.revents),
     }
 }
 
 /// Has the FUSE connection on this /dev/fuse fd ended (the kernel reports POLLERR)?
 pub fn fuse_disconnected(fd: BorrowedFd<'_>) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: 0,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, zero timeout.
-    let r = unsafe { libc::poll(&mut p, 1, 0) };
-    r == 1 && p.revents & libc::POLLERR != 0
+    poll_one(fd, 0, 0).is_ok_and(|revents| revents & libc::POLLERR != 0)
 }

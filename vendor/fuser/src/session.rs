@@ -276,11 +276,10 @@ impl<FS: Filesystem> Session<FS> {
             mut uring_rings,
         } = self;
 
-        // With FUSE over io_uring the queues serve every request once registered: /dev/fuse
-        // then carries only FORGET and INTERRUPT, which one thread keeps up with.
-        let uring =
-            cfg!(target_os = "linux") && config.io_uring.is_some() && uring_payload.is_some();
-        let n_threads = if uring {
+        // With FUSE over io_uring (agreed at INIT: a payload size was recorded) the queues
+        // serve every request once registered: /dev/fuse then carries only FORGET and
+        // INTERRUPT, which one thread keeps up with.
+        let n_threads = if uring_payload.is_some() {
             1
         } else {
             config.n_threads.unwrap_or(1)
@@ -332,7 +331,7 @@ impl<FS: Filesystem> Session<FS> {
         let mut queues = 0usize;
 
         // FUSE over io_uring: per-CPU queues beside the /dev/fuse threads, which still get
-        // FORGET and INTERRUPT (and everything until all queues are registered).
+        // FORGET and INTERRUPT.
         #[cfg(target_os = "linux")]
         if let (Some(cfg), Some(payload)) = (config.io_uring, uring_payload) {
             let per_queue = cfg.threads_per_queue.max(1);
