@@ -276,14 +276,12 @@ impl<FS: Filesystem> Session<FS> {
             mut uring_rings,
         } = self;
 
-        // With FUSE over io_uring (agreed at INIT: a payload size was recorded) the queues
-        // serve every request once registered: /dev/fuse then carries only FORGET and
-        // INTERRUPT, which one thread keeps up with.
-        let n_threads = if uring_payload.is_some() {
-            1
-        } else {
-            config.n_threads.unwrap_or(1)
-        };
+        // As many /dev/fuse threads over io_uring too, though they carry only FORGET and
+        // INTERRUPT there: each naps 5 ms after a FORGET (to let the kernel batch them), and
+        // a single one then handled a directory's FORGET after an UNLINK the kernel sent
+        // later, so a hard link's name in that directory still looked live at the unlink
+        // (test index::a_hard_link_open_by_a_name_since_unlinked_outlives_..., ESTALE).
+        let n_threads = config.n_threads.unwrap_or(1);
         let started = std::time::Instant::now();
 
         if !cfg!(target_os = "linux") && n_threads != 1 {
