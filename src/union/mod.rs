@@ -362,9 +362,22 @@ impl Union {
         };
         let (parent, name) = match self.nodes.get(parent) {
             Some(p) => (p, name),
-            None => self.reachable_name(node)?,
+            None => match self.reachable_name(node) {
+                Ok(at) => at,
+                Err(e) => return self.kept_fd(node, layer).ok_or(e),
+            },
         };
         Ok(Real::At(self.dir_fd(&parent, layer)?, name))
+    }
+
+    /// The fd kept on a hard link's object in `layer` when one of its names went (see
+    /// `Rare::kept`), for when no name is left to reach it by.
+    pub(crate) fn kept_fd(&self, node: &Node, layer: usize) -> Option<Real> {
+        let s = node.state.read().expect("node state lock");
+        match &s.kept {
+            Some((l, fd)) if *l == layer => Some(Real::Fd(fd.clone())),
+            _ => None,
+        }
     }
 
     /// The node's directory and name to reach it by: its first name whose directory is still

@@ -79,6 +79,12 @@ pub struct Rare {
     pub named_elsewhere: bool,
     /// For an unlinked non-directory: an O_PATH fd that keeps reaching the object.
     pub detached: Option<Arc<OwnedFd>>,
+    /// For a hard link one of whose names went while others were left: an O_PATH fd on its
+    /// object in the layer it was in then. It reaches the object when no name the daemon
+    /// knows is left: the kernel forgot the directories of the others, but its FORGETs came
+    /// in after the removal (/dev/fuse and io_uring are not ordered), so the file, still
+    /// open by the removed name, was not taken for unlinked then.
+    pub kept: Option<(usize, Arc<OwnedFd>)>,
     /// Other names of a hard-linked non-directory (same real inode, so the same node).
     pub aliases: Vec<(u64, Arc<OsStr>)>,
     /// For a metadata-only copy (metacopy): where its data lives.
@@ -106,6 +112,7 @@ impl Rare {
         redirect_layer: 0,
         named_elsewhere: false,
         detached: None,
+        kept: None,
         aliases: Vec::new(),
         data: None,
         kernel_meta: false,
@@ -121,6 +128,7 @@ impl Rare {
             && self.redirect_layer == 0
             && !self.named_elsewhere
             && self.detached.is_none()
+            && self.kept.is_none()
             && self.aliases.is_empty()
             && self.data.is_none()
             && !self.kernel_meta

@@ -467,10 +467,10 @@ impl Union {
         // No name: an O_TMPFILE file (the only such file the kernel lets be linked).
         let from = match &s.detached {
             Some(fd) if s.unlinked => Real::Fd(fd.clone()),
-            _ => {
-                let (dir, name) = self.reachable_name(&src)?;
-                Real::At(self.dir_fd(&dir, 0)?, name)
-            }
+            _ => match self.reachable_name(&src) {
+                Ok((dir, name)) => Real::At(self.dir_fd(&dir, 0)?, name),
+                Err(e) => self.kept_fd(&src, 0).ok_or(e)?,
+            },
         };
         let link_to = |dir: BorrowedFd<'_>, name: &OsStr| match &from {
             Real::Fd(fd) => sys::link_fd(fd.as_fd(), dir, name),
@@ -562,6 +562,8 @@ impl Union {
                 if keep.is_some() {
                     s.detached = keep;
                 }
+            } else if let Some(k) = keep {
+                s.kept = Some((s.layers[0], k));
             }
         }
         self.nodes.unindex_if(parent, name, n.id);

@@ -23,6 +23,26 @@ fn linked_lower(s: &Scratch) -> PathBuf {
     low
 }
 
+/// The engine alone over lower layer `low`, with an upper and a workdir (so an index), for
+/// orders of requests a mount cannot force; and its upper dir.
+fn engine(s: &Scratch, low: PathBuf) -> (layerfs::union::Union, PathBuf) {
+    let (up, work) = (s.mkdir("up"), s.mkdir("work"));
+    let u = layerfs::union::Union::new(layerfs::union::Config {
+        upper: Some(up.clone()),
+        work: Some(work),
+        lowers: vec![low],
+        data_lowers: Vec::new(),
+        fsync: false,
+        metacopy: false,
+        marker_ns: layerfs::union::format::MarkerNs::Trusted,
+        ids: Default::default(),
+        catalog: None,
+        verity: Default::default(),
+    })
+    .unwrap();
+    (u, up)
+}
+
 fn append(p: &Path, b: &[u8]) {
     let mut f = OpenOptions::new().append(true).open(p).unwrap();
     f.write_all(b).unwrap();
@@ -317,7 +337,6 @@ fn a_hard_link_open_by_a_name_since_unlinked_outlives_the_directory_of_its_other
 /// through a mount, so the union is driven through its own calls, as the FUSE side calls it.
 #[test]
 fn a_new_name_of_a_hard_link_whose_known_names_directory_was_forgotten_is_linked_up() {
-    use layerfs::union::{Config, Union};
     use std::ffi::OsStr;
     let s = Scratch::new();
     let low = s.mkdir("low");
@@ -325,20 +344,7 @@ fn a_new_name_of_a_hard_link_whose_known_names_directory_was_forgotten_is_linked
     write(low.join("d/h1"), b"hard");
     fs::hard_link(low.join("d/h1"), low.join("d/h2")).unwrap();
     fs::hard_link(low.join("d/h1"), low.join("f0")).unwrap();
-    let (up, work) = (s.mkdir("up"), s.mkdir("work"));
-    let u = Union::new(Config {
-        upper: Some(up.clone()),
-        work: Some(work),
-        lowers: vec![low],
-        data_lowers: Vec::new(),
-        fsync: false,
-        metacopy: false,
-        marker_ns: layerfs::union::format::MarkerNs::Trusted,
-        ids: Default::default(),
-        catalog: None,
-        verity: Default::default(),
-    })
-    .unwrap();
+    let (u, up) = engine(&s, low);
     let d = u.lookup(1, OsStr::new("d")).unwrap();
     let h1 = u.lookup(d.id, OsStr::new("h1")).unwrap();
     let h2 = u.lookup(d.id, OsStr::new("h2")).unwrap();
@@ -365,5 +371,49 @@ fn a_new_name_of_a_hard_link_whose_known_names_directory_was_forgotten_is_linked
     for n in ["h1", "h2"] {
         let e = u.lookup(d.id, OsStr::new(n)).unwrap();
         assert_eq!((e.id, e.attr.st_size), (h1.id, 9), "{n}");
+    }
+}
+
+/// The race behind the test above, forced through the union's own calls (CI, session 30):
+/// the kernel forgot the directory of the file's other name before it unlinked the name the
+/// file is open by, but the daemon got that directory's FORGET (over /dev/fuse) after the
+/// UNLINK (over io_uring). At the unlink the other name still looked live, so the node kept
+/// no fd of its own; once the directory's node went, every request through the open fd
+/// answered ESTALE. The kernel keeps the file's inode, and so must the node.
+#[test]
+fn a_hard_link_unlinked_before_the_forget_of_its_other_names_directory_keeps_working() {
+    use layerfs::union::write::SetAttr;
+    use std::ffi::OsStr;
+    let s = Scratch::new();
+    let low = linked_lower(&s);
+    let (u, _up) = engine(&s, low);
+    let h1 = u.lookup(1, OsStr::new("h1")).unwrap();
+    let fh = u.open(h1.id, libc::O_WRONLY | libc::O_APPEND).unwrap();
+    u.write(fh, 4, b" more", None).unwrap();
+    u.release(fh);
+    let d = u.lookup(1, OsStr::new("d")).unwrap();
+    let h3 = u.lookup(d.id, OsStr::new("h3")).unwrap();
+    assert_eq!(h3.id, h1.id, "one file, one node");
+    // The kernel forgot d/h3 and d, then unlinked h1; the daemon sees the unlink first.
+    u.unlink(1, OsStr::new("h1")).unwrap();
+    u.forget(d.id, 1);
+    // The file is still open by h1: its node must reach it.
+    let attr = u
+        .setattr(
+            h1.id,
+            SetAttr {
+                mode: Some(0o600),
+                ..Default::default()
+            },
+        )
+        .expect("chmod through the open fd");
+    assert_eq!((attr.st_mode & 0o777, attr.st_nlink), (0o600, 2));
+    let attr = u.getattr(h1.id).expect("fstat through the open fd");
+    assert_eq!((attr.st_size, attr.st_nlink), (9, 2));
+    // Its names answer again once the kernel looks them up anew.
+    let d = u.lookup(1, OsStr::new("d")).unwrap();
+    for (p, n) in [(d.id, "h3"), (1, "h2")] {
+        let e = u.lookup(p, OsStr::new(n)).unwrap();
+        assert_eq!((e.attr.st_mode & 0o777, e.attr.st_size), (0o600, 9), "{n}");
     }
 }
