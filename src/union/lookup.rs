@@ -165,7 +165,7 @@ impl Union {
         let merged = self.merged_names(p, &pstate.layers)?;
         // A deep directory's subdirectory whose lower copies the catalog knows: no need to
         // visit every layer to find them.
-        let known = match (&self.catalog, &merged) {
+        let known = match (self.catalog(), &merged) {
             (Some(c), Some(m)) => c.child(self.catalog_key(p, m.lowers()), m.lowers(), name),
             _ => None,
         };
@@ -242,7 +242,7 @@ impl Union {
                 break;
             }
         }
-        if let (Some(c), Some(m), None, Some(f)) = (&self.catalog, &merged, &known, &found)
+        if let (Some(c), Some(m), None, Some(f)) = (self.catalog(), &merged, &known, &found)
             && f.kind == Kind::Dir
             && f.lower_path.is_none()
         {
@@ -336,14 +336,14 @@ impl Union {
         }
         let lowers: Vec<usize> = layers.iter().copied().filter(lower).collect();
         let build = || {
-            let key = self.catalog.as_ref().map(|_| self.catalog_key(p, &lowers));
-            if let (Some(c), Some(k)) = (&self.catalog, key)
+            let key = self.catalog().map(|_| self.catalog_key(p, &lowers));
+            if let (Some(c), Some(k)) = (self.catalog(), key)
                 && let Some(m) = c.merged(k, &lowers)
             {
                 return Ok(m);
             }
             let m = Arc::new(Merged::read(&lowers, |l| self.dir_fd(p, l))?);
-            if let (Some(c), Some(k)) = (&self.catalog, key) {
+            if let (Some(c), Some(k)) = (self.catalog(), key) {
                 c.record_merged(k, &m);
             }
             Ok(m)

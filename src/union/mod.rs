@@ -105,7 +105,7 @@ pub struct Union {
     pub(crate) nodes: NodeTable,
     pub(crate) fds: FdCache,
     pub(crate) names: names::NameIndex,
-    pub(crate) catalog: Option<catalog::Catalog>,
+    catalog: Option<catalog::Lazy>,
     pub(crate) handles: HandleTable,
     pub(crate) passes: files::Passes,
     /// Counts forgotten nodes, for the daemon's thread that gives their memory back.
@@ -169,7 +169,7 @@ impl Union {
             catalog: cfg
                 .catalog
                 .as_deref()
-                .map(|p| catalog::Catalog::open(p, &layers)),
+                .map(|p| catalog::Lazy::new(p, &layers)),
             nodes: NodeTable::new(),
             handles: HandleTable::new(),
             passes: Default::default(),
@@ -184,9 +184,14 @@ impl Union {
         Ok(u)
     }
 
+    /// The lower catalog (`catalog=`), read on first use.
+    pub(crate) fn catalog(&self) -> Option<&catalog::Catalog> {
+        self.catalog.as_ref().map(catalog::Lazy::get)
+    }
+
     /// Write what this mount added to its catalog (once the mount is gone).
     pub fn save_catalog(&self) {
-        if let Some(c) = &self.catalog
+        if let Some(c) = self.catalog.as_ref().and_then(catalog::Lazy::if_read)
             && let Err(e) = c.save()
         {
             log::warn!("{e}");

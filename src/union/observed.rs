@@ -153,7 +153,7 @@ impl Union {
             "dir_fd_hit_rate": ratio(g(&self.fds.hits), g(&self.fds.misses)),
             "dir_names_hit_rate": ratio(g(&self.names.hits), g(&self.names.misses)),
         });
-        v["catalog"] = match &self.catalog {
+        v["catalog"] = match self.catalog() {
             Some(c) => {
                 let (dirs, subdirs) = c.size();
                 serde_json::json!({
