@@ -77,7 +77,11 @@ pub enum Forked {
 /// fork(2), refused unless this process has a single thread (the child of a multi-threaded
 /// process may only call async-signal-safe functions; the daemon needs far more).
 pub fn fork_single_threaded() -> io::Result<Forked> {
-    let threads = std::fs::read_to_string("/proc/self/status")?
+    // Room for the whole file up front: read_to_string would start at 32 bytes and double,
+    // one read(2) per step (9 of them here), on the mount command's path.
+    let mut status = String::with_capacity(4096);
+    std::io::Read::read_to_string(&mut std::fs::File::open("/proc/self/status")?, &mut status)?;
+    let threads = status
         .lines()
         .find_map(|l| l.strip_prefix("Threads:").map(|v| v.trim().to_string()));
     if threads.as_deref() != Some("1") {
