@@ -165,10 +165,11 @@ impl Union {
         let merged = self.merged_names(p, &pstate.layers)?;
         // A deep directory's subdirectory whose lower copies the catalog knows: no need to
         // visit every layer to find them.
-        let known = match (self.catalog(), &merged) {
-            (Some(c), Some(m)) => c.child(self.catalog_key(p, m.lowers()), m.lowers(), name),
-            _ => None,
-        };
+        // (The catalog is asked, and so read, only in such a directory.)
+        let known = merged.as_ref().and_then(|m| {
+            let c = self.catalog()?;
+            c.child(self.catalog_key(p, m.lowers()), m.lowers(), name)
+        });
         // Through a merged index only the layers that list the name are visited (lookup cost
         // flat in the depth of the stack); else every layer, misses answered by its listing.
         let hits = merged.as_deref().map(|m| m.hits(name));
@@ -242,9 +243,10 @@ impl Union {
                 break;
             }
         }
-        if let (Some(c), Some(m), None, Some(f)) = (self.catalog(), &merged, &known, &found)
+        if let (Some(m), None, Some(f)) = (&merged, &known, &found)
             && f.kind == Kind::Dir
             && f.lower_path.is_none()
+            && let Some(c) = self.catalog()
         {
             let lowers: Vec<usize> = f
                 .layers
