@@ -195,7 +195,11 @@ impl Union {
                 .is_some_and(|fd| format::has_oci_whiteout(fd.as_fd(), name))
         };
         for &l in visit.iter() {
-            if !self.layers.is_upper(l) {
+            // The directory's bottom lower layer, without a merged index, is looked at
+            // directly: its fstatat is one syscall either way, and its listing would be read
+            // just for that (a first lookup in a big directory read all of it).
+            let direct = hits.is_none() && !self.layers.is_upper(l) && visit.last() == Some(&l);
+            if !self.layers.is_upper(l) && !direct {
                 if let Some(lowers) = &known {
                     if whited_out(&mut missed) {
                         break;
@@ -231,6 +235,10 @@ impl Union {
                 }
                 Err(e) => return Err(e.into()),
             };
+            // (A `.wh.` file above matters only once the name turns out to be here.)
+            if direct && whited_out(&mut missed) {
+                break;
+            }
             let step = self.step(&mut found, l, &pfd, name, st, Some((p, &pstate)))?;
             if let (Some(h), Some(t)) = (deep.take(), started)
                 && matches!(step, Step::Continue)

@@ -130,17 +130,22 @@ impl Union {
     pub(crate) fn exists_below(&self, p: &Node, name: &OsStr) -> Result<bool> {
         let layers = p.state().layers;
         let merged = self.merged_names(p, &layers)?;
+        let bottom = layers.last().copied();
         for &l in layers.iter().filter(|&&l| !self.layers.is_upper(l)) {
-            match self.probe_lower(p, merged.as_deref(), l, name)? {
-                Probe::Absent => continue,
-                Probe::WhitedOut => return Ok(false),
-                Probe::Present => {}
+            // The bottom layer is looked at directly, as in `resolve`.
+            let last = merged.is_none() && Some(l) == bottom;
+            if !last {
+                match self.probe_lower(p, merged.as_deref(), l, name)? {
+                    Probe::Absent => continue,
+                    Probe::WhitedOut => return Ok(false),
+                    Probe::Present => {}
+                }
             }
             let pfd = self.dir_fd(p, l)?;
             match sys::statat(pfd.as_fd(), name) {
                 Ok(st) => return Ok(!format::is_whiteout_at(pfd.as_fd(), name, &st)),
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    if format::has_oci_whiteout(pfd.as_fd(), name) {
+                    if !last && format::has_oci_whiteout(pfd.as_fd(), name) {
                         return Ok(false);
                     }
                 }
