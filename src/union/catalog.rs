@@ -18,7 +18,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Once, RwLock};
 
 use sha2::{Digest, Sha256};
 
@@ -58,49 +58,45 @@ pub struct Catalog {
 /// in a deep directory. Read by a thread of its own while the mount was set up, it made the
 /// mount slower still: both CPUs are busy then.
 pub struct Lazy {
-    path: PathBuf,
-    stamp: Vec<(u64, u64)>,
-    base: usize,
-    ready: OnceLock<Catalog>,
+    catalog: Catalog,
+    read: Once,
 }
 
 impl Lazy {
     pub fn new(path: &Path, layers: &LayerStack) -> Lazy {
         let base = layers.first_lower();
+        let stamp = layers.layers[base..]
+            .iter()
+            .map(|l| (l.dev, l.ino))
+            .collect();
         Lazy {
-            path: path.to_path_buf(),
-            stamp: layers.layers[base..]
-                .iter()
-                .map(|l| (l.dev, l.ino))
-                .collect(),
-            base,
-            ready: OnceLock::new(),
+            catalog: Catalog::empty(path.to_path_buf(), stamp, base),
+            read: Once::new(),
         }
     }
 
     /// The catalog, read on the first call.
     pub fn get(&self) -> &Catalog {
-        self.ready
-            .get_or_init(|| Catalog::load(&self.path, self.stamp.clone(), self.base))
+        self.read.call_once(|| self.catalog.read_file());
+        &self.catalog
     }
 
     /// The catalog if something needed it (a mount that never read it has nothing to save).
     pub fn if_read(&self) -> Option<&Catalog> {
-        self.ready.get()
+        self.read.is_completed().then_some(&self.catalog)
     }
 }
 
 impl Catalog {
-    /// The catalog at `path` for the lower layers `stamp` names: what the file holds if it
-    /// was built over these lower layers, else empty (a missing, stale or damaged file is not
-    /// an error).
-    fn load(path: &Path, stamp: Vec<(u64, u64)>, base: usize) -> Catalog {
-        let mut c = Catalog::empty(path.to_path_buf(), stamp, base);
+    /// Take in what the file holds if it was built over these lower layers; else stay empty
+    /// (a missing, stale or damaged file is not an error).
+    fn read_file(&self) {
+        let path = self.path.as_path();
         let started = std::time::Instant::now();
         match std::fs::read(path) {
-            Ok(data) => match c.decode(&data) {
+            Ok(data) => match self.decode(&data) {
                 Ok(()) => {
-                    let (dirs, subdirs) = c.size();
+                    let (dirs, subdirs) = self.size();
                     log::info!(
                         "catalog {}: {dirs} directories, {subdirs} subdirectories, \
                          {} bytes read in {:?}",
@@ -111,8 +107,8 @@ impl Catalog {
                 }
                 Err(e) => {
                     log::info!("catalog {} not used ({e}); rebuilding it", path.display());
-                    c.dirs.write().expect("catalog lock").clear();
-                    c.children.write().expect("catalog lock").clear();
+                    self.dirs.write().expect("catalog lock").clear();
+                    self.children.write().expect("catalog lock").clear();
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -120,7 +116,6 @@ impl Catalog {
             }
             Err(e) => log::warn!("catalog {} not read: {e}", path.display()),
         }
-        c
     }
 
     fn empty(path: PathBuf, stamp: Vec<(u64, u64)>, base: usize) -> Catalog {
@@ -255,7 +250,7 @@ impl Catalog {
         let Ok(data) = std::fs::read(&self.path) else {
             return;
         };
-        let mut other = Catalog::empty(self.path.clone(), self.stamp.clone(), self.base);
+        let other = Catalog::empty(self.path.clone(), self.stamp.clone(), self.base);
         if other.decode(&data).is_err() {
             return;
         }
@@ -325,7 +320,7 @@ impl Catalog {
         }
     }
 
-    fn decode(&mut self, data: &[u8]) -> std::result::Result<(), &'static str> {
+    fn decode(&self, data: &[u8]) -> std::result::Result<(), &'static str> {
         if data.len() < MAGIC.len() + 32 || &data[..MAGIC.len()] != MAGIC {
             return Err("not a layerfs catalog");
         }
@@ -396,8 +391,8 @@ impl Catalog {
         if !r.b.is_empty() {
             return Err("trailing bytes");
         }
-        *self.dirs.get_mut().expect("catalog lock") = dirs;
-        *self.children.get_mut().expect("catalog lock") = children;
+        *self.dirs.write().expect("catalog lock") = dirs;
+        *self.children.write().expect("catalog lock") = children;
         Ok(())
     }
 }

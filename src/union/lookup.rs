@@ -194,11 +194,9 @@ impl Union {
                 .take()
                 .is_some_and(|fd| format::has_oci_whiteout(fd.as_fd(), name))
         };
+        let direct_layer = self.direct_layer(&visit, hits.is_some());
         for &l in visit.iter() {
-            // The directory's bottom lower layer, without a merged index, is looked at
-            // directly: its fstatat is one syscall either way, and its listing would be read
-            // just for that (a first lookup in a big directory read all of it).
-            let direct = hits.is_none() && !self.layers.is_upper(l) && visit.last() == Some(&l);
+            let direct = Some(l) == direct_layer;
             if !self.layers.is_upper(l) && !direct {
                 if let Some(lowers) = &known {
                     if whited_out(&mut missed) {
@@ -362,6 +360,15 @@ impl Union {
     }
 
     /// What lower layer `l` of directory `p` lists for `name` (no syscall once read).
+    /// The lower layer of a directory (its `layers`, top first) that is looked at directly,
+    /// by fstatat, not through its name set: the bottom one, where the look is one syscall
+    /// either way and no `.wh.` file hides anything (reading its listing for that made a
+    /// first lookup in a big directory read all of it). None under a merged index.
+    pub(crate) fn direct_layer(&self, layers: &[usize], merged: bool) -> Option<usize> {
+        let bottom = *layers.last()?;
+        (!merged && !self.layers.is_upper(bottom)).then_some(bottom)
+    }
+
     pub(crate) fn probe_lower(
         &self,
         p: &Node,

@@ -130,10 +130,9 @@ impl Union {
     pub(crate) fn exists_below(&self, p: &Node, name: &OsStr) -> Result<bool> {
         let layers = p.state().layers;
         let merged = self.merged_names(p, &layers)?;
-        let bottom = layers.last().copied();
+        let direct = self.direct_layer(&layers, merged.is_some());
         for &l in layers.iter().filter(|&&l| !self.layers.is_upper(l)) {
-            // The bottom layer is looked at directly, as in `resolve`.
-            let last = merged.is_none() && Some(l) == bottom;
+            let last = Some(l) == direct;
             if !last {
                 match self.probe_lower(p, merged.as_deref(), l, name)? {
                     Probe::Absent => continue,
