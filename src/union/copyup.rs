@@ -256,10 +256,16 @@ impl Union {
         }
         // Other names of a lower hard link stay one file: link them up beside the copy. Names
         // in directories the kernel forgot are dropped (`prune_names`): looked up again, they
-        // are linked up then, through the live node or the index.
+        // are linked up then, through the live node or the index. They link from the index
+        // entry where there is one: the copy's own name may meanwhile be whited out by an
+        // unlink in another directory.
+        let src = match &index_key {
+            Some(key) => LinkSrc::Index(key),
+            None => LinkSrc::Name(&parent, &name),
+        };
         for (dir, an) in self.prune_names(node) {
             if (dir.id, &*an) != (parent.id, &*name) {
-                self.link_up_at(&parent, &name, dir.id, &an)?;
+                self.link_up_at(src, dir.id, &an)?;
             }
         }
         // nlink (a dir becomes merged), ctime and a broken hard link's count change.
@@ -519,42 +525,55 @@ impl Union {
         name: &OsStr,
         lower: usize,
     ) -> Result<()> {
-        // The source is a name the copy has in the upper layer already: never the one being
-        // linked up (the node took it as an alias before this). If every other name was in a
-        // directory the kernel forgot (soak seed 1700706), the index still holds the copy.
-        let src = self
+        // An indexed copy is linked from its index entry: the names the node knows may not
+        // be in the upper yet (another lookup is linking them up) or no longer (an unlink
+        // whited one out before it dropped the name); test
+        // `index::a_further_name_looked_up_while_the_copys_node_goes_reaches_the_copy`.
+        let indexed = node.state.read().expect("node state lock").indexed;
+        let p = self.node(parent)?;
+        if indexed && self.link_up_from_index(&p, name, lower)? {
+            return Ok(());
+        }
+        // Else from a name the copy has in the upper layer: never the one being linked up
+        // (the node took it as an alias before this).
+        let others = self
             .prune_names(node)
             .into_iter()
-            .find(|(d, n)| !(d.id == parent && **n == *name));
-        match src {
-            Some((p, n)) => self.link_up_at(&p, &n, parent, name),
-            None => {
-                let p = self.node(parent)?;
-                if self.link_up_from_index(&p, name, lower)? {
-                    Ok(())
-                } else {
-                    Err(err(libc::ESTALE))
-                }
+            .filter(|(d, n)| !(d.id == parent && **n == *name));
+        for (d, n) in others {
+            match self.link_up_at(LinkSrc::Name(&d, &n), parent, name) {
+                Err(e) if e.errno() == libc::ENOENT => continue,
+                r => return r,
             }
         }
+        // If every other name was in a directory the kernel forgot (soak seed 1700706), the
+        // index still holds the copy.
+        if !indexed && self.link_up_from_index(&p, name, lower)? {
+            return Ok(());
+        }
+        Err(err(libc::ESTALE))
     }
 
-    /// Hard-link upper `src_parent/src_name` as `parent/name` (copying `parent` up first).
-    fn link_up_at(
-        &self,
-        src_parent: &Node,
-        src_name: &OsStr,
-        parent: u64,
-        name: &OsStr,
-    ) -> Result<()> {
+    /// Hard-link the upper object `src` as `parent/name` (copying `parent` up first).
+    pub(crate) fn link_up_at(&self, src: LinkSrc<'_>, parent: u64, name: &OsStr) -> Result<()> {
         let ap = self.node(parent)?;
         self.copy_up(&ap, Data::All)?;
         // The name shows the copy's origin's inode number.
         self.mark_impure(&ap);
-        let sdir = self.dir_fd(src_parent, 0)?;
         let adir = self.dir_fd(&ap, 0)?;
         let times = sys::fstat(adir.as_fd())?;
-        match sys::linkat(sdir.as_fd(), src_name, adir.as_fd(), name) {
+        let _links = self.index().map(|ix| ix.links_lock());
+        let linked = match src {
+            LinkSrc::Name(sp, sn) => {
+                let sdir = self.dir_fd(sp, 0)?;
+                sys::linkat(sdir.as_fd(), sn, adir.as_fd(), name)
+            }
+            LinkSrc::Index(key) => {
+                let ix = self.index().ok_or_else(|| err(libc::ESTALE))?;
+                sys::linkat(ix.dir(), key, adir.as_fd(), name)
+            }
+        };
+        match linked {
             Ok(()) => self.linked_up(XTarget::At(adir.as_fd(), name)),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e.into()),
@@ -562,6 +581,15 @@ impl Union {
         restore_times(adir.as_fd(), &times);
         Ok(())
     }
+}
+
+/// Where a name linked up into the upper layer links from.
+#[derive(Clone, Copy)]
+pub(crate) enum LinkSrc<'a> {
+    /// An upper name of the copy: (its directory, its name).
+    Name(&'a Node, &'a OsStr),
+    /// The copy's index entry, by its name in the index.
+    Index(&'a OsStr),
 }
 
 /// Put back a directory's atime/mtime after we changed its entries for a copy-up.

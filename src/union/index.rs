@@ -13,11 +13,11 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::Union;
-use super::copyup::restore_times;
+use super::copyup::LinkSrc;
 use super::format::{self, MarkerNs, Origin};
 use super::layer::LayerStack;
 use super::lookup::Found;
@@ -34,6 +34,10 @@ pub struct Index {
     fd: Arc<OwnedFd>,
     /// False while the index is empty: lookups of lower hard links then skip it.
     in_use: AtomicBool,
+    /// Held while an indexed copy's links change with its union count (a name linked up
+    /// and the count's read-modify-write, or a name's removal judged): two lookups linking
+    /// names up at once would else lose one's update.
+    links: Mutex<()>,
 }
 
 /// The index name of an origin: its bytes in lowercase hex (the kernel's bin2hex).
@@ -76,6 +80,7 @@ impl Index {
         Ok(Index {
             fd: Arc::new(fd),
             in_use: AtomicBool::new(in_use),
+            links: Mutex::new(()),
         })
     }
 
@@ -88,6 +93,16 @@ impl Index {
     }
 
     /// Is upper inode `upper_ino` the index's copy of `origin`?
+    /// The index directory (entries are linked from it by name).
+    pub(crate) fn dir(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// See `Index::links`.
+    pub(crate) fn links_lock(&self) -> MutexGuard<'_, ()> {
+        self.links.lock().expect("index links lock")
+    }
+
     pub(crate) fn holds(&self, origin: &[u8], upper_ino: u64) -> bool {
         self.entry(origin).is_some_and(|st| st.st_ino == upper_ino)
     }
@@ -173,6 +188,18 @@ fn legacy_origin(name: &OsStr, layers: &LayerStack) -> Option<(Vec<u8>, u64)> {
     Some((origin.encode(), nlink))
 }
 
+/// What the index says of a name that resolved to a lower object.
+pub(crate) enum FromIndex {
+    /// Not a hard link the index has a copy of (as far as the index knows).
+    Not,
+    /// Another name's live node answers for the file (not copied up yet, or with no index
+    /// entry): the name must join that node (its copy-up links the name up), or, if the
+    /// node goes first, be looked up again.
+    Live,
+    /// Linked up from the index: the name as found in the upper layer now.
+    Linked(Box<Found>),
+}
+
 impl Union {
     pub(crate) fn index(&self) -> Option<&Index> {
         self.work.as_ref().map(|w| &w.index)
@@ -244,6 +271,7 @@ impl Union {
         let Some(ix) = self.index() else {
             return false;
         };
+        let _links = ix.links_lock();
         let x = XTarget::Fd(kept.as_fd());
         let Ok(st) = sys::fstat(kept.as_fd()) else {
             return false;
@@ -276,9 +304,9 @@ impl Union {
         p: &Arc<Node>,
         name: &OsStr,
         f: &Found,
-    ) -> Result<Option<Found>> {
+    ) -> Result<FromIndex> {
         let Some(ix) = self.index() else {
-            return Ok(None);
+            return Ok(FromIndex::Not);
         };
         let l = f.layers[0];
         if f.kind != Kind::File
@@ -286,20 +314,29 @@ impl Union {
             || self.layers.is_upper(l)
             || !ix.in_use.load(Ordering::Relaxed)
         {
-            return Ok(None);
+            return Ok(FromIndex::Not);
         }
-        // A live node of this inode answers for it: its copy-up links the new name up.
-        if self.nodes.live(self.node_id(f)).is_some() {
-            return Ok(None);
+        // A live node of this inode not copied up yet answers for it: its copy-up links the
+        // new name up. A copied-up one is joined by the name once it is in the upper layer
+        // (else, between the two, the name could be the node's first, not there yet).
+        let live = self.nodes.live(self.node_id(f));
+        if live.as_ref().is_some_and(|n| n.top_layer() != 0) {
+            return Ok(FromIndex::Live);
         }
         if !self.link_up_from_index(p, name, l)? {
-            return Ok(None);
+            return Ok(match live {
+                Some(_) => FromIndex::Live,
+                None => FromIndex::Not,
+            });
         }
         // As found in the upper now: its origin's number, and (the kernel's index entries
         // may be metadata-only copies) where its data is.
         let up = self.dir_fd(p, 0)?;
         let top = sys::statat(up.as_fd(), name)?;
-        self.found_upper(p, &up, name, top)
+        match self.found_upper(p, &up, name, top)? {
+            Some(copy) => Ok(FromIndex::Linked(Box::new(copy))),
+            None => Ok(FromIndex::Not),
+        }
     }
 
     /// Link `p/name`, a lower hard link of layer `l`, up from the index entry of its origin
@@ -317,16 +354,7 @@ impl Union {
             return Ok(false);
         }
         let key = name_of(&origin);
-        self.copy_up(p, super::copyup::Data::All)?;
-        self.mark_impure(p);
-        let up = self.dir_fd(p, 0)?;
-        let times = sys::fstat(up.as_fd())?;
-        match sys::linkat(ix.fd.as_fd(), &key, up.as_fd(), name) {
-            Ok(()) => self.linked_up(XTarget::At(up.as_fd(), name)),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(e.into()),
-        }
-        restore_times(up.as_fd(), &times);
+        self.link_up_at(LinkSrc::Index(&key), p.id, name)?;
         log::debug!("linked {name:?} up from the index");
         Ok(true)
     }

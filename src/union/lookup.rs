@@ -10,6 +10,7 @@ use std::time::Instant;
 use super::catalog::{DirKey, ROOT_KEY};
 use super::fanout;
 use super::format;
+use super::index::FromIndex;
 use super::names::{MERGE_MIN_LAYERS, Merged, Probe};
 use super::node::{DataAt, DataSrc, Inserted, Kind, Layers, Node, NodeState, ROOT_ID};
 use super::{Entry, Union, check_name};
@@ -62,6 +63,9 @@ impl Found {
     }
 }
 
+/// Tries of a lookup whose name had to join a node that went meanwhile (`Union::lookup`).
+const LOOKUP_TRIES: usize = 8;
+
 enum Step {
     Continue,
     Stop,
@@ -97,21 +101,31 @@ impl Union {
                 attr: attr?,
             });
         }
-        let found = self.resolve(&p, name)?.ok_or_else(|| err(libc::ENOENT))?;
-        let found = match self.linked_from_index(&p, name, &found)? {
-            Some(copy) => copy,
-            None => found,
-        };
-        let (top, layer) = (found.top, found.layers[0]);
-        let node = self.node_from(parent, name, found)?;
-        // The resolve just stat'ed the node's top object: no second fstatat, unless the
-        // node's top moved meanwhile (an alias of a copied-up hard link was linked up).
-        let attr = if node.top_layer() == layer {
-            self.present(&node, None, top)?
-        } else {
-            self.attr_of(&node)?
-        };
-        Ok(Entry { id: node.id, attr })
+        // A name that must join another name's node is looked up again if that node went
+        // (forgotten, or its last name removed) before it joined: the copy is reached through
+        // the index then. Each try saw the node live, so a few always do.
+        for _ in 0..LOOKUP_TRIES {
+            let found = self.resolve(&p, name)?.ok_or_else(|| err(libc::ENOENT))?;
+            let (found, join) = match self.linked_from_index(&p, name, &found)? {
+                FromIndex::Linked(copy) => (*copy, false),
+                FromIndex::Live => (found, true),
+                FromIndex::Not => (found, false),
+            };
+            let (top, layer) = (found.top, found.layers[0]);
+            let Some(node) = self.node_from(parent, name, found, join)? else {
+                log::debug!("lookup of {name:?}: its node went meanwhile, again");
+                continue;
+            };
+            // The resolve just stat'ed the node's top object: no second fstatat, unless the
+            // node's top moved meanwhile (an alias of a copied-up hard link was linked up).
+            let attr = if node.top_layer() == layer {
+                self.present(&node, None, top)?
+            } else {
+                self.attr_of(&node)?
+            };
+            return Ok(Entry { id: node.id, attr });
+        }
+        Err(err(libc::ESTALE))
     }
 
     /// The node id (= st_ino) of a resolved object.
@@ -143,10 +157,25 @@ impl Union {
         Node::new(id, f.kind, natural, state)
     }
 
-    /// Register a resolved name as a node (or as one more name of a known node).
-    pub(crate) fn node_from(&self, parent: u64, name: &OsStr, f: Found) -> Result<Arc<Node>> {
+    /// Register a resolved name as a node (or as one more name of a known node). With
+    /// `join`, only as a further name of the live node of its object: None if that is gone.
+    pub(crate) fn node_from(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        f: Found,
+        join: bool,
+    ) -> Result<Option<Arc<Node>>> {
         let found_layer = f.layers[0];
-        let ins = self.nodes.insert(self.node_of(parent, name, f));
+        let node = self.node_of(parent, name, f);
+        let ins = if join {
+            match self.nodes.join(node) {
+                Some(ins) => ins,
+                None => return Ok(None),
+            }
+        } else {
+            self.nodes.insert(node)
+        };
         let node = ins.node().clone();
         if let Inserted::Alias(_) = ins {
             // Another name of a hard link that was copied up: link this name up too, so the
@@ -155,7 +184,7 @@ impl Union {
                 self.link_up_alias(&node, parent, name, found_layer)?;
             }
         }
-        Ok(node)
+        Ok(Some(node))
     }
 
     /// Resolve `name` in directory `p` against the layers, without touching the node table.

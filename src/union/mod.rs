@@ -363,6 +363,11 @@ impl Union {
             if let Some(fd) = &st.detached {
                 return Ok(Real::Fd(fd.clone()));
             }
+            if let Some((l, fd)) = &st.moving
+                && *l == layer
+            {
+                return Ok(Real::Fd(fd.clone()));
+            }
             (st.parent, st.name.clone())
         };
         let (parent, name) = match self.nodes.get(parent) {

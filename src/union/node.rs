@@ -85,6 +85,10 @@ pub struct Rare {
     /// in after the removal (/dev/fuse and io_uring are not ordered), so the file, still
     /// open by the removed name, was not taken for unlinked then.
     pub kept: Option<(usize, Arc<OwnedFd>)>,
+    /// While a rename or unlink changes the node's names on disk: an O_PATH fd on its object
+    /// in its top layer then, by which it is reached until its names say what the disk does
+    /// (a name may meanwhile be a whiteout, or another file's).
+    pub moving: Option<(usize, Arc<OwnedFd>)>,
     /// Other names of a hard-linked non-directory (same real inode, so the same node).
     pub aliases: Vec<(u64, Arc<OsStr>)>,
     /// For a metadata-only copy (metacopy): where its data lives.
@@ -113,6 +117,7 @@ impl Rare {
         named_elsewhere: false,
         detached: None,
         kept: None,
+        moving: None,
         aliases: Vec::new(),
         data: None,
         kernel_meta: false,
@@ -129,6 +134,7 @@ impl Rare {
             && !self.named_elsewhere
             && self.detached.is_none()
             && self.kept.is_none()
+            && self.moving.is_none()
             && self.aliases.is_empty()
             && self.data.is_none()
             && !self.kernel_meta
@@ -581,7 +587,19 @@ impl NodeTable {
     /// Register `node` under its (parent, name) with one more lookup. Node ids are inode
     /// numbers, so the id may be known already: another name of a hard link (the name becomes
     /// an alias), or a number reused after an unlink (the node is revived in place).
-    pub fn insert(&self, mut node: Node) -> Inserted {
+    pub fn insert(&self, node: Node) -> Inserted {
+        self.place(node, false)
+            .expect("an insert always places its node")
+    }
+
+    /// Register `node` as a further name of the live node with its id, as `insert`; or, if
+    /// no such node is left (forgotten, retired, or removed from the union since the caller
+    /// saw it), register nothing and return None.
+    pub fn join(&self, node: Node) -> Option<Inserted> {
+        self.place(node, true)
+    }
+
+    fn place(&self, mut node: Node, join: bool) -> Option<Inserted> {
         let (parent, name) = {
             let s = node.state.read().expect("node state lock");
             (s.parent, s.name.clone())
@@ -593,12 +611,15 @@ impl NodeTable {
             && id == node.id
             && let Some(n) = self.pin(id)
         {
-            return Inserted::Existing(n);
+            return Some(Inserted::Existing(n));
         }
         let mut id = node.id;
         let mut stale: Vec<(u64, Arc<OsStr>)> = Vec::new();
         let mut t = self.shard(id).write().expect("table lock");
         if t.get(&id).is_some_and(|n| n.is_retired()) {
+            if join {
+                return None;
+            }
             // The kernel still holds the retired node under this number: a new one.
             drop(t);
             id = self.next_reissued.fetch_add(1, Ordering::Relaxed);
@@ -607,8 +628,12 @@ impl NodeTable {
         }
         let result = match t.get(&id) {
             Some(old) if old.kind == node.kind => {
-                old.lookups.fetch_add(1, Ordering::Relaxed);
                 let mut os = old.state.write().expect("node state lock");
+                // (Under its state lock, so no removal of its last name comes in between.)
+                if join && os.unlinked {
+                    return None;
+                }
+                old.lookups.fetch_add(1, Ordering::Relaxed);
                 let new_state = node.state.into_inner().expect("node state lock");
                 if os.unlinked || old.is_dir() {
                     stale = os.named().collect();
@@ -623,6 +648,7 @@ impl NodeTable {
                     Inserted::Alias(old.clone())
                 }
             }
+            _ if join => return None,
             Some(old) => {
                 // Same number, other type: a reused inode; the kernel drops the old one.
                 stale = old.state().named().collect();
@@ -664,7 +690,7 @@ impl NodeTable {
                 self.unindex_if(p, &n, id);
             }
         }
-        result
+        Some(result)
     }
 
     /// Give every name of `old` to a new node (a new FUSE node id, so a new kernel inode) with

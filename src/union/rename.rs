@@ -270,6 +270,16 @@ impl Union {
             (Some(d), false) => self.keep_fd(d),
             _ => None,
         };
+        // Both files are reached by fd until the node table says what the disk does.
+        let src_keep = self.keep_fd(&src);
+        let _src_pinned = self.pin_object(&src, src_keep.as_ref());
+        let dst_moving = match (&dst, exchange) {
+            (Some(d), true) => self.keep_fd(d),
+            _ => dst_keep.clone(),
+        };
+        let _dst_pinned = dst
+            .as_ref()
+            .and_then(|d| self.pin_object(d, dst_moving.as_ref()));
         if exchange {
             sys::renameat2(up.as_fd(), name, unp.as_fd(), newname, sys::RENAME_EXCHANGE)?;
         } else {

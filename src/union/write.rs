@@ -102,6 +102,17 @@ pub struct SetAttr {
     pub kill_privs: Option<u32>,
 }
 
+/// A node reached by a fd while its names change (see `Union::pin_object`).
+pub(super) struct Pinned(Arc<Node>);
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let mut s = self.0.state.write().expect("node state lock");
+        s.moving = None;
+        s.shrink();
+    }
+}
+
 /// A name a user may create: markers are refused so a user file can never act as a whiteout.
 pub(super) fn check_new_name(name: &OsStr) -> Result<()> {
     check_name(name)?;
@@ -534,6 +545,20 @@ impl Union {
             .is_ok_and(|st| self.layers.union_ino(0, st.st_ino) != n.st_ino())
     }
 
+    /// Reach non-directory `n` by `fd` (from `keep_fd`: its object in its top layer) while a
+    /// rename or unlink changes its names on disk, until the guard drops, when its names say
+    /// what the disk does. A request meanwhile (a getattr through another name of a hard
+    /// link) would else meet the whiteout, or the file put in its place.
+    pub(super) fn pin_object(&self, n: &Arc<Node>, fd: Option<&Arc<OwnedFd>>) -> Option<Pinned> {
+        let fd = fd?;
+        let mut s = n.state.write().expect("node state lock");
+        if s.moving.is_some() {
+            return None;
+        }
+        s.moving = Some((s.layers[0], fd.clone()));
+        Some(Pinned(n.clone()))
+    }
+
     pub(crate) fn keep_fd(&self, n: &Node) -> Option<Arc<OwnedFd>> {
         if n.is_dir() {
             return None;
@@ -590,6 +615,7 @@ impl Union {
         let in_upper = n.top_layer() == 0;
         let below = self.exists_below(&p, name)?;
         let keep = self.keep_fd(&n);
+        let _pinned = self.pin_object(&n, keep.as_ref());
         match (in_upper, below) {
             (true, false) => sys::unlinkat(upper.as_fd(), name, false)?,
             (true, true) => self.whiteout(upper.as_fd(), name, true)?,

@@ -417,3 +417,100 @@ fn a_hard_link_unlinked_before_the_forget_of_its_other_names_directory_keeps_wor
         assert_eq!((e.attr.st_mode & 0o777, e.attr.st_size), (0o600, 9), "{n}");
     }
 }
+
+/// A lookup of a further name of a copied-up hard link, racing the FORGET, the removal or
+/// the move of the node that answered for the copy, must reach the copy: never the lower
+/// file, nor what is left where a moved name was (a whiteout).
+#[test]
+fn a_further_name_looked_up_while_the_copys_node_goes_reaches_the_copy() {
+    use std::ffi::{OsStr, OsString};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    const NAMES: usize = 3000;
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    write(low.join("h"), b"hard");
+    for d in ["a", "b"] {
+        fs::create_dir(low.join(d)).unwrap();
+        for i in 0..NAMES {
+            fs::hard_link(low.join("h"), low.join(format!("{d}/{i}"))).unwrap();
+        }
+    }
+    let (u, up) = engine(&s, low);
+    let h = u.lookup(1, OsStr::new("h")).unwrap();
+    let fh = u.open(h.id, libc::O_WRONLY | libc::O_APPEND).unwrap();
+    u.write(fh, 4, b" more", None).unwrap();
+    u.release(fh);
+    u.forget(h.id, 1);
+    let a = u.lookup(1, OsStr::new("a")).unwrap().id;
+    let b = u.lookup(1, OsStr::new("b")).unwrap().id;
+    let mut stale: Vec<(&str, OsString, i64)> = Vec::new();
+    // Names in `a` taken so far; those of them removed, and renamed.
+    let (next_a, unlinked, renamed) = (
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    );
+    // While the names in `b` are looked up, the kernel looks the copy's name up and forgets
+    // it, over and over; then removes names in `a`, then renames them, each the only name
+    // the daemon knows of the file when it goes.
+    let third = NAMES / 3;
+    for (phase, names) in [
+        ("forget", 0..third),
+        ("unlink", third..2 * third),
+        ("rename", 2 * third..NAMES),
+    ] {
+        let done = AtomicBool::new(false);
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    if phase == "forget" {
+                        let e = u.lookup(1, OsStr::new("h")).unwrap();
+                        u.forget(e.id, 1);
+                        continue;
+                    }
+                    let i = next_a.fetch_add(1, Ordering::Relaxed);
+                    if i >= NAMES {
+                        break;
+                    }
+                    let name = OsString::from(i.to_string());
+                    let e = u
+                        .lookup(a, &name)
+                        .unwrap_or_else(|e| panic!("{phase} a/{i}: {e:?}"));
+                    if phase == "unlink" {
+                        u.unlink(a, &name).unwrap();
+                        unlinked.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        u.rename(a, &name, a, OsStr::new(&format!("r{i}")), 0)
+                            .unwrap();
+                        renamed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    u.forget(e.id, 1);
+                }
+            });
+            for i in names {
+                let name = OsString::from(i.to_string());
+                let e = u.lookup(b, &name).unwrap();
+                if e.attr.st_size != 9 {
+                    stale.push((phase, name, e.attr.st_size));
+                }
+                u.forget(e.id, 1);
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+    }
+    assert_eq!(
+        stale,
+        Vec::new(),
+        "names that reached the lower file or a whiteout"
+    );
+    assert!(renamed.load(Ordering::Relaxed) > 0, "no rename raced");
+    // Every name left is one file with the copy in the upper layer, and counts.
+    let ino = fs::metadata(up.join("h")).unwrap().ino();
+    for i in 0..NAMES {
+        let md = fs::metadata(up.join(format!("b/{i}"))).unwrap();
+        assert_eq!((md.ino(), md.len()), (ino, 9), "b/{i} in the upper");
+    }
+    let e = u.lookup(1, OsStr::new("h")).unwrap();
+    let names = 1 + 2 * NAMES - unlinked.load(Ordering::Relaxed);
+    assert_eq!(e.attr.st_nlink, names as u64, "h and the names not removed");
+}
