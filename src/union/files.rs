@@ -43,17 +43,27 @@ impl Union {
             };
             self.copy_up(&node, data)?;
         }
-        let (real, layer) = self.read_source(&node)?;
-        let fd = real.open(flags & !OPEN_ONLY, false)?;
+        let (fd, layer) = self.open_source(&node, flags & !OPEN_ONLY)?;
         Ok(self.add_handle(node, fd, layer, flags))
     }
 
-    /// Where a node's data is read from, and that layer: its top object, or for a
-    /// metadata-only copy the lower file holding its data.
-    fn read_source(&self, node: &super::node::Node) -> Result<(super::real::Real, usize)> {
+    /// Open where a node's data is read from, and say that layer: its top object, or for a
+    /// metadata-only copy the lower file holding its data. The node's own object is opened
+    /// again by its new name if a rename or unlink moved it meanwhile.
+    fn open_source(&self, node: &super::node::Node, flags: i32) -> Result<(OwnedFd, usize)> {
         match self.verified_data(node)? {
-            Some(d) => Ok((self.data_real(&d)?, d.layer().unwrap_or(0))),
-            None => Ok((self.real(node)?, node.top_layer())),
+            Some(d) => Ok((
+                self.data_real(&d)?.open(flags, false)?,
+                d.layer().unwrap_or(0),
+            )),
+            None => {
+                let layer = node.top_layer();
+                let open = |r: &super::real::Real| r.open(flags, false);
+                // Nothing there, or a whiteout (a device no driver has).
+                let gone = |r: &Result<OwnedFd>| matches!(r, Err(e) if matches!(e.errno(), libc::ENOENT | libc::ENXIO));
+                let (_, fd) = self.on_real(node, self.real(node)?, open, gone)?;
+                Ok((fd, layer))
+            }
         }
     }
 
@@ -120,8 +130,7 @@ impl Union {
         }
         let mut w = h.fd.write().expect("handle fd lock");
         if w.1 != now {
-            let (real, now) = self.read_source(&h.node)?;
-            let nfd = real.open(h.flags & !(OPEN_ONLY | libc::O_TRUNC), false)?;
+            let (nfd, now) = self.open_source(&h.node, h.flags & !(OPEN_ONLY | libc::O_TRUNC))?;
             *w = (Arc::new(nfd), now);
         }
         Ok(w.0.clone())

@@ -140,6 +140,9 @@ pub(crate) fn check_name(name: &OsStr) -> Result<()> {
 /// The most descriptors the fd table is grown for at start (a 128 KiB table).
 const MAX_RESERVED_FDS: usize = 16384;
 
+/// Stats of a file whose name moved meanwhile, retried by its new name (`Union::attr_of`).
+const MOVED_TRIES: usize = 4;
+
 impl Union {
     /// Open the layers, clean the workdir and build the root node.
     pub fn new(cfg: Config) -> Result<Union> {
@@ -445,9 +448,38 @@ impl Union {
 
     /// Attributes as the union shows them.
     pub(crate) fn attr_of(&self, node: &Node) -> Result<Stat> {
-        let real = self.real(node)?;
-        let st = real.stat()?;
+        let gone = |st: &Result<Stat>| match st {
+            Ok(st) => sys::is_whiteout_stat(st),
+            Err(e) => e.errno() == libc::ENOENT,
+        };
+        let (real, st) = self.on_real(node, self.real(node)?, |r| r.stat(), gone)?;
         self.present(node, Some(&real), st)
+    }
+
+    /// `op` on `real`, the node's object as `real(node)` gave it. A rename or unlink may move
+    /// the node's name between that read and `op`, which then meets nothing there or a
+    /// whiteout (`gone` says): `op` again by the name the node has now, where that changed
+    /// (test `write_path::a_file_being_renamed_answers_as_itself`).
+    pub(crate) fn on_real<T>(
+        &self,
+        node: &Node,
+        mut real: Real,
+        op: impl Fn(&Real) -> Result<T>,
+        gone: impl Fn(&Result<T>) -> bool,
+    ) -> Result<(Real, T)> {
+        let mut tries = 0;
+        loop {
+            let r = op(&real);
+            if !node.is_dir() && tries < MOVED_TRIES && gone(&r) {
+                let now = self.real(node)?;
+                if !now.same(&real) {
+                    real = now;
+                    tries += 1;
+                    continue;
+                }
+            }
+            return r.map(|t| (real, t));
+        }
     }
 
     /// The attributes the union shows for `node`, given the real stat of its top object.

@@ -23,6 +23,15 @@ impl Real {
         })
     }
 
+    /// The same reference (the same fd, or the same name in the same directory fd).
+    pub fn same(&self, other: &Real) -> bool {
+        match (self, other) {
+            (Real::Fd(a), Real::Fd(b)) => Arc::ptr_eq(a, b),
+            (Real::At(a, n), Real::At(b, m)) => Arc::ptr_eq(a, b) && n == m,
+            _ => false,
+        }
+    }
+
     pub fn xtarget(&self) -> XTarget<'_> {
         match self {
             Real::Fd(fd) => XTarget::Fd(fd.as_fd()),

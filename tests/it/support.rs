@@ -911,3 +911,23 @@ pub fn json_of(args: &[&str], p: &Path) -> serde_json::Value {
 pub fn stats(mnt: &Path) -> serde_json::Value {
     json_of(&["stats", "--format", "json"], mnt)
 }
+
+/// The engine alone over lower layer `low`, with an upper and a workdir (so an index), for
+/// orders of requests a mount cannot force; and its upper dir.
+pub fn engine(s: &Scratch, low: PathBuf) -> (layerfs::union::Union, PathBuf) {
+    let (up, work) = (s.mkdir("up"), s.mkdir("work"));
+    let u = layerfs::union::Union::new(layerfs::union::Config {
+        upper: Some(up.clone()),
+        work: Some(work),
+        lowers: vec![low],
+        data_lowers: Vec::new(),
+        fsync: false,
+        metacopy: false,
+        marker_ns: layerfs::union::format::MarkerNs::Trusted,
+        ids: Default::default(),
+        catalog: None,
+        verity: Default::default(),
+    })
+    .unwrap();
+    (u, up)
+}

@@ -1519,3 +1519,41 @@ fn file_attributes_are_read_and_set_as_in_the_kernel() {
     p.check("after chattr");
     p.check_interop();
 }
+
+/// A file moved back and forth answers every request on it as itself throughout: never as
+/// the whiteout its old name is for a moment, nor as missing. The engine, driven from two
+/// threads (getattr and open race each rename).
+#[test]
+fn a_file_being_renamed_answers_as_itself() {
+    use std::ffi::OsStr;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    write(low.join("f"), b"lower data");
+    let (u, _up) = engine(&s, low);
+    let f = u.lookup(1, OsStr::new("f")).unwrap();
+    let done = AtomicBool::new(false);
+    let mut wrong = Vec::new();
+    std::thread::scope(|t| {
+        t.spawn(|| {
+            for _ in 0..2000 {
+                u.rename(1, OsStr::new("f"), 1, OsStr::new("g"), 0).unwrap();
+                u.rename(1, OsStr::new("g"), 1, OsStr::new("f"), 0).unwrap();
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        while !done.load(Ordering::Relaxed) {
+            match u.getattr(f.id) {
+                Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 10 => {}
+                Ok(st) => wrong.push(format!("mode {:o} size {}", st.st_mode, st.st_size)),
+                Err(e) => wrong.push(format!("getattr: {e:?}")),
+            }
+            match u.open(f.id, libc::O_RDONLY) {
+                Ok(fh) => u.release(fh),
+                Err(e) => wrong.push(format!("open: {e:?}")),
+            }
+        }
+    });
+    wrong.dedup();
+    assert_eq!(wrong, Vec::<String>::new(), "requests while the file moved");
+}
