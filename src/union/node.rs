@@ -709,7 +709,11 @@ impl NodeTable {
             }
             id => id,
         };
-        let state = old.state();
+        let mut state = old.state();
+        // (A rename or unlink under way clears its own node's fd, not this one's.)
+        if state.moving.is_some() {
+            state.moving = None;
+        }
         let names: Vec<(u64, Arc<OsStr>)> = state.named().collect();
         let node = Arc::new(Node::new(id, old.kind, natural, state));
         // (Not the new id: the kernel may forget that node, and a later lookup makes another.)
