@@ -366,9 +366,7 @@ impl Union {
             if let Some(fd) = &st.detached {
                 return Ok(Real::Fd(fd.clone()));
             }
-            if let Some((l, fd)) = &st.moving
-                && *l == layer
-            {
+            if let Some((_, fd)) = st.moving.iter().find(|(l, _)| *l == layer) {
                 return Ok(Real::Fd(fd.clone()));
             }
             (st.parent, st.name.clone())

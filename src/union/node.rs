@@ -85,10 +85,11 @@ pub struct Rare {
     /// in after the removal (/dev/fuse and io_uring are not ordered), so the file, still
     /// open by the removed name, was not taken for unlinked then.
     pub kept: Option<(usize, Arc<OwnedFd>)>,
-    /// While a rename or unlink changes the node's names on disk: an O_PATH fd on its object
-    /// in its top layer then, by which it is reached until its names say what the disk does
-    /// (a name may meanwhile be a whiteout, or another file's).
-    pub moving: Option<(usize, Arc<OwnedFd>)>,
+    /// While renames or unlinks change the node's names on disk: for each, an O_PATH fd on
+    /// its object in its top layer then, by which it is reached until its names say what the
+    /// disk does (a name may meanwhile be a whiteout, or another file's). Several at once
+    /// for a hard link whose names change in different directories.
+    pub moving: Vec<(usize, Arc<OwnedFd>)>,
     /// Other names of a hard-linked non-directory (same real inode, so the same node).
     pub aliases: Vec<(u64, Arc<OsStr>)>,
     /// For a metadata-only copy (metacopy): where its data lives.
@@ -117,7 +118,7 @@ impl Rare {
         named_elsewhere: false,
         detached: None,
         kept: None,
-        moving: None,
+        moving: Vec::new(),
         aliases: Vec::new(),
         data: None,
         kernel_meta: false,
@@ -134,7 +135,7 @@ impl Rare {
             && !self.named_elsewhere
             && self.detached.is_none()
             && self.kept.is_none()
-            && self.moving.is_none()
+            && self.moving.is_empty()
             && self.aliases.is_empty()
             && self.data.is_none()
             && !self.kernel_meta
@@ -711,8 +712,8 @@ impl NodeTable {
         };
         let mut state = old.state();
         // (A rename or unlink under way clears its own node's fd, not this one's.)
-        if state.moving.is_some() {
-            state.moving = None;
+        if !state.moving.is_empty() {
+            state.moving.clear();
         }
         let names: Vec<(u64, Arc<OsStr>)> = state.named().collect();
         let node = Arc::new(Node::new(id, old.kind, natural, state));
@@ -780,7 +781,24 @@ impl NodeTable {
             .lock()
             .expect("index lock");
         let key = Named(parent, name);
-        if idx.get(&key) == Some(&id) {
+        // Unless the node in the table under this id claims the name: ids are inode numbers,
+        // so a FORGET of one node and the lookup of a new one of the same file (served at
+        // once) would else drop the new node's entry, and a later unlink or rename of the
+        // name, not finding it, would leave the node claiming a name that is gone (engine
+        // test `races`). Under the index lock, before the table's and the node's (the order
+        // `insert` takes them in).
+        let claimed = || {
+            self.shard(id)
+                .read()
+                .expect("table lock")
+                .get(&id)
+                .is_some_and(|n| {
+                    // (An unlinked node keeps its last name, but claims it no more.)
+                    let s = n.state.read().expect("node state lock");
+                    !s.unlinked && s.names().any(|(p, m)| p == parent && m == name)
+                })
+        };
+        if idx.get(&key) == Some(&id) && !claimed() {
             idx.remove(&key);
             if sparse(idx.len(), idx.capacity()) {
                 let keep = idx.len() * 2;

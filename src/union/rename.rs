@@ -188,6 +188,11 @@ impl Union {
         if noreplace && dst.is_some() {
             return Err(err(libc::EEXIST));
         }
+        // Two names of one file: nothing happens (POSIX; the kernel's vfs_rename returns
+        // before asking the filesystem, so only a caller of the engine gets here).
+        if dst.as_ref().is_some_and(|d| d.id == src.id) {
+            return Ok(());
+        }
         if exchange && dst.is_none() {
             return Err(err(libc::ENOENT));
         }
@@ -573,6 +578,10 @@ impl Union {
             }
             new_name
         };
-        self.nodes.reindex(n.id, from.0, from.1, to.0, new_name);
+        // A node the table does not hold (a name nobody looked up, see `child`) has no index
+        // entries, and must not move those of the registered node of its file.
+        if self.nodes.get(n.id).is_some_and(|r| std::ptr::eq(&*r, n)) {
+            self.nodes.reindex(n.id, from.0, from.1, to.0, new_name);
+        }
     }
 }

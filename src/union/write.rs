@@ -102,13 +102,18 @@ pub struct SetAttr {
     pub kill_privs: Option<u32>,
 }
 
+/// Tries of a link whose source name moved before it was locked (`Union::link`).
+const LINK_TRIES: usize = 4;
+
 /// A node reached by a fd while its names change (see `Union::pin_object`).
-pub(super) struct Pinned(Arc<Node>);
+pub(super) struct Pinned(Arc<Node>, Arc<OwnedFd>);
 
 impl Drop for Pinned {
     fn drop(&mut self) {
         let mut s = self.0.state.write().expect("node state lock");
-        s.moving = None;
+        if let Some(i) = s.moving.iter().position(|(_, fd)| Arc::ptr_eq(fd, &self.1)) {
+            s.moving.swap_remove(i);
+        }
         s.shrink();
     }
 }
@@ -474,24 +479,73 @@ impl Union {
         }
         self.copy_up(&src, Data::All)?;
         self.copy_up(&np, Data::All)?;
-        let _g = np.dir_lock.write().expect("dir lock");
-        if self.child(&np, newname)?.is_some() {
+        // Linked from a name only under that name's directory lock too (shared; both taken
+        // in id order): an unlink or rename there would else leave a whiteout or another
+        // file under the name, and that would be linked (engine test `races`). A name that
+        // moves before the locks are taken is picked again.
+        for _ in 0..LINK_TRIES {
+            let s = src.state();
+            // No name: an O_TMPFILE file (the only such file the kernel lets be linked).
+            let by_name = match &s.detached {
+                Some(_) if s.unlinked => None,
+                _ => self.reachable_name(&src).ok(),
+            };
+            let sdir = by_name
+                .as_ref()
+                .map(|(d, _)| d.clone())
+                .filter(|d| d.id != np.id);
+            let (_g, _sg) = match &sdir {
+                Some(d) if d.id < np.id => {
+                    let sg = d.dir_lock.read().expect("dir lock");
+                    (np.dir_lock.write().expect("dir lock"), Some(sg))
+                }
+                Some(d) => {
+                    let g = np.dir_lock.write().expect("dir lock");
+                    (g, Some(d.dir_lock.read().expect("dir lock")))
+                }
+                None => (np.dir_lock.write().expect("dir lock"), None),
+            };
+            // A name of the file in a directory now locked (it may have moved meanwhile).
+            let by_name = match by_name {
+                Some((d, _)) => {
+                    let now = src.state();
+                    let named = now.named().find(|(p, _)| *p == d.id || *p == np.id);
+                    match named.filter(|_| !now.unlinked) {
+                        Some((p, n)) if p == d.id => Some((d, n)),
+                        Some((_, n)) => Some((np.clone(), n)),
+                        None => continue,
+                    }
+                }
+                None => None,
+            };
+            return self.link_locked(&src, &np, newname, &s, by_name);
+        }
+        Err(err(libc::ESTALE))
+    }
+
+    /// `link` once the new name's directory (and the source name's) are locked.
+    fn link_locked(
+        &self,
+        src: &Arc<Node>,
+        np: &Arc<Node>,
+        newname: &OsStr,
+        s: &NodeState,
+        by_name: Option<(Arc<Node>, Arc<OsStr>)>,
+    ) -> Result<Entry> {
+        let newparent = np.id;
+        if self.child(np, newname)?.is_some() {
             return Err(err(libc::EEXIST));
         }
-        let s = src.state();
-        // No name: an O_TMPFILE file (the only such file the kernel lets be linked).
-        let from = match &s.detached {
-            Some(fd) if s.unlinked => Real::Fd(fd.clone()),
-            _ => match self.reachable_name(&src) {
-                Ok((dir, name)) => Real::At(self.dir_fd(&dir, 0)?, name),
-                Err(e) => self.kept_fd(&src, 0).ok_or(e)?,
-            },
+        let from = match (&s.detached, by_name) {
+            (Some(fd), _) if s.unlinked => Real::Fd(fd.clone()),
+            (_, Some((dir, name))) => Real::At(self.dir_fd(&dir, 0)?, name),
+            (_, None) => self.kept_fd(src, 0).ok_or_else(|| err(libc::ESTALE))?,
         };
         let link_to = |dir: BorrowedFd<'_>, name: &OsStr| match &from {
             Real::Fd(fd) => sys::link_fd(fd.as_fd(), dir, name),
             Real::At(sdir, sname) => sys::linkat(sdir.as_fd(), sname, dir, name),
         };
-        let upper = self.dir_fd(&np, 0)?;
+        let upper = self.dir_fd(np, 0)?;
         match sys::statat(upper.as_fd(), newname) {
             Ok(st) if format::is_whiteout_at(upper.as_fd(), newname, &st) => {
                 let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
@@ -505,8 +559,8 @@ impl Union {
             Ok(_) => return Err(err(libc::EEXIST)),
             Err(_) => link_to(upper.as_fd(), newname)?,
         }
-        if newparent != s.parent && self.shows_lower_ino(&src) {
-            self.mark_impure(&np);
+        if newparent != s.parent && self.shows_lower_ino(src) {
+            self.mark_impure(np);
         }
         // The new name is one more name of the same node (same inode, same st_ino).
         let alias = Node::new(
@@ -552,11 +606,9 @@ impl Union {
     pub(super) fn pin_object(&self, n: &Arc<Node>, fd: Option<&Arc<OwnedFd>>) -> Option<Pinned> {
         let fd = fd?;
         let mut s = n.state.write().expect("node state lock");
-        if s.moving.is_some() {
-            return None;
-        }
-        s.moving = Some((s.layers[0], fd.clone()));
-        Some(Pinned(n.clone()))
+        let layer = s.layers[0];
+        s.moving.push((layer, fd.clone()));
+        Some(Pinned(n.clone(), fd.clone()))
     }
 
     pub(crate) fn keep_fd(&self, n: &Node) -> Option<Arc<OwnedFd>> {

@@ -494,3 +494,55 @@ fn a_further_name_looked_up_while_the_copys_node_goes_reaches_the_copy() {
     let names = 1 + 2 * NAMES - unlinked.load(Ordering::Relaxed);
     assert_eq!(e.attr.st_nlink, names as u64, "h and the names not removed");
 }
+
+/// A link made from a name of a hard link that a rename is moving away meanwhile (leaving a
+/// whiteout, the name being in the lower layer too) links the file, never that whiteout.
+/// The engine, driven from two threads.
+#[test]
+fn a_link_from_a_name_being_moved_links_the_file() {
+    use std::ffi::OsStr;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = Scratch::new();
+    let low = linked_lower(&s);
+    fs::create_dir(low.join("e")).unwrap();
+    let (u, _up) = engine(&s, low);
+    let d = u.lookup(1, OsStr::new("d")).unwrap().id;
+    let e = u.lookup(1, OsStr::new("e")).unwrap().id;
+    // Known by d/h3 only: the name a link is made from.
+    let h = u.lookup(d, OsStr::new("h3")).unwrap();
+    let fh = u.open(h.id, libc::O_WRONLY | libc::O_APPEND).unwrap();
+    u.write(fh, 4, b" more", None).unwrap();
+    u.release(fh);
+    let done = AtomicBool::new(false);
+    let mut wrong = Vec::new();
+    std::thread::scope(|t| {
+        t.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                u.rename(d, OsStr::new("h3"), d, OsStr::new("h4"), 0)
+                    .unwrap();
+                u.rename(d, OsStr::new("h4"), d, OsStr::new("h3"), 0)
+                    .unwrap();
+            }
+        });
+        for _ in 0..600 {
+            match u.link(h.id, e, OsStr::new("n")) {
+                Ok(n) => {
+                    let st = n.attr;
+                    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_size != 9 {
+                        wrong.push(format!("mode {:o} size {}", st.st_mode, st.st_size));
+                    }
+                    u.forget(n.id, 1);
+                    u.unlink(e, OsStr::new("n")).unwrap();
+                }
+                Err(err) => wrong.push(format!("{err:?}")),
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    wrong.dedup();
+    assert_eq!(
+        wrong,
+        Vec::<String>::new(),
+        "links made while the name moved"
+    );
+}

@@ -17,6 +17,7 @@ mod inodes;
 mod metacopy;
 mod observe;
 mod power_cut;
+mod races;
 mod read_side;
 mod rootless;
 mod runtime;

@@ -916,8 +916,13 @@ pub fn stats(mnt: &Path) -> serde_json::Value {
 /// orders of requests a mount cannot force; and its upper dir.
 pub fn engine(s: &Scratch, low: PathBuf) -> (layerfs::union::Union, PathBuf) {
     let (up, work) = (s.mkdir("up"), s.mkdir("work"));
-    let u = layerfs::union::Union::new(layerfs::union::Config {
-        upper: Some(up.clone()),
+    (engine_over(low, up.clone(), work), up)
+}
+
+/// The engine over existing layers (no fsync: volatile).
+pub fn engine_over(low: PathBuf, up: PathBuf, work: PathBuf) -> layerfs::union::Union {
+    layerfs::union::Union::new(layerfs::union::Config {
+        upper: Some(up),
         work: Some(work),
         lowers: vec![low],
         data_lowers: Vec::new(),
@@ -928,6 +933,5 @@ pub fn engine(s: &Scratch, low: PathBuf) -> (layerfs::union::Union, PathBuf) {
         catalog: None,
         verity: Default::default(),
     })
-    .unwrap();
-    (u, up)
+    .unwrap()
 }

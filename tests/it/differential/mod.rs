@@ -21,7 +21,7 @@
 //! `LAYERFS_DIFF_DATA=N` adds N data-only layers (`::`) and metadata-only copies pointing
 //! into them; CI runs a few seeds so.
 
-mod generate;
+pub(crate) mod generate;
 mod ops;
 mod watchdog;
 
