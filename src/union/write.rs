@@ -611,16 +611,40 @@ impl Union {
         Some(Pinned(n.clone(), fd.clone()))
     }
 
+    /// `keep_fd`, for node `n` named `name` in `p`, whose lock the caller holds: an upper
+    /// object is opened by that name, which nothing can change meanwhile. For a rename: the
+    /// name stays in use. (An unlink opens by the first name, `keep_fd`: an fd by the name
+    /// removed would keep that name's directory, removed later, from being freed.)
+    pub(crate) fn keep_fd_at(&self, n: &Node, p: &Node, name: &OsStr) -> Option<Arc<OwnedFd>> {
+        if n.is_dir() || n.top_layer() != 0 {
+            return self.keep_fd(n);
+        }
+        // (A lower name of the file not linked up yet: by its first name, as before.)
+        let dir = self.dir_fd(p, 0).ok()?;
+        match sys::openat(dir.as_fd(), name, libc::O_PATH, 0) {
+            Ok(fd) => Some(Arc::new(fd)),
+            Err(_) => self.keep_fd(n),
+        }
+    }
+
+    /// An O_PATH fd on non-directory `n`'s object, opened by its first name. That name may be
+    /// in a directory the caller does not lock, mid-rename: a whiteout or nothing met there
+    /// is opened again by the node's name now (a link made later from a whiteout's fd would
+    /// link the whiteout; engine fuzz `races`).
     pub(crate) fn keep_fd(&self, n: &Node) -> Option<Arc<OwnedFd>> {
         if n.is_dir() {
             return None;
         }
-        match self.real(n).ok()? {
-            Real::At(dir, name) => sys::openat(dir.as_fd(), &name, libc::O_PATH, 0)
-                .ok()
-                .map(Arc::new),
-            Real::Fd(fd) => Some(fd),
-        }
+        let open = |r: &Real| match r {
+            Real::At(dir, name) => Ok(Arc::new(sys::openat(dir.as_fd(), name, libc::O_PATH, 0)?)),
+            Real::Fd(fd) => Ok(fd.clone()),
+        };
+        let gone = |r: &Result<Arc<OwnedFd>>| match r {
+            Ok(fd) => sys::fstat(fd.as_fd()).is_ok_and(|st| sys::is_whiteout_stat(&st)),
+            Err(e) => e.errno() == libc::ENOENT,
+        };
+        let (_, fd) = self.on_real(n, self.real(n).ok()?, open, gone).ok()?;
+        Some(fd)
     }
 
     /// `parent/name` left the union. A node with no name left is marked unlinked and keeps
