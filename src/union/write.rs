@@ -632,6 +632,12 @@ impl Union {
     /// is opened again by the node's name now (a link made later from a whiteout's fd would
     /// link the whiteout; engine fuzz `races`).
     pub(crate) fn keep_fd(&self, n: &Node) -> Option<Arc<OwnedFd>> {
+        self.keep_fd_locking(n, None)
+    }
+
+    /// `keep_fd` by a caller that holds directory `locked`'s lock: a first name there needs
+    /// no second look (nothing changes it meanwhile).
+    pub(crate) fn keep_fd_locking(&self, n: &Node, locked: Option<u64>) -> Option<Arc<OwnedFd>> {
         if n.is_dir() {
             return None;
         }
@@ -639,11 +645,15 @@ impl Union {
             Real::At(dir, name) => Ok(Arc::new(sys::openat(dir.as_fd(), name, libc::O_PATH, 0)?)),
             Real::Fd(fd) => Ok(fd.clone()),
         };
+        let real = self.real(n).ok()?;
+        if locked.is_some() && locked == Some(n.state.read().expect("node state lock").parent) {
+            return open(&real).ok();
+        }
         let gone = |r: &Result<Arc<OwnedFd>>| match r {
             Ok(fd) => sys::fstat(fd.as_fd()).is_ok_and(|st| sys::is_whiteout_stat(&st)),
             Err(e) => e.errno() == libc::ENOENT,
         };
-        let (_, fd) = self.on_real(n, self.real(n).ok()?, open, gone).ok()?;
+        let (_, fd) = self.on_real(n, real, open, gone).ok()?;
         Some(fd)
     }
 
@@ -690,7 +700,7 @@ impl Union {
         let upper = self.dir_fd(&p, 0)?;
         let in_upper = n.top_layer() == 0;
         let below = self.exists_below(&p, name)?;
-        let keep = self.keep_fd(&n);
+        let keep = self.keep_fd_locking(&n, Some(p.id));
         let _pinned = self.pin_object(&n, keep.as_ref());
         match (in_upper, below) {
             (true, false) => sys::unlinkat(upper.as_fd(), name, false)?,
