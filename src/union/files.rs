@@ -61,7 +61,7 @@ impl Union {
                 let open = |r: &super::real::Real| r.open(flags, false);
                 // Nothing there, or a whiteout (a device no driver has).
                 let gone = |r: &Result<OwnedFd>| matches!(r, Err(e) if matches!(e.errno(), libc::ENOENT | libc::ENXIO));
-                let (_, fd) = self.on_real(node, self.real(node)?, open, gone)?;
+                let (_, fd) = self.on_real(node, open, gone)?;
                 Ok((fd, layer))
             }
         }

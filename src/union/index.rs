@@ -92,7 +92,6 @@ impl Index {
             .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
     }
 
-    /// Is upper inode `upper_ino` the index's copy of `origin`?
     /// The index directory (entries are linked from it by name).
     pub(crate) fn dir(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
@@ -103,6 +102,7 @@ impl Index {
         self.links.lock().expect("index links lock")
     }
 
+    /// Is upper inode `upper_ino` the index's copy of `origin`?
     pub(crate) fn holds(&self, origin: &[u8], upper_ino: u64) -> bool {
         self.entry(origin).is_some_and(|st| st.st_ino == upper_ino)
     }

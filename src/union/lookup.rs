@@ -388,7 +388,6 @@ impl Union {
         Ok(Some(self.names.merged(p.id, &lowers, build)?))
     }
 
-    /// What lower layer `l` of directory `p` lists for `name` (no syscall once read).
     /// The lower layer of a directory (its `layers`, top first) that is looked at directly,
     /// by fstatat, not through its name set: the bottom one, where the look is one syscall
     /// either way and no `.wh.` file hides anything (reading its listing for that made a
@@ -398,6 +397,7 @@ impl Union {
         (!merged && !self.layers.is_upper(bottom)).then_some(bottom)
     }
 
+    /// What lower layer `l` of directory `p` lists for `name` (no syscall once read).
     pub(crate) fn probe_lower(
         &self,
         p: &Node,

@@ -140,7 +140,7 @@ pub(crate) fn check_name(name: &OsStr) -> Result<()> {
 /// The most descriptors the fd table is grown for at start (a 128 KiB table).
 const MAX_RESERVED_FDS: usize = 16384;
 
-/// Stats of a file whose name moved meanwhile, retried by its new name (`Union::attr_of`).
+/// Tries of a request on a file whose name moved meanwhile, by its new name (`Union::on_real`).
 const MOVED_TRIES: usize = 4;
 
 impl Union {
@@ -248,7 +248,7 @@ impl Union {
             return;
         };
         // The old node keeps reaching this object whatever later happens to its names.
-        let keep = self.keep_fd(&old);
+        let keep = self.keep_fd(&old, &[]);
         // Its top object is in the upper layer now: the number a lookup would give it (its
         // origin's, so normally the same as before).
         let natural = keep.as_ref().map_or(0, |fd| {
@@ -450,21 +450,21 @@ impl Union {
             Ok(st) => sys::is_whiteout_stat(st),
             Err(e) => e.errno() == libc::ENOENT,
         };
-        let (real, st) = self.on_real(node, self.real(node)?, |r| r.stat(), gone)?;
+        let (real, st) = self.on_real(node, |r| r.stat(), gone)?;
         self.present(node, Some(&real), st)
     }
 
-    /// `op` on `real`, the node's object as `real(node)` gave it. A rename or unlink may move
-    /// the node's name between that read and `op`, which then meets nothing there or a
-    /// whiteout (`gone` says): `op` again by the name the node has now, where that changed
-    /// (test `write_path::a_file_being_renamed_answers_as_itself`).
+    /// `op` on the node's object (`real`), and the object it ran on. A rename or unlink may
+    /// move the node's name between the read of the name and `op`, which then meets nothing
+    /// there or a whiteout (`gone` says): `op` again by the name the node has now, where that
+    /// changed (test `write_path::a_file_being_renamed_answers_as_itself`).
     pub(crate) fn on_real<T>(
         &self,
         node: &Node,
-        mut real: Real,
         op: impl Fn(&Real) -> Result<T>,
         gone: impl Fn(&Result<T>) -> bool,
     ) -> Result<(Real, T)> {
+        let mut real = self.real(node)?;
         let mut tries = 0;
         loop {
             let r = op(&real);

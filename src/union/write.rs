@@ -611,33 +611,13 @@ impl Union {
         Some(Pinned(n.clone(), fd.clone()))
     }
 
-    /// `keep_fd`, for node `n` named `name` in `p`, whose lock the caller holds: an upper
-    /// object is opened by that name, which nothing can change meanwhile. For a rename: the
-    /// name stays in use. (An unlink opens by the first name, `keep_fd`: an fd by the name
-    /// removed would keep that name's directory, removed later, from being freed.)
-    pub(crate) fn keep_fd_at(&self, n: &Node, p: &Node, name: &OsStr) -> Option<Arc<OwnedFd>> {
-        if n.is_dir() || n.top_layer() != 0 {
-            return self.keep_fd(n);
-        }
-        // (A lower name of the file not linked up yet: by its first name, as before.)
-        let dir = self.dir_fd(p, 0).ok()?;
-        match sys::openat(dir.as_fd(), name, libc::O_PATH, 0) {
-            Ok(fd) => Some(Arc::new(fd)),
-            Err(_) => self.keep_fd(n),
-        }
-    }
-
-    /// An O_PATH fd on non-directory `n`'s object, opened by its first name. That name may be
-    /// in a directory the caller does not lock, mid-rename: a whiteout or nothing met there
-    /// is opened again by the node's name now (a link made later from a whiteout's fd would
-    /// link the whiteout; engine fuzz `races`).
-    pub(crate) fn keep_fd(&self, n: &Node) -> Option<Arc<OwnedFd>> {
-        self.keep_fd_locking(n, None)
-    }
-
-    /// `keep_fd` by a caller that holds directory `locked`'s lock: a first name there needs
-    /// no second look (nothing changes it meanwhile).
-    pub(crate) fn keep_fd_locking(&self, n: &Node, locked: Option<u64>) -> Option<Arc<OwnedFd>> {
+    /// An O_PATH fd on non-directory `n`'s object, opened by its first name; `locked`, the
+    /// directories whose locks the caller holds. A first name elsewhere may be mid-rename: a
+    /// whiteout or nothing met there is opened again by the node's name now (a link made
+    /// later from a whiteout's fd would link the whiteout; engine fuzz `races`). Not by the
+    /// name an unlink removes: that fd would keep its directory, removed later, from being
+    /// freed.
+    pub(crate) fn keep_fd(&self, n: &Node, locked: &[u64]) -> Option<Arc<OwnedFd>> {
         if n.is_dir() {
             return None;
         }
@@ -645,15 +625,16 @@ impl Union {
             Real::At(dir, name) => Ok(Arc::new(sys::openat(dir.as_fd(), name, libc::O_PATH, 0)?)),
             Real::Fd(fd) => Ok(fd.clone()),
         };
-        let real = self.real(n).ok()?;
-        if locked.is_some() && locked == Some(n.state.read().expect("node state lock").parent) {
-            return open(&real).ok();
+        let first_parent = n.state.read().expect("node state lock").parent;
+        if locked.contains(&first_parent) {
+            // (No rename can take it from there meanwhile: that needs the lock too.)
+            return open(&self.real(n).ok()?).ok();
         }
         let gone = |r: &Result<Arc<OwnedFd>>| match r {
             Ok(fd) => sys::fstat(fd.as_fd()).is_ok_and(|st| sys::is_whiteout_stat(&st)),
             Err(e) => e.errno() == libc::ENOENT,
         };
-        let (_, fd) = self.on_real(n, real, open, gone).ok()?;
+        let (_, fd) = self.on_real(n, open, gone).ok()?;
         Some(fd)
     }
 
@@ -700,7 +681,7 @@ impl Union {
         let upper = self.dir_fd(&p, 0)?;
         let in_upper = n.top_layer() == 0;
         let below = self.exists_below(&p, name)?;
-        let keep = self.keep_fd_locking(&n, Some(p.id));
+        let keep = self.keep_fd(&n, &[p.id]);
         let _pinned = self.pin_object(&n, keep.as_ref());
         match (in_upper, below) {
             (true, false) => sys::unlinkat(upper.as_fd(), name, false)?,
