@@ -61,7 +61,7 @@ impl Union {
                 if kernel_meta {
                     // The kernel's copy would get its data now: it moves like any file.
                     let x = self.cfg.marker_ns.whole_copy();
-                    sys::removexattr_if_present(self.real(node)?.xtarget(), x)?;
+                    self.with_real(node, |r| Ok(sys::removexattr_if_present(r.xtarget(), x)?))?;
                     let mut s = node.state.write().expect("node state lock");
                     s.kernel_meta = false;
                     s.kernel_redirect = None;
@@ -434,8 +434,9 @@ impl Union {
         if d.verified.load(Relaxed) {
             return Ok(Some(d));
         }
-        let top = self.real(node)?;
-        let mark = sys::getxattr(top.xtarget(), self.cfg.marker_ns.metacopy())?;
+        let mark = self.with_real(node, |top| {
+            Ok(sys::getxattr(top.xtarget(), self.cfg.marker_ns.metacopy())?)
+        })?;
         let what = || format::show_path(&d.first_lower);
         match format::metacopy_digest(&mark.unwrap_or_default())? {
             None if self.cfg.verity == Verity::Require => {

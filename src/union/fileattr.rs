@@ -11,6 +11,7 @@ use std::os::fd::AsFd;
 use super::Union;
 use super::copyup::Data;
 use super::node::Node;
+use super::real::Real;
 use crate::error::{Result, err};
 use crate::sys;
 
@@ -82,7 +83,10 @@ impl Union {
     }
 
     fn fileattr_of(&self, node: &Node, kind: AttrKind) -> Result<Vec<u8>> {
-        let real = self.real(node)?;
+        self.with_real(node, |real| self.fileattr_at(node, real, kind))
+    }
+
+    fn fileattr_at(&self, node: &Node, real: &Real, kind: AttrKind) -> Result<Vec<u8>> {
         let fd = real.open(libc::O_RDONLY | libc::O_NONBLOCK, node.is_dir())?;
         let mut buf = vec![0u8; kind.size()];
         sys::fileattr_ioctl(fd.as_fd(), kind.cmds().0, &mut buf)?;
@@ -114,9 +118,9 @@ impl Union {
         // What stays protected lives in protattr, not on the upper object (as the kernel).
         let mut want = data.to_vec();
         set_word(&mut want, word(data) & !kind.mask());
-        let fd = self
-            .real(&node)?
-            .open(libc::O_RDONLY | libc::O_NONBLOCK, node.is_dir())?;
+        let fd = self.with_real(&node, |r| {
+            r.open(libc::O_RDONLY | libc::O_NONBLOCK, node.is_dir())
+        })?;
         sys::fileattr_ioctl(fd.as_fd(), kind.cmds().1, &mut want)?;
         self.attrs_changed(id);
         Ok(())

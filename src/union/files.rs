@@ -196,7 +196,7 @@ impl Union {
         if n.kind != super::node::Kind::File || n.top_layer() != 0 {
             return Ok(());
         }
-        let fd = self.real(&n)?.open(libc::O_PATH, false)?;
+        let fd = self.with_real(&n, |r| r.open(libc::O_PATH, false))?;
         drop_privs(fd.as_fd(), gid)
     }
 

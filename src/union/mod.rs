@@ -446,24 +446,34 @@ impl Union {
 
     /// Attributes as the union shows them.
     pub(crate) fn attr_of(&self, node: &Node) -> Result<Stat> {
-        let gone = |st: &Result<Stat>| match st {
-            Ok(st) => sys::is_whiteout_stat(st),
+        // (What the object is presented as is read while the name still leads to it.)
+        let op = |r: &Real| {
+            let st = r.stat()?;
+            match sys::is_whiteout_stat(&st) {
+                true => Ok(None),
+                false => self.present(node, Some(r), st).map(Some),
+            }
+        };
+        let gone = |st: &Result<Option<Stat>>| match st {
+            Ok(st) => st.is_none(),
             Err(e) => e.errno() == libc::ENOENT,
         };
-        let (real, st) = self.on_real(node, |r| r.stat(), gone)?;
-        self.present(node, Some(&real), st)
+        let (_, st) = self.on_real(node, op, gone)?;
+        st.ok_or_else(|| err(libc::ENOENT))
     }
 
-    /// `op` on the node's object (`real`), and the object it ran on. A rename or unlink may
-    /// move the node's name between the read of the name and `op`, which then meets nothing
-    /// there or a whiteout (`gone` says): `op` again by the name the node has now, where that
-    /// changed (test `write_path::a_file_being_renamed_answers_as_itself`).
+    /// `op` on the node's object (`real`), and the object it ran on, with no rename or unlink
+    /// changing what the name leads to meanwhile (`Node::reach`). One whose object could
+    /// not be pinned may have moved the name between its read and `op`, which then meets
+    /// nothing there or a whiteout (`gone` says): `op` again by the name the node has now,
+    /// where that changed (test `write_path::a_file_being_renamed_answers_as_itself`).
     pub(crate) fn on_real<T>(
         &self,
         node: &Node,
         op: impl Fn(&Real) -> Result<T>,
         gone: impl Fn(&Result<T>) -> bool,
     ) -> Result<(Real, T)> {
+        let _reach = node.reach();
         let mut real = self.real(node)?;
         let mut tries = 0;
         loop {
@@ -478,6 +488,17 @@ impl Union {
             }
             return r.map(|t| (real, t));
         }
+    }
+
+    /// `op` on the node's object, with no rename or unlink changing what the name leads to
+    /// meanwhile (`Node::reach`).
+    pub(crate) fn with_real<T>(
+        &self,
+        node: &Node,
+        op: impl FnOnce(&Real) -> Result<T>,
+    ) -> Result<T> {
+        let _reach = node.reach();
+        op(&self.real(node)?)
     }
 
     /// The attributes the union shows for `node`, given the real stat of its top object.
@@ -553,7 +574,7 @@ impl Union {
         if node.kind != Kind::Symlink {
             return Err(err(libc::EINVAL));
         }
-        self.real(&node)?.readlink()
+        self.with_real(&node, |r| r.readlink())
     }
 
     pub fn statfs(&self) -> Result<libc::statfs> {
@@ -569,7 +590,7 @@ impl Union {
             return Err(err(libc::ENODATA));
         }
         let c = disk_xattr_name(name)?;
-        self.real(&node)?.getxattr(&c)
+        self.with_real(&node, |r| r.getxattr(&c))
     }
 
     /// With xattr_permissions, the override xattr is ours: stat shows it, xattr calls don't.
@@ -580,7 +601,7 @@ impl Union {
     pub fn listxattr(&self, id: u64) -> Result<Vec<u8>> {
         let node = self.node(id)?;
         let mut out = Vec::new();
-        for n in self.real(&node)?.listxattr()? {
+        for n in self.with_real(&node, |r| r.listxattr())? {
             if let Some(shown) = format::unescape_xattr(&n)
                 && !self.is_override_xattr(&shown)
             {

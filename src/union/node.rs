@@ -2,7 +2,8 @@
 //! index that makes repeated lookups of one name return one node.
 //!
 //! Lock order: a directory's `dir_lock` (two at once: lower node id first) -> `copy_lock`s from
-//! the root down -> index shard -> table shard -> `state` (held briefly, never across the others).
+//! the root down -> a non-directory's object lock (`Node::reach`; one at a time) -> index shard
+//! -> table shard -> `state` (held briefly, never across the others).
 //! `moved` is taken with no shard held, before a table shard.
 
 use std::collections::HashMap;
@@ -10,7 +11,7 @@ use std::ffi::{OsStr, OsString};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 pub const ROOT_ID: u64 = 1;
 const SHARDS: usize = 32;
@@ -288,6 +289,7 @@ pub struct Node {
     lookups: AtomicU64,
     pub state: RwLock<NodeState>,
     /// Serialises changes to this directory's entries; lookups and readdir take it shared.
+    /// A non-directory has no entries: its lock is the object lock (`reach`).
     pub dir_lock: RwLock<()>,
     /// Serialises copy-up of this node so concurrent first writes copy it up once.
     pub copy_lock: Mutex<()>,
@@ -307,6 +309,24 @@ impl Node {
             dir_lock: RwLock::new(()),
             copy_lock: Mutex::new(()),
             retired: AtomicBool::new(false),
+        }
+    }
+
+    /// For a non-directory: held by a request that reaches the object by a name, from
+    /// reading the name to its last call by it. A rename or unlink about to change what the
+    /// name leads to pins the object's fd first, then waits for these (`await_reachers`): a
+    /// request never resolves the name before the change and uses it after (it would stat,
+    /// open or chmod the file put in its place; test
+    /// `write_path::a_file_being_replaced_answers_as_itself`). Directories are reached by
+    /// fd. Never taken twice by one thread: a writer waiting between would deadlock them.
+    pub fn reach(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        (!self.is_dir()).then(|| self.dir_lock.read().expect("object lock"))
+    }
+
+    /// Wait until no request holds `reach` (those coming later see the pinned fd).
+    pub fn await_reachers(&self) {
+        if !self.is_dir() {
+            drop(self.dir_lock.write().expect("object lock"));
         }
     }
 

@@ -605,9 +605,13 @@ impl Union {
     /// link) would else meet the whiteout, or the file put in its place.
     pub(super) fn pin_object(&self, n: &Arc<Node>, fd: Option<&Arc<OwnedFd>>) -> Option<Pinned> {
         let fd = fd?;
-        let mut s = n.state.write().expect("node state lock");
-        let layer = s.layers[0];
-        s.moving.push((layer, fd.clone()));
+        {
+            let mut s = n.state.write().expect("node state lock");
+            let layer = s.layers[0];
+            s.moving.push((layer, fd.clone()));
+        }
+        // A request that read the name before it was pinned is done with it before it changes.
+        n.await_reachers();
         Some(Pinned(n.clone(), fd.clone()))
     }
 
@@ -773,20 +777,38 @@ impl Union {
             None => Data::Meta,
         };
         self.copy_up(&n, data)?;
-        let real = self.real(&n)?;
         if let Some(size) = a.size {
             if n.is_dir() {
                 return Err(err(libc::EISDIR));
             }
             match a.fh.and_then(|fh| self.handles.file(fh)) {
                 Some(h) if h.layer() == 0 => sys::ftruncate(h.fd().as_fd(), size)?,
-                _ => sys::ftruncate(real.open(libc::O_WRONLY, false)?.as_fd(), size)?,
+                _ => self.with_real(&n, |r| {
+                    Ok(sys::ftruncate(
+                        r.open(libc::O_WRONLY, false)?.as_fd(),
+                        size,
+                    )?)
+                })?,
             }
             if let Some(gid) = a.kill_privs {
                 self.kill_privs(id, gid)?;
             }
         }
         let (uid, gid) = self.cfg.ids.to_host(a.uid, a.gid)?;
+        self.with_real(&n, |real| self.set_meta(&n, real, &a, (uid, gid)))?;
+        self.successors_changed(&n);
+        self.attr_of(&n)
+    }
+
+    /// Owner, mode and times of `n`'s object `real`, as `a` asks (`ids`: the owner on the host).
+    fn set_meta(
+        &self,
+        n: &Node,
+        real: &Real,
+        a: &SetAttr,
+        ids: (Option<u32>, Option<u32>),
+    ) -> Result<()> {
+        let (uid, gid) = ids;
         if let Some(x) = self.cfg.ids.xattr
             && (uid.is_some() || gid.is_some() || a.mode.is_some())
         {
@@ -811,13 +833,12 @@ impl Union {
             real.xtarget().chmod(mode & 0o7777)?;
         }
         if a.atime.is_some() || a.mtime.is_some() {
-            match &real {
+            match real {
                 Real::At(d, name) => sys::utimensat(d.as_fd(), name, a.atime, a.mtime)?,
                 Real::Fd(fd) => sys::futimens(fd.as_fd(), a.atime, a.mtime)?,
             }
         }
-        self.successors_changed(&n);
-        self.attr_of(&n)
+        Ok(())
     }
 
     pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
@@ -830,7 +851,7 @@ impl Union {
         }
         let n = self.node(id)?;
         self.copy_up(&n, Data::Meta)?;
-        sys::setxattr(self.real(&n)?.xtarget(), &c, value, flags)?;
+        self.with_real(&n, |r| Ok(sys::setxattr(r.xtarget(), &c, value, flags)?))?;
         // (An ACL changes the mode.)
         self.successors_changed(&n);
         Ok(())
@@ -846,8 +867,8 @@ impl Union {
         }
         let n = self.node(id)?;
         // Removing an attribute that is not there copies nothing up (as the kernel).
-        self.real(&n)?.getxattr(&c)?;
+        self.with_real(&n, |r| r.getxattr(&c))?;
         self.copy_up(&n, Data::Meta)?;
-        Ok(sys::removexattr(self.real(&n)?.xtarget(), &c)?)
+        self.with_real(&n, |r| Ok(sys::removexattr(r.xtarget(), &c)?))
     }
 }

@@ -1557,3 +1557,82 @@ fn a_file_being_renamed_answers_as_itself() {
     wrong.dedup();
     assert_eq!(wrong, Vec::<String>::new(), "requests while the file moved");
 }
+
+/// A file replaced by a rename answers every request on it as itself until it goes: never
+/// with what took its name. The engine, driven from two threads: one puts a symlink, then a
+/// file, over a name; the other looks the name up and asks what it found.
+#[test]
+fn a_file_being_replaced_answers_as_itself() {
+    use layerfs::union::write::{Caller, NewObj, SetAttr};
+    use std::ffi::OsStr;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    write(low.join("f"), b"lower data");
+    let (u, _up) = engine(&s, low);
+    let c = Caller {
+        uid: 0,
+        gid: 0,
+        umask: 0,
+    };
+    let (f, t) = (OsStr::new("f"), OsStr::new("t"));
+    // The lower file, once replaced, cannot be copied up to its name (EEXIST, as the kernel).
+    let lower = u.lookup(1, f).unwrap();
+    let done = AtomicBool::new(false);
+    let mut wrong = Vec::new();
+    std::thread::scope(|th| {
+        th.spawn(|| {
+            for i in 0..3000 {
+                let obj = match i % 2 {
+                    0 => NewObj::Symlink {
+                        target: OsStr::new("x"),
+                    },
+                    _ => NewObj::File {
+                        mode: 0o644,
+                        flags: libc::O_WRONLY,
+                    },
+                };
+                let (e, _fd) = u.create_obj(1, t, obj, c).unwrap();
+                u.forget(e.id, 1);
+                u.rename(1, t, 1, f, 0).unwrap();
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        while !done.load(Ordering::Relaxed) {
+            let e = u.lookup(1, f).unwrap();
+            let kind = e.attr.st_mode & libc::S_IFMT;
+            for _ in 0..3 {
+                match u.getattr(e.id) {
+                    Ok(st) if st.st_mode & libc::S_IFMT == kind => {}
+                    Ok(st) => wrong.push(format!("getattr: mode {:o} for {kind:o}", st.st_mode)),
+                    Err(e) => wrong.push(format!("getattr: {e:?}")),
+                }
+                let link = u.readlink(e.id);
+                match (kind, link) {
+                    (libc::S_IFLNK, Ok(l)) if l == "x" => {}
+                    (libc::S_IFREG, Err(e)) if e.errno() == libc::EINVAL => {}
+                    (_, l) => wrong.push(format!("readlink of {kind:o}: {l:?}")),
+                }
+                if kind == libc::S_IFREG {
+                    let a = SetAttr {
+                        mode: Some(0o600),
+                        ..Default::default()
+                    };
+                    match u.setattr(e.id, a) {
+                        Ok(st) if st.st_mode & libc::S_IFMT == kind => {}
+                        Err(x) if x.errno() == libc::EEXIST && lower.id == e.id => {}
+                        r => wrong.push(format!("setattr: {r:?}")),
+                    }
+                }
+            }
+            u.forget(e.id, 1);
+        }
+    });
+    wrong.sort();
+    wrong.dedup();
+    assert_eq!(
+        wrong,
+        Vec::<String>::new(),
+        "requests while the file was replaced"
+    );
+}
