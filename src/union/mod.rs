@@ -310,7 +310,15 @@ impl Union {
                 base = fd;
                 break;
             }
-            let n = self.node(cur)?;
+            // (The node itself may be one a change holds that the table no longer has.)
+            let held;
+            let n = match cur == node.id {
+                true => node,
+                false => {
+                    held = self.node(cur)?;
+                    &*held
+                }
+            };
             let st = n.state.read().expect("node state lock");
             if let (Some(path), false) = (&st.lower_path, layer <= st.redirect_layer) {
                 base = self.walk_path(layer, path)?;

@@ -6,7 +6,8 @@
 //!
 //! `LAYERFS_RACE_OPS` (requests per thread, default 4000), `LAYERFS_RACE_THREADS` (3),
 //! `LAYERFS_RACE_LOOKUP` (the percentage of changes whose names are looked up first, as the
-//! kernel does; 75) and `LAYERFS_FIRST_SEED` make another run; `LAYERFS_RACE_TRACE` prints
+//! kernel does; 75), `LAYERFS_RACE_DIRS` (the percentage of creates and removals that are
+//! of directories; 25) and `LAYERFS_FIRST_SEED` make another run; `LAYERFS_RACE_TRACE` prints
 //! every request of a failing seed, not only those on its names. The ignored `races::soak`
 //! runs seeds for `LAYERFS_SOAK_SECONDS`.
 
@@ -19,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use layerfs::union::Union;
-use layerfs::union::write::{Caller, SetAttr};
+use layerfs::union::write::{Caller, NewObj, SetAttr};
 
 use crate::differential::generate::Rng;
 use crate::support::*;
@@ -121,8 +122,14 @@ fn one(
                 .collect(),
             false => Vec::new(),
         };
+        // Some creates and removals are of directories (their own entries change below).
+        let of_dir = r.chance(env("LAYERFS_RACE_DIRS", 25));
         let res = match what {
+            0..10 if of_dir => u.rmdir(dir, name),
             0..10 => u.unlink(dir, name),
+            10..20 if of_dir => u
+                .create_obj(dir, name, NewObj::Dir { mode: 0o755 }, caller)
+                .map(|(e, _)| u.forget(e.id, 1)),
             10..20 => u
                 .create(dir, name, 0o644, libc::O_WRONLY, caller)
                 .map(|(e, fh)| {
@@ -137,7 +144,16 @@ fn one(
             _ => u.lookup(dir, name).and_then(|e| {
                 let l = u.link(e.id, ndir, to);
                 u.forget(e.id, 1);
-                l.map(|n| u.forget(n.id, 1))
+                match l {
+                    // (A directory has no hard links.)
+                    Err(x)
+                        if x.errno() == libc::EPERM
+                            && e.attr.st_mode & libc::S_IFMT == libc::S_IFDIR =>
+                    {
+                        Ok(())
+                    }
+                    l => l.map(|n| u.forget(n.id, 1)),
+                }
             }),
         };
         for id in held {
@@ -168,6 +184,20 @@ fn one(
                 let w = u.write(fh, e.attr.st_size as u64, b"+", None);
                 u.release(fh);
                 w.map(|_| ())
+            }),
+        // In a directory: its listing, and a name in it made or removed.
+        60..75 if kind == libc::S_IFDIR => {
+            u.readdir(e.id, 0)
+                .and_then(|_| match u.unlink(e.id, OsStr::new("x")) {
+                    Err(x) if x.errno() == libc::ENOENT => Ok(()),
+                    r => r,
+                })
+        }
+        75..88 if kind == libc::S_IFDIR => u
+            .create(e.id, OsStr::new("x"), 0o644, libc::O_WRONLY, caller)
+            .map(|(x, fh)| {
+                u.release(fh);
+                u.forget(x.id, 1);
             }),
         88..100 if kind != libc::S_IFLNK => u
             .setattr(
