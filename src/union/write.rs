@@ -102,9 +102,6 @@ pub struct SetAttr {
     pub kill_privs: Option<u32>,
 }
 
-/// Tries of a link whose source name moved before it was locked (`Union::link`).
-const LINK_TRIES: usize = 4;
-
 /// A node reached by a fd while its names change (see `Union::pin_object`).
 pub(super) struct Pinned(Arc<Node>, Arc<OwnedFd>);
 
@@ -479,67 +476,30 @@ impl Union {
         }
         self.copy_up(&src, Data::All)?;
         self.copy_up(&np, Data::All)?;
-        // Linked from a name only under that name's directory lock too (shared; both taken
-        // in id order): an unlink or rename there would else leave a whiteout or another
-        // file under the name, and that would be linked (engine test `races`). A name that
-        // moves before the locks are taken is picked again.
-        for _ in 0..LINK_TRIES {
-            let s = src.state();
-            // No name: an O_TMPFILE file (the only such file the kernel lets be linked).
-            let by_name = match &s.detached {
-                Some(_) if s.unlinked => None,
-                _ => self.reachable_name(&src).ok(),
-            };
-            let sdir = by_name
-                .as_ref()
-                .map(|(d, _)| d.clone())
-                .filter(|d| d.id != np.id);
-            let (_g, _sg) = match &sdir {
-                Some(d) if d.id < np.id => {
-                    let sg = d.dir_lock.read().expect("dir lock");
-                    (np.dir_lock.write().expect("dir lock"), Some(sg))
-                }
-                Some(d) => {
-                    let g = np.dir_lock.write().expect("dir lock");
-                    (g, Some(d.dir_lock.read().expect("dir lock")))
-                }
-                None => (np.dir_lock.write().expect("dir lock"), None),
-            };
-            // A name of the file in a directory now locked (it may have moved meanwhile).
-            let by_name = match by_name {
-                Some((d, _)) => {
-                    let now = src.state();
-                    let named = now.named().find(|(p, _)| *p == d.id || *p == np.id);
-                    match named.filter(|_| !now.unlinked) {
-                        Some((p, n)) if p == d.id => Some((d, n)),
-                        Some((_, n)) => Some((np.clone(), n)),
-                        None => continue,
-                    }
-                }
-                None => None,
-            };
-            return self.link_locked(&src, &np, newname, &s, by_name);
-        }
-        Err(err(libc::ESTALE))
+        let _g = np.dir_lock.write().expect("dir lock");
+        let node = {
+            // Linked from the source's object (its name, or the fd a rename or unlink pinned)
+            // under its object lock, as the kernel's vfs_link holds the source inode's: no
+            // rename or unlink can make that name a whiteout or another file meanwhile (a
+            // link from a name being moved linked either; engine fuzz `races`).
+            let _reach = src.reach();
+            self.link_locked(&src, &np, newname)?
+        };
+        let attr = self.attr_of(&node)?;
+        Ok(Entry { id: node.id, attr })
     }
 
-    /// `link` once the new name's directory (and the source name's) are locked.
-    fn link_locked(
-        &self,
-        src: &Arc<Node>,
-        np: &Arc<Node>,
-        newname: &OsStr,
-        s: &NodeState,
-        by_name: Option<(Arc<Node>, Arc<OsStr>)>,
-    ) -> Result<Entry> {
+    /// `link` once the new name's directory is locked and the source's object lock held.
+    fn link_locked(&self, src: &Arc<Node>, np: &Arc<Node>, newname: &OsStr) -> Result<Arc<Node>> {
         let newparent = np.id;
         if self.child(np, newname)?.is_some() {
             return Err(err(libc::EEXIST));
         }
-        let from = match (&s.detached, by_name) {
-            (Some(fd), _) if s.unlinked => Real::Fd(fd.clone()),
-            (_, Some((dir, name))) => Real::At(self.dir_fd(&dir, 0)?, name),
-            (_, None) => self.kept_fd(src, 0).ok_or_else(|| err(libc::ESTALE))?,
+        let s = src.state();
+        let from = match &s.detached {
+            // No name: an O_TMPFILE file (the only such file the kernel lets be linked).
+            Some(fd) if s.unlinked => Real::Fd(fd.clone()),
+            _ => self.real_in(src, 0)?,
         };
         let link_to = |dir: BorrowedFd<'_>, name: &OsStr| match &from {
             Real::Fd(fd) => sys::link_fd(fd.as_fd(), dir, name),
@@ -569,9 +529,7 @@ impl Union {
             src.st_ino(),
             NodeState::new(newparent, newname, vec![0]),
         );
-        let node = self.nodes.insert(alias).node().clone();
-        let attr = self.attr_of(&node)?;
-        Ok(Entry { id: node.id, attr })
+        Ok(self.nodes.insert(alias).node().clone())
     }
 
     /// Put a whiteout at `name` in upper dir `upper`, replacing whatever the upper has there.
