@@ -16,6 +16,9 @@ use crate::error::{Result, err};
 use crate::sys::{self, Stat, XTarget};
 use std::sync::atomic::Ordering::Relaxed;
 
+/// Rounds of linking up a hard link's names that lookups joined during its copy-up.
+const COPY_LINK_ROUNDS: usize = 8;
+
 /// How much of a file a copy-up brings along.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Data {
@@ -242,18 +245,17 @@ impl Union {
         // and until then a crash shows the lower object, never a partial copy.
         restore_times(upper_parent.as_fd(), &parent_times);
 
-        {
-            let mut s = node.state.write().expect("node state lock");
+        let publish = |s: &mut super::node::NodeState| {
             if node.is_dir() {
                 s.layers.insert(0, 0);
             } else {
                 s.layers = smallvec::smallvec![0];
             }
-            s.data = meta_src;
+            s.data = meta_src.clone();
             s.kernel_meta = kernel_meta;
             s.indexed = index_key.is_some();
             s.shrink();
-        }
+        };
         // Other names of a lower hard link stay one file: link them up beside the copy. Names
         // in directories the kernel forgot are dropped (`prune_names`): looked up again, they
         // are linked up then, through the live node or the index. They link from the index
@@ -263,10 +265,44 @@ impl Union {
             Some(key) => LinkSrc::Index(key),
             None => LinkSrc::Name(&parent, &name),
         };
-        for (dir, an) in self.prune_names(node) {
-            if (dir.id, &*an) != (parent.id, &*name) {
-                self.link_up_at(src, dir.id, &an)?;
+        // The node shows the copy only once every name it has is in the upper layer: a name
+        // it showed the copy by before that was linked up could be its first (its first
+        // removed meanwhile) and not be there (an unlink's fd on the file then failed, and
+        // the node, once its last name went, answered by a whiteout; engine fuzz `races`).
+        // A name a lookup adds meanwhile is linked up too; once shown, lookups link theirs up
+        // from the index themselves (`NodeTable::join`).
+        let mut linked = vec![(parent.id, name.clone())];
+        let mut rounds = 0;
+        let all_linked = loop {
+            rounds += 1;
+            let left: Vec<_> = self
+                .prune_names(node)
+                .into_iter()
+                .filter(|(d, n)| !linked.iter().any(|(p, m)| (*p, &**m) == (d.id, &**n)))
+                .collect();
+            if left.is_empty() {
+                let mut s = node.state.write().expect("node state lock");
+                let known = |p: u64, n: &OsStr| linked.iter().any(|(q, m)| (*q, &**m) == (p, n));
+                // (A name whose directory the kernel forgot is dropped by the next round; a
+                // few rounds at most, lookups joining or not.)
+                if rounds == COPY_LINK_ROUNDS || s.named().all(|(p, n)| known(p, &n)) {
+                    publish(&mut s);
+                    break Ok(());
+                }
+                continue;
             }
+            if let Err(e) = left
+                .iter()
+                .try_for_each(|(dir, an)| self.link_up_at(src, dir.id, an))
+            {
+                break Err(e);
+            }
+            linked.extend(left.into_iter().map(|(d, n)| (d.id, n)));
+        };
+        if let Err(e) = all_linked {
+            // The copy is in place: the node shows it all the same.
+            publish(&mut node.state.write().expect("node state lock"));
+            return Err(e);
         }
         // nlink (a dir becomes merged), ctime and a broken hard link's count change.
         self.attrs_changed(node.id);

@@ -621,9 +621,9 @@ impl NodeTable {
     }
 
     fn place(&self, mut node: Node, join: bool) -> Option<Inserted> {
-        let (parent, name) = {
+        let (parent, name, lower) = {
             let s = node.state.read().expect("node state lock");
-            (s.parent, s.name.clone())
+            (s.parent, s.name.clone(), s.layers[0] != 0)
         };
         let mut idx = self.index[index_shard(parent, &name)]
             .lock()
@@ -651,7 +651,9 @@ impl NodeTable {
             Some(old) if old.kind == node.kind => {
                 let mut os = old.state.write().expect("node state lock");
                 // (Under its state lock, so no removal of its last name comes in between.)
-                if join && os.unlinked {
+                // Nor a lower name of a node showing its copy: its copy-up linked up only
+                // the names it had (the lookup links this one up from the index instead).
+                if join && (os.unlinked || (lower && os.layers[0] == 0)) {
                     return None;
                 }
                 old.lookups.fetch_add(1, Ordering::Relaxed);

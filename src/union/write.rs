@@ -617,8 +617,15 @@ impl Union {
             if s.remove_name(parent, name) {
                 s.unlinked = true;
                 s.named_elsewhere = named_elsewhere;
-                if keep.is_some() {
-                    s.detached = keep;
+                // (Without an fd from this removal, the one an earlier one kept reaches it.)
+                let top = s.layers[0];
+                let kept = s
+                    .kept
+                    .as_ref()
+                    .filter(|(l, _)| *l == top)
+                    .map(|(_, fd)| fd.clone());
+                if let Some(k) = keep.or(kept) {
+                    s.detached = Some(k);
                 }
             } else if let Some(k) = keep {
                 s.kept = Some((s.layers[0], k));
