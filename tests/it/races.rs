@@ -45,13 +45,24 @@ fn lower(s: &Scratch) -> PathBuf {
     low
 }
 
-/// Errors POSIX allows these requests on names other threads change at once.
-fn allowed(errno: i32) -> bool {
-    matches!(
-        errno,
-        libc::ENOENT | libc::EEXIST | libc::EISDIR | libc::ENOTDIR | libc::ENOTEMPTY
-    )
-}
+/// Errors POSIX allows these requests on names other threads change at once, per request.
+const UNLINK: &[i32] = &[libc::ENOENT, libc::EISDIR];
+const RMDIR: &[i32] = &[libc::ENOENT, libc::ENOTDIR, libc::ENOTEMPTY];
+const CREATE: &[i32] = &[libc::EEXIST];
+const RENAME: &[i32] = &[
+    libc::ENOENT,
+    libc::EISDIR,
+    libc::ENOTDIR,
+    libc::ENOTEMPTY,
+    libc::EEXIST,
+];
+const LINK: &[i32] = &[libc::ENOENT, libc::EEXIST];
+/// A lookup, and what a request on a looked-up node may meet: a name in a directory removed
+/// meanwhile, or (a change to a lower file whose names all went) the kernel's copy-up to a
+/// name another file took (EEXIST) or into a directory gone (ENOENT).
+const LOOKUP: &[i32] = &[libc::ENOENT];
+const NONE: &[i32] = &[];
+const CHANGE: &[i32] = &[libc::ENOENT, libc::EEXIST];
 
 /// Requests in the order they ended: sequence numbers at start and end, what, outcome.
 type Trace = Mutex<Vec<String>>;
@@ -99,8 +110,8 @@ fn one(
     looked_up: bool,
 ) -> Option<String> {
     let (dir, name, ndir, to) = (dirs[di], OsStr::new(name), dirs[ni], OsStr::new(to));
-    let check = |res: layerfs::error::Result<()>| match res {
-        Err(e) if !allowed(e.errno()) => Some(format!("{e:?}")),
+    let check = |res: layerfs::error::Result<()>, ok: &[i32]| match res {
+        Err(e) if !ok.contains(&e.errno()) => Some(format!("{e:?}")),
         _ => None,
     };
     let caller = Caller {
@@ -124,83 +135,101 @@ fn one(
         };
         // Some creates and removals are of directories (their own entries change below).
         let of_dir = r.chance(env("LAYERFS_RACE_DIRS", 25));
-        let res = match what {
-            0..10 if of_dir => u.rmdir(dir, name),
-            0..10 => u.unlink(dir, name),
-            10..20 if of_dir => u
-                .create_obj(dir, name, NewObj::Dir { mode: 0o755 }, caller)
-                .map(|(e, _)| u.forget(e.id, 1)),
-            10..20 => u
-                .create(dir, name, 0o644, libc::O_WRONLY, caller)
-                .map(|(e, fh)| {
-                    u.release(fh);
-                    u.forget(e.id, 1);
-                }),
+        let (res, ok) = match what {
+            0..10 if of_dir => (u.rmdir(dir, name), RMDIR),
+            0..10 => (u.unlink(dir, name), UNLINK),
+            10..20 if of_dir => (
+                u.create_obj(dir, name, NewObj::Dir { mode: 0o755 }, caller)
+                    .map(|(e, _)| u.forget(e.id, 1)),
+                CREATE,
+            ),
+            10..20 => (
+                u.create(dir, name, 0o644, libc::O_WRONLY, caller)
+                    .map(|(e, fh)| {
+                        u.release(fh);
+                        u.forget(e.id, 1);
+                    }),
+                CREATE,
+            ),
             20..35 => {
                 // The kernel moves between directories one at a time (s_vfs_rename_mutex).
                 let _g = (ni != di).then(|| renames.lock().unwrap());
-                u.rename(dir, name, ndir, to, 0)
+                (u.rename(dir, name, ndir, to, 0), RENAME)
             }
-            _ => u.lookup(dir, name).and_then(|e| {
-                let l = u.link(e.id, ndir, to);
-                u.forget(e.id, 1);
-                match l {
-                    // (A directory has no hard links.)
-                    Err(x)
-                        if x.errno() == libc::EPERM
-                            && e.attr.st_mode & libc::S_IFMT == libc::S_IFDIR =>
-                    {
-                        Ok(())
+            _ => (
+                u.lookup(dir, name).and_then(|e| {
+                    let l = u.link(e.id, ndir, to);
+                    u.forget(e.id, 1);
+                    match l {
+                        // (A directory has no hard links.)
+                        Err(x)
+                            if x.errno() == libc::EPERM
+                                && e.attr.st_mode & libc::S_IFMT == libc::S_IFDIR =>
+                        {
+                            Ok(())
+                        }
+                        l => l.map(|n| u.forget(n.id, 1)),
                     }
-                    l => l.map(|n| u.forget(n.id, 1)),
-                }
-            }),
+                }),
+                LINK,
+            ),
         };
         for id in held {
             u.forget(id, 1);
         }
-        return check(res);
+        return check(res, ok);
     }
     let e = match u.lookup(dir, name) {
         Ok(e) => e,
-        Err(e) => return check(Err(e)),
+        Err(e) => return check(Err(e), LOOKUP),
     };
     let kind = e.attr.st_mode & libc::S_IFMT;
     let file = kind == libc::S_IFREG;
-    let res = match what {
-        42..60 => u.getattr(e.id).and_then(|st| {
-            if st.st_mode & libc::S_IFMT != kind {
-                return Err(layerfs::error::err(libc::EUCLEAN));
-            }
-            Ok(())
-        }),
-        60..75 if file => u.open(e.id, libc::O_RDONLY).map(|fh| {
-            u.read_with(fh, 0, 64, |_| ());
-            u.release(fh)
-        }),
-        75..88 if file => u
-            .open(e.id, libc::O_WRONLY | libc::O_APPEND)
-            .and_then(|fh| {
-                let w = u.write(fh, e.attr.st_size as u64, b"+", None);
-                u.release(fh);
-                w.map(|_| ())
+    let (res, ok) = match what {
+        42..60 => (
+            u.getattr(e.id).and_then(|st| {
+                if st.st_mode & libc::S_IFMT != kind {
+                    return Err(layerfs::error::err(libc::EUCLEAN));
+                }
+                Ok(())
             }),
+            NONE,
+        ),
+        60..75 if file => (
+            u.open(e.id, libc::O_RDONLY).map(|fh| {
+                u.read_with(fh, 0, 64, |_| ());
+                u.release(fh)
+            }),
+            NONE,
+        ),
+        75..88 if file => (
+            u.open(e.id, libc::O_WRONLY | libc::O_APPEND)
+                .and_then(|fh| {
+                    let w = u.write(fh, e.attr.st_size as u64, b"+", None);
+                    u.release(fh);
+                    w.map(|_| ())
+                }),
+            CHANGE,
+        ),
         // In a directory: its listing, and a name in it made or removed.
-        60..75 if kind == libc::S_IFDIR => {
+        60..75 if kind == libc::S_IFDIR => (
             u.readdir(e.id, 0)
                 .and_then(|_| match u.unlink(e.id, OsStr::new("x")) {
                     Err(x) if x.errno() == libc::ENOENT => Ok(()),
                     r => r,
-                })
-        }
-        75..88 if kind == libc::S_IFDIR => u
-            .create(e.id, OsStr::new("x"), 0o644, libc::O_WRONLY, caller)
-            .map(|(x, fh)| {
-                u.release(fh);
-                u.forget(x.id, 1);
-            }),
-        88..100 if kind != libc::S_IFLNK => u
-            .setattr(
+                }),
+            LOOKUP,
+        ),
+        75..88 if kind == libc::S_IFDIR => (
+            u.create(e.id, OsStr::new("x"), 0o644, libc::O_WRONLY, caller)
+                .map(|(x, fh)| {
+                    u.release(fh);
+                    u.forget(x.id, 1);
+                }),
+            CHANGE,
+        ),
+        88..100 if kind != libc::S_IFLNK => (
+            u.setattr(
                 e.id,
                 SetAttr {
                     mode: Some(0o600 | r.below(0o100) as u32),
@@ -208,13 +237,15 @@ fn one(
                 },
             )
             .map(|_| ()),
-        _ => Ok(()),
+            CHANGE,
+        ),
+        _ => (Ok(()), NONE),
     };
     u.forget(e.id, 1);
     if kind == libc::S_IFCHR && e.attr.st_rdev == 0 {
         return Some("looked up as a whiteout".into());
     }
-    check(res)
+    check(res, ok)
 }
 
 /// What the union shows: per path, (kind, size, nlink, st_ino, content) through `u`.
