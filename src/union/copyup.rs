@@ -119,6 +119,10 @@ impl Union {
         if st.layers[0] == 0 {
             return Ok(Landed::Done); // another opener won the race
         }
+        if st.unlinked && node.is_dir() {
+            // (A removed directory takes no changes: see `live_dir`.)
+            return Err(err(libc::ENOENT));
+        }
         if st.unlinked {
             // A lower file changed through an fd after its last name went (fchmod, fsetxattr):
             // the kernel copies it up to the name it had, where a whiteout or another entry

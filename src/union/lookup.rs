@@ -91,6 +91,7 @@ impl Union {
         }
         let p = self.dir_node(parent)?;
         let _g = p.dir_lock.read().expect("dir lock");
+        Self::live_dir(&p)?;
         if let Some(n) = self.nodes.lookup_existing(parent, name) {
             let attr = self.attr_of(&n);
             if attr.is_err() {

@@ -288,6 +288,18 @@ impl Union {
         Ok(n)
     }
 
+    /// A directory removed (rmdir, a rename over it) takes no new names and lists none:
+    /// ENOENT, as the kernel's IS_DEADDIR. Asked under the directory's lock, which the
+    /// removal held: else a request on it that came in meanwhile (a process whose working
+    /// directory it was) went by its old name, to whatever is there now (engine fuzz
+    /// `races`: an unlink in it answered ENOTDIR).
+    pub(crate) fn live_dir(p: &Node) -> Result<()> {
+        match p.state.read().expect("node state lock").unlinked {
+            true => Err(err(libc::ENOENT)),
+            false => Ok(()),
+        }
+    }
+
     /// The fd of directory `node` in `layer`, from the cache or rebuilt from its parent's (or,
     /// for a redirected directory's lower layers, from the layer root along its lower path).
     pub(crate) fn dir_fd(&self, node: &Node, layer: usize) -> Result<Arc<OwnedFd>> {
@@ -320,6 +332,10 @@ impl Union {
                 }
             };
             let st = n.state.read().expect("node state lock");
+            if st.unlinked {
+                // Removed: its old name may lead to another directory now, or a whiteout.
+                return Err(err(libc::ENOENT));
+            }
             if let (Some(path), false) = (&st.lower_path, layer <= st.redirect_layer) {
                 base = self.walk_path(layer, path)?;
                 self.fds.put(cur, layer, base.clone());

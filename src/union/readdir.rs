@@ -46,6 +46,7 @@ impl Union {
     pub fn list_dir(&self, id: u64) -> Result<Vec<DirEntry>> {
         let node = self.dir_node(id)?;
         let _g = node.dir_lock.read().expect("dir lock");
+        Self::live_dir(&node)?;
         let st = node.state();
         let parent_ino = if id == ROOT_ID {
             node.st_ino()

@@ -175,6 +175,8 @@ impl Union {
         } else {
             None
         };
+        Self::live_dir(&p)?;
+        Self::live_dir(&np)?;
 
         let src = self.child(&p, name)?.ok_or_else(|| err(libc::ENOENT))?;
         let dst = self.child(&np, newname)?;

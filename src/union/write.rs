@@ -231,6 +231,7 @@ impl Union {
         let p = self.dir_node(parent)?;
         self.copy_up(&p, Data::All)?;
         let _g = p.dir_lock.write().expect("dir lock");
+        Self::live_dir(&p)?;
         let upper = self.dir_fd(&p, 0)?;
         // The lower layers answer from their name sets. A name none of them holds is
         // created at once: O_EXCL tells if the upper has it (then one look says whether
@@ -335,6 +336,7 @@ impl Union {
         let p = self.dir_node(parent)?;
         self.copy_up(&p, Data::All)?;
         let _g = p.dir_lock.read().expect("dir lock");
+        Self::live_dir(&p)?;
         let upper = self.dir_fd(&p, 0)?;
         let pst = sys::fstat(upper.as_fd())?;
         let (uid, gid) = Self::new_owner(&pst, c);
@@ -477,6 +479,7 @@ impl Union {
         self.copy_up(&src, Data::All)?;
         self.copy_up(&np, Data::All)?;
         let _g = np.dir_lock.write().expect("dir lock");
+        Self::live_dir(&np)?;
         let node = {
             // Linked from the source's object (its name, or the fd a rename or unlink pinned)
             // under its object lock, as the kernel's vfs_link holds the source inode's: no
@@ -642,6 +645,7 @@ impl Union {
         let p = self.dir_node(parent)?;
         self.copy_up(&p, Data::All)?;
         let _g = p.dir_lock.write().expect("dir lock");
+        Self::live_dir(&p)?;
         let n = self.child(&p, name)?.ok_or_else(|| err(libc::ENOENT))?;
         if n.is_dir() {
             return Err(err(libc::EISDIR));
@@ -697,6 +701,7 @@ impl Union {
         }
         self.copy_up(&p, Data::All)?;
         let _g = p.dir_lock.write().expect("dir lock");
+        Self::live_dir(&p)?;
         let n = self.child(&p, name)?.ok_or_else(|| err(libc::ENOENT))?;
         if !n.is_dir() {
             return Err(err(libc::ENOTDIR));

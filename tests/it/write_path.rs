@@ -1636,3 +1636,46 @@ fn a_file_being_replaced_answers_as_itself() {
         "requests while the file was replaced"
     );
 }
+
+/// A directory removed while a process still holds it (its working directory) takes no new
+/// names and lists none (ENOENT, as the kernel's IS_DEADDIR), even once a new directory has
+/// its name: a create in it went by the old name into the new directory.
+#[test]
+fn a_removed_directory_still_held_takes_no_names_not_even_its_successors() {
+    use layerfs::union::write::{Caller, NewObj};
+    use std::ffi::OsStr;
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    write(low.join("keep"), b"x");
+    let (u, up) = engine(&s, low);
+    let c = Caller {
+        uid: 0,
+        gid: 0,
+        umask: 0,
+    };
+    let d = OsStr::new("d");
+    let dir = || NewObj::Dir { mode: 0o755 };
+    let (old, _) = u.create_obj(1, d, dir(), c).unwrap();
+    u.rmdir(1, d).unwrap();
+    let (new, _) = u.create_obj(1, d, dir(), c).unwrap();
+    let errno = |r: layerfs::error::Result<()>| r.err().map(|e| e.errno());
+    let x = OsStr::new("x");
+    let made = u
+        .create(old.id, x, 0o644, libc::O_WRONLY, c)
+        .map(|(e, fh)| {
+            u.release(fh);
+            u.forget(e.id, 1);
+        });
+    assert_eq!(errno(made), Some(libc::ENOENT), "create in the removed dir");
+    let mkdir = u.create_obj(old.id, x, dir(), c).map(|_| ());
+    assert_eq!(errno(mkdir), Some(libc::ENOENT), "mkdir in the removed dir");
+    assert_eq!(errno(u.lookup(old.id, d).map(|_| ())), Some(libc::ENOENT));
+    assert_eq!(errno(u.readdir(old.id, 0).map(|_| ())), Some(libc::ENOENT));
+    assert_eq!(errno(u.unlink(old.id, x)), Some(libc::ENOENT));
+    assert!(
+        fs::read_dir(up.join("d")).unwrap().next().is_none(),
+        "the new directory stays empty"
+    );
+    let listed = u.readdir(new.id, 0).unwrap();
+    assert_eq!(listed.len(), 2, "the new directory lists . and .. only");
+}
