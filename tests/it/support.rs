@@ -547,7 +547,7 @@ pub fn snapshot(root: &Path) -> Tree {
             match kind {
                 'f' => {
                     info.size = Some(st.st_size);
-                    let fd = match sys::openat(dfd.as_fd(), &e.name, libc::O_RDONLY, 0) {
+                    let fd = match open_again_on_eagain(dfd.as_fd(), &e.name, &path, root) {
                         Ok(fd) => fd,
                         // A metadata-only copy whose data a data-only layer was to hold: the
                         // open looks it up, and fails as the lookup did; or whose data fails
@@ -934,4 +934,31 @@ pub fn engine_over(low: PathBuf, up: PathBuf, work: PathBuf) -> layerfs::union::
         verity: Default::default(),
     })
     .unwrap()
+}
+
+/// Open a file for a snapshot. Under load the kernel's overlayfs has answered EAGAIN to an
+/// open of a metadata-only file whose data is in a data-only layer, once in a while, on its
+/// own mount (session 32's metacopy soaks, session 33's CI: seed 100002, which passes when
+/// run again); no open of layerfs's has. Such an open is tried again, a few times, and said.
+fn open_again_on_eagain(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    path: &[u8],
+    root: &Path,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    let mut tries = 0;
+    loop {
+        match sys::openat(dir, name, libc::O_RDONLY, 0) {
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 5 => {
+                tries += 1;
+                eprintln!(
+                    "open {:?} under {}: EAGAIN, again ({tries})",
+                    String::from_utf8_lossy(path),
+                    root.display()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
 }
