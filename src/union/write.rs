@@ -652,6 +652,10 @@ impl Union {
         }
         self.index_before_removal(&n)?;
         let upper = self.dir_fd(&p, 0)?;
+        // No copy-up of the file lands meanwhile (the kernel's copy-up holds the upper
+        // parent's lock): a whiteout made for a lower file would meet the copy (EEXIST;
+        // engine fuzz `races`), and the copy-up, once this is done, finds it unlinked.
+        let _copying = n.copy_lock.lock().expect("copy lock");
         let in_upper = n.top_layer() == 0;
         let below = self.exists_below(&p, name)?;
         let keep = self.keep_fd(&n, &[p.id]);
@@ -712,6 +716,8 @@ impl Union {
         }
         let upper = self.dir_fd(&p, 0)?;
         let below = self.exists_below(&p, name)?;
+        // (No copy-up of it lands meanwhile: see `unlink`.)
+        let _copying = n.copy_lock.lock().expect("copy lock");
         if n.top_layer() == 0 {
             let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
             let direct = if below {

@@ -1679,3 +1679,53 @@ fn a_removed_directory_still_held_takes_no_names_not_even_its_successors() {
     let listed = u.readdir(new.id, 0).unwrap();
     assert_eq!(listed.len(), 2, "the new directory lists . and .. only");
 }
+
+/// An unlink of a lower file that is being copied up meanwhile (a chmod through another
+/// request) removes it: it never meets the copy landing under the whiteout it makes
+/// (EEXIST). The engine, driven from two threads over 2,000 lower files.
+#[test]
+fn an_unlink_racing_the_copy_up_of_its_file_removes_it() {
+    use layerfs::union::write::SetAttr;
+    use std::ffi::OsString;
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    let names: Vec<OsString> = (0..2000).map(|i| OsString::from(format!("f{i}"))).collect();
+    for n in &names {
+        write(low.join(n), b"lower");
+    }
+    let (u, up) = engine(&s, low);
+    let ids: Vec<u64> = names.iter().map(|n| u.lookup(1, n).unwrap().id).collect();
+    let mut wrong = Vec::new();
+    // Both threads start on each file together.
+    let both = std::sync::Barrier::new(2);
+    std::thread::scope(|t| {
+        t.spawn(|| {
+            for id in &ids {
+                both.wait();
+                let a = SetAttr {
+                    mode: Some(0o600),
+                    ..Default::default()
+                };
+                // (A lower file whose name went first: the kernel's EEXIST.)
+                if let Err(e) = u.setattr(*id, a)
+                    && e.errno() != libc::EEXIST
+                {
+                    panic!("chmod: {e:?}");
+                }
+            }
+        });
+        for n in &names {
+            both.wait();
+            if let Err(e) = u.unlink(1, n) {
+                wrong.push(format!("unlink {n:?}: {e:?}"));
+            }
+        }
+    });
+    assert_eq!(wrong, Vec::<String>::new(), "unlinks racing copy-ups");
+    let left: Vec<_> = names.iter().filter(|n| u.lookup(1, n).is_ok()).collect();
+    assert!(left.is_empty(), "names left after their unlink: {left:?}");
+    assert!(
+        up.join("f0").symlink_metadata().is_ok(),
+        "whiteouts in the upper"
+    );
+}
