@@ -248,7 +248,7 @@ impl Union {
             return;
         };
         // The old node keeps reaching this object whatever later happens to its names.
-        let keep = self.keep_fd(&old, &[]);
+        let keep = self.keep_fd(&old);
         // Its top object is in the upper layer now: the number a lookup would give it (its
         // origin's, so normally the same as before).
         let natural = keep.as_ref().map_or(0, |fd| {

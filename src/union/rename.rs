@@ -274,14 +274,14 @@ impl Union {
         let from_path = self.obs.events.active().then(|| self.path_in(parent, name));
 
         let dst_keep = match (&dst, exchange) {
-            (Some(d), false) => self.keep_fd(d, &[p.id, np.id]),
+            (Some(d), false) => self.keep_fd(d),
             _ => None,
         };
         // Both files are reached by fd until the node table says what the disk does.
-        let src_keep = self.keep_fd(&src, &[p.id, np.id]);
+        let src_keep = self.keep_fd(&src);
         let _src_pinned = self.pin_object(&src, src_keep.as_ref());
         let dst_moving = match (&dst, exchange) {
-            (Some(d), true) => self.keep_fd(d, &[p.id, np.id]),
+            (Some(d), true) => self.keep_fd(d),
             _ => dst_keep.clone(),
         };
         let _dst_pinned = dst

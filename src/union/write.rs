@@ -576,31 +576,20 @@ impl Union {
         Some(Pinned(n.clone(), fd.clone()))
     }
 
-    /// An O_PATH fd on non-directory `n`'s object, opened by its first name; `locked`, the
-    /// directories whose locks the caller holds. A first name elsewhere may be mid-rename: a
-    /// whiteout or nothing met there is opened again by the node's name now (a link made
-    /// later from a whiteout's fd would link the whiteout; engine fuzz `races`). Not by the
-    /// name an unlink removes: that fd would keep its directory, removed later, from being
-    /// freed.
-    pub(crate) fn keep_fd(&self, n: &Node, locked: &[u64]) -> Option<Arc<OwnedFd>> {
+    /// An O_PATH fd on non-directory `n`'s object, opened by its first name (not by the name
+    /// an unlink removes: that fd would keep its directory, removed later, from being freed).
+    /// Under its object lock: a rename of that name elsewhere cannot make it a whiteout
+    /// meanwhile (a link made later from a whiteout's fd would link the whiteout; engine
+    /// fuzz `races`), and one under way gives its pinned fd.
+    pub(crate) fn keep_fd(&self, n: &Node) -> Option<Arc<OwnedFd>> {
         if n.is_dir() {
             return None;
         }
-        let open = |r: &Real| match r {
+        self.with_real(n, |r| match r {
             Real::At(dir, name) => Ok(Arc::new(sys::openat(dir.as_fd(), name, libc::O_PATH, 0)?)),
             Real::Fd(fd) => Ok(fd.clone()),
-        };
-        let first_parent = n.state.read().expect("node state lock").parent;
-        if locked.contains(&first_parent) {
-            // (No rename can take it from there meanwhile: that needs the lock too.)
-            return open(&self.real(n).ok()?).ok();
-        }
-        let gone = |r: &Result<Arc<OwnedFd>>| match r {
-            Ok(fd) => sys::fstat(fd.as_fd()).is_ok_and(|st| sys::is_whiteout_stat(&st)),
-            Err(e) => e.errno() == libc::ENOENT,
-        };
-        let (_, fd) = self.on_real(n, open, gone).ok()?;
-        Some(fd)
+        })
+        .ok()
     }
 
     /// `parent/name` left the union. A node with no name left is marked unlinked and keeps
@@ -658,7 +647,7 @@ impl Union {
         let _copying = n.copy_lock.lock().expect("copy lock");
         let in_upper = n.top_layer() == 0;
         let below = self.exists_below(&p, name)?;
-        let keep = self.keep_fd(&n, &[p.id]);
+        let keep = self.keep_fd(&n);
         let _pinned = self.pin_object(&n, keep.as_ref());
         match (in_upper, below) {
             (true, false) => sys::unlinkat(upper.as_fd(), name, false)?,

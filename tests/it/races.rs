@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use layerfs::union::Union;
-use layerfs::union::write::{Caller, NewObj, SetAttr};
+use layerfs::union::write::{NewObj, SetAttr};
 
 use crate::differential::generate::Rng;
 use crate::support::*;
@@ -114,11 +114,7 @@ fn one(
         Err(e) if !ok.contains(&e.errno()) => Some(format!("{e:?}")),
         _ => None,
     };
-    let caller = Caller {
-        uid: 0,
-        gid: 0,
-        umask: 0,
-    };
+    let caller = root_caller();
     if what < 42 {
         let held: Vec<u64> = match looked_up {
             true => [(dir, name), (ndir, to)]

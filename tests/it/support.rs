@@ -914,6 +914,15 @@ pub fn stats(mnt: &Path) -> serde_json::Value {
 
 /// The engine alone over lower layer `low`, with an upper and a workdir (so an index), for
 /// orders of requests a mount cannot force; and its upper dir.
+/// Requests to the engine made as root, with no umask.
+pub fn root_caller() -> layerfs::union::write::Caller {
+    layerfs::union::write::Caller {
+        uid: 0,
+        gid: 0,
+        umask: 0,
+    }
+}
+
 pub fn engine(s: &Scratch, low: PathBuf) -> (layerfs::union::Union, PathBuf) {
     let (up, work) = (s.mkdir("up"), s.mkdir("work"));
     (engine_over(low, up.clone(), work), up)

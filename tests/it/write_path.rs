@@ -1563,18 +1563,14 @@ fn a_file_being_renamed_answers_as_itself() {
 /// file, over a name; the other looks the name up and asks what it found.
 #[test]
 fn a_file_being_replaced_answers_as_itself() {
-    use layerfs::union::write::{Caller, NewObj, SetAttr};
+    use layerfs::union::write::{NewObj, SetAttr};
     use std::ffi::OsStr;
     use std::sync::atomic::{AtomicBool, Ordering};
     let s = Scratch::new();
     let low = s.mkdir("low");
     write(low.join("f"), b"lower data");
     let (u, _up) = engine(&s, low);
-    let c = Caller {
-        uid: 0,
-        gid: 0,
-        umask: 0,
-    };
+    let c = root_caller();
     let (f, t) = (OsStr::new("f"), OsStr::new("t"));
     // The lower file, once replaced, cannot be copied up to its name (EEXIST, as the kernel).
     let lower = u.lookup(1, f).unwrap();
@@ -1642,17 +1638,13 @@ fn a_file_being_replaced_answers_as_itself() {
 /// its name: a create in it went by the old name into the new directory.
 #[test]
 fn a_removed_directory_still_held_takes_no_names_not_even_its_successors() {
-    use layerfs::union::write::{Caller, NewObj};
+    use layerfs::union::write::NewObj;
     use std::ffi::OsStr;
     let s = Scratch::new();
     let low = s.mkdir("low");
     write(low.join("keep"), b"x");
     let (u, up) = engine(&s, low);
-    let c = Caller {
-        uid: 0,
-        gid: 0,
-        umask: 0,
-    };
+    let c = root_caller();
     let d = OsStr::new("d");
     let dir = || NewObj::Dir { mode: 0o755 };
     let (old, _) = u.create_obj(1, d, dir(), c).unwrap();
