@@ -382,7 +382,10 @@ impl Union {
     /// The real object behind `node` in `layer`.
     pub(crate) fn real_in(&self, node: &Node, layer: usize) -> Result<Real> {
         if node.is_dir() {
-            return Ok(Real::Fd(self.dir_fd(node, layer)?));
+            return match self.dir_fd(node, layer) {
+                Err(e) if e.errno() == libc::ENOENT => self.removed_dir(node, layer).ok_or(e),
+                fd => Ok(Real::Fd(fd?)),
+            };
         }
         // Only what is needed, under the lock (this runs on every getattr and open).
         let (parent, name) = {
@@ -403,6 +406,17 @@ impl Union {
             },
         };
         Ok(Real::At(self.dir_fd(&parent, layer)?, name))
+    }
+
+    /// A removed directory that a process still holds, in its top layer: the fd its removal
+    /// kept, by which it answers as itself (getattr, chmod, xattrs), as the kernel's
+    /// overlayfs answers through the real directory its inode keeps. Never by its old name.
+    fn removed_dir(&self, node: &Node, layer: usize) -> Option<Real> {
+        let s = node.state.read().expect("node state lock");
+        match (&s.detached, s.unlinked && s.layers[0] == layer) {
+            (Some(fd), true) => Some(Real::Fd(fd.clone())),
+            _ => None,
+        }
     }
 
     /// The fd kept on a hard link's object in `layer` when one of its names went (see

@@ -78,7 +78,8 @@ pub struct Rare {
     /// through the index: their lookups revive this node, so the kernel keeps one inode for
     /// the file (an fd still open on the removed name sees changes made through them).
     pub named_elsewhere: bool,
-    /// For an unlinked non-directory: an O_PATH fd that keeps reaching the object.
+    /// For an unlinked object: an O_PATH fd that keeps reaching it (for a directory, in its
+    /// top layer only).
     pub detached: Option<Arc<OwnedFd>>,
     /// For a hard link one of whose names went while others were left: an O_PATH fd on its
     /// object in the layer it was in then. It reaches the object when no name the daemon

@@ -277,6 +277,10 @@ impl Union {
             (Some(d), false) => self.keep_fd(d),
             _ => None,
         };
+        let dst_dir_keep = match (&dst, exchange) {
+            (Some(d), false) if d.is_dir() => self.dir_keep(d),
+            _ => None,
+        };
         // Both files are reached by fd until the node table says what the disk does.
         let src_keep = self.keep_fd(&src);
         let _src_pinned = self.pin_object(&src, src_keep.as_ref());
@@ -330,7 +334,7 @@ impl Union {
                     dst_redirect.clone(),
                 );
             } else {
-                self.detach(d, newparent, newname, dst_keep);
+                self.detach(d, newparent, newname, dst_keep.or(dst_dir_keep));
                 if d.is_dir() {
                     self.fds.drop_node(d.id);
                 }

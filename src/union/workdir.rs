@@ -225,8 +225,12 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr, depth: usize) -> Result<()
     if depth > 100_000 {
         return Err(err(libc::ELOOP));
     }
-    // A directory of mode 0 (as the kernel leaves them) still opens for root; make sure.
-    let _ = sys::chmodat(dir, name, 0o700);
+    // A directory of mode 0 (as the kernel leaves them) opens for root, but not for a daemon
+    // without CAP_DAC_OVERRIDE. Only then: a removed directory a process still holds keeps
+    // its mode (its attributes are still asked for).
+    if st.st_mode & 0o700 != 0o700 {
+        let _ = sys::chmodat(dir, name, 0o700);
+    }
     let sub = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
     for e in sys::read_dir_fd(sub.as_fd())? {
         remove_tree(sub.as_fd(), &e.name, depth + 1)?;

@@ -592,6 +592,12 @@ impl Union {
         .ok()
     }
 
+    /// An fd on directory `n` in its top layer, taken before its removal: a process that
+    /// still holds it (its working directory) gets its attributes, as from the kernel.
+    pub(super) fn dir_keep(&self, n: &Node) -> Option<Arc<OwnedFd>> {
+        self.dir_fd(n, n.top_layer()).ok()
+    }
+
     /// `parent/name` left the union. A node with no name left is marked unlinked and keeps
     /// working (through `keep`) for whoever still holds it; an upper file's index entry goes
     /// with its last name.
@@ -602,7 +608,7 @@ impl Union {
         }
         let named_elsewhere = keep
             .as_ref()
-            .filter(|_| n.top_layer() == 0)
+            .filter(|_| n.top_layer() == 0 && !n.is_dir())
             .is_some_and(|k| self.name_dropped(k));
         {
             let mut s = n.state.write().expect("node state lock");
@@ -705,6 +711,7 @@ impl Union {
         }
         let upper = self.dir_fd(&p, 0)?;
         let below = self.exists_below(&p, name)?;
+        let keep = self.dir_keep(&n);
         // (No copy-up of it lands meanwhile: see `unlink`.)
         let _copying = n.copy_lock.lock().expect("copy lock");
         if n.top_layer() == 0 {
@@ -725,7 +732,7 @@ impl Union {
         } else {
             self.whiteout(upper.as_fd(), name, false)?;
         }
-        self.detach(&n, p.id, name, None);
+        self.detach(&n, p.id, name, keep);
         self.fds.drop_node(n.id);
         self.removed(p.id, name, "rmdir", n.top_layer() != 0 || below);
         Ok(())
