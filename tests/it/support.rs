@@ -945,10 +945,11 @@ pub fn engine_over(low: PathBuf, up: PathBuf, work: PathBuf) -> layerfs::union::
     .unwrap()
 }
 
-/// Open a file for a snapshot. Under load the kernel's overlayfs has answered EAGAIN to an
-/// open of a metadata-only file whose data is in a data-only layer, once in a while, on its
-/// own mount (session 32's metacopy soaks, session 33's CI: seed 100002, which passes when
-/// run again); no open of layerfs's has. Such an open is tried again, a few times, and said.
+/// Open a file for a snapshot. The kernel's overlayfs answers EAGAIN, now and then, to an
+/// open of a metadata-only file whose data-only redirect holds a ".." (its scoped lookup
+/// gives up when a rename or mount anywhere came in between: see `ops::apply_kernel`;
+/// session 32's metacopy soaks, session 33's CI, seed 100002); no open of layerfs's has.
+/// Such an open is tried again, a few times, and said.
 fn open_again_on_eagain(
     dir: std::os::fd::BorrowedFd<'_>,
     name: &std::ffi::OsStr,

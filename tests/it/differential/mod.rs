@@ -191,7 +191,7 @@ fn run(seed: u64, setup: Setup, ops: Option<&[Op]>, n: usize) -> (Vec<Op>, Optio
         let ko = if skip {
             "not run".to_string()
         } else {
-            ops::apply(&mut k, &op)
+            ops::apply_kernel(&mut k, &op)
         };
         let lo = match skip || move_refused_after_another_name_linked(&p, &op, &ko, &linked) {
             true => ko.clone(),
@@ -456,7 +456,7 @@ fn soak_shared_mount() {
                     if matches!(op, Op::Remount { .. }) {
                         continue;
                     }
-                    let (ko, lo) = (ops::apply(&mut k, &op), ops::apply(&mut l, &op));
+                    let (ko, lo) = (ops::apply_kernel(&mut k, &op), ops::apply(&mut l, &op));
                     history.push(format!("{i}: {op:?} -> {ko}"));
                     assert!(
                         ko == lo || l.kept_as_opened(&op, &lo),
