@@ -183,14 +183,15 @@ fn one(
     let file = kind == libc::S_IFREG;
     let (res, ok) = match what {
         42..60 => (
+            // As itself, whatever happened to its names meanwhile (a directory removed
+            // meanwhile too, since session 34: docs/SEMANTICS.md).
             u.getattr(e.id).and_then(|st| {
-                if st.st_mode & libc::S_IFMT != kind {
+                if st.st_mode & libc::S_IFMT != kind || st.st_ino != e.attr.st_ino {
                     return Err(layerfs::error::err(libc::EUCLEAN));
                 }
                 Ok(())
             }),
-            // (A directory removed meanwhile answers ENOENT: docs/SEMANTICS.md.)
-            if kind == libc::S_IFDIR { LOOKUP } else { NONE },
+            NONE,
         ),
         60..75 if file => (
             u.open(e.id, libc::O_RDONLY).map(|fh| {

@@ -158,6 +158,10 @@ pub struct Side {
     pub at_open: Vec<Option<String>>,
     /// Whether each kept fd was opened for writing.
     pub writable: Vec<bool>,
+    /// Whether each kept fd is a directory's: only fstat runs on it (a removed directory
+    /// still held answers as itself; a change to a removed lower one is a documented
+    /// difference, docs/SEMANTICS.md).
+    pub dir: Vec<bool>,
 }
 
 impl Side {
@@ -167,6 +171,7 @@ impl Side {
             fds: (0..SLOTS).map(|_| None).collect(),
             at_open: (0..SLOTS).map(|_| None).collect(),
             writable: vec![false; SLOTS],
+            dir: vec![false; SLOTS],
         }
     }
 
@@ -184,7 +189,7 @@ impl Side {
             Op::OnKept {
                 slot,
                 what: KeptOp::Stat,
-            } => !self.writable[*slot] && out.starts_with("ok:"),
+            } => !self.writable[*slot] && !self.dir[*slot] && out.starts_with("ok:"),
             _ => false,
         }
     }
@@ -397,24 +402,43 @@ pub fn apply(side: &mut Side, op: &Op) -> String {
         Op::OpenKeep { slot, path, write } => {
             let r = dir_and_name(&root, path).and_then(|(d, n)| {
                 let st = sys::statat(d.as_fd(), &n)?;
-                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                let dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                if st.st_mode & libc::S_IFMT != libc::S_IFREG && !dir {
                     return Err(std::io::Error::from_raw_os_error(libc::EBADF));
                 }
-                OpenOptions::new().read(true).write(*write).open(at(path))
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(*write && !dir)
+                    .open(at(path))?;
+                Ok((f, dir))
             });
-            res(r, |mut f| {
-                side.at_open[*slot] = Some(read_kept(&mut f));
+            res(r, |(mut f, dir)| {
+                side.at_open[*slot] = Some(if dir { "dir".into() } else { read_kept(&mut f) });
                 side.fds[*slot] = Some(f);
-                side.writable[*slot] = *write;
-                "ok".into()
+                side.writable[*slot] = *write && !dir;
+                side.dir[*slot] = dir;
+                format!("ok{}", if dir { ":dir" } else { "" })
             })
         }
         Op::ReadKept { slot } => match &mut side.fds[*slot] {
             None => "none".into(),
+            Some(_) if side.dir[*slot] => "dir".into(),
             Some(f) => read_kept(f),
         },
         Op::OnKept { slot, what } => match (&side.fds[*slot], what) {
             (None, _) => "none".into(),
+            // A directory's fd: its attributes (its link count only as 0 or not: a directory
+            // layerfs merged earlier than the kernel counts 1 where the kernel's counts its
+            // lower links, docs/SEMANTICS.md).
+            (Some(f), _) if side.dir[*slot] => res(f.metadata(), |m| {
+                format!(
+                    "ok:dir:{:o}:{}:{}:{}",
+                    m.mode(),
+                    m.uid(),
+                    m.gid(),
+                    if m.nlink() == 0 { "removed" } else { "linked" }
+                )
+            }),
             // A read-only source from before a copy-up may still read the lower data under
             // passthrough (see `kept_as_opened`); what it copied would then differ.
             (Some(_), KeptOp::CopyFrom { src, .. }) if !side.writable[*src] => "ro-src".into(),
@@ -616,11 +640,15 @@ pub fn random_op(r: &mut Rng, tree: &[(PathBuf, char)]) -> Op {
         19 => {
             let slot = r.below(SLOTS as u64) as usize;
             match r.below(10) {
-                0..=3 => Op::OpenKeep {
-                    slot,
-                    path: of(r, 'f'),
-                    write: r.chance(40),
-                },
+                0..=3 => {
+                    // (A directory held: a process's working directory.)
+                    let kind = if r.chance(20) { 'd' } else { 'f' };
+                    Op::OpenKeep {
+                        slot,
+                        path: of(r, kind),
+                        write: r.chance(40),
+                    }
+                }
                 4..=6 => Op::ReadKept { slot },
                 _ => Op::OnKept {
                     slot,
