@@ -585,9 +585,15 @@ impl Union {
             new_name
         };
         // A node the table does not hold (a name nobody looked up, see `child`) has no index
-        // entries, and must not move those of the registered node of its file.
+        // entries, and must not move those of the registered node of its file. But its old
+        // name's entry goes if nothing claims it: a FORGET served between `move_name` and
+        // here dropped the node and unindexed only its new name, and the old one then led a
+        // lookup or an unlink to the next node of its number (engine fuzz `races`: an unlink
+        // of a name so left answered EEXIST, its whiteout meeting the file there).
         if self.nodes.get(n.id).is_some_and(|r| std::ptr::eq(&*r, n)) {
             self.nodes.reindex(n.id, from.0, from.1, to.0, new_name);
+        } else {
+            self.nodes.unindex_if(from.0, from.1, n.id);
         }
     }
 }
