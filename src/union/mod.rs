@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod copyup;
+pub mod dirmoves;
 pub mod fanout;
 pub mod fdcache;
 pub mod fileattr;
@@ -104,6 +105,8 @@ pub struct Union {
     pub layers: LayerStack,
     pub(crate) nodes: NodeTable,
     pub(crate) fds: FdCache,
+    /// Renames and removals of directories, against opens by their names (`dir_fd`).
+    pub(crate) dir_moves: dirmoves::DirMoves,
     pub(crate) names: names::NameIndex,
     catalog: Option<catalog::Lazy>,
     pub(crate) handles: HandleTable,
@@ -168,6 +171,7 @@ impl Union {
         };
         let u = Union {
             fds: FdCache::new(fd_cache),
+            dir_moves: Default::default(),
             names: names::NameIndex::new(8192),
             catalog: cfg
                 .catalog
@@ -309,8 +313,28 @@ impl Union {
         if let Some(fd) = self.fds.get(node.id, layer) {
             return Ok(fd);
         }
+        // By names, with no rename of a directory meanwhile (`dirmoves`).
+        let (got, consistent) = self.dir_moves.read(|| self.dir_fd_by_names(node, layer));
+        let (fd, opened) = got?;
+        if consistent {
+            for (id, fd) in opened {
+                self.fds.put(id, layer, fd);
+            }
+        }
+        Ok(fd)
+    }
+
+    /// Open directory `node` in `layer` by its names from the nearest cached fd up (or its
+    /// lower path), with the fds opened on the way for the cache.
+    #[allow(clippy::type_complexity)]
+    fn dir_fd_by_names(
+        &self,
+        node: &Node,
+        layer: usize,
+    ) -> Result<(Arc<OwnedFd>, Vec<(u64, Arc<OwnedFd>)>)> {
         // Walk up (iteratively: trees can be thousands deep) to the nearest known fd.
         let mut chain: Vec<(u64, Arc<OsStr>)> = Vec::new();
+        let mut opened = Vec::new();
         let mut cur = node.id;
         let mut base: Arc<OwnedFd>;
         loop {
@@ -338,7 +362,7 @@ impl Union {
             }
             if let (Some(path), false) = (&st.lower_path, layer <= st.redirect_layer) {
                 base = self.walk_path(layer, path)?;
-                self.fds.put(cur, layer, base.clone());
+                opened.push((cur, base.clone()));
                 break;
             }
             chain.push((cur, st.name.clone()));
@@ -346,9 +370,9 @@ impl Union {
         }
         for (id, name) in chain.into_iter().rev() {
             base = Arc::new(self.open_subdir(base.as_fd(), &name)?);
-            self.fds.put(id, layer, base.clone());
+            opened.push((id, base.clone()));
         }
-        Ok(base)
+        Ok((base, opened))
     }
 
     /// Open `path` (components from the root) in `layer`, directory by directory.
@@ -591,6 +615,12 @@ impl Union {
             st.st_nlink = 1;
         }
         Ok(st)
+    }
+
+    /// Close every cached directory fd, as when the process runs out of descriptors: each
+    /// directory is then opened by its names again (tests race that against renames).
+    pub fn shed_fd_cache(&self) {
+        self.fds.shed();
     }
 
     pub fn getattr(&self, id: u64) -> Result<Stat> {

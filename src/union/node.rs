@@ -4,7 +4,8 @@
 //! Lock order: a directory's `dir_lock` (two at once: lower node id first) -> `copy_lock`s from
 //! the root down -> a non-directory's object lock (`Node::reach`; one at a time) -> index shard
 //! -> table shard -> `state` (held briefly, never across the others).
-//! `moved` is taken with no shard held, before a table shard.
+//! `moved` is taken with no shard held, before a table shard. `dirmoves` is no lock: its
+//! readers retry and its writers never wait.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};

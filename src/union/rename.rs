@@ -291,20 +291,24 @@ impl Union {
         let _dst_pinned = dst
             .as_ref()
             .and_then(|d| self.pin_object(d, dst_moving.as_ref()));
+        if let Some(d) = &dst
+            && !exchange
+            && d.is_dir()
+            && d.top_layer() == 0
+        {
+            // Only whiteouts can be left in it (it is empty in the union): clear them so
+            // the rename can replace it.
+            let (dfd, entries) = self.upper_listing(d)?;
+            for e in entries {
+                remove_tree(dfd.as_fd(), &e.name, 0)?;
+            }
+        }
+        // A directory's names change: opens by name wait for the node table to say so.
+        let dir_moving = (src.is_dir() || dst.as_ref().is_some_and(|d| d.is_dir()))
+            .then(|| self.dir_moves.begin());
         if exchange {
             sys::renameat2(up.as_fd(), name, unp.as_fd(), newname, sys::RENAME_EXCHANGE)?;
         } else {
-            if let Some(d) = &dst
-                && d.is_dir()
-                && d.top_layer() == 0
-            {
-                // Only whiteouts can be left in it (it is empty in the union): clear them so
-                // the rename can replace it.
-                let (dfd, entries) = self.upper_listing(d)?;
-                for e in entries {
-                    remove_tree(dfd.as_fd(), &e.name, 0)?;
-                }
-            }
             let upper_dst = sys::statat(unp.as_fd(), newname).ok();
             let over_wh = upper_dst
                 .as_ref()
@@ -346,6 +350,7 @@ impl Union {
             (newparent, newname),
             src_redirect.clone(),
         );
+        drop(dir_moving);
         let from = || from_path.clone().unwrap_or_default();
         self.renamed(from, (newparent, newname), src_below && !exchange, exchange);
         if src_opaque {

@@ -714,6 +714,8 @@ impl Union {
         let keep = self.dir_keep(&n);
         // (No copy-up of it lands meanwhile: see `unlink`.)
         let _copying = n.copy_lock.lock().expect("copy lock");
+        // Its name goes (another directory may take it): see `dirmoves`.
+        let dir_moving = self.dir_moves.begin();
         if n.top_layer() == 0 {
             let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
             let direct = if below {
@@ -734,6 +736,7 @@ impl Union {
         }
         self.detach(&n, p.id, name, keep);
         self.fds.drop_node(n.id);
+        drop(dir_moving);
         self.removed(p.id, name, "rmdir", n.top_layer() != 0 || below);
         Ok(())
     }

@@ -1555,6 +1555,68 @@ fn a_file_being_renamed_answers_as_itself() {
     assert_eq!(wrong, Vec::<String>::new(), "requests while the file moved");
 }
 
+/// A directory being renamed answers as itself, and so do the directories in it, when their
+/// fds are opened by name meanwhile (the fd cache shed, as when the daemon runs out of
+/// descriptors, or a FORGET of a node served as a lookup of its directory made a new one).
+/// Before, a getattr read the old name, the rename moved it, and the open of that name
+/// answered ENOENT (engine fuzz `races`, seed 250010) or reached the directory renamed
+/// into its place.
+#[test]
+fn a_directory_being_renamed_answers_as_itself() {
+    use layerfs::union::write::NewObj;
+    use std::ffi::OsStr;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    fs::create_dir_all(low.join("d/sub")).unwrap();
+    write(low.join("d/sub/f"), b"in sub");
+    let (u, _up) = engine(&s, low);
+    let (d, e, o) = (OsStr::new("d"), OsStr::new("e"), OsStr::new("o"));
+    let dn = u.lookup(1, d).unwrap();
+    let sub = u.lookup(dn.id, OsStr::new("sub")).unwrap();
+    // Another directory takes the name in turn: a getattr by a stale name would reach it.
+    let (on, _) = u
+        .create_obj(1, o, NewObj::Dir { mode: 0o700 }, root_caller())
+        .unwrap();
+    let done = AtomicBool::new(false);
+    let mut wrong = Vec::new();
+    std::thread::scope(|t| {
+        t.spawn(|| {
+            for _ in 0..1500 {
+                u.rename(1, d, 1, e, 0).unwrap();
+                u.rename(1, o, 1, d, 0).unwrap();
+                u.rename(1, d, 1, o, 0).unwrap();
+                u.rename(1, e, 1, d, 0).unwrap();
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        while !done.load(Ordering::Relaxed) {
+            for (what, id, want) in [("d", dn.id, dn.attr), ("d/sub", sub.id, sub.attr)] {
+                u.shed_fd_cache();
+                match u.getattr(id) {
+                    Ok(st) if (st.st_ino, st.st_mode) == (want.st_ino, want.st_mode) => {}
+                    Ok(st) => {
+                        wrong.push(format!("{what}: ino {} mode {:o}", st.st_ino, st.st_mode))
+                    }
+                    Err(e) => wrong.push(format!("{what}: getattr: {e:?}")),
+                }
+            }
+            u.shed_fd_cache();
+            if let Err(e) = u.lookup(sub.id, OsStr::new("f")).map(|f| u.forget(f.id, 1)) {
+                wrong.push(format!("d/sub/f: lookup: {e:?}"));
+            }
+        }
+    });
+    let _ = on;
+    wrong.sort();
+    wrong.dedup();
+    assert_eq!(
+        wrong,
+        Vec::<String>::new(),
+        "requests while the directory moved"
+    );
+}
+
 /// A file replaced by a rename answers every request on it as itself until it goes: never
 /// with what took its name. The engine, driven from two threads: one puts a symlink, then a
 /// file, over a name; the other looks the name up and asks what it found.
