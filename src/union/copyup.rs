@@ -120,8 +120,7 @@ impl Union {
             return Ok(Landed::Done); // another opener won the race
         }
         if st.unlinked && node.is_dir() {
-            // (A removed directory takes no changes: see `live_dir`.)
-            return Err(err(libc::ENOENT));
+            return Err(err(self.removed_dir_copy_up(&st)));
         }
         if st.unlinked {
             // A lower file changed through an fd after its last name went (fchmod, fsetxattr):
@@ -318,6 +317,28 @@ impl Union {
         self.copied_up(&st, from, bytes, started.elapsed());
         log::debug!("copied up {name:?} (node {}, {data:?})", node.id);
         Ok(Landed::Done)
+    }
+
+    /// What a change to a removed lower directory answers (the kernel copies it up to its
+    /// old name): ENOTDIR where the whiteout its rmdir left is there, as the kernel's rename
+    /// of the copy over it; ENOENT otherwise. Where a rename put an empty directory there,
+    /// the kernel replaces that one on disk, and it is gone after a remount: a kernel bug not
+    /// copied (`write_path::a_removed_directory_still_held_answers_as_itself_as_in_the_kernel`).
+    fn removed_dir_copy_up(&self, st: &super::node::NodeState) -> i32 {
+        let whiteout_left = self
+            .node(st.parent)
+            .ok()
+            .filter(|p| !p.state.read().expect("node state lock").unlinked)
+            .and_then(|p| self.dir_fd(&p, 0).ok())
+            .is_some_and(|dir| {
+                sys::statat(dir.as_fd(), &st.name)
+                    .is_ok_and(|s| format::is_whiteout_at(dir.as_fd(), &st.name, &s))
+            });
+        if whiteout_left {
+            libc::ENOTDIR
+        } else {
+            libc::ENOENT
+        }
     }
 
     /// Build the copy of `src` as `tmp` in the work directory.
