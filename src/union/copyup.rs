@@ -258,6 +258,8 @@ impl Union {
             s.kernel_meta = kernel_meta;
             s.indexed = index_key.is_some();
             s.shrink();
+            self.copies
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         };
         // Other names of a lower hard link stay one file: link them up beside the copy. Names
         // in directories the kernel forgot are dropped (`prune_names`): looked up again, they
@@ -571,6 +573,8 @@ impl Union {
             let mut s = node.state.write().expect("node state lock");
             s.data = None;
             s.shrink();
+            self.copies
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         self.attrs_changed(node.id);
         let st = node.state();

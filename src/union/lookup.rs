@@ -5,6 +5,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::catalog::{DirKey, ROOT_KEY};
@@ -106,6 +107,7 @@ impl Union {
         // (forgotten, or its last name removed) before it joined: the copy is reached through
         // the index then. Each try saw the node live, so a few always do.
         for _ in 0..LOOKUP_TRIES {
+            let copies = self.copies.load(Ordering::SeqCst);
             let found = self.resolve(&p, name)?.ok_or_else(|| err(libc::ENOENT))?;
             let (found, join) = match self.linked_from_index(&p, name, &found)? {
                 FromIndex::Linked(copy) => (*copy, false),
@@ -117,6 +119,9 @@ impl Union {
                 log::debug!("lookup of {name:?}: its node went meanwhile, again");
                 continue;
             };
+            if self.copies.load(Ordering::SeqCst) != copies {
+                self.catch_up(&p, name, &node)?;
+            }
             // The resolve just stat'ed the node's top object: no second fstatat, unless the
             // node's top moved meanwhile (an alias of a copied-up hard link was linked up).
             let attr = if node.top_layer() == layer {
@@ -127,6 +132,30 @@ impl Union {
             return Ok(Entry { id: node.id, attr });
         }
         Err(err(libc::ESTALE))
+    }
+
+    /// A copy-up was published while `node`'s name was resolved. Copy-ups do not take the
+    /// parent's lock: the file's node then may have copied it up and been forgotten before
+    /// this lookup registered a new node, from what it found before the copy landed (the
+    /// lower file; engine fuzz `races`: an unlink of it answered EEXIST, its whiteout meeting
+    /// the copy). Resolved again under the node's copy lock, it takes where the file is now.
+    fn catch_up(&self, p: &Node, name: &OsStr, node: &Node) -> Result<()> {
+        let _copying = node.copy_lock.lock().expect("copy lock");
+        let Some(now) = self.resolve(p, name)? else {
+            return Ok(());
+        };
+        let s = node.state.read().expect("node state lock");
+        if self.node_id(&now) != node.st_ino()
+            || (now.layers == s.layers && now.data.is_some() == s.data.is_some())
+        {
+            return Ok(());
+        }
+        drop(s);
+        log::debug!("lookup of {name:?}: a copy-up landed meanwhile");
+        let fresh = self.node_of(p.id, name, now);
+        let now = fresh.state.into_inner().expect("node state lock");
+        node.state.write().expect("node state lock").relocate(now);
+        Ok(())
     }
 
     /// The node id (= st_ino) of a resolved object.

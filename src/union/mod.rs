@@ -29,6 +29,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result, err};
@@ -107,6 +108,8 @@ pub struct Union {
     pub(crate) fds: FdCache,
     /// Renames and removals of directories, against opens by their names (`dir_fd`).
     pub(crate) dir_moves: dirmoves::DirMoves,
+    /// Copy-ups published so far (`Union::lookup` checks none came during its resolve).
+    pub(crate) copies: AtomicU64,
     pub(crate) names: names::NameIndex,
     catalog: Option<catalog::Lazy>,
     pub(crate) handles: HandleTable,
@@ -172,6 +175,7 @@ impl Union {
         let u = Union {
             fds: FdCache::new(fd_cache),
             dir_moves: Default::default(),
+            copies: AtomicU64::new(0),
             names: names::NameIndex::new(8192),
             catalog: cfg
                 .catalog

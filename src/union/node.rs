@@ -222,6 +222,20 @@ impl NodeState {
         }
     }
 
+    /// Take where the object lives now from `now` (a fresh resolve of it), keeping this
+    /// node's names and what its removals left (see `Union::lookup`, a copy-up it missed).
+    pub fn relocate(&mut self, now: NodeState) {
+        self.layers = now.layers.clone();
+        self.lower_path = now.lower_path.clone();
+        self.redirect_layer = now.redirect_layer;
+        self.data = now.data.clone();
+        self.impure = now.impure;
+        self.indexed = now.indexed;
+        self.kernel_meta = now.kernel_meta;
+        self.kernel_redirect = now.kernel_redirect.clone();
+        self.shrink();
+    }
+
     /// Give back the box of rare fields if writes left them all unset.
     pub fn shrink(&mut self) {
         if self.rare.as_ref().is_some_and(|r| r.is_none()) {

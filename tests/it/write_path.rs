@@ -1617,6 +1617,66 @@ fn a_directory_being_renamed_answers_as_itself() {
     );
 }
 
+/// A lookup whose resolve ran before a copy-up of the same file landed, by a node the
+/// kernel forgot before the lookup registered its own, takes the copy, not the lower file:
+/// an unlink of the name must whiteout the copy (before, its whiteout met the copy: EEXIST;
+/// engine fuzz `races`, seeds 158494, 211237, 240111, 280851), and a read must see what the
+/// change made. Three threads race per file: one copies it up (chmod), two look it up and
+/// unlink it.
+#[test]
+fn a_lookup_racing_a_copy_up_by_a_forgotten_node_sees_the_copy() {
+    use layerfs::union::write::SetAttr;
+    use std::ffi::OsString;
+    const FILES: usize = 3000;
+    let s = Scratch::new();
+    let low = s.mkdir("low");
+    for i in 0..FILES {
+        write(low.join(format!("f{i}")), b"lower");
+    }
+    let (u, _up) = engine(&s, low);
+    let name = |i: usize| OsString::from(format!("f{i}"));
+    let wrong = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|t| {
+        t.spawn(|| {
+            for i in 0..FILES {
+                if let Ok(e) = u.lookup(1, &name(i)) {
+                    let mode = Some(0o600);
+                    let _ = u.setattr(
+                        e.id,
+                        SetAttr {
+                            mode,
+                            ..Default::default()
+                        },
+                    );
+                    u.forget(e.id, 1);
+                }
+            }
+        });
+        for _ in 0..2 {
+            t.spawn(|| {
+                for i in 0..FILES {
+                    let Ok(e) = u.lookup(1, &name(i)) else {
+                        continue;
+                    };
+                    match u.unlink(1, &name(i)) {
+                        Ok(()) => {}
+                        Err(x) if x.errno() == libc::ENOENT => {}
+                        Err(x) => wrong.lock().unwrap().push(format!("f{i}: unlink: {x:?}")),
+                    }
+                    u.forget(e.id, 1);
+                }
+            });
+        }
+    });
+    let wrong = wrong.into_inner().unwrap();
+    assert_eq!(wrong, Vec::<String>::new(), "unlinks racing copy-ups");
+    // Every file is gone from the union.
+    let left: Vec<_> = (0..FILES)
+        .filter(|&i| u.lookup(1, &name(i)).is_ok())
+        .collect();
+    assert_eq!(left, Vec::<usize>::new(), "files the unlinks left");
+}
+
 /// A file replaced by a rename answers every request on it as itself until it goes: never
 /// with what took its name. The engine, driven from two threads: one puts a symlink, then a
 /// file, over a name; the other looks the name up and asks what it found.
