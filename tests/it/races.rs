@@ -2,7 +2,8 @@
 //! requests on a few names (hard links among them) race each other. No request may fail
 //! other than as POSIX allows it to, nor answer with a whiteout's attributes; and once all
 //! is quiet, the engine that served them must show what a fresh engine over the same layers
-//! shows (its node table agrees with the disk).
+//! shows (its node table agrees with the disk). Every 64th request empties the directory fd
+//! cache first, so directories are opened by their names too.
 //!
 //! `LAYERFS_RACE_OPS` (requests per thread, default 4000), `LAYERFS_RACE_THREADS` (3),
 //! `LAYERFS_RACE_LOOKUP` (the percentage of changes whose names are looked up first, as the
