@@ -145,9 +145,14 @@ impl Union {
             return Ok(());
         };
         let s = node.state.read().expect("node state lock");
-        if self.node_id(&now) != node.st_ino()
-            || (now.layers == s.layers && now.data.is_some() == s.data.is_some())
-        {
+        // Only up, and only a node known by this name alone: a hard link's other names
+        // may not be in the upper layer (its copy-up links up the names its node had), and
+        // a node showing the copy must reach it by its first name.
+        let up = |l: &[usize]| self.layers.is_upper(l[0]);
+        let missed = up(&now.layers)
+            && (!up(&s.layers) || (s.data.is_some() && now.data.is_none()))
+            && s.aliases.is_empty();
+        if !missed || self.node_id(&now) != node.st_ino() {
             return Ok(());
         }
         drop(s);
