@@ -14,7 +14,7 @@ use super::real::Real;
 use super::{Union, Verity};
 use crate::error::{Result, err};
 use crate::sys::{self, Stat, XTarget};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
 /// Rounds of linking up a hard link's names that lookups joined during its copy-up.
 const COPY_LINK_ROUNDS: usize = 8;
@@ -258,8 +258,7 @@ impl Union {
             s.kernel_meta = kernel_meta;
             s.indexed = index_key.is_some();
             s.shrink();
-            self.copies
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.copies.fetch_add(1, SeqCst);
         };
         // Other names of a lower hard link stay one file: link them up beside the copy. Names
         // in directories the kernel forgot are dropped (`prune_names`): looked up again, they
@@ -573,8 +572,7 @@ impl Union {
             let mut s = node.state.write().expect("node state lock");
             s.data = None;
             s.shrink();
-            self.copies
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.copies.fetch_add(1, SeqCst);
         }
         self.attrs_changed(node.id);
         let st = node.state();

@@ -157,8 +157,7 @@ impl Union {
         }
         drop(s);
         log::debug!("lookup of {name:?}: a copy-up landed meanwhile");
-        let fresh = self.node_of(p.id, name, now);
-        let now = fresh.state.into_inner().expect("node state lock");
+        let now = self.found_state(node.id, p.id, name, now);
         node.state.write().expect("node state lock").relocate(now);
         Ok(())
     }
@@ -173,6 +172,13 @@ impl Union {
     pub(crate) fn node_of(&self, parent: u64, name: &OsStr, f: Found) -> Node {
         let natural = self.node_id(&f);
         let id = self.nodes.id_for(natural);
+        let kind = f.kind;
+        Node::new(id, kind, natural, self.found_state(id, parent, name, f))
+    }
+
+    /// The state of node `id` for a resolved name; a directory's fds in its layers go to the
+    /// fd cache under `id` (those of its former layers, and its name sets, are dropped).
+    fn found_state(&self, id: u64, parent: u64, name: &OsStr, f: Found) -> NodeState {
         let mut state = NodeState::new(parent, name, f.layers);
         state.lower_path = f.lower_path;
         state.redirect_layer = f.redirect_layer;
@@ -189,7 +195,7 @@ impl Union {
                 self.fds.put(id, l, fd);
             }
         }
-        Node::new(id, f.kind, natural, state)
+        state
     }
 
     /// Register a resolved name as a node (or as one more name of a known node). With

@@ -125,6 +125,9 @@ pub struct Union {
     pub obs: Arc<Observer>,
 }
 
+/// Directory fds opened by name on the way to one, by node id (`Union::dir_fd`).
+type Opened = Vec<(u64, Arc<OwnedFd>)>;
+
 /// The on-disk name of an xattr named through the union (escaped; EOPNOTSUPP if refused).
 pub(crate) fn disk_xattr_name(name: &OsStr) -> Result<CString> {
     let disk = format::escape_xattr(name.as_bytes()).ok_or_else(|| err(libc::EOPNOTSUPP))?;
@@ -329,13 +332,8 @@ impl Union {
     }
 
     /// Open directory `node` in `layer` by its names from the nearest cached fd up (or its
-    /// lower path), with the fds opened on the way for the cache.
-    #[allow(clippy::type_complexity)]
-    fn dir_fd_by_names(
-        &self,
-        node: &Node,
-        layer: usize,
-    ) -> Result<(Arc<OwnedFd>, Vec<(u64, Arc<OwnedFd>)>)> {
+    /// lower path), with the fds opened on the way (node id, fd) for the cache.
+    fn dir_fd_by_names(&self, node: &Node, layer: usize) -> Result<(Arc<OwnedFd>, Opened)> {
         // Walk up (iteratively: trees can be thousands deep) to the nearest known fd.
         let mut chain: Vec<(u64, Arc<OsStr>)> = Vec::new();
         let mut opened = Vec::new();
