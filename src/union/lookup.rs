@@ -94,14 +94,7 @@ impl Union {
         let _g = p.dir_lock.read().expect("dir lock");
         Self::live_dir(&p)?;
         if let Some(n) = self.nodes.lookup_existing(parent, name) {
-            let attr = self.attr_of(&n);
-            if attr.is_err() {
-                self.nodes.forget(n.id, 1);
-            }
-            return Ok(Entry {
-                id: n.id,
-                attr: attr?,
-            });
+            return self.counted(&n, self.attr_of(&n));
         }
         // A name that must join another name's node is looked up again if that node went
         // (forgotten, or its last name removed) before it joined: the copy is reached through
@@ -119,17 +112,20 @@ impl Union {
                 log::debug!("lookup of {name:?}: its node went meanwhile, again");
                 continue;
             };
-            if self.copies.load(Ordering::SeqCst) != copies {
-                self.catch_up(&p, name, &node)?;
-            }
-            // The resolve just stat'ed the node's top object: no second fstatat, unless the
-            // node's top moved meanwhile (an alias of a copied-up hard link was linked up).
-            let attr = if node.top_layer() == layer {
-                self.present(&node, None, top)?
-            } else {
-                self.attr_of(&node)?
-            };
-            return Ok(Entry { id: node.id, attr });
+            let attr = (|| {
+                if self.copies.load(Ordering::SeqCst) != copies {
+                    self.catch_up(&p, name, &node)?;
+                }
+                // The resolve just stat'ed the node's top object: no second fstatat, unless
+                // the node's top moved meanwhile (an alias of a copied-up hard link was
+                // linked up).
+                if node.top_layer() == layer {
+                    self.present(&node, None, top)
+                } else {
+                    self.attr_of(&node)
+                }
+            })();
+            return self.counted(&node, attr);
         }
         Err(err(libc::ESTALE))
     }
@@ -221,8 +217,23 @@ impl Union {
         if let Inserted::Alias(_) = ins {
             // Another name of a hard link that was copied up: link this name up too, so the
             // union and the upper layer agree that both names are one file.
-            if node.top_layer() == 0 && found_layer != 0 {
-                self.link_up_alias(&node, parent, name, found_layer)?;
+            if node.top_layer() == 0
+                && found_layer != 0
+                && let Err(e) = self.link_up_alias(&node, parent, name, found_layer)
+            {
+                // Not linked up (ENOSPC, say): the name is not the copy's, and the failed
+                // lookup is not counted. Else the next lookup would find it registered as
+                // the copy's and never link it up.
+                let dropped = !node
+                    .state
+                    .write()
+                    .expect("node state lock")
+                    .remove_name(parent, name);
+                if dropped {
+                    self.nodes.unindex_if(parent, name, node.id);
+                }
+                self.forget(node.id, 1);
+                return Err(e);
             }
         }
         Ok(Some(node))

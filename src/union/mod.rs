@@ -630,6 +630,18 @@ impl Union {
         self.attr_of(&node)
     }
 
+    /// The entry of a node whose lookup count was just raised, or the error that kept it
+    /// from being answered: the kernel counts only answered lookups, so that one is undone.
+    pub(crate) fn counted(&self, node: &Node, attr: Result<Stat>) -> Result<Entry> {
+        match attr {
+            Ok(attr) => Ok(Entry { id: node.id, attr }),
+            Err(e) => {
+                self.forget(node.id, 1);
+                Err(e)
+            }
+        }
+    }
+
     pub fn forget(&self, id: u64, n: u64) {
         if self.nodes.forget(id, n) {
             self.fds.drop_node(id);

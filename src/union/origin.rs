@@ -51,13 +51,10 @@ impl Union {
             if tried.contains(&layer.dev) {
                 continue;
             }
-            // A null UUID: written by the kernel with uuid=null, meaning the upper's own
-            // filesystem.
-            let fits = match layer.uuid {
-                _ if o.uuid == [0; 16] => layer.dev == self.layers.layers[0].dev,
-                Some(u) => u == o.uuid,
-                None => false,
-            };
+            // The layer's filesystem's UUID, which may be null itself (a fresh VM's root);
+            // else a null UUID is the kernel's uuid=null, meaning the upper's own filesystem.
+            let fits = layer.uuid == Some(o.uuid)
+                || (o.uuid == [0; 16] && layer.dev == self.layers.layers[0].dev);
             if !fits {
                 continue;
             }

@@ -316,8 +316,7 @@ impl Union {
             None => sys::statat(upper.as_fd(), name)?,
         };
         let node = self.new_upper_node(parent, name, &st);
-        let attr = self.present(&node, None, st)?;
-        Ok((Entry { id: node.id, attr }, fd))
+        Ok((self.counted(&node, self.present(&node, None, st))?, fd))
     }
 
     /// open(2) with O_TMPFILE in directory `parent`: an unnamed upper file (the kernel's
@@ -356,9 +355,12 @@ impl Union {
         let st = sys::fstat(fd.as_fd())?;
         let none = OsStr::new("");
         let node = self.new_upper_node(parent, none, &st);
-        self.detach(&node, parent, none, Some(Arc::new(fd.try_clone()?)));
-        let attr = self.present(&node, None, st)?;
-        Ok((Entry { id: node.id, attr }, fd))
+        let attr = fd
+            .try_clone()
+            .map_err(Into::into)
+            .map(|dup| self.detach(&node, parent, none, Some(Arc::new(dup))))
+            .and_then(|()| self.present(&node, None, st));
+        Ok((self.counted(&node, attr)?, fd))
     }
 
     /// Is upper `name` (of a name that exists below or that O_EXCL found taken) a deletion
@@ -488,8 +490,7 @@ impl Union {
             let _reach = src.reach();
             self.link_locked(&src, &np, newname)?
         };
-        let attr = self.attr_of(&node)?;
-        Ok(Entry { id: node.id, attr })
+        self.counted(&node, self.attr_of(&node))
     }
 
     /// `link` once the new name's directory is locked and the source's object lock held.

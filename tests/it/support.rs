@@ -271,6 +271,11 @@ pub struct Ext4Disk {
 impl Ext4Disk {
     /// None, with the reason printed, where it cannot be made.
     pub fn new(s: &Scratch, name: &str) -> Option<Ext4Disk> {
+        Self::made_with(s, name, &[])
+    }
+
+    /// As `new`, with further mkfs.ext4 arguments.
+    pub fn made_with(s: &Scratch, name: &str, mkfs: &[&str]) -> Option<Ext4Disk> {
         let img = s.path(&format!("{name}.img"));
         let mnt = s.mkdir(name);
         let made = std::fs::File::create(&img).and_then(|f| f.set_len(64 << 20));
@@ -278,7 +283,13 @@ impl Ext4Disk {
             eprintln!("skipped: no image file for an ext4 disk: {e}");
             return None;
         }
-        let (ok, _o, err) = run_timeout(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img), 30);
+        let (ok, _o, err) = run_timeout(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .args(mkfs)
+                .arg(&img),
+            30,
+        );
         if !ok {
             eprintln!("skipped: mkfs.ext4 failed: {}", err.trim());
             return None;
