@@ -23,29 +23,42 @@ pub struct Pair {
     pub swapped: bool,
     /// Has been swapped at some point: the uppers mix what both wrote.
     pub crossed: bool,
-    /// A tmpfs holding the uppers and workdirs (`build_on`): the layers on two filesystems. Dropped after the mounts, before the scratch directory.
-    upper_fs: Option<UpperFs>,
+    /// Tmpfs mounts holding the uppers and workdirs, and the bottom lower layer
+    /// (`build_on`): the layers on several filesystems. Dropped after the mounts, before
+    /// the scratch directory.
+    upper_fs: Option<TmpfsMount>,
+    lower_fs: Option<TmpfsMount>,
     /// Last: fields drop in order, so the mounts above are gone before their directories.
     pub s: Scratch,
 }
 
-/// A tmpfs mounted for the uppers and workdirs, unmounted (lazily) on drop.
-struct UpperFs(PathBuf);
+/// Which layers a pair puts on a tmpfs of their own (the rest stay in the scratch
+/// directory's filesystem).
+#[derive(Clone, Copy, Default)]
+pub struct OnTmpfs {
+    /// Both sides' uppers and workdirs.
+    pub upper: bool,
+    /// The bottom lower layer (copied there whole, `cp -a`).
+    pub bottom_lower: bool,
+}
 
-impl UpperFs {
-    fn mount(at: PathBuf) -> UpperFs {
+/// A tmpfs mounted for some layers, unmounted (lazily) on drop.
+struct TmpfsMount(PathBuf);
+
+impl TmpfsMount {
+    fn mount(at: PathBuf) -> TmpfsMount {
         let (ok, _o, err) = run_timeout(
             std::process::Command::new("mount")
                 .args(["-t", "tmpfs", "-o", "size=512m", "tmpfs"])
                 .arg(&at),
             10,
         );
-        assert!(ok, "tmpfs for the uppers: {err}");
-        UpperFs(at)
+        assert!(ok, "tmpfs for layers: {err}");
+        TmpfsMount(at)
     }
 }
 
-impl Drop for UpperFs {
+impl Drop for TmpfsMount {
     fn drop(&mut self) {
         let _ = layerfs::sys::umount(&self.0, true);
     }
@@ -92,19 +105,35 @@ impl Pair {
         extra: &str,
         ours: &str,
     ) -> Pair {
-        Pair::build_on(build, extra, ours, false)
+        Pair::build_on(build, extra, ours, OnTmpfs::default())
     }
 
-    /// As `build`; with `upper_tmpfs` the uppers and workdirs are on a tmpfs of their own.
+    /// As `build`, with the layers `on` says on tmpfs mounts of their own.
     pub fn build_on(
         build: impl FnOnce(&Scratch) -> (Vec<PathBuf>, Vec<PathBuf>),
         extra: &str,
         ours: &str,
-        upper_tmpfs: bool,
+        on: OnTmpfs,
     ) -> Pair {
         let s = Scratch::new();
-        let (lowers, data) = build(&s);
-        let upper_fs = upper_tmpfs.then(|| UpperFs::mount(s.mkdir("ufs")));
+        let (mut lowers, data) = build(&s);
+        let upper_fs = on.upper.then(|| TmpfsMount::mount(s.mkdir("ufs")));
+        let lower_fs = on.bottom_lower.then(|| {
+            let fs = TmpfsMount::mount(s.mkdir("lfs"));
+            let bottom = lowers.last_mut().expect("a lower layer");
+            let moved = fs.0.join("bottom");
+            // -a keeps hard links, xattrs (the markers) and whiteout devices.
+            let (ok, _o, err) = run_timeout(
+                std::process::Command::new("cp")
+                    .arg("-a")
+                    .arg(&*bottom)
+                    .arg(&moved),
+                60,
+            );
+            assert!(ok, "copying the bottom lower layer to a tmpfs: {err}");
+            *bottom = moved;
+            fs
+        });
         let mut p = Pair {
             s,
             lowers,
@@ -116,6 +145,7 @@ impl Pair {
             swapped: false,
             crossed: false,
             upper_fs,
+            lower_fs,
         };
         for d in ["ku", "kw", "lu", "lw"] {
             std::fs::create_dir(p.upper_dir(d)).unwrap();
@@ -342,7 +372,7 @@ impl Pair {
             // The kernel reads the origins layerfs wrote, and its index. (With the layers on
             // two filesystems the numbers differ by design: layerfs puts a filesystem's index
             // in the top bits, the kernel its xino scheme; SEMANTICS.)
-            if self.upper_fs.is_none() {
+            if self.upper_fs.is_none() && self.lower_fs.is_none() {
                 assert_same_inos(
                     "kernel on layerfs's upper",
                     &inos,

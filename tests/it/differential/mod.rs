@@ -23,7 +23,8 @@
 //! workdirs on a tmpfs of their own, the lowers staying where they are: the layers on two
 //! filesystems, where origins must name the lower one (the inode numbers of layerfs and
 //! the kernel then differ by design and are not compared with each other, only across a
-//! remount).
+//! remount). `LAYERFS_DIFF_LOWER_FS=tmpfs` copies the bottom lower layer onto a tmpfs
+//! (with the other, the layers span three filesystems).
 
 pub(crate) mod generate;
 mod ops;
@@ -34,7 +35,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::pair::Pair;
+use crate::pair::{OnTmpfs, Pair};
 use crate::require_fuse;
 use crate::support::get_xattr;
 use generate::Rng;
@@ -69,7 +70,7 @@ fn pair_for(seed: u64, setup: Setup) -> Pair {
         },
         &extra,
         &ours,
-        setup.upper_tmpfs,
+        setup.on,
     )
 }
 
@@ -78,20 +79,28 @@ fn pair_for(seed: u64, setup: Setup) -> Pair {
 struct Setup {
     /// Data-only layers under the lower ones.
     data_layers: usize,
-    /// The uppers and workdirs on a tmpfs of their own.
-    upper_tmpfs: bool,
+    /// Layers on tmpfs mounts of their own.
+    on: OnTmpfs,
 }
 
 impl Setup {
     fn from_env() -> Setup {
         Setup {
             data_layers: env_u64("LAYERFS_DIFF_DATA", 0) as usize,
-            upper_tmpfs: match std::env::var("LAYERFS_DIFF_UPPER_FS").as_deref() {
-                Ok("tmpfs") => true,
-                Ok(other) => panic!("LAYERFS_DIFF_UPPER_FS={other}: only tmpfs is known"),
-                Err(_) => false,
+            on: OnTmpfs {
+                upper: tmpfs_wanted("LAYERFS_DIFF_UPPER_FS"),
+                bottom_lower: tmpfs_wanted("LAYERFS_DIFF_LOWER_FS"),
             },
         }
+    }
+}
+
+/// Does environment variable `var` ask for a tmpfs (`tmpfs`; unset: no)?
+fn tmpfs_wanted(var: &str) -> bool {
+    match std::env::var(var).as_deref() {
+        Ok("tmpfs") => true,
+        Ok(other) => panic!("{var}={other}: only tmpfs is known"),
+        Err(_) => false,
     }
 }
 
@@ -327,6 +336,7 @@ fn replay_env() -> String {
         "LAYERFS_DIFF_FILLERS",
         "LAYERFS_DIFF_OPTIONS",
         "LAYERFS_DIFF_OURS",
+        "LAYERFS_DIFF_LOWER_FS",
         "LAYERFS_DIFF_UPPER_FS",
     ]
     .iter()
@@ -336,7 +346,7 @@ fn replay_env() -> String {
 
 #[test]
 fn random_operations_match_kernel_overlayfs() {
-    run_seeds("differential", 1, 0, Setup::from_env());
+    run_seeds("differential", 1, 0, |_| Setup::from_env());
 }
 
 /// The same over two data-only layers: metadata-only copies whose data the kernel looks up
@@ -345,26 +355,29 @@ fn random_operations_match_kernel_overlayfs() {
 fn random_operations_over_data_only_layers_match_kernel_overlayfs() {
     let setup = Setup {
         data_layers: 2,
-        upper_tmpfs: false,
+        on: OnTmpfs::default(),
     };
-    run_seeds("differential over data-only layers", 4, 100_000, setup);
+    run_seeds("differential over data-only layers", 4, 100_000, |_| setup);
 }
 
 /// The same with the uppers and workdirs on a tmpfs, the lowers where they are: the layers
 /// on two filesystems (origins must name the lower one; session 36 found a null-UUID lower
-/// misread there).
+/// misread there). Odd seeds copy the bottom lower layer onto a tmpfs of its own too.
 #[test]
 fn random_operations_with_the_upper_on_another_filesystem_match_kernel_overlayfs() {
-    let setup = Setup {
+    let setup = |seed: u64| Setup {
         data_layers: 0,
-        upper_tmpfs: true,
+        on: OnTmpfs {
+            upper: true,
+            bottom_lower: seed % 2 == 1,
+        },
     };
     run_seeds("differential with the upper on a tmpfs", 8, 200_000, setup);
 }
 
 /// `LAYERFS_SEEDS` / `share` seeds of `LAYERFS_OPS` operations, from `LAYERFS_FIRST_SEED` +
-/// `offset` (each test its own seeds).
-fn run_seeds(what: &str, share: u64, offset: u64, setup: Setup) {
+/// `offset` (each test its own seeds), each with the setup `setup` gives it.
+fn run_seeds(what: &str, share: u64, offset: u64, setup: impl Fn(u64) -> Setup) {
     require_fuse!();
     let seeds = env_u64("LAYERFS_SEEDS", 40) / share;
     let n = env_u64("LAYERFS_OPS", 120) as usize;
@@ -372,7 +385,7 @@ fn run_seeds(what: &str, share: u64, offset: u64, setup: Setup) {
     let start = Instant::now();
     let mut total = 0;
     for seed in first..first + seeds {
-        total += check_seed(seed, setup, n);
+        total += check_seed(seed, setup(seed), n);
     }
     eprintln!(
         "{what}: {seeds} seeds, {total} operations, 0 mismatches, {:.1} s",
