@@ -224,14 +224,7 @@ impl Union {
                 // Not linked up (ENOSPC, say): the name is not the copy's, and the failed
                 // lookup is not counted. Else the next lookup would find it registered as
                 // the copy's and never link it up.
-                let dropped = !node
-                    .state
-                    .write()
-                    .expect("node state lock")
-                    .remove_name(parent, name);
-                if dropped {
-                    self.nodes.unindex_if(parent, name, node.id);
-                }
+                self.nodes.drop_names(&node, &[(parent, name)]);
                 self.forget(node.id, 1);
                 return Err(e);
             }

@@ -487,14 +487,7 @@ impl Union {
             }
         }
         if !live.is_empty() && !gone.is_empty() {
-            let mut s = node.state.write().expect("node state lock");
-            for (gp, gn) in &gone {
-                s.remove_name(*gp, gn);
-            }
-            drop(s);
-            for (gp, gn) in &gone {
-                self.nodes.unindex_if(*gp, gn, node.id);
-            }
+            self.nodes.drop_names(node, &gone);
             log::debug!(
                 "node {}: names in forgotten dirs dropped: {gone:?}",
                 node.id

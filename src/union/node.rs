@@ -813,6 +813,20 @@ impl NodeTable {
         }
     }
 
+    /// Drop `names` from `node` and from the name index: names the kernel knows no more, or
+    /// one never linked up. The node's last name stays (`NodeState::remove_name`), and so
+    /// does its index entry (`unindex_if` leaves a name the node still claims).
+    pub fn drop_names<N: AsRef<OsStr>>(&self, node: &Node, names: &[(u64, N)]) {
+        let mut s = node.state.write().expect("node state lock");
+        for (p, n) in names {
+            s.remove_name(*p, n.as_ref());
+        }
+        drop(s);
+        for (p, n) in names {
+            self.unindex_if(*p, n.as_ref(), node.id);
+        }
+    }
+
     /// Remove the (parent, name) entry if it still names `id`.
     pub fn unindex_if(&self, parent: u64, name: &OsStr, id: u64) {
         let mut idx = self.index[index_shard(parent, name)]

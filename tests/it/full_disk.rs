@@ -9,31 +9,13 @@ use std::process::Command;
 use crate::require_fuse;
 use crate::support::*;
 
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    /// A tmpfs mounted with `opts` at `fs` in `s`, holding `up` and `work` directories.
-    fn with_layers(s: &Scratch, opts: &str) -> (Tmpfs, PathBuf, PathBuf) {
-        let small_fs = s.mkdir("fs");
-        let (ok, _, err) = run_timeout(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
-                .arg(&small_fs),
-            10,
-        );
-        assert!(ok, "{err}");
-        let t = Tmpfs(small_fs.clone());
-        let (up, work) = (small_fs.join("up"), small_fs.join("work"));
-        fs::create_dir(&up).unwrap();
-        fs::create_dir(&work).unwrap();
-        (t, up, work)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = layerfs::sys::umount(&self.0, true);
-    }
+/// A tmpfs mounted with `opts` at `fs` in `s`, holding `up` and `work` directories.
+fn small_upper(s: &Scratch, opts: &str) -> (TmpfsMount, PathBuf, PathBuf) {
+    let t = TmpfsMount::mount(s.mkdir("fs"), opts);
+    let (up, work) = (t.0.join("up"), t.0.join("work"));
+    fs::create_dir(&up).unwrap();
+    fs::create_dir(&work).unwrap();
+    (t, up, work)
 }
 
 #[test]
@@ -44,7 +26,7 @@ fn enospc_during_copy_up_leaves_nothing_half_done() {
     let big: Vec<u8> = (0..12 << 20).map(|i| (i % 253) as u8).collect();
     write(low.join("big"), &big);
     write(low.join("small"), b"small");
-    let (small, up, work) = Tmpfs::with_layers(&s, "size=8m");
+    let (small, up, work) = small_upper(&s, "size=8m");
     let small_fs = small.0.clone();
     let l = Layerfs::mount(&rw_opts(&low, &up, &work), &s.path("mnt"));
     // Copy-up of a 12 MiB file into 8 MiB.
@@ -145,7 +127,7 @@ fn two_linked_names(low: &Path) {
 /// after a remount (its number too, if `origins`).
 fn hard_link_name_linked_up_after_enospc(s: &Scratch, low: &Path, origins: bool) {
     use std::os::unix::fs::MetadataExt;
-    let (_t, up, work) = Tmpfs::with_layers(s, "size=8m,nr_inodes=64");
+    let (_t, up, work) = small_upper(s, "size=8m,nr_inodes=64");
     let mnt = s.path("mnt");
     let ino = {
         let l = Layerfs::mount(&rw_opts(low, &up, &work), &mnt);

@@ -42,28 +42,6 @@ pub struct OnTmpfs {
     pub bottom_lower: bool,
 }
 
-/// A tmpfs mounted for some layers, unmounted (lazily) on drop.
-struct TmpfsMount(PathBuf);
-
-impl TmpfsMount {
-    fn mount(at: PathBuf) -> TmpfsMount {
-        let (ok, _o, err) = run_timeout(
-            std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=512m", "tmpfs"])
-                .arg(&at),
-            10,
-        );
-        assert!(ok, "tmpfs for layers: {err}");
-        TmpfsMount(at)
-    }
-}
-
-impl Drop for TmpfsMount {
-    fn drop(&mut self) {
-        let _ = layerfs::sys::umount(&self.0, true);
-    }
-}
-
 /// An operation's outcome, comparable across the two mounts: a value or an errno.
 pub type Outcome<T> = Result<T, i32>;
 
@@ -117,9 +95,11 @@ impl Pair {
     ) -> Pair {
         let s = Scratch::new();
         let (mut lowers, data) = build(&s);
-        let upper_fs = on.upper.then(|| TmpfsMount::mount(s.mkdir("ufs")));
+        let upper_fs = on
+            .upper
+            .then(|| TmpfsMount::mount(s.mkdir("ufs"), "size=512m"));
         let lower_fs = on.bottom_lower.then(|| {
-            let fs = TmpfsMount::mount(s.mkdir("lfs"));
+            let fs = TmpfsMount::mount(s.mkdir("lfs"), "size=512m");
             let bottom = lowers.last_mut().expect("a lower layer");
             let moved = fs.0.join("bottom");
             // -a keeps hard links, xattrs (the markers) and whiteout devices.

@@ -260,6 +260,29 @@ impl Either {
     }
 }
 
+/// A tmpfs mounted for a test's layers, unmounted (lazily) on drop.
+pub struct TmpfsMount(pub PathBuf);
+
+impl TmpfsMount {
+    /// Mount a tmpfs with `opts` (`size=8m`, ...) at the directory `at`.
+    pub fn mount(at: PathBuf, opts: &str) -> TmpfsMount {
+        let (ok, _o, err) = run_timeout(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+                .arg(&at),
+            10,
+        );
+        assert!(ok, "tmpfs at {}: {err}", at.display());
+        TmpfsMount(at)
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = layerfs::sys::umount(&self.0, true);
+    }
+}
+
 /// A small journaled ext4 on a loop device, unmounted (its loop device freed) on drop. The
 /// root filesystem here has no journal, and an ext4 without one hands out no inode number
 /// freed in the last minute or more; with a journal a freed number is reused at once.
