@@ -65,9 +65,18 @@ pub fn open_by_handle(mount_fd: BorrowedFd<'_>, kind: i32, bytes: &[u8]) -> io::
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// The UUID of the filesystem holding `fd` (FS_IOC_GETFSUUID, what the kernel's overlayfs
-/// records as a copy-up origin's filesystem). `fd` must not be O_PATH.
+/// The UUID of the filesystem holding `fd`, as the kernel's overlayfs records it in a copy-up's
+/// origin (the superblock's `s_uuid`). `fd` must not be O_PATH. FS_IOC_GETFSUUID gives it
+/// where the filesystem registered it (ext4, xfs, tmpfs...); btrfs fills `s_uuid` with its
+/// fsid without registering it, so there it is BTRFS_IOC_FS_INFO's.
 pub fn fs_uuid(fd: BorrowedFd<'_>) -> io::Result<[u8; 16]> {
+    match generic_fs_uuid(fd) {
+        Err(e) if is_btrfs(fd) => btrfs_fsid(fd).map_err(|_| e),
+        r => r,
+    }
+}
+
+fn generic_fs_uuid(fd: BorrowedFd<'_>) -> io::Result<[u8; 16]> {
     #[repr(C)]
     struct FsUuid2 {
         len: u8,
@@ -91,6 +100,41 @@ pub fn fs_uuid(fd: BorrowedFd<'_>) -> io::Result<[u8; 16]> {
         return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
     }
     Ok(u.uuid)
+}
+
+fn is_btrfs(fd: BorrowedFd<'_>) -> bool {
+    super::fstatfs(fd).is_ok_and(|s| s.f_type == libc::BTRFS_SUPER_MAGIC)
+}
+
+/// btrfs's fsid (the UUID `mkfs.btrfs` and `btrfs filesystem show` print), from
+/// BTRFS_IOC_FS_INFO. `fd` must be on a btrfs.
+fn btrfs_fsid(fd: BorrowedFd<'_>) -> io::Result<[u8; 16]> {
+    /// struct btrfs_ioctl_fs_info_args: max_id, num_devices, then the fsid; 1 KiB in all.
+    #[repr(C)]
+    struct FsInfo {
+        max_id: u64,
+        num_devices: u64,
+        fsid: [u8; 16],
+        rest: [u8; 1024 - 32],
+    }
+    // _IOR(BTRFS_IOCTL_MAGIC 0x94, 31, struct btrfs_ioctl_fs_info_args)
+    const BTRFS_IOC_FS_INFO: libc::c_ulong = (2 << 30) | (1024 << 16) | (0x94 << 8) | 31;
+    let mut a = FsInfo {
+        max_id: 0,
+        num_devices: 0,
+        fsid: [0; 16],
+        rest: [0; 1024 - 32],
+    };
+    // SAFETY: the kernel writes at most size_of::<FsInfo>() (1 KiB) bytes into a, and reads
+    // its flags field, zeroed (asking for nothing beyond the fsid).
+    check(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            BTRFS_IOC_FS_INFO as _,
+            &mut a as *mut FsInfo,
+        )
+    })?;
+    Ok(a.fsid)
 }
 
 /// The fs-verity digest of the file open at `fd` (FS_IOC_MEASURE_VERITY): its hash

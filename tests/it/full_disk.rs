@@ -85,7 +85,7 @@ fn enospc_during_copy_up_leaves_nothing_half_done() {
 fn a_hard_links_name_that_could_not_be_linked_up_is_linked_up_later() {
     require_fuse!();
     let s = Scratch::new();
-    let Some(disk) = Ext4Disk::made_with(&s, "lowerfs", &["-U", "clear"]) else {
+    let Some(disk) = Disk::made_with(&s, "lowerfs", "ext4", &["-U", "clear"]) else {
         return;
     };
     let low = disk.mnt.join("low");

@@ -28,18 +28,24 @@ pub struct Pair {
     /// the scratch directory.
     upper_fs: Option<TmpfsMount>,
     lower_fs: Option<TmpfsMount>,
-    /// Last: fields drop in order, so the mounts above are gone before their directories.
+    /// Fields drop in order, so the mounts above are gone before their directories.
     pub s: Scratch,
+    /// The filesystem `s` is on (`Placement::fs`), and the scratch area holding its image:
+    /// unmounted once `s` is emptied, then removed.
+    disk: Option<Disk>,
+    disk_image: Option<Scratch>,
 }
 
-/// Which layers a pair puts on a tmpfs of their own (the rest stay in the scratch
-/// directory's filesystem).
+/// Where a pair's layers go: by default all in a scratch directory under /tmp.
 #[derive(Clone, Copy, Default)]
-pub struct OnTmpfs {
-    /// Both sides' uppers and workdirs.
+pub struct Placement {
+    /// Both sides' uppers and workdirs on a tmpfs of their own.
     pub upper: bool,
-    /// The bottom lower layer (copied there whole, `cp -a`).
+    /// The bottom lower layer on a tmpfs of its own (copied there whole, `cp -a`).
     pub bottom_lower: bool,
+    /// The scratch directory (the layers, and the uppers unless `upper`) on a fresh
+    /// filesystem of this type (ext4, xfs, btrfs) on a loop device.
+    pub fs: Option<&'static str>,
 }
 
 /// An operation's outcome, comparable across the two mounts: a value or an errno.
@@ -83,17 +89,25 @@ impl Pair {
         extra: &str,
         ours: &str,
     ) -> Pair {
-        Pair::build_on(build, extra, ours, OnTmpfs::default())
+        Pair::build_on(build, extra, ours, Placement::default())
     }
 
-    /// As `build`, with the layers `on` says on tmpfs mounts of their own.
+    /// As `build`, with the layers where `on` says.
     pub fn build_on(
         build: impl FnOnce(&Scratch) -> (Vec<PathBuf>, Vec<PathBuf>),
         extra: &str,
         ours: &str,
-        on: OnTmpfs,
+        on: Placement,
     ) -> Pair {
-        let s = Scratch::new();
+        let (s, disk, disk_image) = match on.fs {
+            Some(fstype) => {
+                let image = Scratch::new();
+                let disk = Disk::made_with(&image, "disk", fstype, &[])
+                    .unwrap_or_else(|| panic!("no {fstype} disk for the pair"));
+                (Scratch::new_in(&disk.mnt), Some(disk), Some(image))
+            }
+            None => (Scratch::new(), None, None),
+        };
         let (mut lowers, data) = build(&s);
         let upper_fs = on
             .upper
@@ -126,6 +140,8 @@ impl Pair {
             crossed: false,
             upper_fs,
             lower_fs,
+            disk,
+            disk_image,
         };
         for d in ["ku", "kw", "lu", "lw"] {
             std::fs::create_dir(p.upper_dir(d)).unwrap();

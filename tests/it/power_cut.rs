@@ -34,7 +34,7 @@ fn a_power_cut_after_copy_ups_leaves_each_copy_whole_as_the_kernel_does() {
     ] {
         let who = format!("{}{extra}", if kernel { "kernel" } else { "layerfs" });
         let s = Scratch::new();
-        let Some(mut disk) = Ext4Disk::new(&s, "disk") else {
+        let Some(mut disk) = Disk::new(&s, "disk") else {
             return;
         };
         let low = s.mkdir("low");
@@ -118,7 +118,7 @@ fn mode_of(p: &Path) -> u32 {
 fn a_power_cut_after_image_load_and_commit_leaves_every_layer_whole() {
     require_fuse!();
     let s = Scratch::new();
-    let Some(mut disk) = Ext4Disk::new(&s, "disk") else {
+    let Some(mut disk) = Disk::new(&s, "disk") else {
         return;
     };
     let archive = fixture("docker-save-multi.tar");

@@ -30,13 +30,6 @@ fn run_sh(root: &Path, name: &str, script: &str) -> (Option<i32>, String, String
     code(root, &["container", "run", name, "--", "sh", "-c", script])
 }
 
-fn have(prog: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {prog}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 fn store_with_busybox(s: &Scratch) -> PathBuf {
     let root = s.path("store");
     let (ok, _, err) = lfs(

@@ -50,6 +50,14 @@ macro_rules! require_fuse {
     };
 }
 
+/// Is program `prog` on the PATH?
+pub fn have(prog: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {prog}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Run a command with a deadline; returns (status ok, stdout, stderr).
 pub fn run_timeout(cmd: &mut Command, secs: u64) -> (bool, String, String) {
     let mut child = cmd
@@ -283,38 +291,51 @@ impl Drop for TmpfsMount {
     }
 }
 
-/// A small journaled ext4 on a loop device, unmounted (its loop device freed) on drop. The
-/// root filesystem here has no journal, and an ext4 without one hands out no inode number
-/// freed in the last minute or more; with a journal a freed number is reused at once.
-pub struct Ext4Disk {
+/// A small filesystem of its own on a loop device (a journaled ext4 unless said otherwise),
+/// unmounted (its loop device freed) on drop. The root filesystem here has no journal, and
+/// an ext4 without one hands out no inode number freed in the last minute or more; with a
+/// journal a freed number is reused at once.
+pub struct Disk {
     pub mnt: PathBuf,
     img: PathBuf,
 }
 
-impl Ext4Disk {
-    /// None, with the reason printed, where it cannot be made.
-    pub fn new(s: &Scratch, name: &str) -> Option<Ext4Disk> {
-        Self::made_with(s, name, &[])
+impl Disk {
+    /// A journaled ext4; None, with the reason printed, where it cannot be made.
+    pub fn new(s: &Scratch, name: &str) -> Option<Disk> {
+        Self::made_with(s, name, "ext4", &[])
     }
 
-    /// As `new`, with further mkfs.ext4 arguments.
-    pub fn made_with(s: &Scratch, name: &str, mkfs: &[&str]) -> Option<Ext4Disk> {
-        let img = s.path(&format!("{name}.img"));
-        let mnt = s.mkdir(name);
-        let made = std::fs::File::create(&img).and_then(|f| f.set_len(64 << 20));
-        if let Err(e) = made {
-            eprintln!("skipped: no image file for an ext4 disk: {e}");
+    /// A `fstype` filesystem (ext4, xfs, btrfs) made with further mkfs arguments `mkfs`;
+    /// None, with the reason printed, where it cannot be made.
+    pub fn made_with(s: &Scratch, name: &str, fstype: &str, mkfs: &[&str]) -> Option<Disk> {
+        if !have(&format!("mkfs.{fstype}")) {
+            eprintln!("skipped: no mkfs.{fstype} here");
             return None;
         }
+        let img = s.path(&format!("{name}.img"));
+        let mnt = s.mkdir(name);
+        // The image is sparse: only what is written takes room. xfs wants 300 MiB at least.
+        let size: u64 = if fstype == "ext4" {
+            64 << 20
+        } else {
+            512 << 20
+        };
+        let made = std::fs::File::create(&img).and_then(|f| f.set_len(size));
+        if let Err(e) = made {
+            eprintln!("skipped: no image file for an {fstype} disk: {e}");
+            return None;
+        }
+        let force = if fstype == "ext4" { "-F" } else { "-f" };
         let (ok, _o, err) = run_timeout(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F"])
+            Command::new(format!("mkfs.{fstype}"))
+                .args(["-q", force])
                 .args(mkfs)
                 .arg(&img),
             30,
         );
         if !ok {
-            eprintln!("skipped: mkfs.ext4 failed: {}", err.trim());
+            eprintln!("skipped: mkfs.{fstype} failed: {}", err.trim());
             return None;
         }
         let (ok, _o, err) = run_timeout(
@@ -325,10 +346,13 @@ impl Ext4Disk {
             30,
         );
         if !ok {
-            eprintln!("skipped: no loop mount of an ext4 image: {}", err.trim());
+            eprintln!(
+                "skipped: no loop mount of an {fstype} image: {}",
+                err.trim()
+            );
             return None;
         }
-        Some(Ext4Disk { mnt, img })
+        Some(Disk { mnt, img })
     }
 
     /// Make everything written so far survive a power cut, as any fsync does: it commits
@@ -373,7 +397,7 @@ impl Ext4Disk {
     }
 }
 
-impl Drop for Ext4Disk {
+impl Drop for Disk {
     fn drop(&mut self) {
         unmount(&self.mnt);
     }
@@ -386,9 +410,14 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new() -> Scratch {
+        Scratch::new_in(Path::new("/tmp"))
+    }
+
+    /// A scratch area in directory `parent` (say, a `Disk` of another filesystem type).
+    pub fn new_in(parent: &Path) -> Scratch {
         let mut dir = tempfile::Builder::new()
             .prefix("layerfs-it")
-            .tempdir_in("/tmp")
+            .tempdir_in(parent)
             .unwrap();
         // For debugging a failure: keep the layers (the path is printed).
         if std::env::var_os("LAYERFS_KEEP_SCRATCH").is_some() {

@@ -1183,7 +1183,7 @@ fn a_new_directory_after_a_removed_one_still_held_works() {
     let s = Scratch::new();
     let lower = s.mkdir("lower");
     write(lower.join("keep"), b"x");
-    let Some(disk) = Ext4Disk::new(&s, "disk") else {
+    let Some(disk) = Disk::new(&s, "disk") else {
         return;
     };
     for who in ["kernel", "layerfs"] {

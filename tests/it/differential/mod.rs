@@ -24,7 +24,10 @@
 //! filesystems, where origins must name the lower one (the inode numbers of layerfs and
 //! the kernel then differ by design and are not compared with each other, only across a
 //! remount). `LAYERFS_DIFF_LOWER_FS=tmpfs` copies the bottom lower layer onto a tmpfs
-//! (with the other, the layers span three filesystems).
+//! (with the other, the layers span three filesystems). `LAYERFS_DIFF_FS=xfs` (or `btrfs`,
+//! `ext4`) puts the whole run on a fresh filesystem of that type on a loop device: copy-up
+//! clones data there (reflinks), and the filesystem's own file handles and UUID make the
+//! origins.
 
 pub(crate) mod generate;
 mod ops;
@@ -35,7 +38,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::pair::{OnTmpfs, Pair};
+use crate::pair::{Pair, Placement};
 use crate::require_fuse;
 use crate::support::get_xattr;
 use generate::Rng;
@@ -79,17 +82,18 @@ fn pair_for(seed: u64, setup: Setup) -> Pair {
 struct Setup {
     /// Data-only layers under the lower ones.
     data_layers: usize,
-    /// Layers on tmpfs mounts of their own.
-    on: OnTmpfs,
+    /// Where the layers go (tmpfs mounts, another filesystem type).
+    on: Placement,
 }
 
 impl Setup {
     fn from_env() -> Setup {
         Setup {
             data_layers: env_u64("LAYERFS_DIFF_DATA", 0) as usize,
-            on: OnTmpfs {
+            on: Placement {
                 upper: tmpfs_wanted("LAYERFS_DIFF_UPPER_FS"),
                 bottom_lower: tmpfs_wanted("LAYERFS_DIFF_LOWER_FS"),
+                fs: fs_wanted(),
             },
         }
     }
@@ -101,6 +105,17 @@ fn tmpfs_wanted(var: &str) -> bool {
         Ok("tmpfs") => true,
         Ok(other) => panic!("{var}={other}: only tmpfs is known"),
         Err(_) => false,
+    }
+}
+
+/// The filesystem type `LAYERFS_DIFF_FS` asks the whole run to be on (unset: /tmp's).
+fn fs_wanted() -> Option<&'static str> {
+    match std::env::var("LAYERFS_DIFF_FS").as_deref() {
+        Ok("ext4") => Some("ext4"),
+        Ok("xfs") => Some("xfs"),
+        Ok("btrfs") => Some("btrfs"),
+        Ok(other) => panic!("LAYERFS_DIFF_FS={other}: ext4, xfs or btrfs"),
+        Err(_) => None,
     }
 }
 
@@ -334,6 +349,7 @@ fn replay_env() -> String {
         "LAYERFS_DIFF_DATA",
         "LAYERFS_DIFF_DROP_CACHES",
         "LAYERFS_DIFF_FILLERS",
+        "LAYERFS_DIFF_FS",
         "LAYERFS_DIFF_OPTIONS",
         "LAYERFS_DIFF_OURS",
         "LAYERFS_DIFF_LOWER_FS",
@@ -355,7 +371,7 @@ fn random_operations_match_kernel_overlayfs() {
 fn random_operations_over_data_only_layers_match_kernel_overlayfs() {
     let setup = Setup {
         data_layers: 2,
-        on: OnTmpfs::default(),
+        on: Placement::default(),
     };
     run_seeds("differential over data-only layers", 4, 100_000, |_| setup);
 }
@@ -367,12 +383,39 @@ fn random_operations_over_data_only_layers_match_kernel_overlayfs() {
 fn random_operations_with_the_upper_on_another_filesystem_match_kernel_overlayfs() {
     let setup = |seed: u64| Setup {
         data_layers: 0,
-        on: OnTmpfs {
+        on: Placement {
             upper: true,
             bottom_lower: seed % 2 == 1,
+            fs: None,
         },
     };
     run_seeds("differential with the upper on a tmpfs", 8, 200_000, setup);
+}
+
+/// The same with the whole run on an xfs (even seeds) or a btrfs (odd ones) of its own:
+/// copy-up clones the data there, and the origins carry those filesystems' own file
+/// handles and UUIDs (btrfs answers no FS_IOC_GETFSUUID; layerfs made no origins there
+/// before session 37).
+#[test]
+fn random_operations_on_xfs_and_btrfs_match_kernel_overlayfs() {
+    for fstype in ["xfs", "btrfs"] {
+        if !crate::support::have(&format!("mkfs.{fstype}")) {
+            eprintln!("SKIPPED {}: no mkfs.{fstype} here", module_path!());
+            return;
+        }
+    }
+    let setup = |seed: u64| Setup {
+        data_layers: 0,
+        on: Placement {
+            fs: Some(if seed.is_multiple_of(2) {
+                "xfs"
+            } else {
+                "btrfs"
+            }),
+            ..Placement::default()
+        },
+    };
+    run_seeds("differential on xfs and btrfs", 8, 300_000, setup);
 }
 
 /// `LAYERFS_SEEDS` / `share` seeds of `LAYERFS_OPS` operations, from `LAYERFS_FIRST_SEED` +
