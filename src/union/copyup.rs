@@ -353,6 +353,8 @@ impl Union {
         fill: &Fill,
     ) -> Result<()> {
         let perm = sst.st_mode & 0o7777;
+        // Did the copy write data (not a clone of the lower file's extents)?
+        let mut wrote = false;
         let file: Option<OwnedFd> = match kind {
             Kind::File => {
                 let dst =
@@ -360,7 +362,8 @@ impl Union {
                 match fill {
                     Fill::Data(from) if sst.st_size > 0 => {
                         let sfd = from.open(libc::O_RDONLY, false)?;
-                        copy_data(sfd.as_fd(), dst.as_fd(), sst.st_size as u64, self.cfg.fsync)?;
+                        let size = sst.st_size as u64;
+                        wrote = !copy_data(sfd.as_fd(), dst.as_fd(), size, self.cfg.fsync)?;
                     }
                     // A hole of the file's size, as the kernel writes it: stat shows the size.
                     Fill::Meta(..) => sys::ftruncate(dst.as_fd(), sst.st_size as u64)?,
@@ -414,10 +417,10 @@ impl Union {
             Some(Some((sst.st_atime, sst.st_atime_nsec))),
             Some(Some((sst.st_mtime, sst.st_mtime_nsec))),
         )?;
-        // Only copied data needs its fsync before the rename (as the kernel): metadata reaches
-        // the journal in order, so a crash shows the lower object or the whole copy.
-        let copied = matches!(fill, Fill::Data(_)) && sst.st_size > 0;
-        if let (Some(f), true) = (file, self.cfg.fsync && copied) {
+        // Only written data needs its fsync before the rename (as the kernel): metadata,
+        // a reflink's shared extents included, reaches the journal in order, so a crash
+        // shows the lower object or the whole copy.
+        if let (Some(f), true) = (file, self.cfg.fsync && wrote) {
             sys::fsync(f.as_fd(), false)?;
         }
         Ok(())
@@ -546,14 +549,15 @@ impl Union {
         let dst = real.open(libc::O_WRONLY, false)?;
         let before = sys::fstat(dst.as_fd())?;
         let size = before.st_size as u64;
-        let bytes = if data == Data::All && size > 0 {
+        // (bytes brought up, whether they were written rather than cloned)
+        let (bytes, wrote) = if data == Data::All && size > 0 {
             let src = self.data_real(&d)?.open(libc::O_RDONLY, false)?;
-            copy_data(src.as_fd(), dst.as_fd(), size, self.cfg.fsync)?;
+            let cloned = copy_data(src.as_fd(), dst.as_fd(), size, self.cfg.fsync)?;
             sys::ftruncate(dst.as_fd(), size)?;
-            Some(size)
+            (Some(size), !cloned)
         } else {
             sys::ftruncate(dst.as_fd(), 0)?;
-            None
+            (None, false)
         };
         // Bringing the data up is not a change of the file: keep its times.
         sys::futimens(
@@ -561,7 +565,8 @@ impl Union {
             Some(Some((before.st_atime, before.st_atime_nsec))),
             Some(Some((before.st_mtime, before.st_mtime_nsec))),
         )?;
-        if self.cfg.fsync && bytes.is_some() {
+        // (A clone is metadata, in order before the marker's removal, as in build_copy.)
+        if self.cfg.fsync && wrote {
             sys::fsync(dst.as_fd(), false)?;
         }
         let ns = self.cfg.marker_ns;
@@ -690,15 +695,16 @@ pub(crate) fn copy_xattrs(src: XTarget<'_>, dst: XTarget<'_>) -> Result<()> {
 /// Copy `size` bytes: reflink if the filesystem can, else copy_file_range over the data
 /// extents only (holes stay holes), else plain reads and writes. With `durable` (an fsync
 /// follows), each copied chunk is sent to the disk at once, so the disk writes the copy
-/// while the rest is copied instead of all of it during the final fsync.
+/// while the rest is copied instead of all of it during the final fsync. True where the
+/// copy is a reflink: it wrote no data, and its fsync can go (the kernel skips it then).
 pub(crate) fn copy_data(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
     size: u64,
     durable: bool,
-) -> Result<()> {
+) -> Result<bool> {
     if sys::ficlone(dst, src).is_ok() {
-        return Ok(());
+        return Ok(true);
     }
     let mut off = 0u64;
     while off < size {
@@ -718,7 +724,7 @@ pub(crate) fn copy_data(
         off = end;
     }
     sys::ftruncate(dst, size)?;
-    Ok(())
+    Ok(false)
 }
 
 /// Chunk of a data copy-up: small enough that the disk starts early, large enough that the

@@ -1,5 +1,6 @@
-//! Power cuts, where kill -9 (crash.rs) is not enough: the journaled ext4 holding the upper
-//! or the store is shut down as a power loss would stop it (EXT4_IOC_SHUTDOWN, NOLOGFLUSH),
+//! Power cuts, where kill -9 (crash.rs) is not enough: the journaled ext4 (or xfs) holding the
+//! upper or the store is shut down as a power loss would stop it (EXT4_IOC_SHUTDOWN, the same
+//! ioctl as XFS_IOC_GOINGDOWN, NOLOGFLUSH),
 //! right after an fsync of some other file has committed the journal. Renames made before
 //! that fsync survive; file data that nobody synced does not. Whatever the daemon or the
 //! store made visible by a rename must have had its data on disk first.
@@ -61,12 +62,7 @@ fn a_power_cut_after_copy_ups_leaves_each_copy_whole_as_the_kernel_does() {
         f.sync_all().unwrap();
         drop(f);
         disk.commit_journal();
-        disk.cut_power();
-        if let Either::Layerfs(_) = &m {
-            kill_daemon(&mnt);
-        }
-        drop(m);
-        disk.power_on();
+        power_cut_under(&mut disk, m, &mnt);
 
         // The renames were committed with the journal, so the copies are there.
         assert_eq!(mode_of(&up.join("big")), 0o600, "{who}");
@@ -104,6 +100,94 @@ fn a_power_cut_after_copy_ups_leaves_each_copy_whole_as_the_kernel_does() {
         let got = fs::read(mnt.join("log")).unwrap();
         assert!(got[..log.len()] == log[..], "{who}: log through the mount");
     }
+}
+
+/// On an xfs holding lower and upper, a copy-up clones the lower file (a reflink) and, as
+/// the kernel's, skips the fsync: the clone is metadata, logged in order before the rename.
+/// After a cut with the log committed every copy is whole; after a cut without, each name
+/// shows the whole copy or the lower file, never an empty or partial copy; and a writer's
+/// fsync makes its file's copy-up durable with its data. Checked for the kernel and layerfs
+/// alike.
+#[test]
+fn a_power_cut_after_reflinked_copy_ups_leaves_each_copy_whole_or_absent() {
+    require_fuse!();
+    let big = pattern(8 << 20, 4);
+    for (kernel, committed) in [(true, true), (false, true), (true, false), (false, false)] {
+        let who = format!(
+            "{}, log {}committed",
+            if kernel { "kernel" } else { "layerfs" },
+            if committed { "" } else { "not " }
+        );
+        let s = Scratch::new();
+        let Some(mut disk) = Disk::made_with(&s, "disk", "xfs", &[]) else {
+            return;
+        };
+        let low = disk.mnt.join("low");
+        for n in ["a", "b", "c"] {
+            write(low.join(n), &big);
+        }
+        let (up, work) = (disk.mnt.join("up"), disk.mnt.join("work"));
+        fs::create_dir_all(&up).unwrap();
+        fs::create_dir_all(&work).unwrap();
+        // The lower files are on disk before the copy-ups (xfs writes no data with its log).
+        for n in ["a", "b", "c"] {
+            fs::File::open(low.join(n)).unwrap().sync_all().unwrap();
+        }
+        let opts = rw_opts(&low, &up, &work);
+        let mnt = s.path("mnt");
+        let m = Either::mount(kernel, &opts, &mnt);
+        chmod(mnt.join("a"), 0o600);
+        // b's writer syncs: its copy-up, never fsynced itself, must then be on disk too.
+        let mut f = OpenOptions::new().append(true).open(mnt.join("b")).unwrap();
+        f.write_all(b"appended").unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        OpenOptions::new().write(true).open(mnt.join("c")).unwrap();
+        if committed {
+            disk.commit_journal();
+        }
+        power_cut_under(&mut disk, m, &mnt);
+
+        for n in ["a", "b", "c"] {
+            match fs::read(up.join(n)) {
+                Ok(got) => assert!(
+                    got.len() >= big.len() && got[..big.len()] == big[..],
+                    "{who}: the copy of {n} has {} bytes, not the lower file's",
+                    got.len()
+                ),
+                Err(e) => {
+                    assert!(!committed, "{who}: no copy of {n}: {e}");
+                    eprintln!("{who}: the copy of {n} is gone with the cut");
+                }
+            }
+        }
+        if committed {
+            assert_eq!(mode_of(&up.join("a")), 0o600, "{who}");
+        }
+        let b = fs::read(up.join("b")).unwrap_or_default();
+        assert!(
+            b.get(big.len()..) == Some(&b"appended"[..]),
+            "{who}: the synced append is lost ({} bytes in b's copy)",
+            b.len()
+        );
+        // The union mounts again and reads every file whole.
+        let _m = Either::mount(kernel, &opts, &mnt);
+        for n in ["a", "b", "c"] {
+            let got = fs::read(mnt.join(n)).unwrap();
+            assert!(got[..big.len()] == big[..], "{who}: {n} through the mount");
+        }
+    }
+}
+
+/// Cut the power of `disk` under mount `m` at `mnt`, take the mount down (a layerfs daemon
+/// by kill -9: it cannot unmount a dead disk cleanly), and power on again.
+fn power_cut_under(disk: &mut Disk, m: Either, mnt: &Path) {
+    disk.cut_power();
+    if let Either::Layerfs(_) = &m {
+        kill_daemon(mnt);
+    }
+    drop(m);
+    disk.power_on();
 }
 
 fn mode_of(p: &Path) -> u32 {

@@ -298,6 +298,7 @@ impl Drop for TmpfsMount {
 pub struct Disk {
     pub mnt: PathBuf,
     img: PathBuf,
+    fstype: String,
 }
 
 impl Disk {
@@ -352,7 +353,11 @@ impl Disk {
             );
             return None;
         }
-        Some(Disk { mnt, img })
+        Some(Disk {
+            mnt,
+            img,
+            fstype: fstype.to_string(),
+        })
     }
 
     /// Make everything written so far survive a power cut, as any fsync does: it commits
@@ -385,9 +390,15 @@ impl Disk {
             30,
         );
         assert!(ok, "copying the disk image: {}", err.trim());
+        // xfs refuses a second mount of one UUID while the dead one lives on elsewhere.
+        let opts = if self.fstype == "xfs" {
+            "loop,nouuid"
+        } else {
+            "loop"
+        };
         let (ok, _o, err) = run_timeout(
             Command::new("mount")
-                .args(["-o", "loop"])
+                .args(["-o", opts])
                 .arg(&img)
                 .arg(&self.mnt),
             30,
