@@ -208,12 +208,15 @@ impl Union {
             if d.is_dir() && !self.is_empty_dir(d)? {
                 // Over a pure-upper target the kernel copies the source up and sets its
                 // redirect (EXDEV where too long: soak seed 70177), then the upper filesystem
-                // refuses the rename (soak seed 11041); a merged or lower one is refused first.
+                // refuses the rename (soak seed 11041) with its own errno (xfs: EEXIST, soak
+                // seed 2250011); a merged or lower one is refused first, ENOTEMPTY.
                 if self.is_pure_upper(d) {
                     self.copy_up(&src, Data::Meta)?;
                     if src.is_dir() && !self.is_pure_upper(&src) {
                         self.dir_redirect(&src, &p, name, p.id == np.id)?;
                     }
+                    let work = self.work.as_ref().ok_or_else(|| err(libc::EROFS))?;
+                    return Err(err(work.dir_over_full_dir_errno()));
                 }
                 return Err(err(libc::ENOTEMPTY));
             }

@@ -23,6 +23,8 @@ pub struct WorkDir {
     pid: std::sync::OnceLock<u32>,
     /// Name (in the work dir) of the shared whiteout inode new whiteouts are linked to.
     shared_whiteout: Mutex<Option<OsString>>,
+    /// The upper filesystem's errno for a directory renamed over a non-empty one.
+    over_full_dir: std::sync::OnceLock<i32>,
     /// The upper and work dirs, locked for as long as this mount lives (see `claim`).
     _in_use: [std::fs::File; 2],
 }
@@ -96,6 +98,7 @@ impl WorkDir {
             counter: AtomicU64::new(0),
             pid: std::sync::OnceLock::new(),
             shared_whiteout: Mutex::new(None),
+            over_full_dir: std::sync::OnceLock::new(),
             _in_use: in_use,
         };
         check_incompat(w.fd.as_fd(), path)?;
@@ -172,6 +175,42 @@ impl WorkDir {
     }
 
     /// A fresh name for a temporary object; callers create it exclusively.
+    /// What the upper filesystem answers a directory renamed over a non-empty one: POSIX
+    /// allows EEXIST or ENOTEMPTY (xfs says the first; ext4, btrfs and tmpfs the second), and
+    /// the kernel's overlayfs passes on its upper's answer where the target is upper only.
+    /// Learnt once, by trying it in the work directory.
+    pub fn dir_over_full_dir_errno(&self) -> i32 {
+        *self.over_full_dir.get_or_init(|| {
+            let probed = self.probe_dir_over_full_dir();
+            log::debug!("rename of a directory over a non-empty one, on the upper: {probed:?}");
+            probed.unwrap_or(libc::ENOTEMPTY)
+        })
+    }
+
+    fn probe_dir_over_full_dir(&self) -> Result<i32> {
+        let work = self.fd.as_fd();
+        let (dir, full, inner) = (self.temp_name(), self.temp_name(), OsStr::new("x"));
+        sys::mkdirat(work, &dir, 0o700)?;
+        let r = sys::mkdirat(work, &full, 0o700)
+            .and_then(|()| {
+                let f = sys::openat(work, &full, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+                sys::mkdirat(f.as_fd(), inner, 0o700)?;
+                let r = sys::renameat2(work, &dir, work, &full, 0);
+                sys::unlinkat(f.as_fd(), inner, true)?;
+                Ok(r)
+            })
+            .map_err(Error::from);
+        // Whatever is left, the next mount's cleaning of work/ takes.
+        let _ = sys::unlinkat(work, &full, true);
+        let _ = sys::unlinkat(work, &dir, true);
+        match r? {
+            Err(e) => Ok(e.raw_os_error().unwrap_or(libc::ENOTEMPTY)),
+            Ok(()) => Err(Error::msg(
+                "the upper filesystem renamed a directory over a full one",
+            )),
+        }
+    }
+
     pub fn temp_name(&self) -> OsString {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let pid = *self.pid.get_or_init(std::process::id);
