@@ -387,6 +387,10 @@ impl Union {
         // chown first: it clears set-id bits and security.capability.
         let chowned = sys::chownat(wfd, tmp, sst.st_uid, sst.st_gid);
         copy_xattrs(src.xtarget(), XTarget::At(wfd, tmp))?;
+        if matches!(kind, Kind::File | Kind::Dir) {
+            let fd = file.as_ref().map(|f| f.as_fd());
+            self.copy_fileattr(src, kind == Kind::Dir, wfd, tmp, fd)?;
+        }
         if let Fill::Meta(redirect, mark) = fill {
             let ns = self.cfg.marker_ns;
             sys::setxattr(XTarget::At(wfd, tmp), ns.metacopy(), mark, 0)?;

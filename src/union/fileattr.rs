@@ -6,17 +6,23 @@
 //! kernel-written upper too) but refuses to change them (EPERM) rather than set attributes it
 //! would not honour.
 
-use std::os::fd::AsFd;
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use super::Union;
 use super::copyup::Data;
 use super::node::Node;
 use super::real::Real;
 use crate::error::{Result, err};
-use crate::sys;
+use crate::sys::{self, XTarget};
 
+const FS_SYNC_FL: u32 = 0x8;
 const FS_IMMUTABLE_FL: u32 = 0x10;
 const FS_APPEND_FL: u32 = 0x20;
+const FS_NOATIME_FL: u32 = 0x80;
+/// The flags a copy-up carries onto the copy (the kernel's OVL_COPY_FS_FLAGS_MASK); the
+/// copy's others are what its filesystem gives a new object.
+const COPIED_FLAGS: u32 = FS_SYNC_FL | FS_NOATIME_FL;
 const FS_XFLAG_IMMUTABLE: u32 = 0x8;
 const FS_XFLAG_APPEND: u32 = 0x10;
 
@@ -65,6 +71,14 @@ impl AttrKind {
     fn mask(self) -> u32 {
         self.protection(true, true)
     }
+}
+
+/// Errors that mean "this filesystem keeps no such attributes".
+fn unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP)
+    )
 }
 
 fn word(b: &[u8]) -> u32 {
@@ -124,5 +138,70 @@ impl Union {
         sys::fileattr_ioctl(fd.as_fd(), kind.cmds().1, &mut want)?;
         self.attrs_changed(id);
         Ok(())
+    }
+
+    /// ovl_copy_fileattr, for the copy `tmp` (in the work directory `wfd`; `file`, an fd on
+    /// it if open) of regular file or directory `src`: the source's sync and noatime flags go
+    /// onto the copy, its append-only and immutable ones into `overlay.protattr` (on the copy
+    /// itself they would stop the copy-up's own later steps). Before session 37 a copy lost
+    /// them all. A source that cannot be opened or keeps no attributes has none to copy.
+    pub(crate) fn copy_fileattr(
+        &self,
+        src: &Real,
+        is_dir: bool,
+        wfd: BorrowedFd<'_>,
+        tmp: &OsStr,
+        file: Option<BorrowedFd<'_>>,
+    ) -> Result<()> {
+        let Some(flags) = src
+            .open(libc::O_RDONLY | libc::O_NONBLOCK, is_dir)
+            .ok()
+            .and_then(|fd| {
+                let mut b = [0u8; 4];
+                sys::fileattr_ioctl(fd.as_fd(), libc::FS_IOC_GETFLAGS as u32, &mut b).ok()?;
+                Some(word(&b))
+            })
+        else {
+            return Ok(());
+        };
+        // The kernel's order: 'a', then 'i'.
+        let prot: Vec<u8> = [(FS_APPEND_FL, b'a'), (FS_IMMUTABLE_FL, b'i')]
+            .iter()
+            .filter(|(f, _)| flags & f != 0)
+            .map(|(_, c)| *c)
+            .collect();
+        if !prot.is_empty() {
+            let x = self.cfg.marker_ns.protattr();
+            match sys::setxattr(XTarget::At(wfd, tmp), x, &prot, 0) {
+                // As the kernel: an upper that takes no such xattr keeps no protection.
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    log::warn!("copy-up: no {x:?} on the upper, the copy is unprotected");
+                }
+                r => r?,
+            }
+        }
+        if flags & COPIED_FLAGS == 0 {
+            return Ok(());
+        }
+        let opened;
+        let fd = match file {
+            Some(f) => f,
+            None => {
+                opened = sys::openat(wfd, tmp, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+                opened.as_fd()
+            }
+        };
+        let mut b = [0u8; 4];
+        let (get, set) = AttrKind::Flags.cmds();
+        match sys::fileattr_ioctl(fd, get, &mut b) {
+            Err(e) if unsupported(&e) => return Ok(()),
+            r => r?,
+        }
+        let want = (word(&b) & !COPIED_FLAGS) | (flags & COPIED_FLAGS);
+        set_word(&mut b, want);
+        match sys::fileattr_ioctl(fd, set, &mut b) {
+            Err(e) if unsupported(&e) => Ok(()),
+            r => Ok(r?),
+        }
     }
 }
