@@ -174,7 +174,6 @@ impl WorkDir {
         Ok(sys::mknodat(dir, name, libc::S_IFCHR, 0)?)
     }
 
-    /// A fresh name for a temporary object; callers create it exclusively.
     /// What the upper filesystem answers a directory renamed over a non-empty one: POSIX
     /// allows EEXIST or ENOTEMPTY (xfs says the first; ext4, btrfs and tmpfs the second), and
     /// the kernel's overlayfs passes on its upper's answer where the target is upper only.
@@ -211,6 +210,7 @@ impl WorkDir {
         }
     }
 
+    /// A fresh name for a temporary object; callers create it exclusively.
     pub fn temp_name(&self) -> OsString {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let pid = *self.pid.get_or_init(std::process::id);
