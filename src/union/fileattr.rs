@@ -153,12 +153,13 @@ impl Union {
         tmp: &OsStr,
         file: Option<BorrowedFd<'_>>,
     ) -> Result<()> {
+        let (get, set) = AttrKind::Flags.cmds();
         let Some(flags) = src
             .open(libc::O_RDONLY | libc::O_NONBLOCK, is_dir)
             .ok()
             .and_then(|fd| {
                 let mut b = [0u8; 4];
-                sys::fileattr_ioctl(fd.as_fd(), libc::FS_IOC_GETFLAGS as u32, &mut b).ok()?;
+                sys::fileattr_ioctl(fd.as_fd(), get, &mut b).ok()?;
                 Some(word(&b))
             })
         else {
@@ -192,7 +193,6 @@ impl Union {
             }
         };
         let mut b = [0u8; 4];
-        let (get, set) = AttrKind::Flags.cmds();
         match sys::fileattr_ioctl(fd, get, &mut b) {
             Err(e) if unsupported(&e) => return Ok(()),
             r => r?,

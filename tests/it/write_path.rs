@@ -1453,6 +1453,13 @@ fn creating_over_a_whiteout_no_lower_layer_needs_matches_kernel() {
     assert_eq!(seen[1], seen[0], "layerfs vs kernel");
 }
 
+/// Inode flags (FS_*_FL) the file-attribute tests set and read.
+const SYNC: u32 = 0x8;
+const IMMUTABLE: u32 = 0x10;
+const APPEND: u32 = 0x20;
+const NODUMP: u32 = 0x40;
+const NOATIME: u32 = 0x80;
+
 /// FS_IOC_GETFLAGS / FS_IOC_SETFLAGS (lsattr, chattr) of `p`.
 fn get_flags(p: &Path) -> Result<u32, i32> {
     let f = fs::File::open(p).map_err(|e| e.raw_os_error().unwrap_or(-1))?;
@@ -1475,10 +1482,6 @@ fn set_flags(p: &Path, flags: u32) -> Result<(), i32> {
 #[test]
 fn file_attributes_are_read_and_set_as_in_the_kernel() {
     require_fuse!();
-    const NODUMP: u32 = 0x40;
-    const NOATIME: u32 = 0x80;
-    const SYNC: u32 = 0x8;
-    const IMMUTABLE: u32 = 0x10;
     let mut p = Pair::new(|s| {
         let v = stack(s);
         // Where the scratch filesystem has no attributes, both mounts say so alike.
@@ -1535,9 +1538,6 @@ fn file_attributes_are_read_and_set_as_in_the_kernel() {
 #[test]
 fn copy_up_carries_file_attributes_as_the_kernel_does() {
     require_fuse!();
-    const SYNC: u32 = 0x8;
-    const APPEND: u32 = 0x20;
-    const NOATIME: u32 = 0x80;
     /// Clears the lower directory's append-only flag at the end, or it could not be removed.
     struct Unprotect(std::path::PathBuf);
     impl Drop for Unprotect {
